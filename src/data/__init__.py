@@ -1,0 +1,133 @@
+"""Datasets and collators, looked up by name.
+
+``configs/data/datasets/<NAME>.yaml`` describes one dataset (``handler`` = a class registered here, and
+its ``args``); ``data.forget=<NAME>`` (or ``data.retain``, ``data.eval``, ``data.train``) picks one by
+name. ``get_data`` builds what a run needs; in unlearning mode forget and retain are paired into one
+training dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from data.collators import DataCollatorForSupervisedDataset, DataCollatorForSupervisedDatasetWithIndices
+from data.tofu import QADataset, QAwithIdkDataset
+from data.unlearn import ForgetRetainDataset
+
+DATASET_REGISTRY: dict[str, type] = {}
+COLLATOR_REGISTRY: dict[str, type] = {}
+DATASET_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "data" / "datasets"
+
+
+def _register_data(cls: type) -> type:
+    DATASET_REGISTRY[cls.__name__] = cls
+    return cls
+
+
+def _register_collator(cls: type) -> type:
+    COLLATOR_REGISTRY[cls.__name__] = cls
+    return cls
+
+
+_register_data(QADataset)
+_register_data(QAwithIdkDataset)
+_register_collator(DataCollatorForSupervisedDataset)
+_register_collator(DataCollatorForSupervisedDatasetWithIndices)
+
+
+def available_datasets() -> list[str]:
+    """Names accepted by ``data.forget=`` / ``data.retain=`` / ``data.eval=`` / ``data.train=``."""
+    return sorted(p.stem for p in DATASET_CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def _load_dataset_file(name: str, seen: tuple[str, ...] = ()) -> DictConfig:
+    """A dataset config file with its ``defaults`` (base files, merged first) applied, as in Hydra."""
+    path = DATASET_CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(available_datasets())}")
+    if name in seen:
+        raise ValueError(f"dataset config {name} includes itself through defaults: {' -> '.join(seen + (name,))}")
+    raw = OmegaConf.load(path)
+    bases = [b for b in raw.pop("defaults", []) if b != "_self_"]
+    return OmegaConf.merge(*[_load_dataset_file(b, seen + (name,)) for b in bases], raw)
+
+
+def dataset_config(name_or_cfg: str | Mapping, root_cfg: DictConfig | None = None) -> dict:
+    """The resolved config of a dataset given by name (a file in configs/data/datasets) or inline.
+
+    Interpolations such as ``${paths.tofu}`` are resolved against ``root_cfg``, the run's config.
+    """
+    if isinstance(name_or_cfg, str):
+        raw = _load_dataset_file(name_or_cfg)
+        name = name_or_cfg
+    else:
+        raw = OmegaConf.create(OmegaConf.to_container(name_or_cfg) if isinstance(name_or_cfg, DictConfig)
+                               else dict(name_or_cfg))
+        name = raw.get("name", "inline dataset")
+    root = OmegaConf.create(OmegaConf.to_container(root_cfg, resolve=False)) if root_cfg is not None \
+        else OmegaConf.create({})
+    OmegaConf.set_struct(root, False)
+    root["_dataset"] = raw
+    cfg = OmegaConf.to_container(root["_dataset"], resolve=True)
+    cfg.setdefault("name", name)
+    if "handler" not in cfg or cfg["handler"] not in DATASET_REGISTRY:
+        raise ValueError(f"dataset {name}: handler {cfg.get('handler')!r} unknown; valid: {sorted(DATASET_REGISTRY)}")
+    return cfg
+
+
+def build_dataset(name_or_cfg: str | Mapping, tokenizer: PreTrainedTokenizerBase, template_args: Any = None,
+                  root_cfg: DictConfig | None = None, dataset_args: Mapping | None = None) -> Dataset:
+    """Instantiate one dataset; ``dataset_args`` (``data.dataset_args``) override every dataset's args."""
+    cfg = dataset_config(name_or_cfg, root_cfg)
+    args = {**cfg.get("args", {}), **dict(dataset_args or {})}
+    if isinstance(template_args, DictConfig):
+        template_args = OmegaConf.to_container(template_args, resolve=True)
+    return DATASET_REGISTRY[cfg["handler"]](tokenizer=tokenizer, template_args=template_args, name=cfg["name"], **args)
+
+
+def get_data(data_cfg: DictConfig | Mapping, mode: str, tokenizer: PreTrainedTokenizerBase, template_args: Any = None,
+             root_cfg: DictConfig | None = None, seed: int = 0, rank: int = 0) -> dict[str, Dataset | None]:
+    """Datasets of a run: ``{"train": ..., "eval": ...}`` (plus ``forget``/``retain`` in unlearn mode).
+
+    ``mode="train"`` reads ``data.train``; ``mode="unlearn"`` reads ``data.forget`` and ``data.retain``
+    (optional) and pairs them with ``ForgetRetainDataset``. ``data.eval`` is optional in both.
+    """
+    dataset_args = data_cfg.get("dataset_args") or {}
+
+    def build(role: str) -> Dataset | None:
+        spec = data_cfg.get(role)
+        if spec is None:
+            return None
+        return build_dataset(spec, tokenizer, template_args, root_cfg, dataset_args)
+
+    if mode == "train":
+        if data_cfg.get("train") is None:
+            raise ValueError(f"data.train is required to fine-tune; valid names: {', '.join(available_datasets())}")
+        return {"train": build("train"), "eval": build("eval")}
+    if mode == "unlearn":
+        if data_cfg.get("forget") is None:
+            raise ValueError(f"data.forget is required to unlearn; valid names: {', '.join(available_datasets())}")
+        forget, retain = build("forget"), build("retain")
+        return {"train": ForgetRetainDataset(forget, retain, seed=seed, rank=rank), "eval": build("eval"),
+                "forget": forget, "retain": retain}
+    raise ValueError(f"mode={mode!r}; valid: 'train', 'unlearn'")
+
+
+def get_collator(collator_cfg: DictConfig | Mapping, tokenizer: PreTrainedTokenizerBase) -> Any:
+    handler = collator_cfg.get("handler")
+    if handler not in COLLATOR_REGISTRY:
+        raise ValueError(f"unknown collator {handler!r}; valid: {sorted(COLLATOR_REGISTRY)}")
+    args = collator_cfg.get("args") or {}
+    if isinstance(args, DictConfig):
+        args = OmegaConf.to_container(args, resolve=True)
+    return COLLATOR_REGISTRY[handler](tokenizer=tokenizer, **args)
+
+
+__all__ = ["DATASET_REGISTRY", "COLLATOR_REGISTRY", "get_data", "get_collator", "build_dataset",
+           "dataset_config", "available_datasets", "QADataset", "QAwithIdkDataset", "ForgetRetainDataset"]

@@ -1,0 +1,74 @@
+"""Batch collation: padding of (nested) samples into tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from data.utils import IGNORE_INDEX
+
+_PAD_VALUES = {"labels": IGNORE_INDEX, "attention_mask": 0}
+
+
+def pad_sequences(seqs: Sequence[torch.Tensor], value: int, side: str) -> torch.Tensor:
+    """Stack 1-D tensors into ``[B, max_len]``, filling with ``value`` on the ``side`` ('left'/'right')."""
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=seqs[0].dtype)
+    for row, s in enumerate(seqs):
+        if side == "right":
+            out[row, : len(s)] = s
+        else:
+            out[row, width - len(s):] = s
+    return out
+
+
+class DataCollatorForSupervisedDataset:
+    """Pads ``input_ids`` (pad id), ``labels`` (-100) and ``attention_mask`` (0) of a batch of samples.
+
+    Works on nested items: a dict of samples (``{"forget": ..., "retain": ...}``) gives a dict of
+    batches, recursively. Items that are lists of samples (one per answer, e.g. perturbed answers) are
+    flattened into one batch with a ``group`` tensor giving, for every row, the position of its question
+    in the batch. The attention mask is carried from the samples (1 on every real token), never
+    recomputed from ``input_ids != pad_token_id``: the pad id often equals EOS, which appears inside
+    samples too.
+
+    Args:
+        tokenizer: gives the pad id.
+        padding_side: "right" for training, "left" for batched generation.
+        index: keep each sample's dataset index as an ``index`` tensor.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, padding_side: str = "right", index: bool = False):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side={padding_side!r}; valid: 'left', 'right'")
+        if tokenizer.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad token id")
+        self.pad_id, self.padding_side, self.index = tokenizer.pad_token_id, padding_side, index
+
+    def __call__(self, items: Sequence[Any]) -> dict[str, Any]:
+        first = items[0]
+        if isinstance(first, Mapping) and "input_ids" not in first:
+            return {key: self([item[key] for item in items]) for key in first}
+        if isinstance(first, list):
+            flat = [sample for group in items for sample in group]
+            batch = self(flat)
+            batch["group"] = torch.tensor([g for g, group in enumerate(items) for _ in group], dtype=torch.long)
+            return batch
+        batch = {
+            key: pad_sequences([item[key] for item in items], _PAD_VALUES.get(key, self.pad_id), self.padding_side)
+            for key in ("input_ids", "labels", "attention_mask")
+            if key in first
+        }
+        if self.index and "index" in first:
+            batch["index"] = torch.tensor([item["index"] for item in items], dtype=torch.long)
+        return batch
+
+
+class DataCollatorForSupervisedDatasetWithIndices(DataCollatorForSupervisedDataset):
+    """``DataCollatorForSupervisedDataset`` that also returns each sample's dataset ``index``."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, padding_side: str = "right", index: bool = True):
+        super().__init__(tokenizer, padding_side=padding_side, index=index)

@@ -1,0 +1,134 @@
+"""Question-answer datasets in the TOFU format (one JSON object per row).
+
+``QADataset`` is the workhorse: it reads rows from the Hub (``datasets.load_dataset``) or from a local
+folder of JSON-lines files, tokenizes every (question, answer) pair once at construction, and returns
+samples whose labels cover the answer only. An answer column holding a list (TOFU's
+``perturbed_answer``) gives one sample per answer, grouped under the question's index.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import datasets
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from data.utils import PromptTemplate, read_text_lines, to_sample, tokenize_qa_batch
+
+log = logging.getLogger(__name__)
+
+
+def load_rows(hf_args: dict, local_dir: str | None, name: str = "dataset") -> datasets.Dataset:
+    """Rows of one dataset: ``<local_dir>/<hf_args.name>.json`` when ``local_dir`` is set, else the Hub.
+
+    ``local_dir`` is how ``paths.tofu=<folder>`` switches every TOFU config to local files named after
+    the Hub config (``forget10`` -> ``forget10.json``).
+    """
+    if local_dir:
+        config_name = hf_args.get("name")
+        if not config_name:
+            raise ValueError(f"{name}: hf_args.name is needed to find the local file in {local_dir}")
+        folder = Path(local_dir)
+        candidates = [folder / f"{config_name}.json", folder / f"{config_name}.jsonl"]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            present = sorted(p.name for p in folder.glob("*.json*")) if folder.is_dir() else []
+            raise FileNotFoundError(
+                f"{name}: {candidates[0]} not found (paths.tofu={local_dir}). The folder must hold JSON-lines files "
+                f"named after the Hub configs; it has: {present or 'nothing (missing folder?)'}"
+            )
+        return datasets.load_dataset("json", data_files=str(path), split=hf_args.get("split", "train"))
+    return datasets.load_dataset(**hf_args)
+
+
+class QADataset(Dataset):
+    """Tokenized question-answer pairs; item ``i`` is a sample dict, or a list of them for list answers.
+
+    Args:
+        hf_args: ``datasets.load_dataset`` arguments (``path``, ``name``, ``split``).
+        tokenizer: the model's tokenizer.
+        template_args: the model config's prompt settings (``PromptTemplate``).
+        question_key, answer_key: column names of the question and the answer(s).
+        max_length: token budget of prompt + answer; answers are cut to fit, prompts never.
+        local_dir: folder of JSON-lines files replacing the Hub (``paths.tofu``).
+        name: the dataset's config name, used in messages.
+    """
+
+    def __init__(self, hf_args: dict, tokenizer: PreTrainedTokenizerBase, template_args: dict | None = None,
+                 question_key: str = "question", answer_key: str = "answer", max_length: int = 512,
+                 local_dir: str | None = None, name: str = "QADataset"):
+        self.name = name
+        self.question_key, self.answer_key = question_key, answer_key
+        self.template = PromptTemplate.from_config(template_args)
+        self.rows = load_rows(dict(hf_args), local_dir, name)
+        if len(self.rows) == 0:
+            raise ValueError(f"{name}: dataset {dict(hf_args)} (paths.tofu={local_dir}) has no rows")
+        for key, role in ((question_key, "question_key"), (answer_key, "answer_key")):
+            if key not in self.rows.column_names:
+                raise KeyError(
+                    f"{name}: {role}={key!r} is not a column of {dict(hf_args)} (paths.tofu={local_dir}); "
+                    f"columns: {self.rows.column_names}"
+                )
+        questions = self.rows[question_key]
+        answers = self.rows[answer_key]
+        self.is_grouped = isinstance(answers[0], list)
+        # Flatten list answers so everything is tokenized in one batched call.
+        flat_q, flat_a, owner = [], [], []
+        for i, (q, a) in enumerate(zip(questions, answers)):
+            for ans in (a if self.is_grouped else [a]):
+                flat_q.append(q)
+                flat_a.append(ans)
+                owner.append(i)
+        tokenized = tokenize_qa_batch(tokenizer, self.template, flat_q, flat_a, max_length, row_ids=owner)
+        n_cut = sum(t.truncated for t in tokenized)
+        if n_cut:
+            log.warning("%s: %d of %d answers cut to max_length=%d", name, n_cut, len(tokenized), max_length)
+        self._samples: list[list] = [[] for _ in range(len(questions))]
+        for i, tok in zip(owner, tokenized):
+            self._samples[i].append(tok)
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __getitem__(self, index: int) -> Any:
+        samples = [to_sample(t, index) for t in self._samples[index]]
+        return samples if self.is_grouped else samples[0]
+
+    def lengths(self) -> list[int]:
+        """Token length of each item (the longest answer of a group), for length-grouped sampling."""
+        return [max(len(t.input_ids) for t in group) for group in self._samples]
+
+
+class QAwithIdkDataset(QADataset):
+    """Forget questions paired with a refusal answer (IdkDPO / IdkNLL).
+
+    Item ``i`` is ``{"original": <sample with the true answer>, "alternate": <sample with a refusal>}``.
+    The refusal for question ``i`` is drawn from ``idk_file`` with a generator seeded by (seed, i), so a
+    question always gets the same refusal for a given seed.
+    """
+
+    def __init__(self, *args: Any, idk_file: str = "idontknow.jsonl", idk_repo: str = "locuslab/TOFU",
+                 seed: int = 0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        local_dir = kwargs.get("local_dir")
+        if local_dir:
+            path = Path(local_dir) / idk_file
+            if not path.is_file():
+                raise FileNotFoundError(f"{self.name}: refusal file {path} not found (paths.tofu={local_dir})")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(idk_repo, idk_file, repo_type="dataset")
+        refusals = read_text_lines(path)
+        questions = self.rows[self.question_key]
+        picks = [random.Random(f"{seed}-{i}").choice(refusals) for i in range(len(questions))]
+        tokenizer = kwargs.get("tokenizer") or args[1]
+        max_length = kwargs.get("max_length", 512)
+        self._idk = tokenize_qa_batch(tokenizer, self.template, questions, picks, max_length)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"original": super().__getitem__(index), "alternate": to_sample(self._idk[index], index)}

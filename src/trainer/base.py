@@ -1,0 +1,79 @@
+"""``FinetuneTrainer``: the Hugging Face Trainer with our loss, loss-term logging and a NaN guard."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from trainer.losses import token_mean_nll
+
+log = logging.getLogger(__name__)
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask")
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors a causal LM's forward takes from a collated batch (labels and indices stay out)."""
+    return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+
+
+class FinetuneTrainer(Trainer):
+    """Supervised fine-tuning on question-answer batches (loss on answer tokens only).
+
+    Extras over ``transformers.Trainer``: a non-finite loss stops training with a clear error, and
+    subclasses can log named loss terms (``log_loss_terms``) that appear in the trainer log next to
+    ``loss``, averaged over the logging window.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # Our losses are per-batch means; the Trainer divides them by the accumulation steps.
+        self.loss_is_scaled_for_ga = False
+        self._loss_terms: dict[str, list[float]] = defaultdict(list)
+        self._last_terms: dict[str, float] = {}
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        outputs = model(**model_inputs(inputs))
+        loss = token_mean_nll(outputs.logits, inputs["labels"])
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple:
+        """Evaluation loss: mean answer-token NLL of a plain question-answer batch."""
+        inputs = self._prepare_inputs(inputs)
+        if "input_ids" not in inputs:
+            raise ValueError(f"evaluation batches must be plain question-answer batches, got keys {list(inputs)}")
+        with torch.no_grad():
+            logits = model(**model_inputs(inputs)).logits
+            loss = token_mean_nll(logits, inputs["labels"])
+        return loss.detach(), None, None
+
+    def log_loss_terms(self, **terms: torch.Tensor | float) -> None:
+        """Record named loss terms of this step (e.g. ``forget_loss``, ``retain_loss``) for the log."""
+        for name, value in terms.items():
+            value = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+            self._last_terms[name] = value
+            if self.model.training:
+                self._loss_terms[name].append(value)
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            terms = ", ".join(f"{k}={v:.4g}" for k, v in self._last_terms.items()) or "no terms logged"
+            raise FloatingPointError(
+                f"non-finite loss ({float(loss)}) at step {self.state.global_step + 1} ({terms}); "
+                "lower trainer.args.learning_rate or check the data"
+            )
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._loss_terms:
+            for name, values in self._loss_terms.items():
+                logs[name] = sum(values) / len(values)
+            self._loss_terms.clear()
+        super().log(logs, start_time)

@@ -1,0 +1,148 @@
+"""``UnlearningTrainer``: the base class of every unlearning method.
+
+A method subclasses it, takes its hyperparameters as keyword arguments of ``__init__`` (they arrive
+from ``trainer.method_args``), and implements ``compute_loss(model, inputs, return_outputs=False)``
+where ``inputs = {"forget": batch, "retain": batch}`` (``retain`` absent when no retain set is given).
+Shared pieces live here so each method file holds only its loss:
+
+- ``forward_nll``: per-sample summed answer NLL (and the logits) of a batch under a model;
+- ``reference_nll`` / ``reference_logits``: the same under a frozen copy of the model taken before
+  unlearning, created only when ``needs_reference_model()`` is true;
+- ``retain_loss``: the retain term, NLL or KL to the reference over answer tokens;
+- ``log_loss_terms``: per-term logging (forget and retain terms appear separately in the log);
+- ``evaluators``: benchmark evaluators run at each evaluation (``trainer.args.eval_strategy``), their
+  results written to ``<output_dir>/checkpoint-<step>/evals/`` and their headline numbers logged.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, TrainerCallback
+
+from trainer.base import FinetuneTrainer, model_inputs
+from trainer.losses import answer_kl, sequence_nll, token_mean_nll
+
+log = logging.getLogger(__name__)
+
+RETAIN_LOSS_TYPES = ("NLL", "KL")
+
+
+class _SetEpoch(TrainerCallback):
+    """Tells the paired dataset the epoch, so each epoch draws new retain partners."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.dataset.set_epoch(int(state.epoch or 0))
+
+
+class UnlearningTrainer(FinetuneTrainer):
+    """Base class of unlearning methods (see the module docstring for the contract)."""
+
+    #: Whether the method trains on the retain set (a missing retain set is then an error).
+    uses_retain: bool = False
+
+    def __init_subclass__(cls, **kwargs: Any):
+        # Methods may write compute_loss(self, model, inputs, return_outputs=False) as in the docs;
+        # the Hugging Face Trainer also passes num_items_in_batch, which such methods do not need.
+        super().__init_subclass__(**kwargs)
+        fn = cls.__dict__.get("compute_loss")
+        if fn is None:
+            return
+        params = inspect.signature(fn).parameters
+        if "num_items_in_batch" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return
+
+        @functools.wraps(fn)
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return fn(self, model, inputs, return_outputs=return_outputs)
+
+        cls.compute_loss = compute_loss
+
+    def __init__(self, *args: Any, evaluators: Mapping[str, Any] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.evaluators = dict(evaluators or {})
+        retain = getattr(self.train_dataset, "retain", None)
+        if self.uses_retain and self.train_dataset is not None and retain is None:
+            raise ValueError(
+                f"{type(self).__name__} trains on a retain set but none is given: set data.retain "
+                "(e.g. data.retain=TOFU_QA_RETAIN90)"
+            )
+        if hasattr(self.train_dataset, "set_epoch"):
+            self.add_callback(_SetEpoch(self.train_dataset))
+        self.ref_model = self._make_reference_model() if self.needs_reference_model() else None
+
+    # ----- reference model -------------------------------------------------------------------------
+    def needs_reference_model(self) -> bool:
+        """Whether the method compares against the model before unlearning (override per method)."""
+        return False
+
+    def _make_reference_model(self) -> PreTrainedModel:
+        """A frozen copy of the model as it is before unlearning, loaded once."""
+        ref = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+        ref.eval()
+        ref.requires_grad_(False)
+        return ref.to(self.args.device)
+
+    @torch.no_grad()
+    def reference_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        if self.ref_model is None:
+            raise RuntimeError(f"{type(self).__name__} asked for reference outputs but needs_reference_model() is False")
+        return self.ref_model(**model_inputs(batch)).logits
+
+    @torch.no_grad()
+    def reference_nll(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Per-sample summed answer NLL ``S_ref`` ``[B]`` under the reference model."""
+        return sequence_nll(self.reference_logits(batch), batch["labels"])[0]
+
+    # ----- shared pieces ---------------------------------------------------------------------------
+    @staticmethod
+    def forward_nll(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(S [B], T [B], logits)`` of a batch: per-sample summed answer NLL and answer-token counts."""
+        logits = model(**model_inputs(batch)).logits
+        total, count = sequence_nll(logits, batch["labels"])
+        return total, count, logits
+
+    def retain_loss(self, model: torch.nn.Module, batch: dict[str, Any], loss_type: str) -> torch.Tensor:
+        """Retain term: ``NLL`` (mean answer-token NLL) or ``KL`` (``answer_kl`` to the reference)."""
+        logits = model(**model_inputs(batch)).logits
+        if loss_type == "NLL":
+            return token_mean_nll(logits, batch["labels"])
+        if loss_type == "KL":
+            return answer_kl(logits, self.reference_logits(batch), batch["labels"])
+        raise ValueError(f"retain_loss_type={loss_type!r}; valid: {', '.join(RETAIN_LOSS_TYPES)}")
+
+    # ----- evaluation during unlearning ------------------------------------------------------------
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Evaluation loss on ``data.eval`` (if given) plus every configured evaluator."""
+        metrics: dict[str, float] = {}
+        if eval_dataset is not None or self.eval_dataset is not None:
+            metrics.update(super().evaluate(eval_dataset, ignore_keys, metric_key_prefix))
+        if not self.evaluators:
+            return metrics
+        out_dir = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}", "evals")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for name, evaluator in self.evaluators.items():
+                summary = evaluator.evaluate(model=self.accelerator.unwrap_model(self.model), output_dir=out_dir,
+                                             trainer=self)
+                for key, value in (summary or {}).items():
+                    if isinstance(value, (int, float)):
+                        metrics[f"{metric_key_prefix}_{name}_{key}"] = float(value)
+        finally:
+            self.model.train(was_training)
+        other = {k: v for k, v in metrics.items() if not k.endswith("_loss")}
+        if other:
+            self.log(other)
+        return metrics

@@ -1,0 +1,47 @@
+"""Negative Preference Optimization (Zhang et al. 2024, arXiv:2404.05868)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainer.losses import npo_loss
+from trainer.unlearn.base import RETAIN_LOSS_TYPES, UnlearningTrainer
+
+
+class NPO(UnlearningTrainer):
+    """``L = gamma * L_NPO(forget) + alpha * retain_loss`` with ``L_NPO`` of ``trainer.losses.npo_loss``.
+
+    The log-ratio is the paper's sequence-level one, ``log pi(y|x) - log pi_ref(y|x) = S_ref - S``
+    (summed over answer tokens), with the frozen model from before unlearning as reference.
+
+    Args (``trainer.method_args``):
+        beta: inverse temperature of the NPO loss.
+        gamma: weight of the forget term.
+        alpha: weight of the retain term.
+        retain_loss_type: ``NLL``, ``KL``, or null for no retain term (pure NPO).
+    """
+
+    def __init__(self, *args: Any, beta: float = 0.1, gamma: float = 1.0, alpha: float = 1.0,
+                 retain_loss_type: str | None = "NLL", **kwargs: Any):
+        if retain_loss_type is not None and retain_loss_type not in RETAIN_LOSS_TYPES:
+            raise ValueError(f"retain_loss_type={retain_loss_type!r}; valid: {', '.join(RETAIN_LOSS_TYPES)} or null")
+        if beta <= 0:
+            raise ValueError(f"NPO beta must be > 0, got {beta}")
+        self.beta, self.gamma, self.alpha, self.retain_loss_type = beta, gamma, alpha, retain_loss_type
+        self.uses_retain = retain_loss_type is not None
+        super().__init__(*args, **kwargs)
+
+    def needs_reference_model(self) -> bool:
+        return True
+
+    def compute_loss(self, model, inputs, return_outputs=False):
+        forget = inputs["forget"]
+        nll, _, logits = self.forward_nll(model, forget)
+        forget_loss = npo_loss(nll, self.reference_nll(forget), self.beta)
+        loss = self.gamma * forget_loss
+        terms = {"forget_loss": forget_loss}
+        if self.retain_loss_type is not None:
+            terms["retain_loss"] = self.retain_loss(model, inputs["retain"], self.retain_loss_type)
+            loss = loss + self.alpha * terms["retain_loss"]
+        self.log_loss_terms(**terms)
+        return (loss, {"logits": logits}) if return_outputs else loss
