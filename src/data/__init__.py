@@ -85,7 +85,8 @@ def build_dataset(name_or_cfg: str | Mapping, tokenizer: PreTrainedTokenizerBase
                   root_cfg: DictConfig | None = None, dataset_args: Mapping | None = None) -> Dataset:
     """Instantiate one dataset; ``dataset_args`` (``data.dataset_args``) override every dataset's args."""
     cfg = dataset_config(name_or_cfg, root_cfg)
-    args = {**cfg.get("args", {}), **dict(dataset_args or {})}
+    overrides = {k: v for k, v in dict(dataset_args or {}).items() if v is not None}
+    args = {**cfg.get("args", {}), **overrides}
     if isinstance(template_args, DictConfig):
         template_args = OmegaConf.to_container(template_args, resolve=True)
     return DATASET_REGISTRY[cfg["handler"]](tokenizer=tokenizer, template_args=template_args, name=cfg["name"], **args)

