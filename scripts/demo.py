@@ -51,6 +51,7 @@ def training_losses(run_dir: Path) -> list[tuple[int, float]]:
 def answer_nll(model_dir: Path, data_dir: Path, dataset: str) -> float:
     """Mean answer-token NLL of a model on a dataset (lower = the model knows the answers better)."""
     import torch
+    from omegaconf import OmegaConf
 
     from data import build_dataset, get_collator
     from model import get_model
@@ -59,10 +60,9 @@ def answer_nll(model_dir: Path, data_dir: Path, dataset: str) -> float:
     model, tok = get_model({"model_args": {"pretrained_model_name_or_path": str(model_dir)},
                             "tokenizer_args": {"pretrained_model_name_or_path": str(model_dir)}})
     model.eval()
-    root = {"paths": {"tofu": str(data_dir)}, "seed": 0}
-    from omegaconf import OmegaConf
-
-    ds = build_dataset(dataset, tok, {"apply_chat_template": True}, root_cfg=OmegaConf.create(root))
+    root = OmegaConf.create({"paths": {"tofu": str(data_dir)}, "seed": 0})
+    template_args = OmegaConf.load(REPO / "configs" / "model" / f"{MODEL}.yaml").template_args
+    ds = build_dataset(dataset, tok, template_args, root_cfg=root)
     collate = get_collator({"handler": "DataCollatorForSupervisedDataset"}, tok)
     total, count = 0.0, 0
     with torch.inference_mode():
@@ -92,7 +92,7 @@ def main() -> None:
     print(f"Generated a TOFU-format dataset in {out / 'data'}: {counts['full.json']} QA pairs, "
           f"forget10 = {counts['forget10.json']}, retain90 = {counts['retain90.json']}")
 
-    ft_epochs = 1 if args.fast else 4
+    ft_epochs = 1 if args.fast else 3
     ul_epochs = 1 if args.fast else 5
     finetune = ["trainer.args.learning_rate=2e-4", "trainer.args.warmup_steps=0.1",
                 f"trainer.args.num_train_epochs={ft_epochs}"]

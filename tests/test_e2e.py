@@ -7,9 +7,8 @@ import json
 import pytest
 import torch
 
-from model import get_model
-
 from conftest import run_cli
+from model import get_model
 
 SEED_COMMAND = [
     "src/train.py", "--config-name=unlearn.yaml", "model=tiny-random-llama", "trainer=GradDiff",

@@ -145,3 +145,31 @@ def test_non_finite_loss_stops_training(tmp_path):
     t.current_gradient_accumulation_steps = 1  # set by train() in real runs
     with pytest.raises(FloatingPointError, match="non-finite loss"):
         t.training_step(t.model, INPUTS)
+
+
+def test_evaluators_run_during_unlearning(tmp_path):
+    calls = []
+
+    class Recorder:
+        def evaluate(self, model, output_dir, trainer=None, **kwargs):
+            calls.append((output_dir, trainer.state.global_step, model.training))
+            return {"forget_quality": 0.25, "note": "not a number: not logged"}
+
+    cfg = {"handler": "GradAscent", "args": {"report_to": "none"}}
+    t = load_trainer(cfg, StubLM(), train_dataset=ForgetRetainDataset([0, 1]), output_dir=str(tmp_path / "out"),
+                     evaluators={"tofu": Recorder()})
+    t.model.train()
+    t.state.global_step = 7
+    metrics = t.evaluate()
+    assert metrics == {"eval_tofu_forget_quality": 0.25}
+    assert calls == [(str(tmp_path / "out" / "checkpoint-7" / "evals"), 7, False)]
+    assert t.state.log_history[-1]["eval_tofu_forget_quality"] == 0.25
+    assert t.model.training  # back to training mode afterwards
+
+
+def test_unknown_evaluator_lists_registered():
+    from evals import get_evaluators
+
+    with pytest.raises(ValueError, match="eval.tofu: unknown evaluator 'TOFUEvaluatorr'"):
+        get_evaluators({"tofu": {"handler": "TOFUEvaluatorr"}})
+    assert get_evaluators(None) == {}

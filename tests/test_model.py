@@ -6,9 +6,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from model import available_model_configs, get_model, gguf_file_from_package, save_model
-
 from conftest import MODEL_CACHE, REPO, SMOLLM2_FALLBACK
+from model import available_model_configs, get_model, gguf_file_from_package, save_model
 
 
 def tiny_cfg(**model_args):
