@@ -131,3 +131,15 @@ def test_one_step_of_smollm2(tofu_dir, tmp_path):
              "trainer.args.gradient_accumulation_steps=1", "data.eval=null", f"paths.output_dir={out}"])
     assert (out / "model.safetensors").is_file()
     assert any("forget_loss" in e for e in _log(out))
+
+
+def test_two_processes_on_cpu(tofu_dir, tmp_path):
+    """Distributed data parallel (2 CPU processes, gloo): ranks share the work, rank 0 writes once."""
+    out = tmp_path / "ddp"
+    _run_ok(["-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+             "--mixed_precision", "no", "--dynamo_backend", "no", *[a for a in SEED_COMMAND if a != "trainer=GradDiff"],
+             "trainer=NPO", f"paths.tofu={tofu_dir}", *FAST, "data.eval=null", f"paths.output_dir={out}"])
+    model = _check_run_folder(out, ["forget_loss", "retain_loss"])
+    # 2 ranks x batch 2 per step over 8 forget samples: each step covers a quarter of an epoch.
+    assert [e["epoch"] for e in _log(out) if "loss" in e] == [0.25, 0.5]
+    assert model is not None

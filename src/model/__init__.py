@@ -106,7 +106,12 @@ def materialize_gguf(gguf_path: Path, target_dir: Path) -> Path:
         model.hf_quantizer = None
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target_dir)
+        try:
+            os.replace(tmp, target_dir)
+        except OSError:
+            if not (target_dir / "config.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process (e.g. a second rank) finished first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -129,10 +134,12 @@ def _from_pretrained(loader: Any, kwargs: dict, fallback: dict | None, cache_dir
     is_local = os.path.isdir(str(path))
     try:
         return loader.from_pretrained(**kwargs)
-    except OSError as e:
+    except (OSError, ValueError) as e:
+        if isinstance(e, ValueError) and not is_local:
+            raise
         if is_local or not fallback:
             hint = (
-                "it is a local folder without loadable weights" if is_local
+                "it is a local folder without a loadable model or tokenizer" if is_local
                 else "set HF_HUB_OFFLINE=0 with internet access, or point it at a local folder"
             )
             raise OSError(f"cannot load {what} from {path!r}: {hint} ({e})") from e
