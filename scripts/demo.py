@@ -4,7 +4,7 @@
 2. Fine-tune SmolLM2-135M-Instruct on all of it -> the "target" model, which knows every author.
 3. Fine-tune it on the retain part only -> the "retain" model, the gold standard of forgetting.
 4. Unlearn the forget part from the target with GradDiff -> the "unlearned" model.
-5. Print the training losses and how well each model still fits the forget and retain answers.
+5. Evaluate the three models on the TOFU benchmark (src/eval.py) and print the table.
 
 Every step is the public command line (src/train.py), so the demo doubles as an end-to-end check.
 Options: --out DIR (default saves/demo), --fast (fewer epochs, for a quick look).
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -48,31 +47,21 @@ def training_losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
-def answer_nll(model_dir: Path, data_dir: Path, dataset: str) -> float:
-    """Mean answer-token NLL of a model on a dataset (lower = the model knows the answers better)."""
-    import torch
-    from omegaconf import OmegaConf
-
-    from data import build_dataset, get_collator
-    from model import get_model
-    from trainer.losses import sequence_nll
-
-    model, tok = get_model({"model_args": {"pretrained_model_name_or_path": str(model_dir)},
-                            "tokenizer_args": {"pretrained_model_name_or_path": str(model_dir)}})
-    model.eval()
-    root = OmegaConf.create({"paths": {"tofu": str(data_dir)}, "seed": 0})
-    template_args = OmegaConf.load(REPO / "configs" / "model" / f"{MODEL}.yaml").template_args
-    ds = build_dataset(dataset, tok, template_args, root_cfg=root)
-    collate = get_collator({"handler": "DataCollatorForSupervisedDataset"}, tok)
-    total, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, len(ds), 16):
-            batch = collate([ds[i] for i in range(start, min(start + 16, len(ds)))])
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            s, t = sequence_nll(logits, batch["labels"])
-            total += float(s.sum())
-            count += int(t.sum())
-    return total / count
+def evaluate(out: Path, name: str, model_dir: Path, retain_logs: Path | None) -> dict:
+    """The TOFU evaluation (src/eval.py) of one model; returns its summary."""
+    eval_dir = out / "eval" / name
+    cmd = [sys.executable, str(REPO / "src" / "eval.py"), "--config-name=eval.yaml", f"model={MODEL}",
+           f"model.model_args.pretrained_model_name_or_path={model_dir}", "eval=tofu", "forget_split=forget10",
+           "holdout_split=holdout01", f"retain_logs_path={retain_logs or 'null'}", f"paths.tofu={out / 'data'}",
+           f"paths.log_dir={out / 'logs'}", f"paths.output_dir={eval_dir}", f"task_name=demo_{name}",
+           *[f"eval.tofu.metrics.{m}.generation_args.max_new_tokens=64" for m in ("forget_Q_A_ROUGE",)],
+           *[f"eval.tofu.metrics.model_utility.pre_compute.{p}_Q_A_ROUGE.generation_args.max_new_tokens=64"
+             for p in ("retain", "ra", "wf")]]
+    print(f"\n$ python src/eval.py ... ({name})", flush=True)
+    start = time.time()
+    subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    print(f"  done in {time.time() - start:.0f} s", flush=True)
+    return json.loads((eval_dir / "TOFU_SUMMARY.json").read_text())
 
 
 def main() -> None:
@@ -88,7 +77,7 @@ def main() -> None:
     from data.synthetic_tofu import generate_tofu_like
 
     # 10 authors x 4 QA keeps the three trainings within a few minutes on 2 CPU cores.
-    counts = generate_tofu_like(out / "data", n_authors=10, qa_per_author=4, seed=0)
+    counts = generate_tofu_like(out / "data", n_authors=10, qa_per_author=4, seed=0, retain_eval_rows=20)
     print(f"Generated a TOFU-format dataset in {out / 'data'}: {counts['full.json']} QA pairs, "
           f"forget10 = {counts['forget10.json']}, retain90 = {counts['retain90.json']}")
 
@@ -114,16 +103,17 @@ def main() -> None:
         print(f"{name:>22}: " + ", ".join(f"{s}: {loss:.3f}" for s, loss in losses))
     print("  (GradDiff's loss = -NLL(forget) + NLL(retain): it goes down as the forget answers get less likely)")
 
-    print("\n=== Mean answer NLL (lower = answers known better; prob = exp(-NLL) per token) ===")
-    print(f"{'model':>22} | {'forget10':>17} | {'retain90':>17}")
-    for name, run_dir in (("target", target), ("retain", retain), ("unlearned (GradDiff)", unlearned)):
-        cells = []
-        for ds in ("TOFU_QA_FORGET10", "TOFU_QA_RETAIN90"):
-            nll = answer_nll(run_dir, out / "data", ds)
-            cells.append(f"{nll:6.3f} (p {math.exp(-nll):.3f})")
-        print(f"{name:>22} | {cells[0]:>17} | {cells[1]:>17}")
-    print("\nUnlearning worked if the unlearned model's forget10 NLL rose (towards or past the retain model's)\n"
-          "while its retain90 NLL stayed close to the target's.")
+    from evals import format_summary
+
+    summaries = {"retain": evaluate(out, "retain", retain, None)}
+    retain_logs = out / "eval" / "retain" / "TOFU_EVAL.json"
+    summaries["target"] = evaluate(out, "target", target, retain_logs)
+    summaries["unlearned"] = evaluate(out, "unlearned", unlearned, retain_logs)
+    summaries["retain"] = evaluate(out, "retain", retain, retain_logs)  # reuses its metrics; adds forget_quality
+    print("\n=== TOFU evaluation (forget10; forget quality and privleak against the retain model) ===")
+    print(format_summary({k: summaries[k] for k in ("target", "retain", "unlearned")}))
+    print("\nForgetting worked if the unlearned model moved from the target towards the retain model on the\n"
+          "forget metrics (forget_Q_A_Prob, ROUGE, MIA AUCs; forget_quality up) while model_utility held.")
     print(f"\nModels are in {out}/{{target,retain,unlearned}}; total time {time.time() - began:.0f} s.")
 
 

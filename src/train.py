@@ -64,7 +64,8 @@ def run(cfg: DictConfig) -> Path:
     data = get_data(cfg.data, cfg.mode, tokenizer, cfg.model.get("template_args"), root_cfg=cfg,
                     seed=cfg.seed, rank=state.process_index)
     collator = get_collator(cfg.collator, tokenizer)
-    evaluators = get_evaluators(cfg.get("eval"), tokenizer=tokenizer, template_args=cfg.model.get("template_args"))
+    evaluators = get_evaluators(cfg.get("eval"), tokenizer=tokenizer, template_args=cfg.model.get("template_args"),
+                                root_cfg=cfg)
     try:
         trainer = load_trainer(cfg.trainer, model, data["train"], data["eval"], tokenizer, collator,
                                output_dir=str(staging), evaluators=evaluators)

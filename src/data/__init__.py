@@ -69,6 +69,8 @@ def dataset_config(name_or_cfg: str | Mapping, root_cfg: DictConfig | None = Non
     else:
         raw = OmegaConf.create(OmegaConf.to_container(name_or_cfg) if isinstance(name_or_cfg, DictConfig)
                                else dict(name_or_cfg))
+        bases = [b for b in raw.pop("defaults", []) if b != "_self_"]
+        raw = OmegaConf.merge(*[_load_dataset_file(b) for b in bases], raw)
         name = raw.get("name", "inline dataset")
     root = OmegaConf.create(OmegaConf.to_container(root_cfg, resolve=False)) if root_cfg is not None \
         else OmegaConf.create({})

@@ -1,7 +1,7 @@
 """Benchmark evaluators, looked up by name (``configs/eval/<bench>.yaml`` -> ``handler``).
 
-The evaluation suite (TOFU, MUSE metrics) registers its evaluators here. An evaluator is an object
-with ``evaluate(model, output_dir, trainer=None, **kwargs) -> dict`` returning its headline numbers.
+An evaluator has ``evaluate(model, output_dir, trainer=None, **kwargs) -> dict`` returning its headline
+numbers (see ``evals.base.Evaluator``); metrics are registered in ``evals.metrics``.
 """
 
 from __future__ import annotations
@@ -32,4 +32,10 @@ def get_evaluators(eval_cfgs: DictConfig | Mapping | None, **kwargs: Any) -> dic
     return evaluators
 
 
-__all__ = ["EVALUATOR_REGISTRY", "_register_evaluator", "get_evaluators"]
+from evals.base import Evaluator, format_summary  # noqa: E402
+from evals.tofu import TOFUEvaluator  # noqa: E402
+
+_register_evaluator(Evaluator)
+_register_evaluator(TOFUEvaluator)
+
+__all__ = ["EVALUATOR_REGISTRY", "_register_evaluator", "get_evaluators", "Evaluator", "TOFUEvaluator", "format_summary"]

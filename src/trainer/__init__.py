@@ -106,9 +106,7 @@ def load_trainer(trainer_cfg: DictConfig | Mapping, model: torch.nn.Module, trai
         raise ValueError(f"trainer.method_args {unknown} not accepted by {handler}; valid: {valid or 'none'}")
     kwargs = dict(model=model, args=build_training_args(_container(trainer_cfg.get("args")), output_dir),
                   train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
-                  data_collator=data_collator)
-    if issubclass(cls, UnlearningTrainer):
-        kwargs["evaluators"] = evaluators
+                  data_collator=data_collator, evaluators=evaluators)
     return cls(**kwargs, **method_args)
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -24,13 +26,25 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
 class FinetuneTrainer(Trainer):
     """Supervised fine-tuning on question-answer batches (loss on answer tokens only).
 
-    Extras over ``transformers.Trainer``: a non-finite loss stops training with a clear error, and
+    Extras over ``transformers.Trainer``: a non-finite loss stops training with a clear error;
     subclasses can log named loss terms (``log_loss_terms``) that appear in the trainer log next to
-    ``loss``, averaged over the logging window.
+    ``loss``, averaged over the logging window; and ``evaluators`` (benchmarks such as TOFU) run at
+    every evaluation (``eval_strategy`` / ``eval_on_start``), writing
+    ``<output_dir>/checkpoint-<step>/evals/`` and logging their headline numbers.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args: Any, evaluators: Mapping[str, Any] | None = None, **kwargs: Any):
+        self.evaluators = dict(evaluators or {})
+        args_obj = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
+        strategy = getattr(args_obj, "eval_strategy", "no")
+        no_eval_data = kwargs.get("eval_dataset") is None
+        if self.evaluators and no_eval_data and str(getattr(strategy, "value", strategy)) != "no":
+            # transformers refuses an eval_strategy without eval_dataset; our evaluators need none.
+            args_obj.eval_strategy = "no"
+            super().__init__(*args, **kwargs)
+            args_obj.eval_strategy = strategy
+        else:
+            super().__init__(*args, **kwargs)
         # Our losses are per-batch means; the Trainer divides them by the accumulation steps.
         self.loss_is_scaled_for_ga = False
         self._loss_terms: dict[str, list[float]] = defaultdict(list)
@@ -77,3 +91,28 @@ class FinetuneTrainer(Trainer):
                 logs[name] = sum(values) / len(values)
             self._loss_terms.clear()
         super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Evaluation loss on ``data.eval`` (if given) plus every configured evaluator."""
+        metrics: dict[str, float] = {}
+        if eval_dataset is not None or self.eval_dataset is not None:
+            metrics.update(super().evaluate(eval_dataset, ignore_keys, metric_key_prefix))
+        if not self.evaluators:
+            return metrics
+        out_dir = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}", "evals")
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            for name, evaluator in self.evaluators.items():
+                summary = evaluator.evaluate(model=model, output_dir=out_dir, trainer=self)
+                for key, value in (summary or {}).items():
+                    if isinstance(value, (int, float)):
+                        metrics[f"{metric_key_prefix}_{name}_{key}"] = float(value)
+        finally:
+            model.train(was_training)
+        other = {k: v for k, v in metrics.items() if not k.endswith("_loss")}
+        if other:
+            self.log(other)
+        return metrics

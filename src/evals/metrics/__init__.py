@@ -1,0 +1,247 @@
+"""Evaluation metrics: pure functions from per-sample model statistics to the open-unlearning result layout.
+
+Every metric is registered under a handler name (the ``handler`` of a metric in ``configs/eval/<bench>.yaml``)
+with :func:`register_metric`; :func:`get_metric` looks one up. A metric's compute function is called with
+keyword arguments only::
+
+    fn(*, token_stats=None, generations=None, grad_norms=None, reference_token_stats=None,
+       pre_compute=None, reference_logs=None, **options) -> dict
+
+and returns ``{"agg_value": float | None, "value_by_index": {"<index>": {...}}}`` (plus extra keys documented
+per metric). ``MetricSpec.needs`` names the inputs the engine has to supply.
+
+Broken samples (no answer token, or a non-finite log-probability) are never turned into NaN: their values are
+``None``, their indices are listed under ``"excluded"`` and aggregates are taken over the remaining samples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+ALLOWED_NEEDS: frozenset[str] = frozenset(
+    {"token_stats", "generations", "grad_norms", "reference_token_stats", "pre_compute", "reference_logs"}
+)
+
+
+@dataclass(eq=False)
+class TokenStats:
+    """Teacher-forced statistics of one answer, one entry per answer token (the LAST one is the EOS token).
+
+    ``logp[t]``: log p(answer token t); ``mean_logp[t]`` = E_{v~p}[log p(v)] and ``std_logp[t]`` =
+    sqrt(Var_{v~p}[log p(v)]) of the model's next-token distribution at that position; ``argmax_match[t]``:
+    the argmax prediction equals the answer token. ``answer_text`` is the ground-truth answer string.
+    """
+
+    logp: np.ndarray
+    mean_logp: np.ndarray
+    std_logp: np.ndarray
+    argmax_match: np.ndarray
+    answer_text: str = ""
+
+    def __post_init__(self) -> None:
+        self.logp = np.asarray(self.logp, dtype=np.float64).reshape(-1)
+        self.mean_logp = np.asarray(self.mean_logp, dtype=np.float64).reshape(-1)
+        self.std_logp = np.asarray(self.std_logp, dtype=np.float64).reshape(-1)
+        self.argmax_match = np.asarray(self.argmax_match, dtype=bool).reshape(-1)
+        lengths = {len(self.logp), len(self.mean_logp), len(self.std_logp), len(self.argmax_match)}
+        if len(lengths) != 1:
+            raise ValueError(
+                "TokenStats arrays must have one entry per answer token; got lengths "
+                f"logp={len(self.logp)}, mean_logp={len(self.mean_logp)}, std_logp={len(self.std_logp)}, "
+                f"argmax_match={len(self.argmax_match)}"
+            )
+
+    @property
+    def num_tokens(self) -> int:
+        """T, the number of answer tokens including EOS."""
+        return len(self.logp)
+
+    def is_valid(self) -> bool:
+        """False for a broken sample: no answer token, or a non-finite log-probability."""
+        return self.num_tokens > 0 and bool(np.all(np.isfinite(self.logp)))
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    fn: Callable[..., dict]
+    higher_is_better: bool | None
+    needs: tuple[str, ...]
+    description: str
+
+
+METRIC_REGISTRY: dict[str, MetricSpec] = {}
+
+
+def register_metric(
+    name: str, *, higher_is_better: bool | None, needs: Iterable[str], description: str = ""
+) -> Callable[[Callable[..., dict]], Callable[..., dict]]:
+    """Decorator registering a compute function under ``name``."""
+    needs = tuple(needs)
+    unknown = sorted(set(needs) - ALLOWED_NEEDS)
+    if unknown:
+        raise ValueError(f"metric {name!r}: unknown needs {unknown}; allowed: {sorted(ALLOWED_NEEDS)}")
+
+    def decorator(fn: Callable[..., dict]) -> Callable[..., dict]:
+        if name in METRIC_REGISTRY:
+            raise ValueError(f"metric {name!r} is already registered")
+        doc = description or (fn.__doc__ or "").strip().split("\n")[0]
+        METRIC_REGISTRY[name] = MetricSpec(
+            name=name, fn=fn, higher_is_better=higher_is_better, needs=needs, description=doc
+        )
+        return fn
+
+    return decorator
+
+
+def get_metric(name: str) -> MetricSpec:
+    """The registered metric ``name``; an unknown name raises ValueError listing the valid ones."""
+    if name not in METRIC_REGISTRY:
+        raise ValueError(f"unknown metric {name!r}; registered metrics: {sorted(METRIC_REGISTRY)}")
+    return METRIC_REGISTRY[name]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# shared helpers of the family modules (private)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _index_sort_key(key: Any) -> tuple:
+    s = str(key)
+    try:
+        return (0, int(s), s)
+    except ValueError:
+        return (1, 0, s)
+
+
+def _sorted_keys(keys: Iterable[Any]) -> list:
+    return sorted(keys, key=_index_sort_key)
+
+
+def _excluded_entry(key: Any) -> int | str:
+    try:
+        return int(key)
+    except (TypeError, ValueError):
+        return str(key)
+
+
+def _mean_or_none(values: Iterable[float | None]) -> float | None:
+    kept = [float(v) for v in values if v is not None]
+    if not kept:
+        return None
+    return float(np.mean(kept))
+
+
+def _result(agg_value: float | None, value_by_index: dict, excluded: list, **extra: Any) -> dict:
+    """The open-unlearning layout, with ``excluded`` (and a note when nothing is left) when samples dropped."""
+    out: dict[str, Any] = {"agg_value": None if agg_value is None else float(agg_value)}
+    out.update(extra)
+    out["value_by_index"] = value_by_index
+    if excluded:
+        out["excluded"] = [_excluded_entry(k) for k in _sorted_keys(excluded)]
+        if agg_value is None and "note" not in out:
+            out["note"] = "every sample was excluded (no answer token or a non-finite value)"
+    return out
+
+
+def _require(value: Any, what: str, metric: str) -> Any:
+    if value is None:
+        raise ValueError(f"metric {metric!r} needs {what}, which was not supplied")
+    return value
+
+
+def _pre_compute_entry(pre_compute: Mapping | None, key: str, metric: str) -> dict:
+    pre_compute = _require(pre_compute, "pre_compute", metric)
+    if key not in pre_compute or pre_compute[key] is None:
+        raise ValueError(
+            f"metric {metric!r} needs pre_compute[{key!r}]; got access keys {sorted(pre_compute)}"
+        )
+    return pre_compute[key]
+
+
+def _check_same_indices(a: Mapping, b: Mapping, name_a: str, name_b: str, metric: str, shown: int = 5) -> None:
+    """Raise ValueError when the index sets (compared as strings) of two value_by_index maps differ."""
+    keys_a = {str(k) for k in a}
+    keys_b = {str(k) for k in b}
+    if keys_a == keys_b:
+        return
+    only_a = _sorted_keys(keys_a - keys_b)
+    only_b = _sorted_keys(keys_b - keys_a)
+    parts = []
+    if only_a:
+        parts.append(f"{len(only_a)} only in {name_a} (first: {only_a[:shown]})")
+    if only_b:
+        parts.append(f"{len(only_b)} only in {name_b} (first: {only_b[:shown]})")
+    raise ValueError(f"metric {metric!r}: {name_a} and {name_b} cover different indices: " + "; ".join(parts))
+
+
+def _as_float_list(value: Any) -> list[float] | None:
+    """A scalar or list field of a result as a list of floats; None when missing or containing None/NaN."""
+    if value is None:
+        return None
+    values = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
+    if not values or any(v is None for v in values):
+        return None
+    out = [float(v) for v in values]
+    if not all(math.isfinite(v) for v in out):
+        return None
+    return out
+
+
+from . import memorization, mia, privacy, probability, rouge, utility  # noqa: E402  (fill the registry)
+from .memorization import exact_memorization_score, extraction_strength_score  # noqa: E402
+from .mia import (  # noqa: E402
+    min_k_plus_plus_score,
+    min_k_score,
+    reference_score,
+    roc_auc,
+    zlib_entropy,
+    zlib_score,
+)
+from .privacy import forget_quality, privleak_score  # noqa: E402
+from .probability import (  # noqa: E402
+    mean_nll,
+    prob_with_options,
+    sequence_prob,
+    truth_ratio,
+    truth_ratio_aggregate,
+)
+from .rouge import rouge_scores  # noqa: E402
+from .utility import harmonic_mean  # noqa: E402
+
+__all__ = [
+    "ALLOWED_NEEDS",
+    "METRIC_REGISTRY",
+    "MetricSpec",
+    "TokenStats",
+    "exact_memorization_score",
+    "extraction_strength_score",
+    "forget_quality",
+    "get_metric",
+    "harmonic_mean",
+    "mean_nll",
+    "memorization",
+    "mia",
+    "min_k_plus_plus_score",
+    "min_k_score",
+    "privacy",
+    "privleak_score",
+    "prob_with_options",
+    "probability",
+    "reference_score",
+    "register_metric",
+    "roc_auc",
+    "rouge",
+    "rouge_scores",
+    "sequence_prob",
+    "truth_ratio",
+    "truth_ratio_aggregate",
+    "utility",
+    "zlib_entropy",
+    "zlib_score",
+]

@@ -10,8 +10,7 @@ Shared pieces live here so each method file holds only its loss:
   unlearning, created only when ``needs_reference_model()`` is true;
 - ``retain_loss``: the retain term, NLL or KL to the reference over answer tokens;
 - ``log_loss_terms``: per-term logging (forget and retain terms appear separately in the log);
-- ``evaluators``: benchmark evaluators run at each evaluation (``trainer.args.eval_strategy``), their
-  results written to ``<output_dir>/checkpoint-<step>/evals/`` and their headline numbers logged.
+- ``evaluators`` (from ``FinetuneTrainer``): benchmarks run at each evaluation (``eval_strategy``).
 """
 
 from __future__ import annotations
@@ -20,8 +19,6 @@ import copy
 import functools
 import inspect
 import logging
-import os
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -68,9 +65,8 @@ class UnlearningTrainer(FinetuneTrainer):
 
         cls.compute_loss = compute_loss
 
-    def __init__(self, *args: Any, evaluators: Mapping[str, Any] | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.evaluators = dict(evaluators or {})
         retain = getattr(self.train_dataset, "retain", None)
         if self.uses_retain and self.train_dataset is not None and retain is None:
             raise ValueError(
@@ -120,29 +116,3 @@ class UnlearningTrainer(FinetuneTrainer):
         if loss_type == "KL":
             return answer_kl(logits, self.reference_logits(batch), batch["labels"])
         raise ValueError(f"retain_loss_type={loss_type!r}; valid: {', '.join(RETAIN_LOSS_TYPES)}")
-
-    # ----- evaluation during unlearning ------------------------------------------------------------
-    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
-                 metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Evaluation loss on ``data.eval`` (if given) plus every configured evaluator."""
-        metrics: dict[str, float] = {}
-        if eval_dataset is not None or self.eval_dataset is not None:
-            metrics.update(super().evaluate(eval_dataset, ignore_keys, metric_key_prefix))
-        if not self.evaluators:
-            return metrics
-        out_dir = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}", "evals")
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for name, evaluator in self.evaluators.items():
-                summary = evaluator.evaluate(model=self.accelerator.unwrap_model(self.model), output_dir=out_dir,
-                                             trainer=self)
-                for key, value in (summary or {}).items():
-                    if isinstance(value, (int, float)):
-                        metrics[f"{metric_key_prefix}_{name}_{key}"] = float(value)
-        finally:
-            self.model.train(was_training)
-        other = {k: v for k, v in metrics.items() if not k.endswith("_loss")}
-        if other:
-            self.log(other)
-        return metrics

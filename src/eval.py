@@ -1,0 +1,60 @@
+"""Evaluate a model on a benchmark, top to bottom.
+
+    python src/eval.py --config-name=eval.yaml model=SmolLM2-135M-Instruct \
+        model.model_args.pretrained_model_name_or_path=<model folder> eval=tofu forget_split=forget10 \
+        holdout_split=holdout01 retain_logs_path=<retain model's TOFU_EVAL.json or null> paths.tofu=<folder>
+
+Writes ``<paths.output_dir>/TOFU_EVAL.json`` (every metric, per-sample values) and ``TOFU_SUMMARY.json``
+(headline numbers), and prints the summary as a table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import hydra  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from transformers import set_seed  # noqa: E402
+
+from evals import format_summary, get_evaluators  # noqa: E402
+from model import get_model  # noqa: E402
+
+
+def model_identity(model_cfg: DictConfig) -> str:
+    """What the EVAL file records as the model: its path, or its random-init recipe."""
+    path = model_cfg.model_args.get("pretrained_model_name_or_path")
+    if path:
+        return str(path)
+    recipe = OmegaConf.to_container(model_cfg.get("random_init"), resolve=True)
+    return "random_init:" + json.dumps(recipe, sort_keys=True)
+
+
+def run(cfg: DictConfig) -> dict[str, dict]:
+    set_seed(cfg.seed)
+    if not cfg.get("eval"):
+        raise ValueError("no benchmark selected: add eval=tofu")
+    model, tokenizer = get_model(cfg.model)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    evaluators = get_evaluators(cfg.eval, tokenizer=tokenizer, template_args=cfg.model.get("template_args"),
+                                root_cfg=cfg)
+    summaries = {}
+    for name, evaluator in evaluators.items():
+        summaries[name] = evaluator.evaluate(model, output_dir=cfg.paths.output_dir, model_id=model_identity(cfg.model))
+        print(f"\n{name} summary ({cfg.paths.output_dir}):")
+        print(format_summary({cfg.task_name: summaries[name]}))
+    return summaries
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="eval.yaml")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""``Evaluator``: runs a benchmark's metrics on a model and writes ``<NAME>_EVAL.json`` / ``<NAME>_SUMMARY.json``.
+
+A benchmark config (``configs/eval/<bench>.yaml``) lists metrics; each metric config names a
+registered ``handler`` (src/evals/metrics), the ``datasets`` it reads (role -> dataset spec), its
+``pre_compute`` metrics (full configs, keyed by metric name, each with an ``access_key``), optional
+``reference_logs`` (another model's EVAL file) and handler options. The evaluator:
+
+1. plans the passes every metric needs and runs each (dataset, pass kind) once, sharing the result
+   between metrics (``evals.passes``);
+2. computes each metric once, dependencies first (a metric used as ``pre_compute`` by two others is
+   computed once);
+3. writes the EVAL file (every metric, per-sample values keyed by dataset index, plus ``_meta``) and
+   the SUMMARY file (headline numbers), each through a temporary file and a rename.
+
+A metric already in an existing EVAL file is reused only if its fingerprint (metric config, model,
+data files, template, code version) matches; ``overwrite: true`` recomputes everything.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from data import build_dataset, dataset_config
+from evals import passes
+from evals.metrics import get_metric
+
+log = logging.getLogger(__name__)
+
+PASS_NEEDS = ("token_stats", "generations", "grad_norms", "reference_token_stats")
+CONTROL_KEYS = {"handler", "datasets", "pre_compute", "reference_logs", "access_key", "batch_size",
+                "generation_args", "reference_model"}
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to ``path`` via a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2, default=_json_default, allow_nan=True)
+    os.replace(tmp, path)
+
+
+def code_version() -> str:
+    """The git commit of this checkout (with a mark if modified), else the package version."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=root, capture_output=True,
+                               text=True, timeout=5)
+        if sha.returncode == 0:
+            return sha.stdout.strip() + ("+modified" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def model_fingerprint(model_id: str) -> str:
+    """Identity of a model: its path plus the size and mtime of its weight files when it is a folder."""
+    folder = Path(model_id)
+    if folder.is_dir():
+        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+        return model_id + "|" + ";".join(f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in files)
+    return model_id
+
+
+def _hash(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class Evaluator:
+    """Runs the metrics of one benchmark config (see module docstring).
+
+    Args:
+        cfg: the benchmark config (``eval.<bench>``): ``metrics``, ``name`` (file prefix, e.g. TOFU),
+            ``output_dir``, ``overwrite``, ``summary_metrics`` (headline list; default all).
+        tokenizer: the model's tokenizer.
+        template_args: the model config's prompt settings.
+        root_cfg: the run's full config, to resolve dataset specs (``${paths.tofu}``).
+    """
+
+    def __init__(self, cfg: Mapping, tokenizer: Any = None, template_args: Any = None,
+                 root_cfg: DictConfig | None = None, **kwargs: Any):
+        self.cfg = dict(cfg)
+        self.name = self.cfg.get("name", "EVAL")
+        self.metrics_cfg: dict = dict(self.cfg.get("metrics") or {})
+        if not self.metrics_cfg:
+            raise ValueError(f"evaluator {self.name}: no metrics configured")
+        for metric_name, mcfg in self.metrics_cfg.items():
+            self._validate(metric_name, mcfg)
+        self.tokenizer = tokenizer
+        self.template_args = (OmegaConf.to_container(template_args, resolve=True)
+                              if isinstance(template_args, DictConfig) else template_args)
+        self.root_cfg = root_cfg
+        self._datasets: dict[str, Any] = {}
+
+    def _validate(self, name: str, mcfg: Mapping) -> None:
+        spec = get_metric(mcfg.get("handler"))
+        for sub_name, sub in (mcfg.get("pre_compute") or {}).items():
+            if "access_key" not in sub:
+                raise ValueError(f"metric {name}: pre_compute.{sub_name} needs an access_key")
+            self._validate(sub_name, sub)
+        if any(n in spec.needs for n in PASS_NEEDS) and not mcfg.get("datasets"):
+            raise ValueError(f"metric {name}: handler {spec.name} reads data but no datasets are given")
+
+    # ----- data ------------------------------------------------------------------------------------
+    def _dataset_key(self, spec: Any) -> str:
+        resolved = dataset_config(spec, self.root_cfg)
+        args = resolved.get("args", {})
+        local = args.get("local_dir")
+        files = []
+        if local:
+            name = args.get("hf_args", {}).get("name")
+            for cand in (Path(local) / f"{name}.json", Path(local) / f"{name}.jsonl"):
+                if cand.is_file():
+                    files.append(f"{cand}:{cand.stat().st_size}:{int(cand.stat().st_mtime)}")
+        return _hash({"dataset": resolved, "files": files, "template": self.template_args})
+
+    def _dataset(self, spec: Any) -> Any:
+        key = self._dataset_key(spec)
+        if key not in self._datasets:
+            self._datasets[key] = build_dataset(spec, self.tokenizer, self.template_args, root_cfg=self.root_cfg)
+        return self._datasets[key]
+
+    # ----- passes ----------------------------------------------------------------------------------
+    def _run_pass(self, kind: str, spec: Any, mcfg: Mapping, model: torch.nn.Module, cache: dict) -> Any:
+        dataset = self._dataset(spec)
+        batch_size = int(mcfg.get("batch_size", 32))
+        if kind == "generations":
+            gen_args = dict(mcfg.get("generation_args") or {})
+            key = (kind, self._dataset_key(spec), _hash(gen_args))
+            if key not in cache:
+                cache[key] = passes.generation_pass(model, dataset, self.tokenizer, self.template_args,
+                                                    batch_size=batch_size, **gen_args)
+        elif kind == "grad_norms":
+            key = (kind, self._dataset_key(spec))
+            if key not in cache:
+                cache[key] = passes.grad_norm_pass(model, dataset, self.tokenizer)
+        elif kind == "token_stats":
+            key = (kind, self._dataset_key(spec))
+            if key not in cache:
+                cache[key] = passes.token_stats_pass(model, dataset, self.tokenizer, batch_size=batch_size)
+        elif kind == "reference_token_stats":
+            ref_path = (mcfg.get("reference_model") or {}).get("pretrained_model_name_or_path")
+            if not ref_path:
+                raise ValueError("mia_reference needs reference_model.pretrained_model_name_or_path "
+                                 "(e.g. the retain model's folder)")
+            key = (kind, self._dataset_key(spec), ref_path)
+            if key not in cache:
+                ref_model = cache.get(("reference_model", ref_path))
+                if ref_model is None:
+                    from model import get_model
+
+                    ref_model, _ = get_model({"model_args": {**mcfg["reference_model"]},
+                                              "tokenizer_args": {"pretrained_model_name_or_path": ref_path}})
+                    ref_model.to(next(model.parameters()).device).eval()
+                    cache[("reference_model", ref_path)] = ref_model
+                cache[key] = passes.token_stats_pass(ref_model, dataset, self.tokenizer, batch_size=batch_size)
+        else:
+            raise ValueError(f"unknown pass {kind}")
+        return cache[key]
+
+    def _inputs(self, mcfg: Mapping, needs: tuple, model: torch.nn.Module, cache: dict) -> dict:
+        datasets = dict(mcfg.get("datasets") or {})
+        inputs: dict[str, Any] = {}
+        for kind in PASS_NEEDS:
+            if kind not in needs:
+                continue
+            per_role = {role: self._run_pass(kind, spec, mcfg, model, cache) for role, spec in datasets.items()}
+            inputs[kind] = next(iter(per_role.values())) if len(per_role) == 1 else per_role
+        return inputs
+
+    # ----- metrics ---------------------------------------------------------------------------------
+    @staticmethod
+    def _options(mcfg: Mapping) -> dict:
+        return {k: v for k, v in mcfg.items() if k not in CONTROL_KEYS}
+
+    def _reference_logs(self, mcfg: Mapping) -> dict:
+        out: dict[str, Any] = {}
+        for ref_name, ref in (mcfg.get("reference_logs") or {}).items():
+            path = ref.get("path")
+            logs = None
+            if path:
+                if not Path(path).is_file():
+                    raise FileNotFoundError(f"reference_logs.{ref_name}.path={path} does not exist")
+                with open(path, encoding="utf-8") as f:
+                    logs = json.load(f)
+            for metric_name, inc in (ref.get("include") or {}).items():
+                if logs is not None and metric_name not in logs:
+                    raise KeyError(f"{path} has no metric {metric_name!r} (it has: {sorted(k for k in logs if k != '_meta')})")
+                out[inc["access_key"]] = logs[metric_name] if logs is not None else None
+        return out
+
+    def _compute(self, name: str, mcfg: Mapping, model: torch.nn.Module, results: dict, cache: dict) -> dict:
+        if name in results:
+            return results[name]
+        spec = get_metric(mcfg["handler"])
+        kwargs: dict[str, Any] = self._inputs(mcfg, spec.needs, model, cache)
+        if "pre_compute" in spec.needs:
+            kwargs["pre_compute"] = {
+                sub["access_key"]: self._compute(sub_name, sub, model, results, cache)
+                for sub_name, sub in (mcfg.get("pre_compute") or {}).items()
+            }
+        if "reference_logs" in spec.needs:
+            kwargs["reference_logs"] = self._reference_logs(mcfg)
+        log.info("%s: computing %s (%s)", self.name, name, spec.name)
+        results[name] = spec.fn(**kwargs, **self._options(mcfg))
+        return results[name]
+
+    def fingerprint(self, name: str, model_id: str) -> str:
+        def with_data(mcfg: Mapping) -> dict:
+            out = dict(mcfg)
+            out["datasets"] = {role: self._dataset_key(spec) for role, spec in (mcfg.get("datasets") or {}).items()}
+            out["pre_compute"] = {k: with_data(v) for k, v in (mcfg.get("pre_compute") or {}).items()}
+            return out
+
+        return _hash({"metric": with_data(self.metrics_cfg[name]), "model": model_fingerprint(model_id),
+                      "template": self.template_args, "code": code_version()})
+
+    # ----- entry point -----------------------------------------------------------------------------
+    def evaluate(self, model: torch.nn.Module, output_dir: str | os.PathLike | None = None, trainer: Any = None,
+                 model_id: str | None = None, overwrite: bool | None = None, **kwargs: Any) -> dict[str, float | None]:
+        """Compute every metric, write the EVAL and SUMMARY files, return the summary."""
+        output_dir = Path(output_dir or self.cfg.get("output_dir") or ".")
+        overwrite = bool(self.cfg.get("overwrite", False) if overwrite is None else overwrite)
+        if model_id is None:
+            model_id = getattr(getattr(model, "config", None), "_name_or_path", "") or "in-memory model"
+            if trainer is not None:
+                model_id = f"{trainer.args.output_dir}@step{trainer.state.global_step}"
+        eval_path = output_dir / f"{self.name}_EVAL.json"
+        summary_path = output_dir / f"{self.name}_SUMMARY.json"
+        fingerprints = {name: self.fingerprint(name, model_id) for name in self.metrics_cfg}
+
+        previous: dict = {}
+        if eval_path.is_file() and not overwrite:
+            with open(eval_path, encoding="utf-8") as f:
+                previous = json.load(f)
+        old_prints = (previous.get("_meta") or {}).get("fingerprints", {})
+        results: dict[str, Any] = {}
+        reused = [n for n in self.metrics_cfg if n in previous and old_prints.get(n) == fingerprints[n]]
+        for name in reused:
+            results[name] = previous[name]
+        if reused:
+            log.info("%s: reusing %d metric(s) from %s: %s", self.name, len(reused), eval_path, ", ".join(reused))
+
+        was_training = model.training
+        model.eval()
+        cache: dict = {}
+        try:
+            for name, mcfg in self.metrics_cfg.items():
+                self._compute(name, mcfg, model, results, cache)
+        finally:
+            model.train(was_training)
+
+        is_main = not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+            or torch.distributed.get_rank() == 0
+        summary = {name: _finite_or_none(results[name].get("agg_value")) for name in self.summary_names()}
+        if is_main:
+            payload = {name: results[name] for name in self.metrics_cfg}
+            payload["_meta"] = {
+                "model": model_id, "code_version": code_version(), "evaluator": self.name,
+                "splits": {k: self.cfg.get(k) for k in ("forget_split", "holdout_split", "retain_logs_path")
+                           if k in self.cfg},
+                "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "fingerprints": fingerprints,
+                "config_hash": _hash(self.metrics_cfg),
+            }
+            write_json_atomic(eval_path, payload)
+            write_json_atomic(summary_path, summary)
+        for note in {r.get("note") for r in results.values() if isinstance(r, dict) and r.get("note")}:
+            log.warning("%s: %s", self.name, note)
+        return summary
+
+    def summary_names(self) -> list[str]:
+        names = self.cfg.get("summary_metrics")
+        return [n for n in names if n in self.metrics_cfg] if names else list(self.metrics_cfg)
+
+
+def format_summary(summaries: Mapping[str, Mapping[str, float | None]]) -> str:
+    """A text table: one row per metric, one column per model (``summaries`` = {model: summary})."""
+    models = list(summaries)
+    metrics: list[str] = []
+    for s in summaries.values():
+        metrics += [m for m in s if m not in metrics]
+    width = max([len(m) for m in metrics] + [6])
+    cols = [max(len(m), 10) for m in models]
+    lines = [f"{'metric':<{width}} | " + " | ".join(f"{m:>{c}}" for m, c in zip(models, cols))]
+    lines.append("-" * len(lines[0]))
+    for metric in metrics:
+        cells = []
+        for model, c in zip(models, cols):
+            v = summaries[model].get(metric)
+            cells.append(f"{'n/a':>{c}}" if v is None else f"{v:>{c}.4g}")
+        lines.append(f"{metric:<{width}} | " + " | ".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""Verbatim memorisation of answers under teacher forcing: exact memorisation and extraction strength.
+
+The compute functions score the answer tokens WITHOUT the final end-of-answer (EOS) token: of the T
+entries of ``TokenStats.argmax_match`` they use the first T - 1. The pure helpers score exactly the array
+they are given (pass it with EOS already removed). Higher = more memorised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from . import _mean_or_none, _require, _result, _sorted_keys, register_metric
+
+
+def exact_memorization_score(match: Sequence[bool] | np.ndarray) -> float:
+    """EM = (1/T') * sum_t 1[argmax_v p(v | y_<t) = y_t]: the fraction of answer tokens the model predicts
+    exactly under teacher forcing (Tirumala et al. 2022, "Memorization without overfitting").
+
+    ``match`` holds the T' answer tokens to score (EOS excluded); it must be non-empty.
+    """
+    match = np.asarray(match, dtype=bool).reshape(-1)
+    if match.size == 0:
+        raise ValueError("exact_memorization_score of an empty answer")
+    return float(np.mean(match))
+
+
+def extraction_strength_score(match: Sequence[bool] | np.ndarray) -> float:
+    """ES = 1 - k / T' with k the smallest k in [0, T'] such that every prediction from position k on is
+    exact, i.e. the shortest prefix after which the model completes the answer verbatim (Carlini et al. 2021
+    extraction; "extraction strength", Wang et al. 2025). All exact -> 1; last token wrong -> 0.
+
+    ``match`` holds the T' answer tokens to score (EOS excluded); it must be non-empty.
+    """
+    match = np.asarray(match, dtype=bool).reshape(-1)
+    n = match.size
+    if n == 0:
+        raise ValueError("extraction_strength_score of an empty answer")
+    wrong = np.flatnonzero(~match)
+    k = 0 if wrong.size == 0 else int(wrong[-1]) + 1
+    return float(1.0 - k / n)
+
+
+def _memorization(token_stats, helper: Callable[[np.ndarray], float], name: str) -> dict:
+    token_stats = _require(token_stats, "token_stats", name)
+    value_by_index: dict[str, dict] = {}
+    values: list[float] = []
+    excluded: list = []
+    for idx in _sorted_keys(token_stats):
+        answers = list(token_stats[idx])
+        # T - 1 answer tokens without EOS must remain
+        if not answers or answers[0].num_tokens < 2:
+            value_by_index[str(idx)] = {"score": None}
+            excluded.append(idx)
+            continue
+        score = helper(answers[0].argmax_match[:-1])
+        value_by_index[str(idx)] = {"score": score}
+        values.append(score)
+    return _result(_mean_or_none(values), value_by_index, excluded)
+
+
+@register_metric(
+    "exact_memorization",
+    higher_is_better=None,
+    needs=("token_stats",),
+    description="fraction of answer tokens (EOS excluded) predicted exactly by argmax (Tirumala et al. 2022)",
+)
+def exact_memorization_metric(*, token_stats=None, **_: object) -> dict:
+    """Per index {"score": EM} of the first answer (EOS excluded); agg = mean. Higher = more memorised."""
+    return _memorization(token_stats, exact_memorization_score, "exact_memorization")
+
+
+@register_metric(
+    "extraction_strength",
+    higher_is_better=None,
+    needs=("token_stats",),
+    description="1 - (shortest prefix fraction after which the answer is predicted verbatim), EOS excluded",
+)
+def extraction_strength_metric(*, token_stats=None, **_: object) -> dict:
+    """Per index {"score": ES} of the first answer (EOS excluded); agg = mean. Higher = more memorised."""
+    return _memorization(token_stats, extraction_strength_score, "extraction_strength")

@@ -1,0 +1,47 @@
+"""TOFU model utility: harmonic mean of the retain / real-authors / world-facts scores."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from scipy.stats import hmean
+
+from . import _require, register_metric
+
+
+def harmonic_mean(values: Sequence[float]) -> float:
+    """n / sum_i (1 / x_i) (TOFU, Maini et al. 2024, "Model Utility": harmonic mean of the probability, ROUGE
+    and truth-ratio scores on the retain, real-authors and world-facts sets). Any x_i = 0 gives 0; negative or
+    non-finite values raise ValueError."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("harmonic_mean of no value")
+    bad = [v for v in values if not math.isfinite(v) or v < 0]
+    if bad:
+        raise ValueError(f"harmonic_mean needs finite non-negative values; got {bad}")
+    if any(v == 0 for v in values):
+        return 0.0
+    return float(hmean(values))
+
+
+@register_metric(
+    "hm_aggregate", higher_is_better=True, needs=("pre_compute",),
+    description="TOFU model utility: harmonic mean of the agg_value of every pre_compute entry",
+)
+def hm_aggregate_metric(*, pre_compute=None, **_: object) -> dict:
+    """agg_value = harmonic mean of pre_compute[name]["agg_value"] over every entry (a bare number is also
+    accepted); a None entry raises ValueError naming it. Returns {"agg_value", "inputs": {name: value}}."""
+    pre_compute = _require(pre_compute, "pre_compute", "hm_aggregate")
+    if not pre_compute:
+        raise ValueError("hm_aggregate needs at least one pre_compute entry")
+    inputs: dict[str, float] = {}
+    for name, entry in pre_compute.items():
+        value = entry.get("agg_value") if isinstance(entry, Mapping) else entry
+        if value is None:
+            raise ValueError(f"hm_aggregate: pre_compute entry {name!r} has no value (agg_value is None)")
+        value = float(value)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"hm_aggregate: pre_compute entry {name!r} = {value} (must be finite and >= 0)")
+        inputs[str(name)] = value
+    return {"agg_value": harmonic_mean(list(inputs.values())), "inputs": inputs}

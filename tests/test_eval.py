@@ -1,0 +1,81 @@
+"""The evaluation suite end to end: src/eval.py, EVAL/SUMMARY files, reuse, evaluation during unlearning."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from conftest import run_cli
+
+DEFAULT_METRICS = ["forget_quality", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_truth_ratio", "model_utility",
+                   "privleak", "extraction_strength", "exact_memorization", "mia_loss", "mia_zlib", "mia_min_k",
+                   "mia_min_k_plus_plus"]
+SHORT_GENERATION = [f"eval.tofu.metrics.{m}.generation_args.max_new_tokens=16" for m in ("forget_Q_A_ROUGE",)] + [
+    f"eval.tofu.metrics.model_utility.pre_compute.{p}_Q_A_ROUGE.generation_args.max_new_tokens=16"
+    for p in ("retain", "ra", "wf")]
+
+
+def _eval(tofu, out, *extra):
+    result = run_cli(["src/eval.py", "--config-name=eval.yaml", "model=tiny-random-llama", f"paths.tofu={tofu}",
+                      f"paths.output_dir={out}", *SHORT_GENERATION, *extra])
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def _load(path):
+    return json.loads(path.read_text())
+
+
+def test_eval_writes_every_metric_and_reuses_them(tofu_dir, tmp_path):
+    out = tmp_path / "eval"
+    first = _eval(tofu_dir, out)
+    logs = _load(out / "TOFU_EVAL.json")
+    summary = _load(out / "TOFU_SUMMARY.json")
+    assert set(DEFAULT_METRICS) <= set(logs) and logs["_meta"]["splits"]["forget_split"] == "forget10"
+    assert list(summary) == DEFAULT_METRICS
+    for name in DEFAULT_METRICS:
+        if name == "forget_quality":  # no retain logs given: reported as missing, not made up
+            assert summary[name] is None and "retain" in logs[name]["note"]
+            continue
+        assert summary[name] is not None and math.isfinite(summary[name]), name
+    # per-sample values keyed by dataset index; generations kept
+    forget = logs["forget_Q_A_ROUGE"]["value_by_index"]
+    assert set(forget) == {str(i) for i in range(8)}
+    assert {"input", "ground_truth", "generation", "rougeL_recall"} <= set(forget["0"])
+    assert "forget_quality" in first.stdout and "model_utility" in first.stdout  # the printed table
+
+    # Against its own logs: forget quality 1 (same distribution), privleak 0.
+    second = _eval(tofu_dir, out, f"retain_logs_path={out / 'TOFU_EVAL.json'}")
+    again = _load(out / "TOFU_SUMMARY.json")
+    assert again["forget_quality"] == 1.0
+    assert abs(again["privleak"]) < 1e-9
+    assert again["model_utility"] == summary["model_utility"]
+    assert "reusing" in second.stdout + second.stderr  # unchanged metrics are not recomputed
+
+    third = _eval(tofu_dir, out, f"retain_logs_path={out / 'TOFU_EVAL.json'}", "eval.tofu.overwrite=true")
+    assert "reusing" not in third.stdout + third.stderr
+    assert _load(out / "TOFU_SUMMARY.json") == again
+
+
+def test_eval_on_real_tofu_forget01(shared_tofu, tmp_path):
+    out = tmp_path / "eval"
+    _eval(shared_tofu, out, "forget_split=forget01", "holdout_split=holdout01")
+    summary = _load(out / "TOFU_SUMMARY.json")
+    logs = _load(out / "TOFU_EVAL.json")
+    assert len(logs["forget_Q_A_Prob"]["value_by_index"]) == 40
+    assert all(v is not None and math.isfinite(v) for k, v in summary.items() if k != "forget_quality")
+
+
+def test_evaluation_during_unlearning_writes_checkpoint_evals(tofu_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_cli([
+        "src/train.py", "--config-name=unlearn.yaml", "model=tiny-random-llama", "trainer=GradDiff",
+        f"paths.tofu={tofu_dir}", "eval=tofu", "trainer.args.eval_strategy=steps", "trainer.args.eval_steps=2",
+        "trainer.args.max_steps=2", "trainer.args.per_device_train_batch_size=2",
+        "trainer.args.gradient_accumulation_steps=1", "trainer.args.disable_tqdm=true", "data.eval=null",
+        *SHORT_GENERATION, f"paths.output_dir={out}"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = _load(out / "checkpoint-2" / "evals" / "TOFU_SUMMARY.json")
+    assert math.isfinite(summary["forget_Q_A_Prob"])
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert any("eval_tofu_model_utility" in e for e in log)
