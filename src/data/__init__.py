@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from data.collators import DataCollatorForSupervisedDataset, DataCollatorForSupervisedDatasetWithIndices
-from data.tofu import QADataset, QAwithIdkDataset
+from data.tofu import QADataset, QAwithAlternateDataset, QAwithIdkDataset
 from data.unlearn import ForgetRetainDataset
 
 DATASET_REGISTRY: dict[str, type] = {}
@@ -37,6 +37,7 @@ def _register_collator(cls: type) -> type:
 
 _register_data(QADataset)
 _register_data(QAwithIdkDataset)
+_register_data(QAwithAlternateDataset)
 _register_collator(DataCollatorForSupervisedDataset)
 _register_collator(DataCollatorForSupervisedDatasetWithIndices)
 
@@ -133,4 +134,5 @@ def get_collator(collator_cfg: DictConfig | Mapping, tokenizer: PreTrainedTokeni
 
 
 __all__ = ["DATASET_REGISTRY", "COLLATOR_REGISTRY", "get_data", "get_collator", "build_dataset",
-           "dataset_config", "available_datasets", "QADataset", "QAwithIdkDataset", "ForgetRetainDataset"]
+           "dataset_config", "available_datasets", "QADataset", "QAwithIdkDataset",
+           "QAwithAlternateDataset", "ForgetRetainDataset"]

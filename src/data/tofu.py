@@ -132,3 +132,49 @@ class QAwithIdkDataset(QADataset):
 
     def __getitem__(self, index: int) -> dict:
         return {"original": super().__getitem__(index), "alternate": to_sample(self._idk[index], index)}
+
+
+class QAwithAlternateDataset(QADataset):
+    """Forget questions paired with an alternate plausible answer (AltPO, Mekala et al. 2025, arXiv:2409.13474).
+
+    Item ``i`` is ``{"original": <sample with the true answer>, "alternate": <sample with the alternate>}``.
+    The alternate comes from the ``alternate_key`` column of the same rows. TOFU has no such column:
+    ``scripts/generate_alternates.py`` adds it (e.g. ``forget10.json`` -> ``forget10_alternate.json``). A
+    list column holds several alternates per question; one is drawn per question with a generator seeded
+    by (seed, i), so a question always gets the same alternate for a given seed.
+    """
+
+    def __init__(self, hf_args: dict, tokenizer: PreTrainedTokenizerBase, *args: Any,
+                 alternate_key: str = "alternate_answer", seed: int = 0, **kwargs: Any):
+        how = ("alternate answers are not part of TOFU: write them with scripts/generate_alternates.py "
+               "--input <paths.tofu>/<split>.json (it writes <split>_alternate.json) and set paths.tofu")
+        if not kwargs.get("local_dir"):
+            raise ValueError(f"{kwargs.get('name', type(self).__name__)}: paths.tofu is not set; {how}")
+        try:
+            super().__init__(hf_args, tokenizer, *args, **kwargs)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}; {how}") from e
+        if alternate_key not in self.rows.column_names:
+            raise KeyError(
+                f"{self.name}: alternate_key={alternate_key!r} is not a column of {dict(hf_args)} "
+                f"(paths.tofu={kwargs.get('local_dir')}); columns: {self.rows.column_names}. TOFU has no alternate "
+                "answers: make them with scripts/generate_alternates.py"
+            )
+        picks = []
+        for i, alt in enumerate(self.rows[alternate_key]):
+            if isinstance(alt, list):
+                alt = [a for a in alt if isinstance(a, str)]
+                if not alt:
+                    raise ValueError(f"{self.name}: row {i} has no alternate answer in column {alternate_key!r}")
+                alt = random.Random(f"{seed}-{i}").choice(alt)
+            if not isinstance(alt, str):
+                raise ValueError(f"{self.name}: row {i} of column {alternate_key!r} is {alt!r}, not a string")
+            picks.append(alt)
+        max_length = kwargs.get("max_length", 512)
+        self._alternates = tokenize_qa_batch(tokenizer, self.template, self.rows[self.question_key], picks, max_length)
+        n_cut = sum(t.truncated for t in self._alternates)
+        if n_cut:
+            log.warning("%s: %d of %d alternate answers cut to max_length=%d", self.name, n_cut, len(picks), max_length)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"original": super().__getitem__(index), "alternate": to_sample(self._alternates[index], index)}

@@ -87,6 +87,13 @@ def _hash(payload: Any) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _file_digest(path: str | None) -> str | None:
+    """Content hash of a file (a retain model's EVAL file), so a regenerated file invalidates reuse."""
+    if not path or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def _finite_or_none(value: Any) -> float | None:
     if value is None:
         return None
@@ -218,8 +225,17 @@ class Evaluator:
         return out
 
     def _compute(self, name: str, mcfg: Mapping, model: torch.nn.Module, results: dict, cache: dict) -> dict:
-        if name in results:
-            return results[name]
+        """The result of metric ``name`` with config ``mcfg``, computed once per (name, config).
+
+        A metric used both on its own and as another's ``pre_compute`` is computed once when both copies
+        have the same config, and separately when an override made them differ.
+        """
+        key = ("metric", name, _hash(mcfg))
+        if key in cache:
+            return cache[key]
+        if name in results and results[name] is not None and self.metrics_cfg.get(name) == mcfg:
+            cache[key] = results[name]  # reused from an earlier EVAL file
+            return cache[key]
         spec = get_metric(mcfg["handler"])
         kwargs: dict[str, Any] = self._inputs(mcfg, spec.needs, model, cache)
         if "pre_compute" in spec.needs:
@@ -230,13 +246,16 @@ class Evaluator:
         if "reference_logs" in spec.needs:
             kwargs["reference_logs"] = self._reference_logs(mcfg)
         log.info("%s: computing %s (%s)", self.name, name, spec.name)
-        results[name] = spec.fn(**kwargs, **self._options(mcfg))
-        return results[name]
+        cache[key] = spec.fn(**kwargs, **self._options(mcfg))
+        return cache[key]
 
     def fingerprint(self, name: str, model_id: str) -> str:
         def with_data(mcfg: Mapping) -> dict:
             out = dict(mcfg)
             out["datasets"] = {role: self._dataset_key(spec) for role, spec in (mcfg.get("datasets") or {}).items()}
+            out["reference_files"] = {
+                ref_name: _file_digest(ref.get("path")) for ref_name, ref in (mcfg.get("reference_logs") or {}).items()
+            }
             out["pre_compute"] = {k: with_data(v) for k, v in (mcfg.get("pre_compute") or {}).items()}
             return out
 
@@ -274,7 +293,7 @@ class Evaluator:
         cache: dict = {}
         try:
             for name, mcfg in self.metrics_cfg.items():
-                self._compute(name, mcfg, model, results, cache)
+                results[name] = self._compute(name, mcfg, model, results, cache)
         finally:
             model.train(was_training)
 

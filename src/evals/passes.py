@@ -112,6 +112,9 @@ def generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, templa
     answer of a list). Sequences stop independently at their end token (KV cache, left padding).
     """
     template = PromptTemplate.from_config(template_args)
+    stop_strings = list(stop_strings)
+    if not template.apply_chat_template and template.asst_end_tag.strip(" "):
+        stop_strings.append(template.asst_end_tag)  # base models: the tag that closes an answer
     stop_ids = sorted({answer_end_token_id(tokenizer, template), tokenizer.eos_token_id} - {None})
     device = _device(model)
     out: dict[int, dict] = {}

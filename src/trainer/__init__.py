@@ -17,10 +17,21 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import TrainingArguments
 
 from trainer.base import FinetuneTrainer
+from trainer.unlearn.altpo import AltPO
 from trainer.unlearn.base import UnlearningTrainer
+from trainer.unlearn.ceu import CEU
+from trainer.unlearn.dpo import DPO
 from trainer.unlearn.grad_ascent import GradAscent
 from trainer.unlearn.grad_diff import GradDiff
+from trainer.unlearn.idk_nll import IdkNLL
 from trainer.unlearn.npo import NPO
+from trainer.unlearn.pdu import PDU
+from trainer.unlearn.rmu import RMU
+from trainer.unlearn.satimp import SatImp
+from trainer.unlearn.simnpo import SimNPO
+from trainer.unlearn.task_vector import TaskVector
+from trainer.unlearn.undial import UNDIAL
+from trainer.unlearn.wga import WGA
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +53,17 @@ _register_trainer(FinetuneTrainer)
 _register_trainer(GradAscent)
 _register_trainer(GradDiff)
 _register_trainer(NPO)
+_register_trainer(RMU)
+_register_trainer(UNDIAL)
+_register_trainer(CEU)
+_register_trainer(SimNPO)
+_register_trainer(DPO)
+_register_trainer(IdkNLL)
+_register_trainer(AltPO)
+_register_trainer(SatImp)
+_register_trainer(WGA)
+_register_trainer(PDU)
+_register_trainer(TaskVector)
 
 
 def _container(cfg: Any) -> dict:

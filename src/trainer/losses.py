@@ -73,3 +73,151 @@ def npo_loss(nll: torch.Tensor, ref_nll: torch.Tensor, beta: float) -> torch.Ten
     if beta <= 0:
         raise ValueError(f"NPO beta must be > 0, got {beta}")
     return -(2.0 / beta) * F.logsigmoid(beta * (nll - ref_nll)).mean()
+
+
+def simnpo_loss(mean_nll: torch.Tensor, beta: float, delta: float = 0.0) -> torch.Tensor:
+    """SimNPO (Fan et al. 2024, "Simplicity Prevails", arXiv:2410.07163), the forget loss.
+
+    Reference-free and length-normalised NPO:
+    ``L = -(2/beta) mean_i log sigmoid(-(beta/|y_i|) log pi(y_i|x_i) - delta)``; with
+    ``log pi = -S`` and ``A = S / T`` this is ``L = -(2/beta) mean_i log sigmoid(beta A_i - delta)``.
+    The paper calls the reward margin ``gamma``; here it is ``delta`` (``gamma`` is the forget-term weight).
+    ``mean_nll`` is the per-sample length-normalised NLL ``A`` ``[B]`` (``mean_nll(logits, labels)``).
+    """
+    if beta <= 0:
+        raise ValueError(f"SimNPO beta must be > 0, got {beta}")
+    return -(2.0 / beta) * F.logsigmoid(beta * mean_nll - delta).mean()
+
+
+def dpo_loss(nll_w: torch.Tensor, ref_nll_w: torch.Tensor, nll_l: torch.Tensor, ref_nll_l: torch.Tensor,
+             beta: float) -> torch.Tensor:
+    """DPO (Rafailov et al. 2023, arXiv:2305.18290, eq. 7) with TOFU's ``2/beta`` scale (Maini et al. 2024).
+
+    ``L = -(2/beta) mean_i log sigmoid(beta [log(pi(y_w)/pi_ref(y_w)) - log(pi(y_l)/pi_ref(y_l))])`` where
+    ``log pi(y)/pi_ref(y) = S_ref(y) - S(y)``, i.e.
+    ``L = -(2/beta) mean log sigmoid(beta [(S_ref(y_w) - S(y_w)) - (S_ref(y_l) - S(y_l))])``.
+    ``y_w`` is the preferred answer, ``y_l`` the rejected one (in unlearning: the forget answer); all
+    inputs are per-sample summed NLLs ``S`` ``[B]``. The DPO paper has no ``2/beta`` factor: TOFU's
+    IdkDPO adds it (as NPO does) so the loss stays comparable across ``beta``; at ``pi = pi_ref`` it is
+    ``(2/beta) ln 2``.
+    """
+    if beta <= 0:
+        raise ValueError(f"DPO beta must be > 0, got {beta}")
+    margin = (ref_nll_w - nll_w) - (ref_nll_l - nll_l)
+    return -(2.0 / beta) * F.logsigmoid(beta * margin).mean()
+
+
+def wga_weights(p: torch.Tensor, beta: float) -> torch.Tensor:
+    """WGA token weights (Wang et al. 2025, "Rethinking LLM Unlearning Objectives", arXiv:2502.19301).
+
+    ``w_t = p_t^beta`` with ``p_t`` the (detached) probability of answer token t: tokens the model
+    already finds unlikely get small weights, which curbs the excessive unlearning of plain GA.
+    """
+    return p**beta
+
+
+def satimp_weights(p: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
+    """SatImp token weights (Yang et al. 2025, "Exploring Criteria of Loss Reweighting to Enhance LLM
+    Unlearning", arXiv:2505.11953, Sec. 5): ``w_t = p_t^beta1 (1 - p_t)^beta2``.
+
+    ``p_t^beta1`` is the saturation part (down-weights tokens already unlearned), ``(1 - p_t)^beta2``
+    the importance part (down-weights tokens the model is sure of). ``p_t`` is detached.
+    """
+    return p**beta1 * (1.0 - p) ** beta2
+
+
+def weighted_gradient_ascent_loss(logits: torch.Tensor, labels: torch.Tensor, weights) -> torch.Tensor:
+    """Token-weighted gradient ascent: ``-sum_t w_t NLL_t / sum_t 1`` over the batch's answer tokens.
+
+    ``weights`` maps the detached answer-token probabilities ``p_t = exp(-NLL_t)`` ``[B, L-1]`` to the
+    weights ``w_t`` (e.g. ``lambda p: wga_weights(p, 1.0)``); the weights get no gradient. The mean
+    runs over all answer tokens of the batch, as ``gradient_ascent_loss`` does, so ``w_t = 1`` gives
+    exactly gradient ascent (WGA and SatImp define the per-token objective; this is the normalisation
+    of their TOFU experiments).
+    """
+    nll, mask = per_token_nll(logits, labels)
+    with torch.no_grad():
+        w = weights(torch.exp(-nll))
+    return -(w * nll)[mask].sum() / mask.sum().clamp(min=1)
+
+
+def logit_margin_flattening_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Logit-margin flattening (Entesari et al. 2025, "Constrained Entropic Unlearning", arXiv:2506.05314).
+
+    ``L = mean_t (max_v z_t(v) - (1/V) sum_v z_t(v))^2`` over the positions that predict an answer
+    token (``z_t`` the logits there): zero exactly when the next-token distribution is uniform, and
+    softmax-free. Prompt and padding positions are excluded (some published code averages over every
+    position of the sequence).
+    """
+    z = logits[:, :-1, :].float()
+    mask = labels[:, 1:] != IGNORE_INDEX
+    margin = z.max(dim=-1).values - z.mean(dim=-1)
+    return (margin**2)[mask].sum() / mask.sum().clamp(min=1)
+
+
+def lagrangian_loss(forget_loss: torch.Tensor, retain_loss: torch.Tensor, dual: float,
+                    retain_loss_eps: float) -> torch.Tensor:
+    """Lagrangian of ``min L_forget s.t. L_retain <= eps``: ``L_forget + lambda (L_retain - eps)``.
+
+    Entesari et al. 2025 (arXiv:2506.05314); ``dual`` is the multiplier ``lambda >= 0`` (a number, not
+    a trained parameter).
+    """
+    if dual < 0:
+        raise ValueError(f"the dual variable must be >= 0, got {dual}")
+    return forget_loss + dual * (retain_loss - retain_loss_eps)
+
+
+def masked_token_mse(hidden: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the tokens selected by ``mask`` of the per-token mean squared error to ``target``.
+
+    ``mean_{t in mask} (1/d) ||hidden_t - target_t||^2`` with ``hidden`` ``[B, L, d]``, ``target``
+    broadcastable to it (a ``[d]`` vector such as RMU's ``c * u``, or ``[B, L, d]`` frozen activations)
+    and ``mask`` ``[B, L]`` (bool or 0/1). The forget and retain terms of RMU (Li et al. 2024,
+    "The WMDP Benchmark", arXiv:2403.03218, eqs. 1-2), with the squared norm divided by the hidden size
+    ``d`` as in the hyperparameters the paper reports (``alpha``, ``c``).
+    """
+    mask = mask.bool()
+    per_token = (hidden.float() - target.float()).pow(2).mean(dim=-1)
+    return per_token[mask].sum() / mask.sum().clamp(min=1)
+
+
+def undial_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, beta: float) -> torch.Tensor:
+    """UNDIAL (Dong et al. 2025, "UNDIAL: Self-Distillation with Adjusted Logits...", arXiv:2402.10052).
+
+    Target at each answer position: ``q = softmax(z_ref - beta * onehot(y_t))``, the reference model's
+    logits with the true next token's logit lowered by ``beta``. Loss: the cross-entropy
+    ``H(q, p_model) = -sum_v q(v) log p_model(v)`` averaged over the answer tokens of the batch (it is
+    ``KL(q || p_model)`` plus the constant ``H(q)``: same gradient). Prompt and padding positions are
+    excluded (the published code averages over them too).
+    """
+    if beta < 0:
+        raise ValueError(f"UNDIAL beta must be >= 0, got {beta}")
+    mask = labels[:, 1:] != IGNORE_INDEX
+    logp = F.log_softmax(logits[:, :-1, :].float(), dim=-1)[mask]
+    target_logits = ref_logits[:, :-1, :].float()[mask].detach()
+    target_logits = target_logits - beta * F.one_hot(labels[:, 1:][mask], target_logits.size(-1)).float()
+    q = F.softmax(target_logits, dim=-1)
+    return -(q * logp).sum(dim=-1).sum() / mask.sum().clamp(min=1)
+
+
+def ceu_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_first_n_answer_tokens: int = 0) -> torch.Tensor:
+    """CE-U (Yang 2025, "CE-U: Cross Entropy Unlearning", arXiv:2503.01224).
+
+    At each answer position the target is the model's own next-token distribution, detached, with the
+    true token removed: ``q = softmax(stopgrad(z) with z_y = -inf)``, i.e. ``q(v) = p(v) / (1 - p(y))``
+    for ``v != y`` and ``q(y) = 0``. Loss: ``H(q, p) = -sum_v q(v) log p(v)`` averaged over the answer
+    tokens, skipping the first ``ignore_first_n_answer_tokens`` answer tokens of each sample. The gradient
+    on the logits is ``p - q``: the true token's probability goes down, the others keep their ratios.
+    """
+    if ignore_first_n_answer_tokens < 0:
+        raise ValueError(f"ignore_first_n_answer_tokens must be >= 0, got {ignore_first_n_answer_tokens}")
+    shift_labels = labels[:, 1:]
+    mask = shift_labels != IGNORE_INDEX
+    mask = mask & (mask.cumsum(dim=-1) > ignore_first_n_answer_tokens)
+    z = logits[:, :-1, :].float()[mask]
+    target = shift_labels[mask]
+    target_logits = z.detach().clone()
+    target_logits[torch.arange(target.numel(), device=z.device), target] = float("-inf")
+    q = F.softmax(target_logits, dim=-1)
+    logp = F.log_softmax(z, dim=-1)
+    return -(q * logp).sum(dim=-1).sum() / mask.sum().clamp(min=1)

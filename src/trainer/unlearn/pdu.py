@@ -1,0 +1,123 @@
+"""Primal-dual unlearning (Entesari et al. 2025, "Constrained Entropic Unlearning: A Primal-Dual
+Framework for Large Language Models", arXiv:2506.05314)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from trainer.base import model_inputs
+from trainer.losses import lagrangian_loss, logit_margin_flattening_loss
+from trainer.unlearn.base import RETAIN_LOSS_TYPES, UnlearningTrainer
+
+DUAL_UPDATES = ("step", "epoch")
+
+
+class _DualAscent(TrainerCallback):
+    """Calls ``PDU.update_dual`` after each optimizer step or each epoch; tracks the epoch index."""
+
+    def __init__(self, trainer: PDU):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.trainer.epoch_index = int(state.epoch or 0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.dual_update == "step":
+            self.trainer.update_dual()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.trainer.dual_update == "epoch":
+            self.trainer.update_dual()
+
+
+class PDU(UnlearningTrainer):
+    """``min_theta L_forget  s.t.  L_retain <= eps``, solved by primal-dual descent-ascent.
+
+    Each step minimises the Lagrangian ``L = gamma * L_forget + lambda * (L_retain - eps)`` over the
+    model (``trainer.losses.lagrangian_loss``); the multiplier ``lambda >= 0`` is a plain number the
+    optimizer never sees, updated by projected dual ascent
+    ``lambda <- max(0, lambda + dual_step_size * mean(L_retain - eps))`` after every optimizer step
+    (``dual_update: step``; mean over its micro-batches) or at the end of every epoch
+    (``dual_update: epoch``; mean over the epoch), and not during the first ``dual_warmup_epochs``.
+    With several processes the mean is taken over all of them, so every rank holds the same lambda.
+
+    ``L_forget`` is the paper's logit-margin flattening loss (``trainer.losses.logit_margin_flattening_loss``,
+    which drives the next-token distribution on forget answers towards uniform), not gradient ascent.
+    ``L_retain`` is the retain NLL (the paper's choice) or KL to the model before unlearning. The paper
+    suggests ``eps = (1 + tolerance) * L_retain(model before unlearning)``. lambda is logged as
+    ``dual_variable`` and ``L_retain - eps`` as ``constraint_violation``; lambda is not saved in
+    checkpoints (a resumed run restarts from ``dual_init``).
+
+    Args (``trainer.method_args``):
+        retain_loss_eps: the bound ``eps`` on the retain loss (required, >= 0).
+        dual_step_size: step size of the dual ascent (>= 0; 0 keeps lambda at ``dual_init``).
+        dual_update: ``step`` or ``epoch``.
+        dual_init: starting value of lambda (>= 0).
+        dual_warmup_epochs: number of first epochs without dual updates (>= 0).
+        gamma: weight of the forget term.
+        retain_loss_type: ``NLL`` or ``KL`` (KL loads a frozen reference model).
+    """
+
+    uses_retain = True
+
+    def __init__(self, *args: Any, retain_loss_eps: float | None = None, dual_step_size: float = 1.0,
+                 dual_update: str = "step", dual_init: float = 1.0, dual_warmup_epochs: int = 0,
+                 gamma: float = 1.0, retain_loss_type: str = "NLL", **kwargs: Any):
+        if retain_loss_eps is None:
+            raise ValueError("PDU needs the retain-loss bound: set trainer.method_args.retain_loss_eps (>= 0), "
+                             "e.g. (1 + tolerance) x the retain loss of the model before unlearning")
+        if isinstance(retain_loss_eps, bool) or not isinstance(retain_loss_eps, (int, float)) \
+                or not math.isfinite(retain_loss_eps) or retain_loss_eps < 0:
+            raise ValueError(f"trainer.method_args.retain_loss_eps={retain_loss_eps!r}; must be a finite number >= 0")
+        if dual_step_size < 0:
+            raise ValueError(f"dual_step_size={dual_step_size}; must be >= 0")
+        if dual_update not in DUAL_UPDATES:
+            raise ValueError(f"dual_update={dual_update!r}; valid: {', '.join(DUAL_UPDATES)}")
+        if dual_init < 0:
+            raise ValueError(f"dual_init={dual_init}; must be >= 0 (lambda is a multiplier of an inequality)")
+        if int(dual_warmup_epochs) != dual_warmup_epochs or dual_warmup_epochs < 0:
+            raise ValueError(f"dual_warmup_epochs={dual_warmup_epochs}; must be an integer >= 0")
+        if retain_loss_type not in RETAIN_LOSS_TYPES:
+            raise ValueError(f"retain_loss_type={retain_loss_type!r}; valid: {', '.join(RETAIN_LOSS_TYPES)}")
+        self.retain_loss_eps, self.dual_step_size, self.dual_update = float(retain_loss_eps), dual_step_size, dual_update
+        self.dual, self.dual_warmup_epochs = float(dual_init), int(dual_warmup_epochs)
+        self.gamma, self.retain_loss_type = gamma, retain_loss_type
+        self.epoch_index = 0
+        self.violations: list[float] = []  # L_retain - eps of the training batches since the last update
+        super().__init__(*args, **kwargs)
+        self.add_callback(_DualAscent(self))
+
+    def needs_reference_model(self) -> bool:
+        return self.retain_loss_type == "KL"
+
+    @staticmethod
+    def dual_step(dual: float, violation: float, step_size: float) -> float:
+        """Projected dual ascent: ``max(0, lambda + step_size * violation)``."""
+        return max(0.0, dual + step_size * violation)
+
+    def update_dual(self) -> None:
+        """Apply one dual step with the mean violation recorded since the last update, then reset it."""
+        violations, self.violations = self.violations, []
+        if not violations or self.epoch_index < self.dual_warmup_epochs:
+            return
+        mean = torch.tensor(sum(violations) / len(violations), device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            mean = self.accelerator.reduce(mean, reduction="mean")
+        self.dual = self.dual_step(self.dual, float(mean), self.dual_step_size)
+
+    def compute_loss(self, model, inputs, return_outputs=False):
+        forget = inputs["forget"]
+        outputs = model(**model_inputs(forget))
+        forget_loss = logit_margin_flattening_loss(outputs.logits, forget["labels"])
+        retain_loss = self.retain_loss(model, inputs["retain"], self.retain_loss_type)
+        loss = lagrangian_loss(self.gamma * forget_loss, retain_loss, self.dual, self.retain_loss_eps)
+        violation = float(retain_loss.detach()) - self.retain_loss_eps
+        if model.training:
+            self.violations.append(violation)
+        self.log_loss_terms(forget_loss=forget_loss, retain_loss=retain_loss, constraint_violation=violation,
+                            dual_variable=self.dual)
+        return (loss, outputs) if return_outputs else loss

@@ -1,0 +1,37 @@
+"""SatImp (Yang et al. 2025, "Exploring Criteria of Loss Reweighting to Enhance LLM Unlearning",
+ICML 2025, arXiv:2505.11953)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainer.base import model_inputs
+from trainer.losses import satimp_weights, weighted_gradient_ascent_loss
+from trainer.unlearn.grad_diff import GradDiff
+
+
+class SatImp(GradDiff):
+    """``L = gamma * (-mean_t w_t NLL_t(forget)) + alpha * retain_loss``, ``w_t = p_t^beta1 (1 - p_t)^beta2``.
+
+    ``p_t`` is the model's (detached) probability of forget-answer token t: saturation (``p^beta1``)
+    times importance (``(1-p)^beta2``). The mean runs over all answer tokens of the batch
+    (``trainer.losses.weighted_gradient_ascent_loss``). Defaults are the paper's ``beta1 = 5``,
+    ``beta2 = 1`` with a forget:retain weight ratio of 10 (``alpha = 0.1``).
+
+    Args (``trainer.method_args``):
+        beta1: saturation exponent (>= 0).
+        beta2: importance exponent (>= 0).
+        gamma, alpha, retain_loss_type: as in GradDiff (NLL or KL; KL loads a reference model).
+    """
+
+    def __init__(self, *args: Any, beta1: float = 5.0, beta2: float = 1.0, alpha: float = 0.1, **kwargs: Any):
+        for name, value in (("beta1", beta1), ("beta2", beta2)):
+            if value < 0:
+                raise ValueError(f"SatImp {name} must be >= 0, got {value}")
+        self.beta1, self.beta2 = beta1, beta2
+        super().__init__(*args, alpha=alpha, **kwargs)
+
+    def forget_loss(self, model, forget):
+        outputs = model(**model_inputs(forget))
+        weights = lambda p: satimp_weights(p, self.beta1, self.beta2)  # noqa: E731
+        return weighted_gradient_ascent_loss(outputs.logits, forget["labels"], weights), outputs

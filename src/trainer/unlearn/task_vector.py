@@ -1,0 +1,68 @@
+"""Task-vector negation (Ilharco et al. 2023, "Editing Models with Task Arithmetic", arXiv:2212.04089),
+as an unlearning baseline in MUSE (Shi et al. 2024, arXiv:2407.06460)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from trainer.base import model_inputs
+from trainer.losses import token_mean_nll
+from trainer.unlearn.base import UnlearningTrainer
+
+log = logging.getLogger(__name__)
+
+
+class TaskVector(UnlearningTrainer):
+    """``theta = theta_target - scale * (theta_ft - theta_target)``.
+
+    Training fine-tunes the model on the forget set (plain answer NLL, ``L = mean_t NLL_t(forget)``) for
+    the configured epochs/steps, giving ``theta_ft``; at the end of ``train()`` the task vector
+    ``tau = theta_ft - theta_target`` is subtracted from the weights taken before training, in place,
+    so the saved model is the unlearned one. The task-vector norm ``||tau||_2`` is logged as
+    ``task_vector_norm``. No retain term and no reference model (the target is kept as a CPU copy of
+    the parameters). Checkpoints and evaluations *during* training see the fine-tuned model, not the
+    negated one.
+
+    Args (``trainer.method_args``):
+        scale: how much of the task vector to subtract (> 0).
+    """
+
+    def __init__(self, *args: Any, scale: float = 1.0, **kwargs: Any):
+        if not scale > 0:
+            raise ValueError(f"TaskVector scale={scale}; must be > 0")
+        self.scale = scale
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False):
+        forget = inputs["forget"]
+        outputs = model(**model_inputs(forget))
+        loss = token_mean_nll(outputs.logits, forget["labels"])
+        self.log_loss_terms(forget_loss=loss)
+        return (loss, outputs) if return_outputs else loss
+
+    def _parameters(self) -> dict[str, torch.nn.Parameter]:
+        # named_parameters() lists a tied tensor (embeddings / LM head) once: negating it twice would be wrong.
+        return dict(self.accelerator.unwrap_model(self.model).named_parameters())
+
+    def train(self, *args: Any, **kwargs: Any):
+        target = {name: p.detach().to("cpu", copy=True) for name, p in self._parameters().items()}
+        result = super().train(*args, **kwargs)
+        self.negate_task_vector(target)
+        return result
+
+    @torch.no_grad()
+    def negate_task_vector(self, target: dict[str, torch.Tensor]) -> float:
+        """Set every parameter to ``target - scale * (current - target)``; returns ``||current - target||``."""
+        squared = 0.0
+        for name, param in self._parameters().items():
+            base = target[name].to(param.device, param.dtype)
+            tau = param - base
+            squared += float(tau.float().pow(2).sum())
+            param.copy_(base - self.scale * tau)
+        norm = squared**0.5
+        log.info("task vector norm %.4g; subtracted with scale %g", norm, self.scale)
+        self.log({"task_vector_norm": norm})
+        return norm

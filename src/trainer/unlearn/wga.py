@@ -1,0 +1,33 @@
+"""Weighted gradient ascent (Wang et al. 2025, "Rethinking LLM Unlearning Objectives: A Gradient
+Perspective and Go Beyond", ICLR 2025, arXiv:2502.19301)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainer.base import model_inputs
+from trainer.losses import weighted_gradient_ascent_loss, wga_weights
+from trainer.unlearn.grad_diff import GradDiff
+
+
+class WGA(GradDiff):
+    """``L = gamma * (-mean_t w_t NLL_t(forget)) + alpha * retain_loss`` with ``w_t = p_t^beta`` (detached).
+
+    ``p_t`` is the model's probability of forget-answer token t; the mean runs over all answer tokens
+    of the batch (``trainer.losses.weighted_gradient_ascent_loss``), so ``beta = 0`` is GradDiff.
+
+    Args (``trainer.method_args``):
+        beta: exponent of the token weights (>= 0).
+        gamma, alpha, retain_loss_type: as in GradDiff (NLL or KL; KL loads a reference model).
+    """
+
+    def __init__(self, *args: Any, beta: float = 1.0, **kwargs: Any):
+        if beta < 0:
+            raise ValueError(f"WGA beta must be >= 0, got {beta}")
+        self.beta = beta
+        super().__init__(*args, **kwargs)
+
+    def forget_loss(self, model, forget):
+        outputs = model(**model_inputs(forget))
+        loss = weighted_gradient_ascent_loss(outputs.logits, forget["labels"], lambda p: wga_weights(p, self.beta))
+        return loss, outputs
