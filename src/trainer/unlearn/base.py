@@ -77,10 +77,38 @@ class UnlearningTrainer(FinetuneTrainer):
             self.add_callback(_SetEpoch(self.train_dataset))
         self.ref_model = self._make_reference_model() if self.needs_reference_model() else None
 
+    # ----- loss weights and the retain term ---------------------------------------------------------
+    def set_loss_weights(self, gamma: float, alpha: float, retain_loss_type: str | None,
+                         retain_required: bool = False) -> None:
+        """Store ``gamma`` (forget weight), ``alpha`` (retain weight) and the retain term's type.
+
+        Call before ``super().__init__`` (the base class checks the retain set against ``uses_retain``).
+        ``retain_loss_type`` is NLL, KL, or (unless ``retain_required``) None for no retain term.
+        """
+        valid = ", ".join(RETAIN_LOSS_TYPES) + ("" if retain_required else " or null")
+        if retain_loss_type not in RETAIN_LOSS_TYPES and not (retain_loss_type is None and not retain_required):
+            raise ValueError(f"retain_loss_type={retain_loss_type!r}; valid: {valid}")
+        self.gamma, self.alpha, self.retain_loss_type = gamma, alpha, retain_loss_type
+        self.uses_retain = retain_loss_type is not None
+
+    def weighted_total(self, model: torch.nn.Module, inputs: dict[str, Any], forget_loss: torch.Tensor,
+                       **extra_terms: Any) -> torch.Tensor:
+        """``gamma * forget_loss + alpha * retain_loss`` (retain term only if configured); logs each term."""
+        loss = self.gamma * forget_loss
+        terms = {"forget_loss": forget_loss, **extra_terms}
+        if self.retain_loss_type is not None:
+            terms["retain_loss"] = self.retain_loss(model, inputs["retain"], self.retain_loss_type)
+            loss = loss + self.alpha * terms["retain_loss"]
+        self.log_loss_terms(**terms)
+        return loss
+
     # ----- reference model -------------------------------------------------------------------------
     def needs_reference_model(self) -> bool:
-        """Whether the method compares against the model before unlearning (override per method)."""
-        return False
+        """Whether the method compares against the model before unlearning.
+
+        By default only a KL retain term needs it; methods whose forget term uses it override this.
+        """
+        return getattr(self, "retain_loss_type", None) == "KL"
 
     def _make_reference_model(self) -> PreTrainedModel:
         """A frozen copy of the model as it is before unlearning, loaded once."""

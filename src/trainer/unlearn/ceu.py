@@ -6,7 +6,7 @@ from typing import Any
 
 from trainer.base import model_inputs
 from trainer.losses import ceu_loss
-from trainer.unlearn.base import RETAIN_LOSS_TYPES, UnlearningTrainer
+from trainer.unlearn.base import UnlearningTrainer
 
 
 class CEU(UnlearningTrainer):
@@ -29,26 +29,15 @@ class CEU(UnlearningTrainer):
 
     def __init__(self, *args: Any, ignore_first_n_answer_tokens: int = 1, gamma: float = 1.0, alpha: float = 1.0,
                  retain_loss_type: str | None = None, **kwargs: Any):
-        if retain_loss_type is not None and retain_loss_type not in RETAIN_LOSS_TYPES:
-            raise ValueError(f"retain_loss_type={retain_loss_type!r}; valid: {', '.join(RETAIN_LOSS_TYPES)} or null")
         if ignore_first_n_answer_tokens < 0:
             raise ValueError(f"ignore_first_n_answer_tokens must be >= 0, got {ignore_first_n_answer_tokens}")
         self.ignore_first_n_answer_tokens = ignore_first_n_answer_tokens
-        self.gamma, self.alpha, self.retain_loss_type = gamma, alpha, retain_loss_type
-        self.uses_retain = retain_loss_type is not None
+        self.set_loss_weights(gamma, alpha, retain_loss_type)
         super().__init__(*args, **kwargs)
-
-    def needs_reference_model(self) -> bool:
-        return self.retain_loss_type == "KL"
 
     def compute_loss(self, model, inputs, return_outputs=False):
         forget = inputs["forget"]
         logits = model(**model_inputs(forget)).logits
         forget_loss = ceu_loss(logits, forget["labels"], self.ignore_first_n_answer_tokens)
-        loss = self.gamma * forget_loss
-        terms = {"forget_loss": forget_loss}
-        if self.retain_loss_type is not None:
-            terms["retain_loss"] = self.retain_loss(model, inputs["retain"], self.retain_loss_type)
-            loss = loss + self.alpha * terms["retain_loss"]
-        self.log_loss_terms(**terms)
+        loss = self.weighted_total(model, inputs, forget_loss)
         return (loss, {"logits": logits}) if return_outputs else loss

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from trainer.losses import dpo_loss
-from trainer.unlearn.base import RETAIN_LOSS_TYPES, UnlearningTrainer
+from trainer.unlearn.base import UnlearningTrainer
 
 IDK_HINT = "use a *_IDK dataset, e.g. data.forget=TOFU_QA_FORGET10_IDK"
 
@@ -61,13 +61,11 @@ class DPO(UnlearningTrainer):
 
     def __init__(self, *args: Any, beta: float = 0.1, gamma: float = 1.0, alpha: float = 1.0,
                  retain_loss_type: str | None = "NLL", **kwargs: Any):
-        if retain_loss_type is not None and retain_loss_type not in RETAIN_LOSS_TYPES:
-            raise ValueError(f"retain_loss_type={retain_loss_type!r}; valid: {', '.join(RETAIN_LOSS_TYPES)} or null")
         if not beta > 0:
             raise ValueError(f"{type(self).__name__} beta must be > 0, got {beta}")
         check_paired_forget_dataset(kwargs.get("train_dataset"), type(self).__name__, self.paired_data_hint)
-        self.beta, self.gamma, self.alpha, self.retain_loss_type = beta, gamma, alpha, retain_loss_type
-        self.uses_retain = retain_loss_type is not None
+        self.beta = beta
+        self.set_loss_weights(gamma, alpha, retain_loss_type)
         super().__init__(*args, **kwargs)
 
     def needs_reference_model(self) -> bool:
@@ -78,10 +76,5 @@ class DPO(UnlearningTrainer):
         nll_w, _, _ = self.forward_nll(model, preferred)
         nll_l, _, logits = self.forward_nll(model, rejected)
         forget_loss = dpo_loss(nll_w, self.reference_nll(preferred), nll_l, self.reference_nll(rejected), self.beta)
-        loss = self.gamma * forget_loss
-        terms = {"forget_loss": forget_loss}
-        if self.retain_loss_type is not None:
-            terms["retain_loss"] = self.retain_loss(model, inputs["retain"], self.retain_loss_type)
-            loss = loss + self.alpha * terms["retain_loss"]
-        self.log_loss_terms(**terms)
+        loss = self.weighted_total(model, inputs, forget_loss)
         return (loss, {"logits": logits}) if return_outputs else loss

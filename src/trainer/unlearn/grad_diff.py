@@ -6,7 +6,7 @@ from typing import Any
 
 from trainer.base import model_inputs
 from trainer.losses import gradient_ascent_loss
-from trainer.unlearn.base import RETAIN_LOSS_TYPES, UnlearningTrainer
+from trainer.unlearn.base import UnlearningTrainer
 
 
 class GradDiff(UnlearningTrainer):
@@ -19,17 +19,10 @@ class GradDiff(UnlearningTrainer):
             model before unlearning on retain answers; loads a frozen reference model).
     """
 
-    uses_retain = True
-
     def __init__(self, *args: Any, gamma: float = 1.0, alpha: float = 1.0, retain_loss_type: str = "NLL",
                  **kwargs: Any):
-        if retain_loss_type not in RETAIN_LOSS_TYPES:
-            raise ValueError(f"retain_loss_type={retain_loss_type!r}; valid: {', '.join(RETAIN_LOSS_TYPES)}")
-        self.gamma, self.alpha, self.retain_loss_type = gamma, alpha, retain_loss_type
+        self.set_loss_weights(gamma, alpha, retain_loss_type, retain_required=True)
         super().__init__(*args, **kwargs)
-
-    def needs_reference_model(self) -> bool:
-        return self.retain_loss_type == "KL"
 
     def forget_loss(self, model, forget):
         outputs = model(**model_inputs(forget))
@@ -37,7 +30,5 @@ class GradDiff(UnlearningTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False):
         forget_loss, outputs = self.forget_loss(model, inputs["forget"])
-        retain_loss = self.retain_loss(model, inputs["retain"], self.retain_loss_type)
-        loss = self.gamma * forget_loss + self.alpha * retain_loss
-        self.log_loss_terms(forget_loss=forget_loss, retain_loss=retain_loss)
+        loss = self.weighted_total(model, inputs, forget_loss)
         return (loss, outputs) if return_outputs else loss

@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 
 from trainer.base import model_inputs
 from trainer.losses import lagrangian_loss, logit_margin_flattening_loss
-from trainer.unlearn.base import RETAIN_LOSS_TYPES, UnlearningTrainer
+from trainer.unlearn.base import UnlearningTrainer
 
 DUAL_UPDATES = ("step", "epoch")
 
@@ -62,8 +62,6 @@ class PDU(UnlearningTrainer):
         retain_loss_type: ``NLL`` or ``KL`` (KL loads a frozen reference model).
     """
 
-    uses_retain = True
-
     def __init__(self, *args: Any, retain_loss_eps: float | None = None, dual_step_size: float = 1.0,
                  dual_update: str = "step", dual_init: float = 1.0, dual_warmup_epochs: int = 0,
                  gamma: float = 1.0, retain_loss_type: str = "NLL", **kwargs: Any):
@@ -81,18 +79,13 @@ class PDU(UnlearningTrainer):
             raise ValueError(f"dual_init={dual_init}; must be >= 0 (lambda is a multiplier of an inequality)")
         if int(dual_warmup_epochs) != dual_warmup_epochs or dual_warmup_epochs < 0:
             raise ValueError(f"dual_warmup_epochs={dual_warmup_epochs}; must be an integer >= 0")
-        if retain_loss_type not in RETAIN_LOSS_TYPES:
-            raise ValueError(f"retain_loss_type={retain_loss_type!r}; valid: {', '.join(RETAIN_LOSS_TYPES)}")
         self.retain_loss_eps, self.dual_step_size, self.dual_update = float(retain_loss_eps), dual_step_size, dual_update
         self.dual, self.dual_warmup_epochs = float(dual_init), int(dual_warmup_epochs)
-        self.gamma, self.retain_loss_type = gamma, retain_loss_type
+        self.set_loss_weights(gamma, 1.0, retain_loss_type, retain_required=True)  # lambda weighs the retain term
         self.epoch_index = 0
         self.violations: list[float] = []  # L_retain - eps of the training batches since the last update
         super().__init__(*args, **kwargs)
         self.add_callback(_DualAscent(self))
-
-    def needs_reference_model(self) -> bool:
-        return self.retain_loss_type == "KL"
 
     @staticmethod
     def dual_step(dual: float, violation: float, step_size: float) -> float:

@@ -7,7 +7,7 @@ from typing import Any
 
 from trainer.base import model_inputs
 from trainer.losses import mean_nll, simnpo_loss
-from trainer.unlearn.base import RETAIN_LOSS_TYPES, UnlearningTrainer
+from trainer.unlearn.base import UnlearningTrainer
 
 
 class SimNPO(UnlearningTrainer):
@@ -29,28 +29,17 @@ class SimNPO(UnlearningTrainer):
 
     def __init__(self, *args: Any, beta: float = 4.5, delta: float = 0.0, gamma: float = 0.125, alpha: float = 1.0,
                  retain_loss_type: str | None = "NLL", **kwargs: Any):
-        if retain_loss_type is not None and retain_loss_type not in RETAIN_LOSS_TYPES:
-            raise ValueError(f"retain_loss_type={retain_loss_type!r}; valid: {', '.join(RETAIN_LOSS_TYPES)} or null")
         if not beta > 0:
             raise ValueError(f"SimNPO beta must be > 0, got {beta}")
         if not math.isfinite(delta):
             raise ValueError(f"SimNPO delta must be a finite number, got {delta}")
-        self.beta, self.delta, self.gamma, self.alpha = beta, delta, gamma, alpha
-        self.retain_loss_type = retain_loss_type
-        self.uses_retain = retain_loss_type is not None
+        self.beta, self.delta = beta, delta
+        self.set_loss_weights(gamma, alpha, retain_loss_type)
         super().__init__(*args, **kwargs)
-
-    def needs_reference_model(self) -> bool:
-        return self.retain_loss_type == "KL"
 
     def compute_loss(self, model, inputs, return_outputs=False):
         forget = inputs["forget"]
         logits = model(**model_inputs(forget)).logits
         forget_loss = simnpo_loss(mean_nll(logits, forget["labels"]), self.beta, self.delta)
-        loss = self.gamma * forget_loss
-        terms = {"forget_loss": forget_loss}
-        if self.retain_loss_type is not None:
-            terms["retain_loss"] = self.retain_loss(model, inputs["retain"], self.retain_loss_type)
-            loss = loss + self.alpha * terms["retain_loss"]
-        self.log_loss_terms(**terms)
+        loss = self.weighted_total(model, inputs, forget_loss)
         return (loss, {"logits": logits}) if return_outputs else loss

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from trainer.losses import undial_loss
-from trainer.unlearn.base import RETAIN_LOSS_TYPES, UnlearningTrainer
+from trainer.unlearn.base import UnlearningTrainer
 
 
 class UNDIAL(UnlearningTrainer):
@@ -32,12 +32,10 @@ class UNDIAL(UnlearningTrainer):
 
     def __init__(self, *args: Any, beta: float = 10.0, gamma: float = 1.0, alpha: float = 1.0,
                  retain_loss_type: str | None = "NLL", **kwargs: Any):
-        if retain_loss_type is not None and retain_loss_type not in RETAIN_LOSS_TYPES:
-            raise ValueError(f"retain_loss_type={retain_loss_type!r}; valid: {', '.join(RETAIN_LOSS_TYPES)} or null")
         if beta < 0:
             raise ValueError(f"UNDIAL beta must be >= 0, got {beta}")
-        self.beta, self.gamma, self.alpha, self.retain_loss_type = beta, gamma, alpha, retain_loss_type
-        self.uses_retain = retain_loss_type is not None
+        self.beta = beta
+        self.set_loss_weights(gamma, alpha, retain_loss_type)
         super().__init__(*args, **kwargs)
 
     def needs_reference_model(self) -> bool:
@@ -47,10 +45,5 @@ class UNDIAL(UnlearningTrainer):
         forget = inputs["forget"]
         _, _, logits = self.forward_nll(model, forget)
         forget_loss = undial_loss(logits, self.reference_logits(forget), forget["labels"], self.beta)
-        loss = self.gamma * forget_loss
-        terms = {"forget_loss": forget_loss}
-        if self.retain_loss_type is not None:
-            terms["retain_loss"] = self.retain_loss(model, inputs["retain"], self.retain_loss_type)
-            loss = loss + self.alpha * terms["retain_loss"]
-        self.log_loss_terms(**terms)
+        loss = self.weighted_total(model, inputs, forget_loss)
         return (loss, {"logits": logits}) if return_outputs else loss
