@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -55,3 +58,28 @@ def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 600):
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "UNLEARNING_CACHE_DIR": str(REPO / ".cache")}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ----- hand-made models and batches for loss tests -------------------------------------------------
+class StubLM(torch.nn.Module):
+    """A 'language model' whose next-token logits depend only on the current token: logits = table[token].
+
+    Vocab 5; ``table[0, 2] = ln 4``, so after token 0: p(2) = 4/8 and every other token 1/8; every other
+    row is uniform (p = 1/5). Every loss on it is a short expression in logarithms.
+    """
+
+    def __init__(self):
+        super().__init__()
+        table = torch.zeros(5, 5)
+        table[0, 2] = math.log(4)
+        self.table = torch.nn.Parameter(table)
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        return SimpleNamespace(logits=self.table[input_ids])
+
+
+def make_batch(ids, labels, attention_mask=None):
+    """A collated batch from nested lists (attention 1 everywhere unless given)."""
+    ids = torch.tensor(ids)
+    mask = torch.ones_like(ids) if attention_mask is None else torch.tensor(attention_mask)
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor(labels)}

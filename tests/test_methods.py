@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import trainer as trainer_pkg
+from conftest import StubLM, make_batch
 from data.unlearn import ForgetRetainDataset
 from trainer import TRAINER_REGISTRY, _register_trainer, load_trainer
 from trainer.unlearn.base import UnlearningTrainer
@@ -16,28 +16,10 @@ from trainer.unlearn.base import UnlearningTrainer
 LN = math.log
 
 
-class StubLM(torch.nn.Module):
-    """A 'language model' whose next-token logits depend only on the current token: logits = table[token]."""
-
-    def __init__(self):
-        super().__init__()
-        table = torch.zeros(5, 5)
-        table[0, 2] = LN(4)  # after token 0: p(2) = 4/8, every other token 1/8
-        self.table = torch.nn.Parameter(table)
-
-    def forward(self, input_ids, attention_mask=None, **kwargs):
-        return SimpleNamespace(logits=self.table[input_ids])
-
-
-def _batch(ids, labels):
-    ids = torch.tensor(ids)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor(labels)}
-
-
 # forget NLLs: ln 2 (token 2 after 0) and ln 5 (uniform row)  -> token mean ln(10)/2
-FORGET = _batch([[0, 2], [1, 3]], [[-100, 2], [-100, 3]])
+FORGET = make_batch([[0, 2], [1, 3]], [[-100, 2], [-100, 3]])
 # retain NLLs: ln 8 (token 1 after 0) and ln 5                   -> token mean ln(40)/2
-RETAIN = _batch([[0, 1], [1, 1]], [[-100, 1], [-100, 1]])
+RETAIN = make_batch([[0, 1], [1, 1]], [[-100, 1], [-100, 1]])
 INPUTS = {"forget": FORGET, "retain": RETAIN}
 
 

@@ -11,13 +11,12 @@ import copy
 import json
 import math
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import MODEL_CACHE, REPO
+from conftest import MODEL_CACHE, REPO, StubLM, make_batch
 from data import build_dataset
 from data.collators import DataCollatorForSupervisedDataset
 from data.unlearn import ForgetRetainDataset
@@ -33,35 +32,17 @@ def log_sigmoid(x: float) -> float:
     return -math.log1p(math.exp(-x))
 
 
-class StubLM(torch.nn.Module):
-    """logits = table[token]; table[0, 2] = ln 4 (so p(2 | 0) = 1/2, p(other | 0) = 1/8), other rows uniform."""
-
-    def __init__(self):
-        super().__init__()
-        table = torch.zeros(5, 5)
-        table[0, 2] = LN(4)
-        self.table = torch.nn.Parameter(table)
-
-    def forward(self, input_ids, attention_mask=None, **kwargs):
-        return SimpleNamespace(logits=self.table[input_ids])
-
-
-def _batch(ids, labels):
-    ids = torch.tensor(ids)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor(labels)}
-
-
 # Forget answers (rejected y_l): NLLs ln 2 (2 after 0) and ln 5  -> S = [ln 2, ln 5], T = [1, 1]
-ORIGINAL = _batch([[0, 2], [1, 3]], [[-100, 2], [-100, 3]])
+ORIGINAL = make_batch([[0, 2], [1, 3]], [[-100, 2], [-100, 3]])
 # Preferred answers y_w: NLLs ln 8 (1 after 0) and ln 5          -> S = [ln 8, ln 5]
-ALTERNATE = _batch([[0, 1], [1, 4]], [[-100, 1], [-100, 4]])
+ALTERNATE = make_batch([[0, 1], [1, 4]], [[-100, 1], [-100, 4]])
 # Retain: NLLs ln 8 and ln 5                                     -> token mean ln(40)/2
-RETAIN = _batch([[0, 1], [1, 1]], [[-100, 1], [-100, 1]])
+RETAIN = make_batch([[0, 1], [1, 1]], [[-100, 1], [-100, 1]])
 PAIRED = {"forget": {"original": ORIGINAL, "alternate": ALTERNATE}, "retain": RETAIN}
 # Longer forget answers for SimNPO's length normalisation (padding positions are masked):
 #   row 1: 0->2 (ln 2), 2->0 (ln 5), 0->2 (ln 2): S = ln 20, T = 3, A = ln(20)/3
 #   row 2: 1->3 (ln 5):                            S = ln 5,  T = 1, A = ln 5
-LONG_FORGET = _batch([[0, 2, 0, 2], [1, 3, 0, 0]], [[-100, 2, 0, 2], [-100, 3, -100, -100]])
+LONG_FORGET = make_batch([[0, 2, 0, 2], [1, 3, 0, 0]], [[-100, 2, 0, 2], [-100, 3, -100, -100]])
 
 
 def make(handler, tmp_path, retain=True, forget_items=(0, 1), model=None, **method_args):
@@ -139,7 +120,7 @@ def test_idknll_hand_value(tmp_path):
     t = make("IdkNLL", tmp_path, gamma=2.0, alpha=0.5)
     # refusals: row 1 0->2 (ln 2), 2->0 (ln 5), 0->1 (ln 8); row 2 1->4 (ln 5)
     # token mean over the batch: (ln 2 + ln 5 + ln 8 + ln 5) / 4 = ln(400)/4
-    refusals = _batch([[0, 2, 0, 1], [1, 4, 0, 0]], [[-100, 2, 0, 1], [-100, 4, -100, -100]])
+    refusals = make_batch([[0, 2, 0, 1], [1, 4, 0, 0]], [[-100, 2, 0, 1], [-100, 4, -100, -100]])
     inputs = {"forget": {"original": ORIGINAL, "alternate": refusals}, "retain": RETAIN}
     expected = 2.0 * LN(400) / 4 + 0.5 * LN(40) / 2
     assert t.compute_loss(t.model, inputs).item() == pytest.approx(expected, abs=1e-5)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import MODEL_CACHE, REPO, run_cli
+from conftest import MODEL_CACHE, REPO, StubLM, make_batch, run_cli
 from data.unlearn import ForgetRetainDataset
 from model import get_model
 from trainer import load_trainer
@@ -21,19 +21,6 @@ LN = math.log
 
 
 # ----- hand-made models ---------------------------------------------------------------------------
-class StubLM(torch.nn.Module):
-    """Next-token logits depend only on the current token: logits = table[token] (vocab 5)."""
-
-    def __init__(self):
-        super().__init__()
-        table = torch.zeros(5, 5)
-        table[0, 2] = LN(4)  # after token 0: p = [1/8, 1/8, 1/2, 1/8, 1/8]; other rows uniform 1/5
-        self.table = torch.nn.Parameter(table)
-
-    def forward(self, input_ids, attention_mask=None, **kwargs):
-        return SimpleNamespace(logits=self.table[input_ids])
-
-
 class Scale(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -63,15 +50,9 @@ class StubDecoder(torch.nn.Module):
         return SimpleNamespace(logits=self.lm_head(h))
 
 
-def _batch(ids, labels, attention_mask=None):
-    ids = torch.tensor(ids)
-    mask = torch.ones_like(ids) if attention_mask is None else torch.tensor(attention_mask)
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor(labels)}
-
-
 # forget answer tokens: 2 after 0 (p 1/2) and 3 after 1 (p 1/5); retain: 1 after 0 (p 1/8), 1 after 1 (p 1/5)
-FORGET = _batch([[0, 2], [1, 3]], [[-100, 2], [-100, 3]])
-RETAIN = _batch([[0, 1], [1, 1]], [[-100, 1], [-100, 1]])
+FORGET = make_batch([[0, 2], [1, 3]], [[-100, 2], [-100, 3]])
+RETAIN = make_batch([[0, 1], [1, 1]], [[-100, 1], [-100, 1]])
 INPUTS = {"forget": FORGET, "retain": RETAIN}
 
 
@@ -84,7 +65,7 @@ def make(handler, model, retain=True, **method_args):
 
 # ----- CE-U -------------------------------------------------------------------------------------------
 # Three-token answers: sample 1 predicts 0 then 2 after token 0; sample 2 predicts 3 after 1, then 0 after 3.
-LONG = _batch([[0, 0, 2], [1, 3, 0]], [[-100, 0, 2], [-100, 3, 0]])
+LONG = make_batch([[0, 0, 2], [1, 3, 0]], [[-100, 0, 2], [-100, 3, 0]])
 
 
 def test_ceu_loss_by_hand():
@@ -175,7 +156,7 @@ def test_rmu_loss_by_hand():
     # retain h - h_frozen = emb, tokens 0,1,1,1: ||emb||^2 / 2 = 0.5 each                          mean 0.5
     assert t.compute_loss(t.model, INPUTS).item() == pytest.approx(6.5 + 2.0 * 0.5, abs=1e-6)
     # padding does not count: drop forget token 3 -> (8.5 + 2.5 + 6.5) / 3
-    padded = _batch([[0, 2], [1, 3]], [[-100, 2], [-100, -100]], [[1, 1], [1, 0]])
+    padded = make_batch([[0, 2], [1, 3]], [[-100, 2], [-100, -100]], [[1, 1], [1, 0]])
     loss = t.compute_loss(t.model, {"forget": padded, "retain": RETAIN})
     assert loss.item() == pytest.approx(17.5 / 3 + 1.0, abs=1e-6)
     t = _rmu_stub(alpha=2.0)  # fresh trainer: the log averages the terms of every call since the last log

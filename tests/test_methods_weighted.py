@@ -5,13 +5,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import MODEL_CACHE, REPO, run_cli
+from conftest import MODEL_CACHE, REPO, StubLM, make_batch, run_cli
 from data.unlearn import ForgetRetainDataset
 from model import get_model
 from trainer import load_trainer
@@ -21,28 +20,10 @@ from trainer.unlearn.pdu import PDU
 LN = math.log
 
 
-class StubLM(torch.nn.Module):
-    """Next-token logits depend only on the current token: logits = table[token] (vocab 5)."""
-
-    def __init__(self):
-        super().__init__()
-        table = torch.zeros(5, 5)
-        table[0, 2] = LN(4)  # after token 0: p(2) = 4/8, every other token 1/8
-        self.table = torch.nn.Parameter(table)
-
-    def forward(self, input_ids, attention_mask=None, **kwargs):
-        return SimpleNamespace(logits=self.table[input_ids])
-
-
-def _batch(ids, labels):
-    ids = torch.tensor(ids)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor(labels)}
-
-
 # forget: token 2 after 0 (p = 1/2, NLL ln 2) and token 3 after 1 (uniform row: p = 1/5, NLL ln 5)
-FORGET = _batch([[0, 2], [1, 3]], [[-100, 2], [-100, 3]])
+FORGET = make_batch([[0, 2], [1, 3]], [[-100, 2], [-100, 3]])
 # retain: NLLs ln 8 (token 1 after 0) and ln 5 -> token-mean retain NLL ln(40)/2
-RETAIN = _batch([[0, 1], [1, 1]], [[-100, 1], [-100, 1]])
+RETAIN = make_batch([[0, 1], [1, 1]], [[-100, 1], [-100, 1]])
 INPUTS = {"forget": FORGET, "retain": RETAIN}
 
 
