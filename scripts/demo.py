@@ -24,7 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 MODEL = "SmolLM2-135M-Instruct"
+# An empty system prompt instead of SmolLM2's default one: ~17 fewer tokens per sample (a faster demo).
+SYSTEM_PROMPT = "model.template_args.system_prompt=''"
 COMMON = [
+    SYSTEM_PROMPT,
     "trainer.args.per_device_train_batch_size=8",
     "trainer.args.gradient_accumulation_steps=1",
     "trainer.args.logging_steps=2",
@@ -53,9 +56,9 @@ def evaluate(out: Path, name: str, model_dir: Path, retain_logs: Path | None) ->
     cmd = [sys.executable, str(REPO / "src" / "eval.py"), "--config-name=eval.yaml", f"model={MODEL}",
            f"model.model_args.pretrained_model_name_or_path={model_dir}", "eval=tofu", "forget_split=forget10",
            "holdout_split=holdout01", f"retain_logs_path={retain_logs or 'null'}", f"paths.tofu={out / 'data'}",
-           f"paths.log_dir={out / 'logs'}", f"paths.output_dir={eval_dir}", f"task_name=demo_{name}",
-           *[f"eval.tofu.metrics.{m}.generation_args.max_new_tokens=64" for m in ("forget_Q_A_ROUGE",)],
-           *[f"eval.tofu.metrics.model_utility.pre_compute.{p}_Q_A_ROUGE.generation_args.max_new_tokens=64"
+           f"paths.log_dir={out / 'logs'}", f"paths.output_dir={eval_dir}", f"task_name=demo_{name}", SYSTEM_PROMPT,
+           *[f"eval.tofu.metrics.{m}.generation_args.max_new_tokens=48" for m in ("forget_Q_A_ROUGE",)],
+           *[f"eval.tofu.metrics.model_utility.pre_compute.{p}_Q_A_ROUGE.generation_args.max_new_tokens=48"
              for p in ("retain", "ra", "wf")]]
     print(f"\n$ python src/eval.py ... ({name})", flush=True)
     start = time.time()
@@ -77,7 +80,7 @@ def main() -> None:
     from data.synthetic_tofu import generate_tofu_like
 
     # 10 authors x 4 QA keeps the three trainings within a few minutes on 2 CPU cores.
-    counts = generate_tofu_like(out / "data", n_authors=10, qa_per_author=4, seed=0, retain_eval_rows=20)
+    counts = generate_tofu_like(out / "data", n_authors=10, qa_per_author=4, seed=0, retain_eval_rows=10, world_rows=10)
     print(f"Generated a TOFU-format dataset in {out / 'data'}: {counts['full.json']} QA pairs, "
           f"forget10 = {counts['forget10.json']}, retain90 = {counts['retain90.json']}")
 

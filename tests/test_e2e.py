@@ -134,12 +134,23 @@ def test_one_step_of_smollm2(tofu_dir, tmp_path):
 
 
 def test_two_processes_on_cpu(tofu_dir, tmp_path):
-    """Distributed data parallel (2 CPU processes, gloo): ranks share the work, rank 0 writes once."""
+    """Distributed data parallel (2 CPU processes, gloo): ranks share the work, rank 0 writes once.
+
+    Includes a TOFU evaluation at step 2, whose passes are split between the ranks and gathered.
+    """
     out = tmp_path / "ddp"
     _run_ok(["-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
              "--mixed_precision", "no", "--dynamo_backend", "no", *[a for a in SEED_COMMAND if a != "trainer=GradDiff"],
-             "trainer=NPO", f"paths.tofu={tofu_dir}", *FAST, "data.eval=null", f"paths.output_dir={out}"])
+             "trainer=NPO", f"paths.tofu={tofu_dir}", *FAST, "data.eval=null", f"paths.output_dir={out}",
+             "eval=tofu", "trainer.args.eval_strategy=steps", "trainer.args.eval_steps=2",
+             "eval.tofu.metrics.forget_Q_A_ROUGE.generation_args.max_new_tokens=8",
+             *[f"eval.tofu.metrics.model_utility.pre_compute.{p}_Q_A_ROUGE.generation_args.max_new_tokens=8"
+               for p in ("retain", "ra", "wf")]])
     model = _check_run_folder(out, ["forget_loss", "retain_loss"])
     # 2 ranks x batch 2 per step over 8 forget samples: each step covers a quarter of an epoch.
     assert [e["epoch"] for e in _log(out) if "loss" in e] == [0.25, 0.5]
     assert model is not None
+    logs = json.loads((out / "checkpoint-2" / "evals" / "TOFU_EVAL.json").read_text())
+    # every forget sample evaluated once, although each rank computed only half of them
+    assert sorted(int(i) for i in logs["forget_Q_A_Prob"]["value_by_index"]) == list(range(8))
+    assert any("eval_tofu_model_utility" in e for e in _log(out))

@@ -633,7 +633,7 @@ def _world_rows(table: Sequence[tuple[str, str, tuple[str, ...]]]) -> list[dict[
 
 
 def _build(
-    n_authors: int, qa_per_author: int, seed: int, retain_eval_rows: int | None
+    n_authors: int, qa_per_author: int, seed: int, retain_eval_rows: int | None, world_rows: int | None = None
 ) -> dict[str, str]:
     """All file contents, keyed by file name (in ``FILE_NAMES`` order)."""
     rng = random.Random(seed)
@@ -674,8 +674,8 @@ def _build(
     if retain_eval_rows is None:
         retain_eval_rows = min(RETAIN_EVAL_CAP, max_eval)
     files["retain_perturbed.json"] = _jsonl(perturbed[:retain_eval_rows])
-    files["real_authors_perturbed.json"] = _jsonl(_world_rows(_REAL_AUTHORS))
-    files["world_facts_perturbed.json"] = _jsonl(_world_rows(_WORLD_FACTS))
+    files["real_authors_perturbed.json"] = _jsonl(_world_rows(_REAL_AUTHORS[:world_rows]))
+    files["world_facts_perturbed.json"] = _jsonl(_world_rows(_WORLD_FACTS[:world_rows]))
     files[f"holdout{HOLDOUT_PERCENT:02d}.json"] = _jsonl(holdout_rows)
     files["idontknow.jsonl"] = "".join(line + "\n" for line in _IDONTKNOW)
     assert tuple(files) == FILE_NAMES
@@ -721,6 +721,7 @@ def generate_tofu_like(
     seed: int = 0,
     *,
     retain_eval_rows: int | None = None,
+    world_rows: int | None = None,
 ) -> dict[str, int]:
     """Writes all files above into out_dir (created if needed) and returns {filename: row_count}.
 
@@ -742,6 +743,8 @@ def generate_tofu_like(
         qa_per_author: Questions per author, in ``[1, N_TEMPLATES]``; each is a different kind.
         seed: Seed of the private ``random.Random``; equal arguments give byte-identical files.
         retain_eval_rows: Rows of ``retain_perturbed.json``, in ``[1, rows outside forget10]``.
+        world_rows: Rows of ``real_authors_perturbed.json`` and ``world_facts_perturbed.json`` (the
+            first ones of each hand-written table; default all), for smaller evaluations.
 
     Returns:
         Row count (lines, for ``idontknow.jsonl``) of every file written, keyed by file name.
@@ -757,7 +760,9 @@ def generate_tofu_like(
         max_eval = (n_authors - _percent_of(n_authors, max(FORGET_PERCENTS))) * qa_per_author
         _check_int("retain_eval_rows", retain_eval_rows, 1, max_eval)
 
-    files = _build(n_authors, qa_per_author, seed, retain_eval_rows)
+    if world_rows is not None:
+        _check_int("world_rows", world_rows, 1, min(len(_REAL_AUTHORS), len(_WORLD_FACTS)))
+    files = _build(n_authors, qa_per_author, seed, retain_eval_rows, world_rows)
     _write_atomically(Path(out_dir), files)
     return {name: text.count("\n") for name, text in files.items()}
 

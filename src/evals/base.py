@@ -230,10 +230,13 @@ class Evaluator:
         A metric used both on its own and as another's ``pre_compute`` is computed once when both copies
         have the same config, and separately when an override made them differ.
         """
-        key = ("metric", name, _hash(mcfg))
+        # access_key only says how a parent refers to this result; it does not change the result.
+        key = ("metric", name, _hash({k: v for k, v in mcfg.items() if k != "access_key"}))
         if key in cache:
             return cache[key]
-        if name in results and results[name] is not None and self.metrics_cfg.get(name) == mcfg:
+        same_config = {k: v for k, v in (self.metrics_cfg.get(name) or {}).items() if k != "access_key"} == \
+            {k: v for k, v in mcfg.items() if k != "access_key"}
+        if name in results and results[name] is not None and same_config:
             cache[key] = results[name]  # reused from an earlier EVAL file
             return cache[key]
         spec = get_metric(mcfg["handler"])
