@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# ONE command for the lent GPU machine (device tool), finishing in under 8 minutes (BENCH_BUDGET_S=450 s
+# for everything; each step runs under `timeout` so a hang cannot eat the budget). Prepare first, here:
+#   bash benchmarks/prepare_gpu_check.sh        # .whl/ (missing packages) + .bench_assets/ (tokenizer)
+# then run on the device with carry [".whl", ".bench_assets"]:   bash benchmarks/gpu_check.sh
+# It installs the carried wheels, generates TOFU-format data of the real TOFU sizes on the machine
+# (forget10 = 400 rows, retain90 = 3600), and with a random-init Llama-3.2-1B-architecture model
+# (configs/model/Llama-3.2-1B-arch.yaml, 1.07B params), the SmolLM2 tokenizer, bf16, per-device batch
+# 8 (+8 retain) times 5 warm-up + 100 GradDiff steps, then NPO, then the default TOFU evaluation of
+# forget10 (holdout01). Writes under $OUT: train_graddiff.json, train_npo.json, eval_tofu.json,
+# gpu_check.log (everything printed). CPU smoke test of this very script, here (tiny model, 3 steps):
+#   BENCH_SMOKE=1 bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+REPO=$PWD
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+SMOKE=${BENCH_SMOKE:-0}
+if [ "$SMOKE" = 1 ]; then
+  PY=${PY:-.venv/bin/python}
+  OUT=${OUT:-/tmp/bench_smoke_out}
+  BUDGET=${BENCH_BUDGET_S:-420}
+  MODEL=tiny-random-llama; WARMUP=2; STEPS=3; BATCH=8; AUTHORS=20; QA=4; PEAK=()
+  EVAL_EXTRA=(--max-new-tokens 4)
+  CAP_GD=150; CAP_NPO=150
+else
+  PY=${PY:-python3}
+  BUDGET=${BENCH_BUDGET_S:-450}
+  MODEL=Llama-3.2-1B-arch; WARMUP=5; STEPS=100; BATCH=8; AUTHORS=400; QA=10
+  PEAK=(--peak-tflops "${PEAK_TFLOPS:-989}")   # H100 SXM / H200: 989 dense bf16 TFLOP/s
+  EVAL_EXTRA=()
+  CAP_GD=110; CAP_NPO=130
+fi
+OUT=${OUT:-/tmp/bench_out}
+mkdir -p "$OUT"
+LOG=$OUT/gpu_check.log
+exec > >(tee -a "$LOG") 2>&1
+
+remaining() { echo $(( BUDGET - SECONDS )); }
+# step NAME CAP CMD...: run CMD under timeout min(CAP, time left - RESERVE)
+step() {
+  local name=$1 cap=$2; shift 2
+  local left; left=$(( $(remaining) - RESERVE ))
+  local t=$(( cap < left ? cap : left ))
+  if [ "$t" -lt 20 ]; then echo "== $name: skipped, ${left}s left"; return 1; fi
+  echo "== $name (timeout ${t}s, t=${SECONDS}s): $*"
+  timeout -k 10 "$t" "$@"
+  local rc=$?
+  echo "== $name: rc=$rc at t=${SECONDS}s"
+  return $rc
+}
+
+echo "== gpu_check $(date -u +%FT%TZ) smoke=$SMOKE budget=${BUDGET}s repo=$REPO"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+
+if [ "$SMOKE" != 1 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site || { echo "wheel install failed"; exit 1; }
+fi
+
+# Preflight: every import the runs need, and the versions (seconds, instead of a failure minutes in)
+"$PY" - <<'EOF' || { echo "== preflight failed: see above"; exit 2; }
+import importlib, importlib.metadata as md
+for m in ("torch", "transformers", "accelerate", "datasets", "hydra", "omegaconf", "rouge_score", "nltk", "scipy",
+          "sklearn", "pyarrow", "pandas", "huggingface_hub", "tokenizers", "fsspec", "dill", "multiprocess"):
+    importlib.import_module(m)
+print({d: md.version(d) for d in ("torch", "transformers", "accelerate", "datasets", "hydra-core", "omegaconf",
+       "pyarrow", "pandas", "huggingface-hub", "tokenizers", "fsspec", "numpy", "peft", "scipy", "scikit-learn")})
+import torch
+print("cuda:", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
+import sys; sys.path.insert(0, "src")
+import data, evals, model, trainer  # noqa: F401  the project's own modules import
+EOF
+
+TOK=$REPO/.bench_assets/smollm2-tokenizer
+[ -f "$TOK/tokenizer.json" ] || { echo "no $TOK: run benchmarks/prepare_gpu_check.sh here and carry .bench_assets"; exit 3; }
+TOFU=/tmp/bench_tofu_${AUTHORS}x${QA}
+"$PY" src/data/synthetic_tofu.py --out "$TOFU" --n-authors "$AUTHORS" --qa-per-author "$QA" >/dev/null \
+  || { echo "data generation failed"; exit 4; }
+echo "== data: $TOFU ($(wc -l < "$TOFU/forget10.json") forget10 rows, $(wc -l < "$TOFU/retain90.json") retain90 rows)"
+
+COMMON=(--model "$MODEL" --tokenizer "$TOK" --tofu "$TOFU" --batch-size "$BATCH" --warmup-steps "$WARMUP"
+        --steps "$STEPS" "${PEAK[@]}")
+RESERVE=$(( CAP_NPO + 90 ))   # keep time for NPO and at least part of the evaluation
+step GradDiff "$CAP_GD" "$PY" benchmarks/train_throughput.py "${COMMON[@]}" --method GradDiff \
+  --out "$OUT/train_graddiff.json" >/dev/null
+RESERVE=90
+step NPO "$CAP_NPO" "$PY" benchmarks/train_throughput.py "${COMMON[@]}" --method NPO \
+  --out "$OUT/train_npo.json" >/dev/null
+RESERVE=5   # the evaluation gets what is left; it writes its partial numbers after every pass
+step eval_tofu "$BUDGET" "$PY" benchmarks/eval_time.py --model "$MODEL" --tokenizer "$TOK" --tofu "$TOFU" \
+  --forget-split forget10 --holdout-split holdout01 "${EVAL_EXTRA[@]}" --out "$OUT/eval_tofu.json" >/dev/null
+
+echo "== summary (t=${SECONDS}s)"
+"$PY" - "$OUT" <<'EOF'
+import json, os, sys
+out = sys.argv[1]
+for name in ("train_graddiff.json", "train_npo.json", "eval_tofu.json"):
+    path = os.path.join(out, name)
+    if not os.path.isfile(path):
+        print(f"{name}: missing"); continue
+    d = json.load(open(path))
+    m = d.get("machine", {})
+    if d.get("benchmark") == "train_throughput":
+        keys = ("params", "steps_per_s", "s_per_step", "padded_tokens_per_s", "padded_tokens_per_step", "mfu",
+                "batch_shape", "peak_memory")
+        print(name, m.get("gpu") or m.get("cpu"), {k: d.get(k) for k in keys})
+        print("   loss first steps:", [round(x, 5) for x in d.get("loss_first_steps", [])])
+    else:
+        keys = ("complete", "wall_s", "model_load_s", "forward_s", "generation_s", "other_s", "forward_calls",
+                "pairs_evaluated", "generate_calls", "decode_forward_calls", "prompts_generated", "peak_memory",
+                "summary")
+        print(name, m.get("gpu") or m.get("cpu"), {k: d.get(k) for k in keys})
+EOF
+echo "== done at t=${SECONDS}s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
