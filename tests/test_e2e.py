@@ -128,7 +128,8 @@ def test_one_step_of_smollm2(tofu_dir, tmp_path):
     out = tmp_path / "smol"
     _run_ok([*[a.replace("tiny-random-llama", "SmolLM2-135M-Instruct") for a in SEED_COMMAND],
              f"paths.tofu={tofu_dir}", "trainer.args.max_steps=1", "trainer.args.per_device_train_batch_size=2",
-             "trainer.args.gradient_accumulation_steps=1", "data.eval=null", f"paths.output_dir={out}"])
+             "trainer.args.gradient_accumulation_steps=1", "trainer.args.logging_steps=1", "data.eval=null",
+             f"paths.output_dir={out}"])
     assert (out / "model.safetensors").is_file()
     assert any("forget_loss" in e for e in _log(out))
 
