@@ -13,6 +13,7 @@ takes a strided shard and the results are gathered, so every rank ends with the 
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -61,6 +62,27 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def answer_logits(model: torch.nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token logits aligned with their target labels, skipping the LM head where no row has an answer.
+
+    Returns ``(logits [B, L', V], labels [B, L'])`` where ``logits[:, j]`` predicts ``labels[:, j]``. The
+    output layer (often the largest matrix product of a small model: vocab x hidden per position) runs
+    only from the first position that predicts an answer token in any row, through the model's
+    ``logits_to_keep`` argument when it has one; the values are those of a full forward pass.
+    """
+    labels = batch["labels"].to(device)
+    width = labels.shape[1]
+    has_answer = (labels != IGNORE_INDEX).any(0).nonzero()
+    first = int(has_answer[0]) if len(has_answer) else width - 1
+    keep = width - max(first - 1, 0)  # positions first-1 .. width-1 predict labels first .. width
+    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        logits = model(**inputs, logits_to_keep=keep).logits
+    else:
+        logits = model(**inputs).logits[:, width - keep:]
+    return logits[:, :-1], labels[:, width - keep + 1:]
+
+
 @torch.inference_mode()
 def token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, batch_size: int = 32) -> dict[int, list[TokenStats]]:
     """Per dataset index, one ``TokenStats`` per answer (several for perturbed-answer lists)."""
@@ -70,11 +92,10 @@ def token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, batch
     for batch_indices in _batches_by_length(dataset, _shard(range(len(dataset))), batch_size):
         items = [dataset[i] for i in batch_indices]
         batch = collate([it if isinstance(it, list) else [it] for it in items])
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
-        labels = batch["labels"][:, 1:].to(device)
+        logits, labels = answer_logits(model, batch, device)
         mask = labels != IGNORE_INDEX
         # Only answer positions are normalised: [N_answer_tokens, V] instead of [B, L, V].
-        logp_all = F.log_softmax(logits[:, :-1, :][mask].float(), dim=-1)
+        logp_all = F.log_softmax(logits[mask].float(), dim=-1)
         token_logp = logp_all.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
         probs = logp_all.exp()
         mean_logp = (probs * logp_all).sum(-1)
