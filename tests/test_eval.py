@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from conftest import run_cli
 
 DEFAULT_METRICS = ["forget_quality", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_truth_ratio", "model_utility",
@@ -79,3 +81,26 @@ def test_evaluation_during_unlearning_writes_checkpoint_evals(tofu_dir, tmp_path
     assert math.isfinite(summary["forget_Q_A_Prob"])
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert any("eval_tofu_model_utility" in e for e in log)
+
+
+def test_misspelt_metric_option_is_an_error():
+    from evals.base import Evaluator
+
+    cfg = {"metrics": {"forget_truth_ratio": {"handler": "truth_ratio", "agregator": "true_better", "pre_compute": {}}}}
+    with pytest.raises(ValueError, match=r"\['agregator'\] not understood by handler truth_ratio.*aggregator"):
+        Evaluator(cfg)
+    with pytest.raises(ValueError, match="unknown|valid"):
+        Evaluator({"metrics": {"x": {"handler": "no_such_metric"}}})
+
+
+@pytest.mark.parametrize("bench", ["tofu", "tofu_full"])
+def test_every_benchmark_config_builds_its_evaluator(bench, repo):
+    from hydra import compose, initialize_config_dir
+
+    from evals import get_evaluators
+
+    with initialize_config_dir(config_dir=str(repo / "configs"), version_base=None):
+        cfg = compose(config_name="eval.yaml", overrides=[f"eval={bench}", "paths.tofu=/data",
+                                                          "+eval/tofu_metrics@eval.tofu.metrics.mia_reference=mia_reference"])
+    evaluator = get_evaluators(cfg.eval, root_cfg=cfg)["tofu"]  # validates handlers and options of every metric
+    assert "mia_reference" in evaluator.metrics_cfg and "model_utility" in evaluator.metrics_cfg

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -39,6 +40,7 @@ from evals.metrics import get_metric
 log = logging.getLogger(__name__)
 
 PASS_NEEDS = ("token_stats", "generations", "grad_norms", "reference_token_stats")
+INPUT_NAMES = set(PASS_NEEDS) | {"pre_compute", "reference_logs"}
 CONTROL_KEYS = {"handler", "datasets", "pre_compute", "reference_logs", "access_key", "batch_size",
                 "generation_args", "reference_model"}
 
@@ -129,6 +131,12 @@ class Evaluator:
 
     def _validate(self, name: str, mcfg: Mapping) -> None:
         spec = get_metric(mcfg.get("handler"))
+        params = inspect.signature(spec.fn).parameters
+        valid = sorted(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in INPUT_NAMES)
+        unknown = sorted(set(self._options(mcfg)) - set(valid))
+        if unknown:
+            raise ValueError(f"metric {name}: option(s) {unknown} not understood by handler {spec.name}; "
+                             f"its options: {valid or 'none'} (plus {sorted(CONTROL_KEYS)})")
         for sub_name, sub in (mcfg.get("pre_compute") or {}).items():
             if "access_key" not in sub:
                 raise ValueError(f"metric {name}: pre_compute.{sub_name} needs an access_key")
