@@ -6,7 +6,7 @@ All quantities are length-normalised: for an answer of T tokens (EOS included) w
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from scipy.special import logsumexp
@@ -147,6 +147,30 @@ def _losses_of(entry: dict | None) -> list[float] | None:
     return [float(-np.log(p)) for p in probs]
 
 
+def _score_pairs(pre_compute: dict | None, handler: str, field: str,
+                 score: Callable[[list[float], list[float]], float]) -> tuple[dict, list[float], list]:
+    """Score every index from the avg_losses of its "correct" and "wrong" `probability` results.
+
+    Returns ``(value_by_index {"<idx>": {field: value}}, values, excluded indices)``; an index whose
+    correct or wrong entry is missing/excluded gets ``None`` and is listed as excluded.
+    """
+    correct = _pre_compute_entry(pre_compute, "correct", handler)["value_by_index"]
+    wrong = _pre_compute_entry(pre_compute, "wrong", handler)["value_by_index"]
+    _check_same_indices(correct, wrong, "correct", "wrong", handler)
+    value_by_index: dict[str, dict] = {}
+    values: list[float] = []
+    excluded: list = []
+    for key in _sorted_keys(correct):
+        true_losses, wrong_losses = _losses_of(correct[key]), _losses_of(wrong[key])
+        if true_losses is None or wrong_losses is None:
+            value_by_index[str(key)] = {field: None}
+            excluded.append(key)
+            continue
+        value_by_index[str(key)] = {field: score(true_losses, wrong_losses)}
+        values.append(value_by_index[str(key)][field])
+    return value_by_index, values, excluded
+
+
 @register_metric(
     "probability_w_options",
     higher_is_better=None,
@@ -158,22 +182,9 @@ def probability_w_options_metric(*, pre_compute=None, **_: object) -> dict:
 
     A list-valued "correct" entry uses the mean of its avg_loss as the true option.
     """
-    correct = _pre_compute_entry(pre_compute, "correct", "probability_w_options")["value_by_index"]
-    wrong = _pre_compute_entry(pre_compute, "wrong", "probability_w_options")["value_by_index"]
-    _check_same_indices(correct, wrong, "correct", "wrong", "probability_w_options")
-    value_by_index: dict[str, dict] = {}
-    values: list[float] = []
-    excluded: list = []
-    for key in _sorted_keys(correct):
-        true_losses = _losses_of(correct[key])
-        wrong_losses = _losses_of(wrong[key])
-        if true_losses is None or wrong_losses is None:
-            value_by_index[str(key)] = {"prob": None}
-            excluded.append(key)
-            continue
-        p = prob_with_options(float(np.mean(true_losses)), wrong_losses)
-        value_by_index[str(key)] = {"prob": p}
-        values.append(p)
+    value_by_index, values, excluded = _score_pairs(
+        pre_compute, "probability_w_options", "prob",
+        lambda true_losses, wrong_losses: prob_with_options(float(np.mean(true_losses)), wrong_losses))
     return _result(_mean_or_none(values), value_by_index, excluded)
 
 
@@ -191,21 +202,6 @@ def truth_ratio_metric(*, pre_compute=None, aggregator: str = "closer_to_1_bette
         raise ValueError(
             f"unknown truth_ratio aggregator {aggregator!r}; choose one of {list(TRUTH_RATIO_AGGREGATORS)}"
         )
-    correct = _pre_compute_entry(pre_compute, "correct", "truth_ratio")["value_by_index"]
-    wrong = _pre_compute_entry(pre_compute, "wrong", "truth_ratio")["value_by_index"]
-    _check_same_indices(correct, wrong, "correct", "wrong", "truth_ratio")
-    value_by_index: dict[str, dict] = {}
-    ratios: list[float] = []
-    excluded: list = []
-    for key in _sorted_keys(correct):
-        c = _losses_of(correct[key])
-        w = _losses_of(wrong[key])
-        if c is None or w is None:
-            value_by_index[str(key)] = {"score": None}
-            excluded.append(key)
-            continue
-        r = truth_ratio(c, w)
-        value_by_index[str(key)] = {"score": r}
-        ratios.append(r)
+    value_by_index, ratios, excluded = _score_pairs(pre_compute, "truth_ratio", "score", truth_ratio)
     agg = truth_ratio_aggregate(ratios, aggregator) if ratios else None
     return _result(agg, value_by_index, excluded)
