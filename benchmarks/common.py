@@ -101,6 +101,16 @@ def peak_memory() -> dict[str, Any]:
     return out
 
 
+def add_model_args(parser: Any) -> None:
+    """The model options both scripts take: --model, --model-path, --tokenizer."""
+    parser.add_argument("--model", default="tiny-random-llama",
+                        help="a configs/model/<name>.yaml (default: %(default)s)")
+    parser.add_argument("--model-path", default=None,
+                        help="model.model_args.pretrained_model_name_or_path (weights folder); default: the config's")
+    parser.add_argument("--tokenizer", default=None,
+                        help="model.tokenizer_args.pretrained_model_name_or_path (e.g. a saved tokenizer folder)")
+
+
 def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 

@@ -41,11 +41,7 @@ import common  # noqa: E402  (puts src/ on sys.path)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny-random-llama", help="a configs/model/<name>.yaml (default: %(default)s)")
-    p.add_argument("--model-path", default=None,
-                   help="model.model_args.pretrained_model_name_or_path (weights folder); default: the config's")
-    p.add_argument("--tokenizer", default=None,
-                   help="model.tokenizer_args.pretrained_model_name_or_path (e.g. a saved tokenizer folder)")
+    common.add_model_args(p)
     p.add_argument("--dtype", default=None, help="model.model_args.dtype; default: the model config's")
     p.add_argument("--forget-split", default="forget10")
     p.add_argument("--holdout-split", default="holdout01")

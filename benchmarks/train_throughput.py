@@ -44,11 +44,7 @@ NO_RETAIN = {"GradAscent", "CEU", "TaskVector"}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny-random-llama", help="a configs/model/<name>.yaml (default: %(default)s)")
-    p.add_argument("--model-path", default=None,
-                   help="model.model_args.pretrained_model_name_or_path (weights folder); default: the config's")
-    p.add_argument("--tokenizer", default=None,
-                   help="model.tokenizer_args.pretrained_model_name_or_path (e.g. a saved tokenizer folder)")
+    common.add_model_args(p)
     p.add_argument("--method", default="GradDiff", help="a registered trainer (configs/trainer/<name>.yaml)")
     p.add_argument("--batch-size", type=int, default=8, help="per-device forget batch (retain batch is the same)")
     p.add_argument("--grad-accum", type=int, default=1, help="gradient_accumulation_steps (default: %(default)s)")
