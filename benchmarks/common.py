@@ -111,6 +111,18 @@ def add_model_args(parser: Any) -> None:
                         help="model.tokenizer_args.pretrained_model_name_or_path (e.g. a saved tokenizer folder)")
 
 
+def model_overrides(args: Any) -> list[str]:
+    """Hydra overrides for --model-path, --tokenizer and --dtype (those given)."""
+    out = []
+    if args.model_path:
+        out.append(f"model.model_args.pretrained_model_name_or_path={args.model_path}")
+    if args.tokenizer:
+        out.append(f"model.tokenizer_args.pretrained_model_name_or_path={args.tokenizer}")
+    if args.dtype:
+        out.append(f"model.model_args.dtype={args.dtype}")
+    return out
+
+
 def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 

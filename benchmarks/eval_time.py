@@ -72,12 +72,7 @@ def build_overrides(args: argparse.Namespace, tofu: str, output_dir: str, metric
     if metrics is not None:
         # the defaults entry of configs/eval/tofu.yaml, addressed with its package
         o.append(f"eval/tofu_metrics@eval.tofu.tofu_metrics=[{','.join(metrics)}]")
-    if args.model_path:
-        o.append(f"model.model_args.pretrained_model_name_or_path={args.model_path}")
-    if args.tokenizer:
-        o.append(f"model.tokenizer_args.pretrained_model_name_or_path={args.tokenizer}")
-    if args.dtype:
-        o.append(f"model.model_args.dtype={args.dtype}")
+    o += common.model_overrides(args)
     return o + list(args.overrides)
 
 

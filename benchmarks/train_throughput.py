@@ -101,12 +101,7 @@ def build_overrides(args: argparse.Namespace, tofu: str | None, output_dir: str)
     ]
     if tofu:
         o.append(f"paths.tofu={tofu}")
-    if args.model_path:
-        o.append(f"model.model_args.pretrained_model_name_or_path={args.model_path}")
-    if args.tokenizer:
-        o.append(f"model.tokenizer_args.pretrained_model_name_or_path={args.tokenizer}")
-    if args.dtype:
-        o.append(f"model.model_args.dtype={args.dtype}")
+    o += common.model_overrides(args)
     if args.bf16 is not None:
         o += [f"trainer.args.bf16={args.bf16}", f"trainer.args.bf16_full_eval={args.bf16}"]
     if args.max_length:

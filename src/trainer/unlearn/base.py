@@ -47,6 +47,9 @@ class UnlearningTrainer(FinetuneTrainer):
 
     #: Whether the method trains on the retain set (a missing retain set is then an error).
     uses_retain: bool = False
+    #: Whether the loss always compares with the frozen model from before unlearning (NPO, DPO, UNDIAL,
+    #: RMU); otherwise the reference model is loaded only for a KL retain term.
+    uses_reference_model: bool = False
 
     def __init_subclass__(cls, **kwargs: Any):
         # Methods may write compute_loss(self, model, inputs, return_outputs=False) as in the docs;
@@ -106,9 +109,9 @@ class UnlearningTrainer(FinetuneTrainer):
     def needs_reference_model(self) -> bool:
         """Whether the method compares against the model before unlearning.
 
-        By default only a KL retain term needs it; methods whose forget term uses it override this.
+        True when the method's loss uses it (``uses_reference_model``) or the retain term is KL.
         """
-        return getattr(self, "retain_loss_type", None) == "KL"
+        return self.uses_reference_model or getattr(self, "retain_loss_type", None) == "KL"
 
     def _make_reference_model(self) -> PreTrainedModel:
         """A frozen copy of the model as it is before unlearning, loaded once."""

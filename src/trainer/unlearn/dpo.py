@@ -58,6 +58,7 @@ class DPO(UnlearningTrainer):
 
     #: What to tell a user whose forget data has no alternate answers.
     paired_data_hint = IDK_HINT
+    uses_reference_model = True
 
     def __init__(self, *args: Any, beta: float = 0.1, gamma: float = 1.0, alpha: float = 1.0,
                  retain_loss_type: str | None = "NLL", **kwargs: Any):
@@ -67,9 +68,6 @@ class DPO(UnlearningTrainer):
         self.beta = beta
         self.set_loss_weights(gamma, alpha, retain_loss_type)
         super().__init__(*args, **kwargs)
-
-    def needs_reference_model(self) -> bool:
-        return True
 
     def compute_loss(self, model, inputs, return_outputs=False):
         rejected, preferred = paired_forget(inputs["forget"], type(self).__name__, self.paired_data_hint)

@@ -21,6 +21,8 @@ class NPO(UnlearningTrainer):
         retain_loss_type: ``NLL``, ``KL``, or null for no retain term (pure NPO).
     """
 
+    uses_reference_model = True
+
     def __init__(self, *args: Any, beta: float = 0.1, gamma: float = 1.0, alpha: float = 1.0,
                  retain_loss_type: str | None = "NLL", **kwargs: Any):
         if beta <= 0:
@@ -28,9 +30,6 @@ class NPO(UnlearningTrainer):
         self.beta = beta
         self.set_loss_weights(gamma, alpha, retain_loss_type)
         super().__init__(*args, **kwargs)
-
-    def needs_reference_model(self) -> bool:
-        return True
 
     def compute_loss(self, model, inputs, return_outputs=False):
         forget = inputs["forget"]

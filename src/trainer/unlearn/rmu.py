@@ -55,6 +55,8 @@ class RMU(UnlearningTrainer):
 
     uses_retain = True
 
+    uses_reference_model = True  # the retain term matches the frozen model's activations
+
     def __init__(self, *args: Any, layer_id: int = 7, steering_coeff: float = 6.5, alpha: float = 1200.0,
                  trainable_params: list[str] | str | None = None, token_mask: str = "all", seed: int = 0,
                  **kwargs: Any):
@@ -96,9 +98,6 @@ class RMU(UnlearningTrainer):
                              f"layers), which RMU's loss does not reach: {after[:4]}")
         for name, param in model.named_parameters():
             param.requires_grad_(name in chosen)
-
-    def needs_reference_model(self) -> bool:
-        return True
 
     def _token_mask(self, batch: dict[str, Any]) -> torch.Tensor:
         if self.token_mask == "answer":

@@ -30,6 +30,8 @@ class UNDIAL(UnlearningTrainer):
         retain_loss_type: ``NLL``, ``KL``, or null for the paper's pure UNDIAL.
     """
 
+    uses_reference_model = True
+
     def __init__(self, *args: Any, beta: float = 10.0, gamma: float = 1.0, alpha: float = 1.0,
                  retain_loss_type: str | None = "NLL", **kwargs: Any):
         if beta < 0:
@@ -37,9 +39,6 @@ class UNDIAL(UnlearningTrainer):
         self.beta = beta
         self.set_loss_weights(gamma, alpha, retain_loss_type)
         super().__init__(*args, **kwargs)
-
-    def needs_reference_model(self) -> bool:
-        return True
 
     def compute_loss(self, model, inputs, return_outputs=False):
         forget = inputs["forget"]
