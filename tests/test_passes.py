@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from conftest import MODEL_CACHE, REPO
 from data import build_dataset
-from data.collators import DataCollatorForSupervisedDataset
-from evals.passes import answer_logits, token_stats_pass
+from data.collators import DataCollatorForSupervisedDataset, pad_sequences
+from evals.passes import answer_logits, answer_token_stats, greedy_decode, token_stats_pass
 from model import get_model
 from trainer.losses import sequence_nll
 
@@ -50,3 +53,58 @@ def test_token_stats_match_the_training_loss(tofu_dir):
         assert len(stats[1][k].logp) == int(count[k])
         assert abs(-stats[1][k].logp.sum() - float(nll[k])) < 1e-3
         assert stats[1][k].answer_text == dataset.rows[1]["perturbed_answer"][k]
+
+
+def test_prompt_sharing_gives_the_statistics_of_whole_rows(tofu_dir):
+    """Speed knob: running each prompt once for its perturbed answers changes no statistic."""
+    model, tok = _tiny()
+    root = OmegaConf.create({"paths": {"tofu": str(tofu_dir)}, "seed": 0})
+    dataset = build_dataset("TOFU_QA_FORGET10_P", tok, {"apply_chat_template": True}, root_cfg=root,
+                            dataset_args={"answer_key": "perturbed_answer"})
+    shared = token_stats_pass(model, dataset, tok, batch_size=7)
+    whole = token_stats_pass(model, dataset, tok, batch_size=7, share_prompts=False)
+    assert sorted(shared) == sorted(whole) == list(range(len(dataset)))
+    for i in whole:
+        for a, b in zip(shared[i], whole[i], strict=True):
+            assert a.answer_text == b.answer_text
+            np.testing.assert_allclose(a.logp, b.logp, atol=1e-4)
+            np.testing.assert_allclose(a.mean_logp, b.mean_logp, atol=1e-4)
+            np.testing.assert_allclose(a.std_logp, b.std_logp, atol=1e-4)
+            assert np.array_equal(a.argmax_match, b.argmax_match)
+
+
+def test_answer_token_stats_by_hand():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    targets = torch.tensor([1, 0])
+    for chunk in (1, 2):
+        logp, mean, std, match = answer_token_stats(logits, targets, chunk_rows=chunk)
+        # row 0: p = (1/2, 1/2): log p = -log 2 for both, std 0; row 1: p = (3/4, 1/4)
+        assert torch.allclose(logp, torch.tensor([-math.log(2), math.log(0.75)]))
+        m1 = 0.75 * math.log(0.75) + 0.25 * math.log(0.25)
+        s1 = math.sqrt(0.75 * math.log(0.75) ** 2 + 0.25 * math.log(0.25) ** 2 - m1 ** 2)
+        assert torch.allclose(mean, torch.tensor([-math.log(2), m1]))
+        assert torch.allclose(std, torch.tensor([0.0, s1]), atol=1e-6)
+        assert match.tolist() == [False, True]  # row 0 is a tie: argmax picks the first index
+
+
+def test_greedy_decode_equals_generate_with_rows_stopping_early():
+    """Speed knob: dropping finished rows from the batch leaves every generated token unchanged."""
+    model, tok = _tiny()
+    torch.manual_seed(0)
+    with torch.no_grad():  # larger weights than the init: varied tokens instead of one token repeated
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    prompts = [torch.tensor([5, 6, 7, 8, 9]), torch.tensor([11, 12]), torch.tensor([13, 14, 15]), torch.tensor([7])]
+    ids = pad_sequences(prompts, tok.pad_token_id, "left")
+    attn = pad_sequences([torch.ones_like(p) for p in prompts], 0, "left")
+    with torch.no_grad():
+        free = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=12, do_sample=False,
+                              eos_token_id=None, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
+        stops = sorted({int(free[0, 1]), int(free[2, 5])})  # rows 0 and 2 stop early (or earlier), the others may not
+        ref = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=12, do_sample=False,
+                             eos_token_id=stops, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:].tolist()
+        ours = greedy_decode(model, ids, attn, max_new_tokens=12, stop_ids=stops)
+    for row, got in zip(ref, ours, strict=True):
+        first_stop = min((row.index(s) for s in stops if s in row), default=len(row) - 1)
+        assert got == row[: first_stop + 1]
+    assert len(ours[0]) <= 2 and len(ours[2]) <= 6 and max(len(r) for r in ours) == 12

@@ -47,12 +47,6 @@ def _gather(part: dict) -> dict:
     return part
 
 
-def _batches_by_length(dataset: Any, indices: Sequence[int], batch_size: int) -> list[list[int]]:
-    lengths = dataset.lengths()
-    ordered = sorted(indices, key=lambda i: lengths[i], reverse=True)
-    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
-
-
 def _answers(dataset: Any, index: int) -> list[str]:
     answer = dataset.rows[index][dataset.answer_key]
     return answer if isinstance(answer, list) else [answer]
@@ -83,34 +77,144 @@ def answer_logits(model: torch.nn.Module, batch: dict, device: torch.device) -> 
     return logits[:, :-1], labels[:, width - keep + 1:]
 
 
+def answer_token_stats(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 512) -> tuple[torch.Tensor, ...]:
+    """Per answer token: ``(log p(target), E_p[log p], std_p[log p], argmax == target)`` from ``[N, V]`` logits.
+
+    ``log p = logits - logsumexp(logits)``; the mean and standard deviation of ``log p(v)`` under
+    ``v ~ p`` are those of Min-K%++ (Zhang et al. 2024, arXiv:2404.02936). Rows are processed
+    ``chunk_rows`` at a time so only a few ``[chunk_rows, V]`` float32 blocks are alive, whatever the
+    number of answer tokens.
+    """
+    parts: list[list[torch.Tensor]] = [[], [], [], []]
+    for start in range(0, logits.shape[0], chunk_rows):
+        block = logits[start:start + chunk_rows].float()
+        target = targets[start:start + chunk_rows].unsqueeze(-1)
+        match = block.argmax(-1) == target.squeeze(-1)
+        logp = block - torch.logsumexp(block, dim=-1, keepdim=True)
+        token_logp = logp.gather(-1, target).squeeze(-1)
+        probs = logp.exp()
+        mean = (probs * logp).sum(-1)
+        # Two-pass variance E_p[(log p - mean)^2]: E[x^2] - E[x]^2 loses the digits of a flat distribution.
+        std = (probs * (logp - mean.unsqueeze(-1)).square_()).sum(-1).sqrt()
+        for out, value in zip(parts, (token_logp, mean, std, match)):
+            out.append(value)
+    if not parts[0]:
+        empty = logits.new_zeros(0, dtype=torch.float32)
+        return empty, empty, empty, torch.zeros(0, dtype=torch.bool)
+    return tuple(torch.cat(p) for p in parts)
+
+
+def _supports_prefix_cache(model: torch.nn.Module) -> bool:
+    params = inspect.signature(model.forward).parameters
+    return all(name in params for name in ("past_key_values", "position_ids", "use_cache"))
+
+
+def _split_prompt(sample: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(prompt ids, answer ids, answer labels)`` of one sample: the prompt is its leading -100 labels."""
+    labels = sample["labels"]
+    answer = (labels != IGNORE_INDEX).nonzero()
+    cut = int(answer[0]) if len(answer) else len(labels)
+    cut = max(cut, 1)  # a prompt of at least one token carries the first answer prediction
+    return sample["input_ids"][:cut], sample["input_ids"][cut:], labels[cut:]
+
+
+def prefix_shared_answer_logits(model: torch.nn.Module, samples: Sequence[dict],
+                                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Answer-position logits of samples where several share a prompt, each prompt run once.
+
+    The distinct prompts are run (left-padded, positions counted from each prompt's first real
+    token) with a KV cache; the cache rows are then repeated for the answers that continue each
+    prompt and the answers alone are run on top of it. The prediction of the first answer token is
+    the prompt pass's last logit. Returns ``(logits [R, La, V], labels [R, La])`` like
+    ``answer_logits``; the values equal those of a full forward pass of each prompt + answer
+    (floating-point rounding aside: attention sums run in a different order).
+    """
+    prompts: dict[tuple, int] = {}
+    group, answers, answer_labels = [], [], []
+    for sample in samples:
+        prompt, answer, labels = _split_prompt(sample)
+        group.append(prompts.setdefault(tuple(prompt.tolist()), len(prompts)))
+        answers.append(answer)
+        answer_labels.append(labels)
+    prompt_ids = [torch.tensor(p, dtype=torch.long) for p in prompts]
+    p_ids = pad_sequences(prompt_ids, 0, "left").to(device)
+    p_mask = pad_sequences([torch.ones_like(p) for p in prompt_ids], 0, "left").to(device)
+    p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits_to_keep=1)
+    first_logits = out.logits[:, -1]
+    rows = torch.tensor(group, device=device)
+    cache = out.past_key_values
+    cache.batch_select_indices(rows)
+    a_ids = pad_sequences([a if len(a) else torch.zeros(1, dtype=torch.long) for a in answers], 0, "right").to(device)
+    a_labels = pad_sequences([lab if len(lab) else torch.full((1,), IGNORE_INDEX) for lab in answer_labels],
+                             IGNORE_INDEX, "right").to(device)
+    a_mask = pad_sequences([torch.ones(max(len(a), 1), dtype=torch.long) for a in answers], 0, "right").to(device)
+    prompt_lengths = p_mask.sum(-1)[rows]
+    a_pos = prompt_lengths.unsqueeze(-1) + torch.arange(a_ids.shape[1], device=device)
+    if a_ids.shape[1] > 1:
+        rest = model(input_ids=a_ids, attention_mask=torch.cat([p_mask[rows], a_mask], dim=-1), position_ids=a_pos,
+                     past_key_values=cache, use_cache=True).logits[:, :-1]  # the last position predicts nothing
+        logits = torch.cat([first_logits[rows].unsqueeze(1), rest], dim=1)
+    else:
+        logits = first_logits[rows].unsqueeze(1)
+    return logits, a_labels
+
+
+def _row_batches(dataset: Any, indices: Sequence[int], rows_per_batch: int) -> list[list[int]]:
+    """Items sorted by length (longest first) and grouped so a batch holds at most ``rows_per_batch``
+    samples (an item with several answers counts once per answer; a larger item forms its own batch)."""
+    lengths = dataset.lengths()
+    if hasattr(dataset, "answer_counts"):
+        counts = dataset.answer_counts()
+    else:
+        counts = {i: len(item) if isinstance(item, list) else 1 for i in indices for item in [dataset[i]]}
+    batches: list[list[int]] = []
+    rows = 0
+    for i in sorted(indices, key=lambda i: lengths[i], reverse=True):
+        if batches and rows + counts[i] <= rows_per_batch:
+            batches[-1].append(i)
+            rows += counts[i]
+        else:
+            batches.append([i])
+            rows = counts[i]
+    return batches
+
+
 @torch.inference_mode()
-def token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, batch_size: int = 32) -> dict[int, list[TokenStats]]:
-    """Per dataset index, one ``TokenStats`` per answer (several for perturbed-answer lists)."""
-    collate = DataCollatorForSupervisedDataset(tokenizer, padding_side="right", index=True)
+def token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, batch_size: int = 32,
+                     share_prompts: bool = True) -> dict[int, list[TokenStats]]:
+    """Per dataset index, one ``TokenStats`` per answer (several for perturbed-answer lists).
+
+    A forward pass holds at most ``batch_size`` (question, answer) rows. With ``share_prompts``
+    (default) and a model that takes a KV cache, a batch whose rows repeat a prompt (several answers
+    to one question) runs each prompt once (``prefix_shared_answer_logits``); otherwise every row is
+    run whole (``answer_logits``). Both give the same statistics.
+    """
     device = _device(model)
+    share_prompts = share_prompts and _supports_prefix_cache(model)
+    collate = DataCollatorForSupervisedDataset(tokenizer, padding_side="right")
     out: dict[int, list[TokenStats]] = {}
-    for batch_indices in _batches_by_length(dataset, _shard(range(len(dataset))), batch_size):
-        items = [dataset[i] for i in batch_indices]
-        batch = collate([it if isinstance(it, list) else [it] for it in items])
-        logits, labels = answer_logits(model, batch, device)
+    for batch_indices in _row_batches(dataset, _shard(range(len(dataset))), batch_size):
+        samples, owners = [], []
+        for i in batch_indices:
+            item = dataset[i]
+            for sample in item if isinstance(item, list) else [item]:
+                samples.append(sample)
+                owners.append(i)
+        if share_prompts and len({tuple(_split_prompt(s)[0].tolist()) for s in samples}) < len(samples):
+            logits, labels = prefix_shared_answer_logits(model, samples, device)
+        else:
+            logits, labels = answer_logits(model, collate(samples), device)
         mask = labels != IGNORE_INDEX
-        # Only answer positions are normalised: [N_answer_tokens, V] instead of [B, L, V].
-        logp_all = F.log_softmax(logits[mask].float(), dim=-1)
-        token_logp = logp_all.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
-        probs = logp_all.exp()
-        mean_logp = (probs * logp_all).sum(-1)
-        std_logp = ((probs * logp_all.square()).sum(-1) - mean_logp.square()).clamp(min=0).sqrt()
-        match = logp_all.argmax(-1) == labels[mask]
-        counts = mask.sum(-1).tolist()
-        splits = [t.cpu().numpy() for t in (token_logp.double(), mean_logp.double(), std_logp.double(), match)]
+        stats = answer_token_stats(logits[mask], labels[mask])
+        token_logp, mean_logp, std_logp, match = (t.cpu().numpy() for t in stats)
         offset = 0
-        for group, n in zip(batch["group"].tolist(), counts):
-            index = batch_indices[group]
+        for index, n in zip(owners, mask.sum(-1).tolist()):
             answers = _answers(dataset, index)
             position = len(out.get(index, []))  # rows of one item arrive in answer order
             sl = slice(offset, offset + n)
             out.setdefault(index, []).append(TokenStats(
-                logp=splits[0][sl], mean_logp=splits[1][sl], std_logp=splits[2][sl], argmax_match=splits[3][sl],
+                logp=token_logp[sl], mean_logp=mean_logp[sl], std_logp=std_logp[sl], argmax_match=match[sl],
                 answer_text=answers[position],
             ))
             offset += n
@@ -124,13 +228,75 @@ def _prompt_ids(sample: dict) -> torch.Tensor:
     return sample["input_ids"][:end]
 
 
+#: Generation-config fields that change greedy decoding beyond "take the argmax"; a model whose
+#: generation config sets one of them is decoded by ``model.generate`` so they apply.
+_LOGITS_CHANGING_FIELDS = {
+    "repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "bad_words_ids": (None,),
+    "suppress_tokens": (None,), "begin_suppress_tokens": (None,), "min_new_tokens": (None, 0),
+    "min_length": (None, 0), "forced_bos_token_id": (None,), "forced_eos_token_id": (None,),
+    "sequence_bias": (None,), "encoder_repetition_penalty": (None, 1.0), "exponential_decay_length_penalty": (None,),
+}
+
+
+def _plain_greedy_ok(model: torch.nn.Module) -> bool:
+    """Whether ``greedy_decode`` reproduces ``model.generate(do_sample=False)`` for this model."""
+    params = inspect.signature(model.forward).parameters
+    if not all(name in params for name in ("past_key_values", "position_ids", "use_cache", "logits_to_keep")):
+        return False
+    config = getattr(model, "generation_config", None)
+    return all(getattr(config, field, None) in neutral for field, neutral in _LOGITS_CHANGING_FIELDS.items())
+
+
+def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  max_new_tokens: int, stop_ids: Sequence[int]) -> list[list[int]]:
+    """Greedy continuation of left-padded prompts with a KV cache; a row leaves the batch at its stop token.
+
+    Returns the new tokens of each row, its stop token included (as ``model.generate`` does). Unlike
+    ``model.generate``, which keeps computing finished rows until the last one stops, a finished row
+    is dropped from the cache and the batch, so later steps run only the rows still generating.
+    """
+    rows = input_ids.shape[0]
+    results: list[list[int]] = [[] for _ in range(rows)]
+    if max_new_tokens <= 0:
+        return results
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=input_ids.device)
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                logits_to_keep=1)
+    cache = out.past_key_values
+    token = out.logits[:, -1].argmax(-1)
+    active = torch.arange(rows, device=input_ids.device)
+    next_position = attention_mask.sum(-1)
+    for step in range(max_new_tokens):
+        for row, t in zip(active.tolist(), token.tolist()):
+            results[row].append(t)
+        if step == max_new_tokens - 1:
+            break
+        running = ~torch.isin(token, stop)
+        if not bool(running.all()):
+            keep = running.nonzero().squeeze(-1)
+            if len(keep) == 0:
+                break
+            cache.batch_select_indices(keep)
+            active, token = active[keep], token[keep]
+            attention_mask, next_position = attention_mask[keep], next_position[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], dim=-1)
+        out = model(input_ids=token.unsqueeze(-1), attention_mask=attention_mask,
+                    position_ids=next_position.unsqueeze(-1), past_key_values=cache, use_cache=True)
+        next_position = next_position + 1
+        token = out.logits[:, -1].argmax(-1)
+    return results
+
+
 @torch.inference_mode()
 def generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, template_args: Any = None,
                     batch_size: int = 32, max_new_tokens: int = 200, stop_strings: Sequence[str] = ()) -> dict[int, dict]:
     """Greedy continuation of each prompt, cut at the end-of-answer token or a stop string.
 
     Returns per index ``{"input": question, "ground_truth": answer, "generation": text}`` (the first
-    answer of a list). Sequences stop independently at their end token (KV cache, left padding).
+    answer of a list). Prompts are sorted by length and left-padded; ``greedy_decode`` drops each
+    sequence from the batch once it emits its end token (``model.generate`` is used instead when the
+    model's generation config asks for logit processors such as a repetition penalty).
     """
     template = PromptTemplate.from_config(template_args)
     stop_strings = list(stop_strings)
@@ -138,6 +304,7 @@ def generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, templa
         stop_strings.append(template.asst_end_tag)  # base models: the tag that closes an answer
     stop_ids = sorted({answer_end_token_id(tokenizer, template), tokenizer.eos_token_id} - {None})
     device = _device(model)
+    use_plain_greedy = _plain_greedy_ok(model)
     out: dict[int, dict] = {}
     prompts = {}
     for i in _shard(range(len(dataset))):
@@ -148,9 +315,13 @@ def generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, templa
         chunk = ordered[start:start + batch_size]
         ids = pad_sequences([prompts[i] for i in chunk], tokenizer.pad_token_id, "left").to(device)
         attn = pad_sequences([torch.ones_like(prompts[i]) for i in chunk], 0, "left").to(device)
-        generated = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens, do_sample=False,
-                                   eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)
+        if use_plain_greedy:
+            new_tokens = greedy_decode(model, ids, attn, max_new_tokens, stop_ids)
+        else:
+            generated = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
+                                       do_sample=False, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+            new_tokens = generated[:, ids.shape[1]:].tolist()
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         for i, text in zip(chunk, texts):
             for stop in stop_strings:
                 if stop and stop in text:
