@@ -11,11 +11,13 @@ The config is composed from configs/eval.yaml exactly as ``src/eval.py --config-
 nothing is reused from an earlier EVAL file. This script only wraps, by monkeypatching:
 
 - ``model.get_model`` (as imported by src/eval.py): model-load time;
-- ``evals.passes.token_stats_pass`` / ``grad_norm_pass`` (teacher-forced forward passes) and
+- ``evals.passes.token_stats_passes`` / ``grad_norm_pass`` (teacher-forced forward passes; one
+  ``token_stats_passes`` call may score several answer columns of the same questions) and
   ``generation_pass`` (greedy generation): time of each pass, each synchronised on the GPU;
 - a forward pre-hook on the model and a wrapper of ``model.generate``: the number of forward calls
-  actually executed in the teacher-forced passes, the number of ``generate`` calls and of decoding
-  forward calls inside them, against the number of (sample, answer) pairs / prompts evaluated.
+  actually executed in the teacher-forced passes, the number of ``model.generate`` calls (0 when our
+  own greedy loop decodes) and of decoding forward calls (prefill + one per step and batch), against
+  the number of (sample, answer) pairs / prompts evaluated.
 
 ``--metrics a,b`` keeps only those metrics of the default list (or selects others from
 configs/eval/tofu_metrics); ``--max-new-tokens`` overrides every metric's generation length. After
@@ -151,10 +153,12 @@ class PassRecorder:
                 common.synchronize()
                 seconds = time.perf_counter() - t
                 self.current = None
+            group = dataset if isinstance(dataset, (list, tuple)) else [dataset]  # token_stats_passes: several
             rec: dict[str, Any] = {
                 "pass": kind,
-                "dataset": getattr(dataset, "bench_label", None) or getattr(dataset, "name", type(dataset).__name__),
-                "rows": len(dataset),
+                "dataset": "+".join(getattr(d, "bench_label", None) or getattr(d, "name", type(d).__name__)
+                                    for d in group),
+                "rows": len(group[0]),
                 "seconds": round(seconds, 3),
             }
             if kind == "generation":
@@ -164,7 +168,8 @@ class PassRecorder:
                 rec["max_new_tokens"] = k.get("max_new_tokens")
                 rec["batch_size"] = k.get("batch_size")
             else:
-                rec["pairs"] = sum(len(v) if isinstance(v, list) else 1 for v in result.values())
+                results = result if isinstance(result, list) else [result]
+                rec["pairs"] = sum(len(v) if isinstance(v, list) else 1 for r in results for v in r.values())
                 rec["forward_calls"] = self.forward_calls - f0
                 if "batch_size" in k:
                     rec["batch_size"] = k["batch_size"]
@@ -189,7 +194,7 @@ def run(args: argparse.Namespace) -> dict:
     rec = PassRecorder()
     eval_script.get_model = rec.wrap_get_model(eval_script.get_model)
     evals_base.build_dataset = rec.wrap_build_dataset(evals_base.build_dataset)
-    passes.token_stats_pass = rec.wrap_pass("token_stats", passes.token_stats_pass)
+    passes.token_stats_passes = rec.wrap_pass("token_stats", passes.token_stats_passes)
     passes.grad_norm_pass = rec.wrap_pass("grad_norm", passes.grad_norm_pass)
     passes.generation_pass = rec.wrap_pass("generation", passes.generation_pass)
 

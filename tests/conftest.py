@@ -60,6 +60,26 @@ def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 600):
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def train_in_process(out: Path, overrides: list[str], config_name: str = "unlearn.yaml") -> list[dict]:
+    """``src/train.py --config-name=<config_name> <overrides>`` run in this process (``train.run`` on the
+    composed config: a subprocess per run costs ~20 s of imports on the 2 shared cores; test_e2e.py
+    covers the command-line wrapper itself), output into ``out``. Returns the logged training steps."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    if str(REPO / "src") not in sys.path:
+        sys.path.insert(0, str(REPO / "src"))
+    import train
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        cfg = compose(config_name=config_name, overrides=[*overrides, f"paths.output_dir={out}",
+                                                          f"paths.model_cache_dir={MODEL_CACHE}"])
+    assert train.run(cfg) == out
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return [e for e in log if "loss" in e]
+
+
 # ----- hand-made models and batches for loss tests -------------------------------------------------
 class StubLM(torch.nn.Module):
     """A 'language model' whose next-token logits depend only on the current token: logits = table[token].

@@ -155,3 +155,33 @@ def test_unknown_evaluator_lists_registered():
     with pytest.raises(ValueError, match="eval.tofu: unknown evaluator 'TOFUEvaluatorr'"):
         get_evaluators({"tofu": {"handler": "TOFUEvaluatorr"}})
     assert get_evaluators(None) == {}
+
+
+class _Sized(list):
+    """A forget 'dataset' whose items are their own token lengths."""
+
+    def lengths(self):
+        return list(self)
+
+
+def test_group_by_length_batches_similar_lengths(tmp_path):
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    lengths = [5, 90, 7, 88, 6, 91, 8, 89] * 25
+    dataset = ForgetRetainDataset(_Sized(lengths), _Sized(lengths))
+    cfg = {"handler": "GradDiff", "args": {"per_device_train_batch_size": 4, "report_to": "none",
+                                           "train_sampling_strategy": "group_by_length"}}
+    t = load_trainer(cfg, StubLM(), train_dataset=dataset, output_dir=str(tmp_path / "out"))
+    sampler = t._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler)
+    order = list(sampler)
+    assert sorted(order) == list(range(len(lengths)))
+
+    def padding(order):
+        batches = [[lengths[i] for i in order[k:k + 4]] for k in range(0, len(order), 4)]
+        return sum(len(b) * max(b) - sum(b) for b in batches)
+
+    # sorted within mega-batches: short and long samples rarely share a batch (in order, every batch mixes)
+    assert padding(order) < 0.2 * padding(range(len(lengths)))
+    with pytest.raises(TypeError, match="no lengths"):
+        ForgetRetainDataset([1, 2]).lengths()

@@ -16,7 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import MODEL_CACHE, REPO, StubLM, make_batch
+from conftest import MODEL_CACHE, REPO, StubLM, make_batch, train_in_process
 from data import build_dataset
 from data.collators import DataCollatorForSupervisedDataset
 from data.unlearn import ForgetRetainDataset
@@ -298,25 +298,13 @@ FAST = ["trainer.args.max_steps=2", "trainer.args.per_device_train_batch_size=2"
 
 
 def _train(tmp_path, monkeypatch, tofu, trainer, forget):
-    """2 steps of src/train.py's run() on the config its command line composes,
-    ``python src/train.py --config-name=unlearn.yaml model=tiny-random-llama trainer=<trainer> ...``, in this
-    process: a subprocess per method costs ~20 s of imports on the 2 shared cores (test_e2e.py covers the
-    command-line wrapper itself). Returns the logged training steps."""
-    from hydra import compose, initialize_config_dir
-
+    """2 steps of ``python src/train.py --config-name=unlearn.yaml model=tiny-random-llama trainer=<trainer> ...``
+    (in this process). Returns the logged training steps."""
     monkeypatch.chdir(REPO)
-    monkeypatch.syspath_prepend(str(REPO / "src"))
-    import train
-
     out = tmp_path / "run"
-    overrides = ["model=tiny-random-llama", f"trainer={trainer}", f"data.forget={forget}",
-                 "data.retain=TOFU_QA_RETAIN90", f"paths.tofu={tofu}", *FAST, f"paths.output_dir={out}"]
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
-        cfg = compose(config_name="unlearn.yaml", overrides=overrides)
-    assert train.run(cfg) == out
+    steps = train_in_process(out, ["model=tiny-random-llama", f"trainer={trainer}", f"data.forget={forget}",
+                                   "data.retain=TOFU_QA_RETAIN90", f"paths.tofu={tofu}", *FAST])
     assert out.is_dir() and (out / "model.safetensors").is_file() and (out / "config.yaml").is_file()
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    steps = [e for e in log if "loss" in e]
     assert [e["step"] for e in steps] == [1, 2]
     assert all("forget_loss" in e and "retain_loss" in e for e in steps)
     return steps

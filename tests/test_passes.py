@@ -5,13 +5,20 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 from omegaconf import OmegaConf
 
 from conftest import MODEL_CACHE, REPO
 from data import build_dataset
 from data.collators import DataCollatorForSupervisedDataset, pad_sequences
-from evals.passes import answer_logits, answer_token_stats, greedy_decode, token_stats_pass
+from evals.passes import (
+    answer_logits,
+    answer_token_stats,
+    greedy_decode,
+    token_stats_pass,
+    token_stats_passes,
+)
 from model import get_model
 from trainer.losses import sequence_nll
 
@@ -108,3 +115,24 @@ def test_greedy_decode_equals_generate_with_rows_stopping_early():
         first_stop = min((row.index(s) for s in stops if s in row), default=len(row) - 1)
         assert got == row[: first_stop + 1]
     assert len(ours[0]) <= 2 and len(ours[2]) <= 6 and max(len(r) for r in ours) == 12
+
+
+def test_answer_columns_scored_together_equal_separate_passes(tofu_dir):
+    """Speed knob: the true, paraphrased and perturbed answers of a question in one pass (prompt run once)."""
+    model, tok = _tiny()
+    root = OmegaConf.create({"paths": {"tofu": str(tofu_dir)}, "seed": 0})
+    keys = ("answer", "paraphrased_answer", "perturbed_answer")
+    datasets = [build_dataset("TOFU_QA_FORGET10_P", tok, {"apply_chat_template": True}, root_cfg=root,
+                              dataset_args={"answer_key": key}) for key in keys]
+    joint = token_stats_passes(model, datasets, tok, batch_size=10)
+    for dataset, together in zip(datasets, joint, strict=True):
+        alone = token_stats_pass(model, dataset, tok, batch_size=10, share_prompts=False)
+        assert sorted(together) == sorted(alone)
+        for i in alone:
+            assert [s.answer_text for s in together[i]] == [s.answer_text for s in alone[i]]
+            for a, b in zip(together[i], alone[i]):
+                np.testing.assert_allclose(a.logp, b.logp, atol=1e-4)
+                np.testing.assert_allclose(a.std_logp, b.std_logp, atol=1e-4)
+    with pytest.raises(ValueError, match="same rows"):
+        token_stats_passes(model, [datasets[0], build_dataset("TOFU_QA_RETAIN90", tok, {"apply_chat_template": True},
+                                                              root_cfg=root)], tok)

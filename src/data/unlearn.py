@@ -39,6 +39,13 @@ class ForgetRetainDataset(Dataset):
     def __len__(self) -> int:
         return len(self.forget)
 
+    def lengths(self) -> list[int]:
+        """Token length of each forget item, for length-grouped sampling (retain partners are drawn at random)."""
+        if hasattr(self.forget, "lengths"):
+            return list(self.forget.lengths())
+        raise TypeError(f"the forget dataset {type(self.forget).__name__} has no lengths(); "
+                        "train_sampling_strategy=group_by_length needs one")
+
     def __getitem__(self, index: int) -> dict:
         item = {"forget": self.forget[index]}
         if self.retain is not None:

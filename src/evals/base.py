@@ -6,7 +6,8 @@ registered ``handler`` (src/evals/metrics), the ``datasets`` it reads (role -> d
 ``reference_logs`` (another model's EVAL file) and handler options. The evaluator:
 
 1. plans the passes every metric needs and runs each (dataset, pass kind) once, sharing the result
-   between metrics (``evals.passes``);
+   between metrics (``evals.passes``); teacher-forced passes over the same questions with different
+   answer columns run together, each question's prompt once;
 2. computes each metric once, dependencies first (a metric used as ``pre_compute`` by two others is
    computed once);
 3. writes the EVAL file (every metric, per-sample values keyed by dataset index, plus ``_meta``) and
@@ -128,6 +129,7 @@ class Evaluator:
                               if isinstance(template_args, DictConfig) else template_args)
         self.root_cfg = root_cfg
         self._datasets: dict[str, Any] = {}
+        self._token_stats_plan: dict[str, dict[str, Any]] = {}
 
     def _validate(self, name: str, mcfg: Mapping) -> None:
         spec = get_metric(mcfg.get("handler"))
@@ -145,8 +147,12 @@ class Evaluator:
             raise ValueError(f"metric {name}: handler {spec.name} reads data but no datasets are given")
 
     # ----- data ------------------------------------------------------------------------------------
-    def _dataset_key(self, spec: Any) -> str:
+    def _dataset_key(self, spec: Any, without_answer: bool = False) -> str:
+        """Identity of a dataset (config, file size and time, template); ``without_answer``: of its
+        questions only (the same file and question column, any answer column)."""
         resolved = dataset_config(spec, self.root_cfg)
+        if without_answer:
+            resolved = {**resolved, "args": {k: v for k, v in resolved.get("args", {}).items() if k != "answer_key"}}
         args = resolved.get("args", {})
         local = args.get("local_dir")
         files = []
@@ -180,7 +186,15 @@ class Evaluator:
         elif kind == "token_stats":
             key = (kind, self._dataset_key(spec))
             if key not in cache:
-                cache[key] = passes.token_stats_pass(model, dataset, self.tokenizer, batch_size=batch_size)
+                # Every planned pass over the same questions (true, paraphrased, perturbed answers) runs
+                # now, together: each question's prompt is computed once for all its answers.
+                group = {k: s for k, s in self._token_stats_plan.get(self._dataset_key(spec, True), {}).items()
+                         if (kind, k) not in cache and len(self._dataset(s)) == len(dataset)}
+                group[key[1]] = spec
+                results = passes.token_stats_passes(model, [self._dataset(s) for s in group.values()], self.tokenizer,
+                                                    batch_size=batch_size)
+                for dataset_key, result in zip(group, results):
+                    cache[(kind, dataset_key)] = result
         elif kind == "reference_token_stats":
             ref_path = (mcfg.get("reference_model") or {}).get("pretrained_model_name_or_path")
             if not ref_path:
@@ -196,10 +210,25 @@ class Evaluator:
                                               "tokenizer_args": {"pretrained_model_name_or_path": ref_path}})
                     ref_model.to(next(model.parameters()).device).eval()
                     cache[("reference_model", ref_path)] = ref_model
-                cache[key] = passes.token_stats_pass(ref_model, dataset, self.tokenizer, batch_size=batch_size)
+                cache[key] = passes.token_stats_passes(ref_model, [dataset], self.tokenizer, batch_size=batch_size)[0]
         else:
             raise ValueError(f"unknown pass {kind}")
         return cache[key]
+
+    def _plan_token_stats(self, names: list[str]) -> dict[str, dict[str, Any]]:
+        """The teacher-forced passes the metrics ``names`` will run: {questions key: {dataset key: spec}}."""
+        plan: dict[str, dict[str, Any]] = {}
+
+        def visit(mcfg: Mapping) -> None:
+            if "token_stats" in get_metric(mcfg.get("handler")).needs:
+                for spec in (mcfg.get("datasets") or {}).values():
+                    plan.setdefault(self._dataset_key(spec, True), {})[self._dataset_key(spec)] = spec
+            for sub in (mcfg.get("pre_compute") or {}).values():
+                visit(sub)
+
+        for name in names:
+            visit(self.metrics_cfg[name])
+        return plan
 
     def _inputs(self, mcfg: Mapping, needs: tuple, model: torch.nn.Module, cache: dict) -> dict:
         datasets = dict(mcfg.get("datasets") or {})
@@ -302,6 +331,7 @@ class Evaluator:
         was_training = model.training
         model.eval()
         cache: dict = {}
+        self._token_stats_plan = self._plan_token_stats([n for n in self.metrics_cfg if n not in reused])
         try:
             for name, mcfg in self.metrics_cfg.items():
                 results[name] = self._compute(name, mcfg, model, results, cache)

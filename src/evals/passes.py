@@ -160,14 +160,10 @@ def prefix_shared_answer_logits(model: torch.nn.Module, samples: Sequence[dict],
     return logits, a_labels
 
 
-def _row_batches(dataset: Any, indices: Sequence[int], rows_per_batch: int) -> list[list[int]]:
+def _row_batches(lengths: Sequence[int], counts: Sequence[int], indices: Sequence[int],
+                 rows_per_batch: int) -> list[list[int]]:
     """Items sorted by length (longest first) and grouped so a batch holds at most ``rows_per_batch``
     samples (an item with several answers counts once per answer; a larger item forms its own batch)."""
-    lengths = dataset.lengths()
-    if hasattr(dataset, "answer_counts"):
-        counts = dataset.answer_counts()
-    else:
-        counts = {i: len(item) if isinstance(item, list) else 1 for i in indices for item in [dataset[i]]}
     batches: list[list[int]] = []
     rows = 0
     for i in sorted(indices, key=lambda i: lengths[i], reverse=True):
@@ -180,7 +176,60 @@ def _row_batches(dataset: Any, indices: Sequence[int], rows_per_batch: int) -> l
     return batches
 
 
+def _lengths_and_counts(dataset: Any) -> tuple[list[int], list[int]]:
+    lengths = list(dataset.lengths())
+    if hasattr(dataset, "answer_counts"):
+        return lengths, list(dataset.answer_counts())
+    return lengths, [len(item) if isinstance(item, list) else 1 for item in (dataset[i] for i in range(len(dataset)))]
+
+
 @torch.inference_mode()
+def token_stats_passes(model: torch.nn.Module, datasets: Sequence[Any], tokenizer: Any, batch_size: int = 32,
+                       share_prompts: bool = True) -> list[dict[int, list[TokenStats]]]:
+    """``token_stats_pass`` of several datasets over the same questions (one per answer column) at once.
+
+    Item ``i`` of every dataset is scored in the same batch, so with ``share_prompts`` the question
+    ``i`` runs once for its true, paraphrased and perturbed answers together. Returns one result per
+    dataset, in order. The datasets must have the same number of items (the same rows).
+    """
+    sizes = {len(d) for d in datasets}
+    if len(sizes) != 1:
+        raise ValueError(f"token_stats_passes needs datasets with the same rows; got sizes {[len(d) for d in datasets]}")
+    per_dataset = [_lengths_and_counts(d) for d in datasets]
+    lengths = [max(values) for values in zip(*(lc[0] for lc in per_dataset))]
+    counts = [sum(values) for values in zip(*(lc[1] for lc in per_dataset))]
+    device = _device(model)
+    share_prompts = share_prompts and _supports_prefix_cache(model)
+    collate = DataCollatorForSupervisedDataset(tokenizer, padding_side="right")
+    outs: list[dict[int, list[TokenStats]]] = [{} for _ in datasets]
+    for batch_indices in _row_batches(lengths, counts, _shard(range(sizes.pop())), batch_size):
+        samples, owners = [], []
+        for i in batch_indices:
+            for d, dataset in enumerate(datasets):
+                item = dataset[i]
+                for sample in item if isinstance(item, list) else [item]:
+                    samples.append(sample)
+                    owners.append((d, i))
+        if share_prompts and len({tuple(_split_prompt(s)[0].tolist()) for s in samples}) < len(samples):
+            logits, labels = prefix_shared_answer_logits(model, samples, device)
+        else:
+            logits, labels = answer_logits(model, collate(samples), device)
+        mask = labels != IGNORE_INDEX
+        stats = answer_token_stats(logits[mask], labels[mask])
+        token_logp, mean_logp, std_logp, match = (t.cpu().numpy() for t in stats)
+        offset = 0
+        for (d, index), n in zip(owners, mask.sum(-1).tolist()):
+            out = outs[d]
+            position = len(out.get(index, []))  # rows of one item arrive in answer order
+            sl = slice(offset, offset + n)
+            out.setdefault(index, []).append(TokenStats(
+                logp=token_logp[sl], mean_logp=mean_logp[sl], std_logp=std_logp[sl], argmax_match=match[sl],
+                answer_text=_answers(datasets[d], index)[position],
+            ))
+            offset += n
+    return [_gather(out) for out in outs]
+
+
 def token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, batch_size: int = 32,
                      share_prompts: bool = True) -> dict[int, list[TokenStats]]:
     """Per dataset index, one ``TokenStats`` per answer (several for perturbed-answer lists).
@@ -190,35 +239,7 @@ def token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, batch
     to one question) runs each prompt once (``prefix_shared_answer_logits``); otherwise every row is
     run whole (``answer_logits``). Both give the same statistics.
     """
-    device = _device(model)
-    share_prompts = share_prompts and _supports_prefix_cache(model)
-    collate = DataCollatorForSupervisedDataset(tokenizer, padding_side="right")
-    out: dict[int, list[TokenStats]] = {}
-    for batch_indices in _row_batches(dataset, _shard(range(len(dataset))), batch_size):
-        samples, owners = [], []
-        for i in batch_indices:
-            item = dataset[i]
-            for sample in item if isinstance(item, list) else [item]:
-                samples.append(sample)
-                owners.append(i)
-        if share_prompts and len({tuple(_split_prompt(s)[0].tolist()) for s in samples}) < len(samples):
-            logits, labels = prefix_shared_answer_logits(model, samples, device)
-        else:
-            logits, labels = answer_logits(model, collate(samples), device)
-        mask = labels != IGNORE_INDEX
-        stats = answer_token_stats(logits[mask], labels[mask])
-        token_logp, mean_logp, std_logp, match = (t.cpu().numpy() for t in stats)
-        offset = 0
-        for index, n in zip(owners, mask.sum(-1).tolist()):
-            answers = _answers(dataset, index)
-            position = len(out.get(index, []))  # rows of one item arrive in answer order
-            sl = slice(offset, offset + n)
-            out.setdefault(index, []).append(TokenStats(
-                logp=token_logp[sl], mean_logp=mean_logp[sl], std_logp=std_logp[sl], argmax_match=match[sl],
-                answer_text=answers[position],
-            ))
-            offset += n
-    return _gather(out)
+    return token_stats_passes(model, [dataset], tokenizer, batch_size=batch_size, share_prompts=share_prompts)[0]
 
 
 def _prompt_ids(sample: dict) -> torch.Tensor:
@@ -360,4 +381,5 @@ def grad_norm_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any) -> dict
     return _gather(out)
 
 
-__all__ = ["token_stats_pass", "generation_pass", "grad_norm_pass"]
+__all__ = ["token_stats_pass", "token_stats_passes", "generation_pass", "grad_norm_pass", "greedy_decode",
+           "answer_token_stats", "answer_logits", "prefix_shared_answer_logits"]

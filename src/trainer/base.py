@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from trainer.losses import token_mean_nll
 
@@ -27,7 +28,8 @@ class FinetuneTrainer(Trainer):
     """Supervised fine-tuning on question-answer batches (loss on answer tokens only).
 
     Extras over ``transformers.Trainer``: a non-finite loss stops training with a clear error;
-    subclasses can log named loss terms (``log_loss_terms``) that appear in the trainer log next to
+    ``trainer.args.train_sampling_strategy=group_by_length`` batches samples of similar length (less
+    padding); subclasses can log named loss terms (``log_loss_terms``) that appear in the trainer log next to
     ``loss``, averaged over the logging window; and ``evaluators`` (benchmarks such as TOFU) run at
     every evaluation (``eval_strategy`` / ``eval_on_start``), writing
     ``<output_dir>/checkpoint-<step>/evals/`` and logging their headline numbers.
@@ -49,6 +51,18 @@ class FinetuneTrainer(Trainer):
         self.loss_is_scaled_for_ga = False
         self._loss_terms: dict[str, list[float]] = defaultdict(list)
         self._last_terms: dict[str, float] = {}
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
+        """``train_sampling_strategy=group_by_length`` with the lengths our datasets know (``lengths()``).
+
+        The Hugging Face sampler otherwise reads ``input_ids`` of every item, which paired
+        forget/retain items do not have at the top level.
+        """
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy == "group_by_length" and hasattr(dataset, "lengths"):
+            return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                        lengths=list(dataset.lengths()))
+        return super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:

@@ -7,7 +7,10 @@ Shared pieces live here so each method file holds only its loss:
 
 - ``forward_nll``: per-sample summed answer NLL (and the logits) of a batch under a model;
 - ``reference_nll`` / ``reference_logits``: the same under a frozen copy of the model taken before
-  unlearning, created only when ``needs_reference_model()`` is true;
+  unlearning, created only when ``needs_reference_model()`` is true. For methods whose reference
+  enters only through ``reference_nll`` of forget samples (``reference_nll_only``: NPO, DPO, AltPO),
+  those values are computed once before training (``precompute_ref_log_probs``, on by default) and
+  the copy is freed unless a KL retain term still needs it;
 - ``retain_loss``: the retain term, NLL or KL to the reference over answer tokens;
 - ``log_loss_terms``: per-term logging (forget and retain terms appear separately in the log);
 - ``evaluators`` (from ``FinetuneTrainer``): benchmarks run at each evaluation (``eval_strategy``).
@@ -26,6 +29,7 @@ from transformers import PreTrainedModel, TrainerCallback
 
 from trainer.base import FinetuneTrainer, model_inputs
 from trainer.losses import answer_kl, sequence_nll, token_mean_nll
+from trainer.reference_cache import ReferenceNLLCache, leaf_samples
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,9 @@ class UnlearningTrainer(FinetuneTrainer):
     #: Whether the loss always compares with the frozen model from before unlearning (NPO, DPO, UNDIAL,
     #: RMU); otherwise the reference model is loaded only for a KL retain term.
     uses_reference_model: bool = False
+    #: Whether the reference model enters the loss only through ``reference_nll`` of forget samples
+    #: (NPO, DPO, AltPO): then those values can be computed once before training.
+    reference_nll_only: bool = False
 
     def __init_subclass__(cls, **kwargs: Any):
         # Methods may write compute_loss(self, model, inputs, return_outputs=False) as in the docs;
@@ -68,7 +75,10 @@ class UnlearningTrainer(FinetuneTrainer):
 
         cls.compute_loss = compute_loss
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, precompute_ref_log_probs: bool = True, **kwargs: Any):
+        """``precompute_ref_log_probs`` (``trainer.method_args``, methods with ``reference_nll_only``):
+        compute the reference model's answer NLL of every forget sample once before training and
+        reuse it every step and epoch (the same loss values; false: one reference forward per step)."""
         super().__init__(*args, **kwargs)
         retain = getattr(self.train_dataset, "retain", None)
         if self.uses_retain and self.train_dataset is not None and retain is None:
@@ -79,6 +89,14 @@ class UnlearningTrainer(FinetuneTrainer):
         if hasattr(self.train_dataset, "set_epoch"):
             self.add_callback(_SetEpoch(self.train_dataset))
         self.ref_model = self._make_reference_model() if self.needs_reference_model() else None
+        self.reference_cache: ReferenceNLLCache | None = None
+        has_forget = getattr(self.train_dataset, "forget", None) is not None
+        if precompute_ref_log_probs and self.reference_nll_only and self.ref_model is not None and has_forget:
+            self.reference_cache = self._precompute_reference_nll()
+            if len(self.reference_cache) == 0:  # forget items without samples (hand-built batches): per step
+                self.reference_cache = None
+            elif getattr(self, "retain_loss_type", None) != "KL":
+                self.ref_model = None  # nothing else reads it: free its memory
 
     # ----- loss weights and the retain term ---------------------------------------------------------
     def set_loss_weights(self, gamma: float, alpha: float, retain_loss_type: str | None,
@@ -128,8 +146,37 @@ class UnlearningTrainer(FinetuneTrainer):
 
     @torch.no_grad()
     def reference_nll(self, batch: dict[str, Any]) -> torch.Tensor:
-        """Per-sample summed answer NLL ``S_ref`` ``[B]`` under the reference model."""
+        """Per-sample summed answer NLL ``S_ref`` ``[B]`` under the reference model (precomputed if cached)."""
+        if self.reference_cache is not None:
+            cached = self.reference_cache.lookup(batch)
+            if cached is not None:
+                return cached
+            if self.ref_model is None:
+                raise RuntimeError(
+                    f"{type(self).__name__}: a training sample is not among the forget samples whose reference NLL "
+                    "was precomputed (does the forget dataset change its items between calls?); set "
+                    "trainer.method_args.precompute_ref_log_probs=false to compute it at every step"
+                )
         return sequence_nll(self.reference_logits(batch), batch["labels"])[0]
+
+    def _precompute_reference_nll(self) -> ReferenceNLLCache:
+        """``S_ref`` of every sample of every forget item (both answers of a DPO pair), before training.
+
+        With several processes each computes a strided share and the shares are exchanged.
+        """
+        forget = self.train_dataset.forget
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+        samples = [s for i in range(rank, len(forget), world) for s in leaf_samples(forget[i])]
+        cache = ReferenceNLLCache()
+        cache.fill(self.ref_model, samples, self.data_collator, self.args.per_device_train_batch_size,
+                   self.args.device)
+        if distributed:
+            parts: list = [None] * world
+            torch.distributed.all_gather_object(parts, cache.values)
+            cache.merge(parts)
+        log.info("%s: reference NLL of %d forget samples precomputed", type(self).__name__, len(cache))
+        return cache
 
     # ----- shared pieces ---------------------------------------------------------------------------
     @staticmethod

@@ -59,6 +59,7 @@ class DPO(UnlearningTrainer):
     #: What to tell a user whose forget data has no alternate answers.
     paired_data_hint = IDK_HINT
     uses_reference_model = True
+    reference_nll_only = True
 
     def __init__(self, *args: Any, beta: float = 0.1, gamma: float = 1.0, alpha: float = 1.0,
                  retain_loss_type: str | None = "NLL", **kwargs: Any):

@@ -22,6 +22,7 @@ class NPO(UnlearningTrainer):
     """
 
     uses_reference_model = True
+    reference_nll_only = True
 
     def __init__(self, *args: Any, beta: float = 0.1, gamma: float = 1.0, alpha: float = 1.0,
                  retain_loss_type: str | None = "NLL", **kwargs: Any):

@@ -1,0 +1,93 @@
+"""Reference-model answer NLLs computed once before training and looked up by sample content.
+
+NPO, DPO and AltPO compare each forget answer's summed NLL ``S`` under the model being trained with
+``S_ref`` under the frozen model from before unlearning. ``S_ref`` depends only on the sample's
+tokens, so it is computed for every forget sample in one inference pass before the first step,
+instead of one reference forward pass per step and epoch; the losses are the same (up to
+floating-point rounding from different padding), and when nothing else needs the reference model it
+is freed (one model in memory instead of two).
+
+Samples are keyed by their content, not their dataset index: the real tokens and their labels, so
+the original and the alternate answer of a DPO pair, or the same question in two datasets, never
+collide, and no index has to travel through the data pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from trainer.base import model_inputs
+from trainer.losses import sequence_nll
+
+
+def sample_key(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> bytes:
+    """A 16-byte digest of one sample's real tokens (attention mask 1) and their labels."""
+    if attention_mask is not None:
+        real = attention_mask.bool()
+        input_ids, labels = input_ids[real], labels[real]
+    data = torch.stack([input_ids.long(), labels.long()]).cpu().numpy().tobytes()
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def batch_keys(batch: Mapping[str, torch.Tensor]) -> list[bytes]:
+    """``sample_key`` of every row of a collated batch."""
+    ids, labels = batch["input_ids"].cpu(), batch["labels"].cpu()
+    mask = batch.get("attention_mask")
+    mask = mask.cpu() if mask is not None else torch.ones_like(ids)
+    return [sample_key(i, lab, m) for i, lab, m in zip(ids, labels, mask)]
+
+
+def leaf_samples(item: Any) -> Iterator[dict]:
+    """The samples (dicts with ``input_ids``) inside a dataset item: itself, or those of a pair/list."""
+    if isinstance(item, Mapping) and "input_ids" in item:
+        yield item
+    elif isinstance(item, Mapping):
+        for value in item.values():
+            yield from leaf_samples(value)
+    elif isinstance(item, (list, tuple)):
+        for value in item:
+            yield from leaf_samples(value)
+
+
+class ReferenceNLLCache:
+    """``S_ref`` per sample, filled by ``fill`` (or ``store``), read by ``lookup``."""
+
+    def __init__(self) -> None:
+        self.values: dict[bytes, float] = {}
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def store(self, batch: Mapping[str, torch.Tensor], nll: torch.Tensor) -> None:
+        for key, value in zip(batch_keys(batch), nll.detach().float().cpu().tolist()):
+            self.values[key] = value
+
+    def lookup(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+        """``S_ref [B]`` (float32, on the batch's device) if every row is cached, else None."""
+        try:
+            values = [self.values[k] for k in batch_keys(batch)]
+        except KeyError:
+            return None
+        return torch.tensor(values, dtype=torch.float32, device=batch["input_ids"].device)
+
+    @torch.inference_mode()
+    def fill(self, model: torch.nn.Module, samples: Sequence[dict], collate: Callable[[list], dict],
+             batch_size: int, device: torch.device | str) -> None:
+        """Compute ``S_ref`` of ``samples`` with ``model``, batches of ``batch_size`` sorted by length."""
+        order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]), reverse=True)
+        for start in range(0, len(order), batch_size):
+            batch = collate([samples[i] for i in order[start:start + batch_size]])
+            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            logits = model(**model_inputs(batch)).logits
+            self.store(batch, sequence_nll(logits, batch["labels"])[0])
+
+    def merge(self, parts: Iterable[dict[bytes, float]]) -> None:
+        for part in parts:
+            self.values.update(part)
+
+
+__all__ = ["ReferenceNLLCache", "sample_key", "batch_keys", "leaf_samples"]

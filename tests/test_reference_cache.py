@@ -1,0 +1,95 @@
+"""Reference NLLs precomputed before training (NPO, DPO, AltPO): same losses, one model fewer in memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import REPO, StubLM, make_batch, train_in_process
+from data.unlearn import ForgetRetainDataset
+from trainer import load_trainer
+from trainer.reference_cache import ReferenceNLLCache, batch_keys, leaf_samples, sample_key
+
+
+def test_sample_key_ignores_padding_and_sees_labels():
+    ids, labels = torch.tensor([4, 5, 6]), torch.tensor([-100, 5, 6])
+    padded = sample_key(torch.tensor([4, 5, 6, 0, 0]), torch.tensor([-100, 5, 6, -100, -100]),
+                        torch.tensor([1, 1, 1, 0, 0]))
+    assert sample_key(ids, labels) == padded
+    assert sample_key(ids, torch.tensor([-100, -100, 6])) != padded  # same tokens, other answer span
+    assert sample_key(torch.tensor([4, 5, 7]), labels) != padded
+
+
+def test_cache_lookup_needs_every_row():
+    batch = make_batch([[0, 2], [1, 3]], [[-100, 2], [-100, 3]])
+    cache = ReferenceNLLCache()
+    assert cache.lookup(batch) is None
+    cache.store(batch, torch.tensor([1.5, 2.5]))
+    assert cache.lookup(batch).tolist() == [1.5, 2.5]
+    swapped = make_batch([[1, 3], [0, 2]], [[-100, 3], [-100, 2]])
+    assert cache.lookup(swapped).tolist() == [2.5, 1.5]  # by content, not by position
+    assert cache.lookup(make_batch([[0, 2], [1, 4]], [[-100, 2], [-100, 4]])) is None
+    assert len(set(batch_keys(batch))) == 2
+
+
+def test_leaf_samples_of_pairs_and_lists():
+    a, b = {"input_ids": torch.tensor([1])}, {"input_ids": torch.tensor([2])}
+    assert list(leaf_samples({"original": a, "alternate": b})) == [a, b]
+    assert list(leaf_samples([a, b])) == [a, b]
+    assert list(leaf_samples(3)) == []
+
+
+def _stub_trainer(tmp_path, handler, **method_args):
+    forget = [{"input_ids": torch.tensor([0, 2]), "labels": torch.tensor([-100, 2]),
+               "attention_mask": torch.tensor([1, 1])},
+              {"input_ids": torch.tensor([1, 3]), "labels": torch.tensor([-100, 3]),
+               "attention_mask": torch.tensor([1, 1])}]
+    from data.collators import DataCollatorForSupervisedDataset
+
+    class _Tok:
+        pad_token_id = 0
+
+    cfg = {"handler": handler, "method_args": method_args,
+           "args": {"per_device_train_batch_size": 2, "report_to": "none"}}
+    return load_trainer(cfg, StubLM(), train_dataset=ForgetRetainDataset(forget, forget),
+                        data_collator=DataCollatorForSupervisedDataset(_Tok()), output_dir=str(tmp_path / "out"))
+
+
+def test_npo_precomputes_and_frees_the_reference(tmp_path):
+    t = _stub_trainer(tmp_path, "NPO", beta=0.5, retain_loss_type=None)
+    assert t.ref_model is None and len(t.reference_cache) == 2
+    batch = make_batch([[0, 2], [1, 3]], [[-100, 2], [-100, 3]])
+    # StubLM: after token 0, p(2) = 4/8; after token 1 uniform over 5
+    assert t.reference_nll(batch).tolist() == pytest.approx([-torch.log(torch.tensor(0.5)).item(),
+                                                             torch.log(torch.tensor(5.0)).item()], abs=1e-6)
+    with pytest.raises(RuntimeError, match="precompute_ref_log_probs=false"):
+        t.reference_nll(make_batch([[0, 3]], [[-100, 3]]))
+
+
+def test_kl_retain_keeps_the_reference_and_switch_off_computes_per_step(tmp_path):
+    kl = _stub_trainer(tmp_path, "NPO", retain_loss_type="KL")
+    assert kl.ref_model is not None and kl.reference_cache is not None
+    off = _stub_trainer(tmp_path, "NPO", precompute_ref_log_probs=False)
+    assert off.ref_model is not None and off.reference_cache is None
+
+
+def test_switch_is_only_for_methods_that_use_it(tmp_path):
+    with pytest.raises(ValueError, match=r"precompute_ref_log_probs.*not accepted by GradDiff"):
+        _stub_trainer(tmp_path, "GradDiff", precompute_ref_log_probs=True)
+
+
+@pytest.mark.parametrize("trainer, forget", [("NPO", "TOFU_QA_FORGET10"), ("DPO", "TOFU_QA_FORGET10_IDK")])
+def test_precomputed_reference_gives_the_same_loss_curve(tofu_dir, tmp_path, monkeypatch, trainer, forget):
+    """Golden values: 4 optimizer steps with and without the precomputed reference log as the same losses."""
+    monkeypatch.chdir(REPO)
+    common = ["model=tiny-random-llama", f"trainer={trainer}", f"data.forget={forget}", "data.retain=TOFU_QA_RETAIN90",
+              f"paths.tofu={tofu_dir}", "trainer.args.max_steps=4", "trainer.args.per_device_train_batch_size=4",
+              "trainer.args.gradient_accumulation_steps=1", "trainer.args.logging_steps=1",
+              "trainer.args.learning_rate=1e-3", "trainer.args.disable_tqdm=true"]
+    cached = train_in_process(tmp_path / "cached", common)
+    per_step = train_in_process(tmp_path / "per_step", [*common, "trainer.method_args.precompute_ref_log_probs=false"])
+    assert len(cached) == len(per_step) == 4
+    for a, b in zip(cached, per_step):
+        for key in ("loss", "forget_loss", "retain_loss"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5, rel=1e-5), (key, a, b)
+    assert cached[-1]["forget_loss"] != pytest.approx(cached[0]["forget_loss"], abs=1e-6)  # training moved
