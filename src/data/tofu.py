@@ -102,10 +102,6 @@ class QADataset(Dataset):
         """Token length of each item (the longest answer of a group), for length-grouped sampling."""
         return [max(len(t.input_ids) for t in group) for group in self._samples]
 
-    def answer_counts(self) -> list[int]:
-        """Number of (question, answer) samples in each item (1, or the length of an answer list)."""
-        return [len(group) for group in self._samples]
-
 
 class QAwithIdkDataset(QADataset):
     """Forget questions paired with a refusal answer (IdkDPO / IdkNLL).

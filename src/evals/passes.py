@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from data.collators import DataCollatorForSupervisedDataset, pad_sequences
 from data.utils import IGNORE_INDEX, PromptTemplate, answer_end_token_id
@@ -118,16 +119,45 @@ def _split_prompt(sample: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return sample["input_ids"][:cut], sample["input_ids"][cut:], labels[cut:]
 
 
-def prefix_shared_answer_logits(model: torch.nn.Module, samples: Sequence[dict],
-                                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Answer-position logits of samples where several share a prompt, each prompt run once.
+RowStats = tuple  # (logp, mean_logp, std_logp, argmax_match) numpy arrays of one sample's answer tokens
 
-    The distinct prompts are run (left-padded, positions counted from each prompt's first real
-    token) with a KV cache; the cache rows are then repeated for the answers that continue each
-    prompt and the answers alone are run on top of it. The prediction of the first answer token is
-    the prompt pass's last logit. Returns ``(logits [R, La, V], labels [R, La])`` like
-    ``answer_logits``; the values equal those of a full forward pass of each prompt + answer
-    (floating-point rounding aside: attention sums run in a different order).
+
+def _row_stats(logits: torch.Tensor, labels: torch.Tensor) -> list[RowStats]:
+    """``answer_token_stats`` of every row of ``(logits [R, L, V], labels [R, L])``, split per row."""
+    mask = labels != IGNORE_INDEX
+    arrays = [t.cpu().numpy() for t in answer_token_stats(logits[mask], labels[mask])]
+    out, offset = [], 0
+    for n in mask.sum(-1).tolist():
+        out.append(tuple(a[offset:offset + n] for a in arrays))
+        offset += n
+    return out
+
+
+def _chunks(order: Sequence[int], size: int) -> list[Sequence[int]]:
+    return [order[k:k + size] for k in range(0, len(order), size)]
+
+
+def _whole_row_stats(model: torch.nn.Module, samples: Sequence[dict], collate: Any, device: torch.device,
+                     rows_per_forward: int) -> list[RowStats]:
+    """Statistics of each sample from full forward passes of length-sorted chunks of rows."""
+    result: list[Any] = [None] * len(samples)
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]), reverse=True)
+    for chunk in _chunks(order, rows_per_forward):
+        logits, labels = answer_logits(model, collate([samples[i] for i in chunk]), device)
+        for i, stats in zip(chunk, _row_stats(logits, labels)):
+            result[i] = stats
+    return result
+
+
+def _shared_prompt_stats(model: torch.nn.Module, samples: Sequence[dict], device: torch.device,
+                         rows_per_forward: int) -> list[RowStats] | None:
+    """Statistics of each sample with every distinct prompt run once (None: the model's cache cannot be split).
+
+    The distinct prompts run together (left-padded, positions counted from each prompt's first real
+    token) with a KV cache. The answers are then sorted by length and run in chunks of
+    ``rows_per_forward`` on top of their prompt's cache rows; the first answer token's prediction is
+    the prompt pass's last logit. The values equal those of a full forward pass of each prompt +
+    answer, up to floating-point rounding (attention sums run in another order).
     """
     prompts: dict[tuple, int] = {}
     group, answers, answer_labels = [], [], []
@@ -139,48 +169,33 @@ def prefix_shared_answer_logits(model: torch.nn.Module, samples: Sequence[dict],
     prompt_ids = [torch.tensor(p, dtype=torch.long) for p in prompts]
     p_ids = pad_sequences(prompt_ids, 0, "left").to(device)
     p_mask = pad_sequences([torch.ones_like(p) for p in prompt_ids], 0, "left").to(device)
-    p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits_to_keep=1)
-    first_logits = out.logits[:, -1]
-    rows = torch.tensor(group, device=device)
+    out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
-    cache.batch_select_indices(rows)
-    a_ids = pad_sequences([a if len(a) else torch.zeros(1, dtype=torch.long) for a in answers], 0, "right").to(device)
-    a_labels = pad_sequences([lab if len(lab) else torch.full((1,), IGNORE_INDEX) for lab in answer_labels],
-                             IGNORE_INDEX, "right").to(device)
-    a_mask = pad_sequences([torch.ones(max(len(a), 1), dtype=torch.long) for a in answers], 0, "right").to(device)
-    prompt_lengths = p_mask.sum(-1)[rows]
-    a_pos = prompt_lengths.unsqueeze(-1) + torch.arange(a_ids.shape[1], device=device)
-    if a_ids.shape[1] > 1:
-        rest = model(input_ids=a_ids, attention_mask=torch.cat([p_mask[rows], a_mask], dim=-1), position_ids=a_pos,
-                     past_key_values=cache, use_cache=True).logits[:, :-1]  # the last position predicts nothing
-        logits = torch.cat([first_logits[rows].unsqueeze(1), rest], dim=1)
-    else:
+    if not isinstance(cache, DynamicCache) or any(s is not None for _, _, s in cache):
+        return None
+    layers = [(k, v) for k, v, _ in cache]
+    first_logits, prompt_lengths = out.logits[:, -1], p_mask.sum(-1)
+    result: list[Any] = [None] * len(samples)
+    order = sorted(range(len(samples)), key=lambda i: len(answers[i]), reverse=True)
+    for chunk in _chunks(order, rows_per_forward):
+        rows = torch.tensor([group[i] for i in chunk], device=device)
+        a_ids = pad_sequences([answers[i] if len(answers[i]) else torch.zeros(1, dtype=torch.long) for i in chunk],
+                              0, "right").to(device)
+        a_labels = pad_sequences([answer_labels[i] if len(answers[i]) else torch.full((1,), IGNORE_INDEX)
+                                  for i in chunk], IGNORE_INDEX, "right").to(device)
         logits = first_logits[rows].unsqueeze(1)
-    return logits, a_labels
-
-
-def _row_batches(lengths: Sequence[int], counts: Sequence[int], indices: Sequence[int],
-                 rows_per_batch: int) -> list[list[int]]:
-    """Items sorted by length (longest first) and grouped so a batch holds at most ``rows_per_batch``
-    samples (an item with several answers counts once per answer; a larger item forms its own batch)."""
-    batches: list[list[int]] = []
-    rows = 0
-    for i in sorted(indices, key=lambda i: lengths[i], reverse=True):
-        if batches and rows + counts[i] <= rows_per_batch:
-            batches[-1].append(i)
-            rows += counts[i]
-        else:
-            batches.append([i])
-            rows = counts[i]
-    return batches
-
-
-def _lengths_and_counts(dataset: Any) -> tuple[list[int], list[int]]:
-    lengths = list(dataset.lengths())
-    if hasattr(dataset, "answer_counts"):
-        return lengths, list(dataset.answer_counts())
-    return lengths, [len(item) if isinstance(item, list) else 1 for item in (dataset[i] for i in range(len(dataset)))]
+        if a_ids.shape[1] > 1:
+            a_mask = pad_sequences([torch.ones(max(len(answers[i]), 1), dtype=torch.long) for i in chunk], 0,
+                                   "right").to(device)
+            positions = prompt_lengths[rows].unsqueeze(-1) + torch.arange(a_ids.shape[1], device=device)
+            rows_cache = DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in layers])
+            rest = model(input_ids=a_ids, attention_mask=torch.cat([p_mask[rows], a_mask], dim=-1),
+                         position_ids=positions, past_key_values=rows_cache, use_cache=True).logits
+            logits = torch.cat([logits, rest[:, :-1]], dim=1)  # the last answer position predicts nothing
+        for i, stats in zip(chunk, _row_stats(logits, a_labels)):
+            result[i] = stats
+    return result
 
 
 @torch.inference_mode()
@@ -188,21 +203,21 @@ def token_stats_passes(model: torch.nn.Module, datasets: Sequence[Any], tokenize
                        share_prompts: bool = True) -> list[dict[int, list[TokenStats]]]:
     """``token_stats_pass`` of several datasets over the same questions (one per answer column) at once.
 
-    Item ``i`` of every dataset is scored in the same batch, so with ``share_prompts`` the question
-    ``i`` runs once for its true, paraphrased and perturbed answers together. Returns one result per
-    dataset, in order. The datasets must have the same number of items (the same rows).
+    Questions are taken ``batch_size`` at a time (sorted by length); all their answers, in every
+    dataset, are scored together, so with ``share_prompts`` question ``i`` runs once for its true,
+    paraphrased and perturbed answers. A forward pass holds at most ``batch_size`` rows. Returns one
+    result per dataset, in order. The datasets must have the same number of items (the same rows).
     """
     sizes = {len(d) for d in datasets}
     if len(sizes) != 1:
         raise ValueError(f"token_stats_passes needs datasets with the same rows; got sizes {[len(d) for d in datasets]}")
-    per_dataset = [_lengths_and_counts(d) for d in datasets]
-    lengths = [max(values) for values in zip(*(lc[0] for lc in per_dataset))]
-    counts = [sum(values) for values in zip(*(lc[1] for lc in per_dataset))]
+    lengths = [max(values) for values in zip(*(d.lengths() for d in datasets))]
     device = _device(model)
     share_prompts = share_prompts and _supports_prefix_cache(model)
     collate = DataCollatorForSupervisedDataset(tokenizer, padding_side="right")
     outs: list[dict[int, list[TokenStats]]] = [{} for _ in datasets]
-    for batch_indices in _row_batches(lengths, counts, _shard(range(sizes.pop())), batch_size):
+    by_length = sorted(_shard(range(sizes.pop())), key=lambda i: lengths[i], reverse=True)
+    for batch_indices in _chunks(by_length, batch_size):
         samples, owners = [], []
         for i in batch_indices:
             for d, dataset in enumerate(datasets):
@@ -210,23 +225,18 @@ def token_stats_passes(model: torch.nn.Module, datasets: Sequence[Any], tokenize
                 for sample in item if isinstance(item, list) else [item]:
                     samples.append(sample)
                     owners.append((d, i))
+        stats = None
         if share_prompts and len({tuple(_split_prompt(s)[0].tolist()) for s in samples}) < len(samples):
-            logits, labels = prefix_shared_answer_logits(model, samples, device)
-        else:
-            logits, labels = answer_logits(model, collate(samples), device)
-        mask = labels != IGNORE_INDEX
-        stats = answer_token_stats(logits[mask], labels[mask])
-        token_logp, mean_logp, std_logp, match = (t.cpu().numpy() for t in stats)
-        offset = 0
-        for (d, index), n in zip(owners, mask.sum(-1).tolist()):
+            stats = _shared_prompt_stats(model, samples, device, batch_size)
+        if stats is None:
+            stats = _whole_row_stats(model, samples, collate, device, batch_size)
+        for (d, index), (token_logp, mean_logp, std_logp, match) in zip(owners, stats):
             out = outs[d]
             position = len(out.get(index, []))  # rows of one item arrive in answer order
-            sl = slice(offset, offset + n)
             out.setdefault(index, []).append(TokenStats(
-                logp=token_logp[sl], mean_logp=mean_logp[sl], std_logp=std_logp[sl], argmax_match=match[sl],
+                logp=token_logp, mean_logp=mean_logp, std_logp=std_logp, argmax_match=match,
                 answer_text=_answers(datasets[d], index)[position],
             ))
-            offset += n
     return [_gather(out) for out in outs]
 
 
@@ -236,8 +246,8 @@ def token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, batch
 
     A forward pass holds at most ``batch_size`` (question, answer) rows. With ``share_prompts``
     (default) and a model that takes a KV cache, a batch whose rows repeat a prompt (several answers
-    to one question) runs each prompt once (``prefix_shared_answer_logits``); otherwise every row is
-    run whole (``answer_logits``). Both give the same statistics.
+    to one question) runs each prompt once (``_shared_prompt_stats``); otherwise every row is run
+    whole (``answer_logits``). Both give the same statistics.
     """
     return token_stats_passes(model, [dataset], tokenizer, batch_size=batch_size, share_prompts=share_prompts)[0]
 
@@ -382,4 +392,4 @@ def grad_norm_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any) -> dict
 
 
 __all__ = ["token_stats_pass", "token_stats_passes", "generation_pass", "grad_norm_pass", "greedy_decode",
-           "answer_token_stats", "answer_logits", "prefix_shared_answer_logits"]
+           "answer_token_stats", "answer_logits"]
