@@ -136,3 +136,14 @@ def test_answer_columns_scored_together_equal_separate_passes(tofu_dir):
     with pytest.raises(ValueError, match="same rows"):
         token_stats_passes(model, [datasets[0], build_dataset("TOFU_QA_RETAIN90", tok, {"apply_chat_template": True},
                                                               root_cfg=root)], tok)
+
+
+def test_logit_processors_in_the_generation_config_fall_back_to_generate():
+    from evals.passes import _plain_greedy_ok
+
+    model, _ = _tiny()
+    assert _plain_greedy_ok(model)
+    model.generation_config.repetition_penalty = 1.3  # greedy_decode would ignore it: model.generate applies it
+    assert not _plain_greedy_ok(model)
+    model.generation_config.repetition_penalty = 1.0
+    assert _plain_greedy_ok(model)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from data.collators import DataCollatorForSupervisedDataset, pad_sequences
 from data.utils import IGNORE_INDEX, PromptTemplate, answer_end_token_id
@@ -172,9 +173,10 @@ def _shared_prompt_stats(model: torch.nn.Module, samples: Sequence[dict], device
     out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
                 use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
-    if not isinstance(cache, DynamicCache) or any(s is not None for _, _, s in cache):
-        return None
-    layers = [(k, v) for k, v, _ in cache]
+    layers = getattr(cache, "layers", None)
+    if not isinstance(cache, DynamicCache) or not layers or any(type(layer) is not DynamicLayer for layer in layers):
+        return None  # e.g. sliding-window layers: run whole rows instead
+    layers = [(layer.keys, layer.values) for layer in layers]
     first_logits, prompt_lengths = out.logits[:, -1], p_mask.sum(-1)
     result: list[Any] = [None] * len(samples)
     order = sorted(range(len(samples)), key=lambda i: len(answers[i]), reverse=True)
@@ -189,7 +191,9 @@ def _shared_prompt_stats(model: torch.nn.Module, samples: Sequence[dict], device
             a_mask = pad_sequences([torch.ones(max(len(answers[i]), 1), dtype=torch.long) for i in chunk], 0,
                                    "right").to(device)
             positions = prompt_lengths[rows].unsqueeze(-1) + torch.arange(a_ids.shape[1], device=device)
-            rows_cache = DynamicCache(ddp_cache_data=[(k[rows], v[rows]) for k, v in layers])
+            rows_cache = DynamicCache()
+            for layer_index, (keys, values) in enumerate(layers):
+                rows_cache.update(keys[rows], values[rows], layer_index)
             rest = model(input_ids=a_ids, attention_mask=torch.cat([p_mask[rows], a_mask], dim=-1),
                          position_ids=positions, past_key_values=rows_cache, use_cache=True).logits
             logits = torch.cat([logits, rest[:, :-1]], dim=1)  # the last answer position predicts nothing

@@ -1,0 +1,44 @@
+"""Golden values for the training speed knobs: each computes the same losses as the plain path.
+
+Every test trains the tiny random Llama for a few optimizer steps twice through ``src/train.py``'s
+``run`` (composed from ``configs/unlearn.yaml``), once with the knob and once without, and compares
+every logged loss term step by step.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import REPO, train_in_process
+
+
+def _common(tofu_dir, trainer: str, forget: str) -> list[str]:
+    return ["model=tiny-random-llama", f"trainer={trainer}", f"data.forget={forget}", "data.retain=TOFU_QA_RETAIN90",
+            f"paths.tofu={tofu_dir}", "trainer.args.max_steps=4", "trainer.args.per_device_train_batch_size=4",
+            "trainer.args.gradient_accumulation_steps=1", "trainer.args.logging_steps=1",
+            "trainer.args.learning_rate=1e-3", "trainer.args.disable_tqdm=true"]
+
+
+def _assert_same_curve(a_steps: list[dict], b_steps: list[dict]) -> None:
+    assert len(a_steps) == len(b_steps) == 4
+    for a, b in zip(a_steps, b_steps):
+        for key in ("loss", "forget_loss", "retain_loss"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5, rel=1e-5), (key, a, b)
+    assert a_steps[-1]["forget_loss"] != pytest.approx(a_steps[0]["forget_loss"], abs=1e-6)  # training moved
+
+
+@pytest.mark.parametrize("trainer, forget", [("NPO", "TOFU_QA_FORGET10"), ("DPO", "TOFU_QA_FORGET10_IDK")])
+def test_precomputed_reference_gives_the_same_loss_curve(tofu_dir, tmp_path, monkeypatch, trainer, forget):
+    monkeypatch.chdir(REPO)
+    common = _common(tofu_dir, trainer, forget)
+    cached = train_in_process(tmp_path / "cached", common)
+    per_step = train_in_process(tmp_path / "per_step", [*common, "trainer.method_args.precompute_ref_log_probs=false"])
+    _assert_same_curve(cached, per_step)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_curve(tofu_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    common = _common(tofu_dir, "GradDiff", "TOFU_QA_FORGET10")
+    plain = train_in_process(tmp_path / "plain", common)
+    checkpointed = train_in_process(tmp_path / "ckpt", [*common, "trainer.args.gradient_checkpointing=true"])
+    _assert_same_curve(plain, checkpointed)
