@@ -265,6 +265,7 @@ def run(args: argparse.Namespace) -> dict:
         trainer = load_trainer(cfg.trainer, model, data["train"], data["eval"], tokenizer, collator,
                                output_dir=str(Path(workdir) / "run.incomplete"), evaluators=None)
         trainer_build_s = t()
+        collator.records.clear()  # batches collated while building (e.g. NPO's reference pass) are not steps
         timer = make_timer_callback(args.loss_steps)
         trainer.add_callback(timer)
         common.reset_peak_memory()

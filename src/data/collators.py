@@ -13,6 +13,12 @@ from data.utils import IGNORE_INDEX
 _PAD_VALUES = {"labels": IGNORE_INDEX, "attention_mask": 0}
 
 
+def first_answer_position(labels: torch.Tensor) -> int:
+    """The first position holding an answer label (not -100) in any row; the width if there is none."""
+    positions = (labels != IGNORE_INDEX).any(0).nonzero()
+    return int(positions[0]) if len(positions) else labels.shape[-1]
+
+
 def pad_sequences(seqs: Sequence[torch.Tensor], value: int, side: str) -> torch.Tensor:
     """Stack 1-D tensors into ``[B, max_len]``, filling with ``value`` on the ``side`` ('left'/'right')."""
     width = max(len(s) for s in seqs)
@@ -34,6 +40,10 @@ class DataCollatorForSupervisedDataset:
     in the batch. The attention mask is carried from the samples (1 on every real token), never
     recomputed from ``input_ids != pad_token_id``: the pad id often equals EOS, which appears inside
     samples too.
+
+    A right-padded batch also carries ``answer_start`` (an int: the first position with an answer
+    label in any row), so trainers can skip the prompts in the output layer without reading the
+    labels back from the GPU (``trainer.base.answer_span_logits``).
 
     Args:
         tokenizer: gives the pad id.
@@ -64,6 +74,8 @@ class DataCollatorForSupervisedDataset:
         }
         if self.index and "index" in first:
             batch["index"] = torch.tensor([item["index"] for item in items], dtype=torch.long)
+        if "labels" in batch and self.padding_side == "right":
+            batch["answer_start"] = first_answer_position(batch["labels"])
         return batch
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 from collections import defaultdict
@@ -12,7 +14,9 @@ import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from data.collators import first_answer_position
 from trainer.losses import token_mean_nll
+from trainer.utils import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +26,35 @@ MODEL_INPUT_KEYS = ("input_ids", "attention_mask")
 def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The tensors a causal LM's forward takes from a collated batch (labels and indices stay out)."""
     return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+
+
+@functools.cache
+def _takes_logits_to_keep(model_class: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def answer_span_logits(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, labels)`` of a batch over its answer span only: the output layer skips the prompts.
+
+    Every loss in ``trainer.losses`` reads a logit only where it predicts an answer token (label not
+    -100). The span starts one position before the first answer label of any row
+    (``batch["answer_start"]``, set by the collator, so no device synchronisation is needed) and runs
+    to the end; the output layer runs only there, through the model's ``logits_to_keep`` argument.
+    ``labels`` is cut alike, so ``logits[:, t]`` still sits at the position of ``labels[:, t]`` and
+    every loss has the value of a full forward pass. On TOFU the prompts are about 40 % of the
+    positions: that much less output-layer compute and vocabulary-sized logit memory.
+    """
+    labels = batch["labels"]
+    start = batch.get("answer_start")
+    if start is None:
+        start = first_answer_position(labels)
+    begin = max(int(start) - 1, 0)
+    inputs = model_inputs(batch)
+    if begin > 0 and _takes_logits_to_keep(type(unwrap(model))):
+        logits = model(**inputs, logits_to_keep=labels.shape[1] - begin).logits
+    else:
+        logits = model(**inputs).logits[:, begin:]
+    return logits, labels[:, begin:]
 
 
 class FinetuneTrainer(Trainer):
@@ -66,9 +99,9 @@ class FinetuneTrainer(Trainer):
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        outputs = model(**model_inputs(inputs))
-        loss = token_mean_nll(outputs.logits, inputs["labels"])
-        return (loss, outputs) if return_outputs else loss
+        logits, labels = answer_span_logits(model, inputs)
+        loss = token_mean_nll(logits, labels)
+        return (loss, {"logits": logits}) if return_outputs else loss
 
     def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> tuple:
@@ -77,8 +110,7 @@ class FinetuneTrainer(Trainer):
         if "input_ids" not in inputs:
             raise ValueError(f"evaluation batches must be plain question-answer batches, got keys {list(inputs)}")
         with torch.no_grad():
-            logits = model(**model_inputs(inputs)).logits
-            loss = token_mean_nll(logits, inputs["labels"])
+            loss = token_mean_nll(*answer_span_logits(model, inputs))
         return loss.detach(), None, None
 
     def log_loss_terms(self, **terms: torch.Tensor | float) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from trainer.base import model_inputs
+from trainer.base import answer_span_logits
 from trainer.losses import sequence_nll
 
 
@@ -81,9 +81,8 @@ class ReferenceNLLCache:
         order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]), reverse=True)
         for start in range(0, len(order), batch_size):
             batch = collate([samples[i] for i in order[start:start + batch_size]])
-            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-            logits = model(**model_inputs(batch)).logits
-            self.store(batch, sequence_nll(logits, batch["labels"])[0])
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            self.store(batch, sequence_nll(*answer_span_logits(model, batch))[0])
 
     def merge(self, parts: Iterable[dict[bytes, float]]) -> None:
         for part in parts:

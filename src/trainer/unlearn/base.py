@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, TrainerCallback
 
-from trainer.base import FinetuneTrainer, model_inputs
+from trainer.base import FinetuneTrainer, answer_span_logits
 from trainer.losses import answer_kl, sequence_nll, token_mean_nll
 from trainer.reference_cache import ReferenceNLLCache, leaf_samples
 
@@ -138,11 +138,15 @@ class UnlearningTrainer(FinetuneTrainer):
         ref.requires_grad_(False)
         return ref.to(self.args.device)
 
-    @torch.no_grad()
-    def reference_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+    def _reference(self) -> torch.nn.Module:
         if self.ref_model is None:
             raise RuntimeError(f"{type(self).__name__} asked for reference outputs but needs_reference_model() is False")
-        return self.ref_model(**model_inputs(batch)).logits
+        return self.ref_model
+
+    @torch.no_grad()
+    def reference_logits(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Reference-model logits over the batch's answer span (aligned with ``answer_span_logits``)."""
+        return answer_span_logits(self._reference(), batch)[0]
 
     @torch.no_grad()
     def reference_nll(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -157,7 +161,7 @@ class UnlearningTrainer(FinetuneTrainer):
                     "was precomputed (does the forget dataset change its items between calls?); set "
                     "trainer.method_args.precompute_ref_log_probs=false to compute it at every step"
                 )
-        return sequence_nll(self.reference_logits(batch), batch["labels"])[0]
+        return sequence_nll(*answer_span_logits(self._reference(), batch))[0]
 
     def _precompute_reference_nll(self) -> ReferenceNLLCache:
         """``S_ref`` of every sample of every forget item (both answers of a DPO pair), before training.
@@ -182,15 +186,15 @@ class UnlearningTrainer(FinetuneTrainer):
     @staticmethod
     def forward_nll(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(S [B], T [B], logits)`` of a batch: per-sample summed answer NLL and answer-token counts."""
-        logits = model(**model_inputs(batch)).logits
-        total, count = sequence_nll(logits, batch["labels"])
+        logits, labels = answer_span_logits(model, batch)
+        total, count = sequence_nll(logits, labels)
         return total, count, logits
 
     def retain_loss(self, model: torch.nn.Module, batch: dict[str, Any], loss_type: str) -> torch.Tensor:
         """Retain term: ``NLL`` (mean answer-token NLL) or ``KL`` (``answer_kl`` to the reference)."""
-        logits = model(**model_inputs(batch)).logits
+        logits, labels = answer_span_logits(model, batch)
         if loss_type == "NLL":
-            return token_mean_nll(logits, batch["labels"])
+            return token_mean_nll(logits, labels)
         if loss_type == "KL":
-            return answer_kl(logits, self.reference_logits(batch), batch["labels"])
+            return answer_kl(logits, self.reference_logits(batch), labels)
         raise ValueError(f"retain_loss_type={loss_type!r}; valid: {', '.join(RETAIN_LOSS_TYPES)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.base import model_inputs
+from trainer.base import answer_span_logits
 from trainer.losses import ceu_loss
 from trainer.unlearn.base import UnlearningTrainer
 
@@ -37,7 +37,7 @@ class CEU(UnlearningTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False):
         forget = inputs["forget"]
-        logits = model(**model_inputs(forget)).logits
-        forget_loss = ceu_loss(logits, forget["labels"], self.ignore_first_n_answer_tokens)
+        logits, labels = answer_span_logits(model, forget)
+        forget_loss = ceu_loss(logits, labels, self.ignore_first_n_answer_tokens)
         loss = self.weighted_total(model, inputs, forget_loss)
         return (loss, {"logits": logits}) if return_outputs else loss

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trainer.base import model_inputs
+from trainer.base import answer_span_logits
 from trainer.losses import gradient_ascent_loss
 from trainer.unlearn.base import UnlearningTrainer
 
@@ -12,7 +12,7 @@ class GradAscent(UnlearningTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False):
         forget = inputs["forget"]
-        outputs = model(**model_inputs(forget))
-        loss = gradient_ascent_loss(outputs.logits, forget["labels"])
+        logits, labels = answer_span_logits(model, forget)
+        loss = gradient_ascent_loss(logits, labels)
         self.log_loss_terms(forget_loss=loss)
-        return (loss, outputs) if return_outputs else loss
+        return (loss, {"logits": logits}) if return_outputs else loss

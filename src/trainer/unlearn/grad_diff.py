@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.base import model_inputs
+from trainer.base import answer_span_logits
 from trainer.losses import gradient_ascent_loss
 from trainer.unlearn.base import UnlearningTrainer
 
@@ -25,8 +25,8 @@ class GradDiff(UnlearningTrainer):
         super().__init__(*args, **kwargs)
 
     def forget_loss(self, model, forget):
-        outputs = model(**model_inputs(forget))
-        return gradient_ascent_loss(outputs.logits, forget["labels"]), outputs
+        logits, labels = answer_span_logits(model, forget)
+        return gradient_ascent_loss(logits, labels), {"logits": logits}
 
     def compute_loss(self, model, inputs, return_outputs=False):
         forget_loss, outputs = self.forget_loss(model, inputs["forget"])

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from trainer.base import model_inputs
+from trainer.base import answer_span_logits
 from trainer.losses import lagrangian_loss, logit_margin_flattening_loss
 from trainer.unlearn.base import UnlearningTrainer
 
@@ -104,8 +104,8 @@ class PDU(UnlearningTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False):
         forget = inputs["forget"]
-        outputs = model(**model_inputs(forget))
-        forget_loss = logit_margin_flattening_loss(outputs.logits, forget["labels"])
+        logits, labels = answer_span_logits(model, forget)
+        forget_loss = logit_margin_flattening_loss(logits, labels)
         retain_loss = self.retain_loss(model, inputs["retain"], self.retain_loss_type)
         loss = lagrangian_loss(self.gamma * forget_loss, retain_loss, self.dual, self.retain_loss_eps)
         violation = float(retain_loss.detach()) - self.retain_loss_eps
@@ -113,4 +113,4 @@ class PDU(UnlearningTrainer):
             self.violations.append(violation)
         self.log_loss_terms(forget_loss=forget_loss, retain_loss=retain_loss, constraint_violation=violation,
                             dual_variable=self.dual)
-        return (loss, outputs) if return_outputs else loss
+        return (loss, {"logits": logits}) if return_outputs else loss

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.base import model_inputs
+from trainer.base import answer_span_logits
 from trainer.losses import satimp_weights, weighted_gradient_ascent_loss
 from trainer.unlearn.grad_diff import GradDiff
 
@@ -32,6 +32,6 @@ class SatImp(GradDiff):
         super().__init__(*args, alpha=alpha, **kwargs)
 
     def forget_loss(self, model, forget):
-        outputs = model(**model_inputs(forget))
+        logits, labels = answer_span_logits(model, forget)
         weights = lambda p: satimp_weights(p, self.beta1, self.beta2)  # noqa: E731
-        return weighted_gradient_ascent_loss(outputs.logits, forget["labels"], weights), outputs
+        return weighted_gradient_ascent_loss(logits, labels, weights), {"logits": logits}

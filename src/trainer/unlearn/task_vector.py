@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from trainer.base import model_inputs
+from trainer.base import answer_span_logits
 from trainer.losses import token_mean_nll
 from trainer.unlearn.base import UnlearningTrainer
 
@@ -38,10 +38,10 @@ class TaskVector(UnlearningTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False):
         forget = inputs["forget"]
-        outputs = model(**model_inputs(forget))
-        loss = token_mean_nll(outputs.logits, forget["labels"])
+        logits, labels = answer_span_logits(model, forget)
+        loss = token_mean_nll(logits, labels)
         self.log_loss_terms(forget_loss=loss)
-        return (loss, outputs) if return_outputs else loss
+        return (loss, {"logits": logits}) if return_outputs else loss
 
     def _parameters(self) -> dict[str, torch.nn.Parameter]:
         # named_parameters() lists a tied tensor (embeddings / LM head) once: negating it twice would be wrong.

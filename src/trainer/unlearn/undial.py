@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from trainer.base import answer_span_logits
 from trainer.losses import undial_loss
 from trainer.unlearn.base import UnlearningTrainer
 
@@ -42,7 +43,7 @@ class UNDIAL(UnlearningTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False):
         forget = inputs["forget"]
-        _, _, logits = self.forward_nll(model, forget)
-        forget_loss = undial_loss(logits, self.reference_logits(forget), forget["labels"], self.beta)
+        logits, labels = answer_span_logits(model, forget)
+        forget_loss = undial_loss(logits, self.reference_logits(forget), labels, self.beta)
         loss = self.weighted_total(model, inputs, forget_loss)
         return (loss, {"logits": logits}) if return_outputs else loss

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.base import model_inputs
+from trainer.base import answer_span_logits
 from trainer.losses import weighted_gradient_ascent_loss, wga_weights
 from trainer.unlearn.grad_diff import GradDiff
 
@@ -28,6 +28,6 @@ class WGA(GradDiff):
         super().__init__(*args, **kwargs)
 
     def forget_loss(self, model, forget):
-        outputs = model(**model_inputs(forget))
-        loss = weighted_gradient_ascent_loss(outputs.logits, forget["labels"], lambda p: wga_weights(p, self.beta))
-        return loss, outputs
+        logits, labels = answer_span_logits(model, forget)
+        loss = weighted_gradient_ascent_loss(logits, labels, lambda p: wga_weights(p, self.beta))
+        return loss, {"logits": logits}
