@@ -31,17 +31,24 @@ def harmonic_mean(values: Sequence[float]) -> float:
 )
 def hm_aggregate_metric(*, pre_compute=None, **_: object) -> dict:
     """agg_value = harmonic mean of pre_compute[name]["agg_value"] over every entry (a bare number is also
-    accepted); a None entry raises ValueError naming it. Returns {"agg_value", "inputs": {name: value}}."""
+    accepted). Returns {"agg_value", "inputs": {name: value}}. An entry without a value (every one of its
+    samples excluded) makes the mean undefined: agg_value None and a note naming the entries, so the
+    rest of the evaluation is kept. A negative or non-finite entry raises ValueError naming it."""
     pre_compute = _require(pre_compute, "pre_compute", "hm_aggregate")
     if not pre_compute:
         raise ValueError("hm_aggregate needs at least one pre_compute entry")
-    inputs: dict[str, float] = {}
+    inputs: dict[str, float | None] = {}
     for name, entry in pre_compute.items():
         value = entry.get("agg_value") if isinstance(entry, Mapping) else entry
         if value is None:
-            raise ValueError(f"hm_aggregate: pre_compute entry {name!r} has no value (agg_value is None)")
+            inputs[str(name)] = None
+            continue
         value = float(value)
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"hm_aggregate: pre_compute entry {name!r} = {value} (must be finite and >= 0)")
         inputs[str(name)] = value
+    missing = [name for name, value in inputs.items() if value is None]
+    if missing:
+        return {"agg_value": None, "inputs": inputs,
+                "note": f"harmonic mean undefined: no value for {', '.join(missing)} (every sample excluded)"}
     return {"agg_value": harmonic_mean(list(inputs.values())), "inputs": inputs}

@@ -173,8 +173,9 @@ class UnlearningTrainer(FinetuneTrainer):
         rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
         samples = [s for i in range(rank, len(forget), world) for s in leaf_samples(forget[i])]
         cache = ReferenceNLLCache()
-        cache.fill(self.ref_model, samples, self.data_collator, self.args.per_device_train_batch_size,
-                   self.args.device)
+        # An inference pass: batches of the evaluation size (no activations kept for a backward pass).
+        batch_size = max(self.args.per_device_eval_batch_size, self.args.per_device_train_batch_size)
+        cache.fill(self.ref_model, samples, self.data_collator, batch_size, self.args.device)
         if distributed:
             parts: list = [None] * world
             torch.distributed.all_gather_object(parts, cache.values)
