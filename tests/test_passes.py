@@ -30,6 +30,11 @@ def _tiny():
     return model.eval(), tok
 
 
+def _dataset(tok, tofu_dir, name: str, answer_key: str = "answer"):
+    root = OmegaConf.create({"paths": {"tofu": str(tofu_dir)}, "seed": 0})
+    return build_dataset(name, tok, {"apply_chat_template": True}, root_cfg=root, dataset_args={"answer_key": answer_key})
+
+
 def test_answer_logits_equal_full_forward():
     model, tok = _tiny()
     ids = [torch.tensor([5, 6, 7, 8, 9, 10]), torch.tensor([5, 6, 11, 12])]
@@ -47,9 +52,7 @@ def test_answer_logits_equal_full_forward():
 
 def test_token_stats_match_the_training_loss(tofu_dir):
     model, tok = _tiny()
-    root = OmegaConf.create({"paths": {"tofu": str(tofu_dir)}, "seed": 0})
-    dataset = build_dataset("TOFU_QA_FORGET10_P", tok, {"apply_chat_template": True}, root_cfg=root,
-                            dataset_args={"answer_key": "perturbed_answer"})
+    dataset = _dataset(tok, tofu_dir, "TOFU_QA_FORGET10_P", "perturbed_answer")
     stats = token_stats_pass(model, dataset, tok, batch_size=3)
     assert sorted(stats) == list(range(len(dataset))) and all(len(v) == 5 for v in stats.values())
     batch = DataCollatorForSupervisedDataset(tok)(dataset[1])
@@ -65,9 +68,7 @@ def test_token_stats_match_the_training_loss(tofu_dir):
 def test_prompt_sharing_gives_the_statistics_of_whole_rows(tofu_dir):
     """Speed knob: running each prompt once for its perturbed answers changes no statistic."""
     model, tok = _tiny()
-    root = OmegaConf.create({"paths": {"tofu": str(tofu_dir)}, "seed": 0})
-    dataset = build_dataset("TOFU_QA_FORGET10_P", tok, {"apply_chat_template": True}, root_cfg=root,
-                            dataset_args={"answer_key": "perturbed_answer"})
+    dataset = _dataset(tok, tofu_dir, "TOFU_QA_FORGET10_P", "perturbed_answer")
     shared = token_stats_pass(model, dataset, tok, batch_size=7)
     whole = token_stats_pass(model, dataset, tok, batch_size=7, share_prompts=False)
     assert sorted(shared) == sorted(whole) == list(range(len(dataset)))
@@ -120,10 +121,8 @@ def test_greedy_decode_equals_generate_with_rows_stopping_early():
 def test_answer_columns_scored_together_equal_separate_passes(tofu_dir):
     """Speed knob: the true, paraphrased and perturbed answers of a question in one pass (prompt run once)."""
     model, tok = _tiny()
-    root = OmegaConf.create({"paths": {"tofu": str(tofu_dir)}, "seed": 0})
     keys = ("answer", "paraphrased_answer", "perturbed_answer")
-    datasets = [build_dataset("TOFU_QA_FORGET10_P", tok, {"apply_chat_template": True}, root_cfg=root,
-                              dataset_args={"answer_key": key}) for key in keys]
+    datasets = [_dataset(tok, tofu_dir, "TOFU_QA_FORGET10_P", key) for key in keys]
     joint = token_stats_passes(model, datasets, tok, batch_size=10)
     for dataset, together in zip(datasets, joint, strict=True):
         alone = token_stats_pass(model, dataset, tok, batch_size=10, share_prompts=False)
@@ -134,8 +133,7 @@ def test_answer_columns_scored_together_equal_separate_passes(tofu_dir):
                 np.testing.assert_allclose(a.logp, b.logp, atol=1e-4)
                 np.testing.assert_allclose(a.std_logp, b.std_logp, atol=1e-4)
     with pytest.raises(ValueError, match="same rows"):
-        token_stats_passes(model, [datasets[0], build_dataset("TOFU_QA_RETAIN90", tok, {"apply_chat_template": True},
-                                                              root_cfg=root)], tok)
+        token_stats_passes(model, [datasets[0], _dataset(tok, tofu_dir, "TOFU_QA_RETAIN90")], tok)
 
 
 def test_logit_processors_in_the_generation_config_fall_back_to_generate():

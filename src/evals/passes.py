@@ -26,6 +26,7 @@ from transformers.cache_utils import DynamicLayer
 from data.collators import DataCollatorForSupervisedDataset, pad_sequences
 from data.utils import IGNORE_INDEX, PromptTemplate, answer_end_token_id
 from evals.metrics import TokenStats
+from trainer.base import answer_span_logits
 
 log = logging.getLogger(__name__)
 
@@ -59,24 +60,16 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 
 def answer_logits(model: torch.nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token logits aligned with their target labels, skipping the LM head where no row has an answer.
+    """Next-token logits aligned with their target labels, the output layer skipping the prompts.
 
-    Returns ``(logits [B, L', V], labels [B, L'])`` where ``logits[:, j]`` predicts ``labels[:, j]``. The
-    output layer (often the largest matrix product of a small model: vocab x hidden per position) runs
-    only from the first position that predicts an answer token in any row, through the model's
-    ``logits_to_keep`` argument when it has one; the values are those of a full forward pass.
+    Returns ``(logits [B, L', V], labels [B, L'])`` where ``logits[:, j]`` predicts ``labels[:, j]``:
+    ``trainer.base.answer_span_logits`` (the output layer, often the largest matrix product of a
+    small model, runs only from the first position that predicts an answer token in any row), shifted
+    by one. The values are those of a full forward pass.
     """
-    labels = batch["labels"].to(device)
-    width = labels.shape[1]
-    has_answer = (labels != IGNORE_INDEX).any(0).nonzero()
-    first = int(has_answer[0]) if len(has_answer) else width - 1
-    keep = width - max(first - 1, 0)  # positions first-1 .. width-1 predict labels first .. width
-    inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        logits = model(**inputs, logits_to_keep=keep).logits
-    else:
-        logits = model(**inputs).logits[:, width - keep:]
-    return logits[:, :-1], labels[:, width - keep + 1:]
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    logits, labels = answer_span_logits(model, batch)
+    return logits[:, :-1], labels[:, 1:]
 
 
 def answer_token_stats(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 512) -> tuple[torch.Tensor, ...]:
