@@ -27,27 +27,9 @@ from data.collators import DataCollatorForSupervisedDataset, pad_sequences
 from data.utils import IGNORE_INDEX, PromptTemplate, answer_end_token_id
 from evals.metrics import TokenStats
 from trainer.base import answer_span_logits
+from trainer.utils import gather_dicts, rank_shard
 
 log = logging.getLogger(__name__)
-
-
-def _shard(indices: Sequence[int]) -> list[int]:
-    """This rank's share of the indices (all of them in a single process)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return list(indices[rank::world])
-    return list(indices)
-
-
-def _gather(part: dict) -> dict:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        parts: list = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(parts, part)
-        merged: dict = {}
-        for p in parts:
-            merged.update(p)
-        return merged
-    return part
 
 
 def _answers(dataset: Any, index: int) -> list[str]:
@@ -213,7 +195,7 @@ def token_stats_passes(model: torch.nn.Module, datasets: Sequence[Any], tokenize
     share_prompts = share_prompts and _supports_prefix_cache(model)
     collate = DataCollatorForSupervisedDataset(tokenizer, padding_side="right")
     outs: list[dict[int, list[TokenStats]]] = [{} for _ in datasets]
-    by_length = sorted(_shard(range(sizes.pop())), key=lambda i: lengths[i], reverse=True)
+    by_length = sorted(rank_shard(range(sizes.pop())), key=lambda i: lengths[i], reverse=True)
     for batch_indices in _chunks(by_length, batch_size):
         samples, owners = [], []
         for i in batch_indices:
@@ -234,7 +216,7 @@ def token_stats_passes(model: torch.nn.Module, datasets: Sequence[Any], tokenize
                 logp=token_logp, mean_logp=mean_logp, std_logp=std_logp, argmax_match=match,
                 answer_text=_answers(datasets[d], index)[position],
             ))
-    return [_gather(out) for out in outs]
+    return [gather_dicts(out) for out in outs]
 
 
 def token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, batch_size: int = 32,
@@ -247,13 +229,6 @@ def token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, batch
     whole (``answer_logits``). Both give the same statistics.
     """
     return token_stats_passes(model, [dataset], tokenizer, batch_size=batch_size, share_prompts=share_prompts)[0]
-
-
-def _prompt_ids(sample: dict) -> torch.Tensor:
-    """The prompt tokens of a sample: its leading positions whose label is -100."""
-    answer_positions = (sample["labels"] != IGNORE_INDEX).nonzero()
-    end = int(answer_positions[0]) if len(answer_positions) else len(sample["labels"])
-    return sample["input_ids"][:end]
 
 
 #: Generation-config fields that change greedy decoding beyond "take the argmax"; a model whose
@@ -335,9 +310,9 @@ def generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, templa
     use_plain_greedy = _plain_greedy_ok(model)
     out: dict[int, dict] = {}
     prompts = {}
-    for i in _shard(range(len(dataset))):
+    for i in rank_shard(range(len(dataset))):
         item = dataset[i]
-        prompts[i] = _prompt_ids(item[0] if isinstance(item, list) else item)
+        prompts[i] = _split_prompt(item[0] if isinstance(item, list) else item)[0]
     ordered = sorted(prompts, key=lambda i: len(prompts[i]), reverse=True)
     for start in range(0, len(ordered), batch_size):
         chunk = ordered[start:start + batch_size]
@@ -356,7 +331,7 @@ def generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, templa
                     text = text.split(stop)[0]
             out[i] = {"input": dataset.rows[i][dataset.question_key], "ground_truth": _answers(dataset, i)[0],
                       "generation": text.strip()}
-    return _gather(out)
+    return gather_dicts(out)
 
 
 def grad_norm_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any) -> dict[int, float]:
@@ -373,7 +348,7 @@ def grad_norm_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any) -> dict
     out: dict[int, float] = {}
     try:
         with torch.enable_grad():
-            for i in _shard(range(len(dataset))):
+            for i in rank_shard(range(len(dataset))):
                 item = dataset[i]
                 batch = collate([item[0] if isinstance(item, list) else item])
                 logits = model(input_ids=batch["input_ids"].to(device),
@@ -385,7 +360,7 @@ def grad_norm_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any) -> dict
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
-    return _gather(out)
+    return gather_dicts(out)
 
 
 __all__ = ["token_stats_pass", "token_stats_passes", "generation_pass", "grad_norm_pass", "greedy_decode",

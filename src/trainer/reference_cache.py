@@ -15,7 +15,7 @@ collide, and no index has to travel through the data pipeline.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -83,10 +83,6 @@ class ReferenceNLLCache:
             batch = collate([samples[i] for i in order[start:start + batch_size]])
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             self.store(batch, sequence_nll(*answer_span_logits(model, batch))[0])
-
-    def merge(self, parts: Iterable[dict[bytes, float]]) -> None:
-        for part in parts:
-            self.values.update(part)
 
 
 __all__ = ["ReferenceNLLCache", "sample_key", "batch_keys", "leaf_samples"]

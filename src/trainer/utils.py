@@ -13,6 +13,7 @@ the final norm (``hidden_states[-1] = model.model.norm(h)``), while this returns
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -80,3 +81,23 @@ def hidden_states_at(model: torch.nn.Module, layer_index: int, **inputs: Any) ->
     if not captured:
         raise RuntimeError(f"decoder layer {layer_index} did not run during the forward pass")
     return captured[0]
+
+
+def rank_shard(indices: Sequence[int]) -> list[int]:
+    """This process's strided share of ``indices`` (all of them without ``torch.distributed``)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return list(indices[rank::world])
+    return list(indices)
+
+
+def gather_dicts(part: dict) -> dict:
+    """The union of every process's ``part`` (``all_gather_object``), on every process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, part)
+        merged: dict = {}
+        for p in parts:
+            merged.update(p)
+        return merged
+    return part

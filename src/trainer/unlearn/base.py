@@ -30,6 +30,7 @@ from transformers import PreTrainedModel, TrainerCallback
 from trainer.base import FinetuneTrainer, answer_span_logits
 from trainer.losses import answer_kl, sequence_nll, token_mean_nll
 from trainer.reference_cache import ReferenceNLLCache, leaf_samples
+from trainer.utils import gather_dicts, rank_shard
 
 log = logging.getLogger(__name__)
 
@@ -169,17 +170,12 @@ class UnlearningTrainer(FinetuneTrainer):
         With several processes each computes a strided share and the shares are exchanged.
         """
         forget = self.train_dataset.forget
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
-        samples = [s for i in range(rank, len(forget), world) for s in leaf_samples(forget[i])]
+        samples = [s for i in rank_shard(range(len(forget))) for s in leaf_samples(forget[i])]
         cache = ReferenceNLLCache()
         # An inference pass: batches of the evaluation size (no activations kept for a backward pass).
         batch_size = max(self.args.per_device_eval_batch_size, self.args.per_device_train_batch_size)
         cache.fill(self.ref_model, samples, self.data_collator, batch_size, self.args.device)
-        if distributed:
-            parts: list = [None] * world
-            torch.distributed.all_gather_object(parts, cache.values)
-            cache.merge(parts)
+        cache.values = gather_dicts(cache.values)
         log.info("%s: reference NLL of %d forget samples precomputed", type(self).__name__, len(cache))
         return cache
 
