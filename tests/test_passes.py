@@ -93,6 +93,10 @@ def test_answer_token_stats_by_hand():
         assert torch.allclose(mean, torch.tensor([-math.log(2), m1]))
         assert torch.allclose(std, torch.tensor([0.0, s1]), atol=1e-6)
         assert match.tolist() == [False, True]  # row 0 is a tie: argmax picks the first index
+    # ``rows`` scores selected rows of a larger block, in the order given
+    padded = torch.cat([torch.full((1, 2), 7.0), logits.flip(0)])
+    picked = answer_token_stats(padded, targets, rows=torch.tensor([2, 1]))
+    assert all(torch.equal(a, b) for a, b in zip(picked, answer_token_stats(logits, targets)))
 
 
 def test_greedy_decode_equals_generate_with_rows_stopping_early():
