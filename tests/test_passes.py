@@ -115,11 +115,35 @@ def test_greedy_decode_equals_generate_with_rows_stopping_early():
         stops = sorted({int(free[0, 1]), int(free[2, 5])})  # rows 0 and 2 stop early (or earlier), the others may not
         ref = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=12, do_sample=False,
                              eos_token_id=stops, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:].tolist()
-        ours = greedy_decode(model, ids, attn, max_new_tokens=12, stop_ids=stops)
-    for row, got in zip(ref, ours, strict=True):
-        first_stop = min((row.index(s) for s in stops if s in row), default=len(row) - 1)
-        assert got == row[: first_stop + 1]
-    assert len(ours[0]) <= 2 and len(ours[2]) <= 6 and max(len(r) for r in ours) == 12
+        # rows dropped as soon as they stop, or only once all stopped (finished rows computed along)
+        runs = [greedy_decode(model, ids, attn, max_new_tokens=12, stop_ids=stops, min_finished_fraction=f)
+                for f in (0.0, 1.0)]
+    for ours in runs:
+        for row, got in zip(ref, ours, strict=True):
+            first_stop = min((row.index(s) for s in stops if s in row), default=len(row) - 1)
+            assert got == row[: first_stop + 1]
+        assert len(ours[0]) <= 2 and len(ours[2]) <= 6 and max(len(r) for r in ours) == 12
+
+
+def test_preallocated_cache_layer_appends_grows_and_selects_rows():
+    from transformers.cache_utils import DynamicLayer
+
+    from evals.passes import _PreallocatedLayer
+
+    keys, values = torch.randn(3, 2, 4, 5), torch.randn(3, 2, 4, 5)
+    plain, ours = DynamicLayer(), _PreallocatedLayer(keys, values, capacity=6)
+    plain.update(keys, values)
+    for length in (1, 3):  # the second update passes the capacity (6): the buffers grow
+        new_k, new_v = torch.randn(3, 2, length, 5), torch.randn(3, 2, length, 5)
+        for got, want in zip(ours.update(new_k, new_v), plain.update(new_k, new_v)):
+            assert torch.equal(got, want)
+    assert ours.get_seq_length() == 8
+    rows = torch.tensor([2, 0])
+    plain.batch_select_indices(rows)
+    ours.batch_select_indices(rows)
+    new_k, new_v = torch.randn(2, 2, 1, 5), torch.randn(2, 2, 1, 5)
+    for got, want in zip(ours.update(new_k, new_v), plain.update(new_k, new_v)):
+        assert torch.equal(got, want)
 
 
 def test_answer_columns_scored_together_equal_separate_passes(tofu_dir):
