@@ -106,7 +106,9 @@ def test_greedy_decode_equals_generate_with_rows_stopping_early():
     with torch.no_grad():  # larger weights than the init: varied tokens instead of one token repeated
         for p in model.parameters():
             p.normal_(0.0, 0.5)
-    prompts = [torch.tensor([5, 6, 7, 8, 9]), torch.tensor([11, 12]), torch.tensor([13, 14, 15]), torch.tensor([7])]
+    # a common prefix [3, 4] runs once (prefill_prompts); the rests differ in length
+    prompts = [torch.tensor([3, 4, 5, 6, 7, 8, 9]), torch.tensor([3, 4, 11, 12]), torch.tensor([3, 4, 13, 14, 15]),
+               torch.tensor([3, 4, 7])]
     ids = pad_sequences(prompts, tok.pad_token_id, "left")
     attn = pad_sequences([torch.ones_like(p) for p in prompts], 0, "left")
     with torch.no_grad():
@@ -116,13 +118,38 @@ def test_greedy_decode_equals_generate_with_rows_stopping_early():
         ref = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=12, do_sample=False,
                              eos_token_id=stops, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:].tolist()
         # rows dropped as soon as they stop, or only once all stopped (finished rows computed along)
-        runs = [greedy_decode(model, ids, attn, max_new_tokens=12, stop_ids=stops, min_finished_fraction=f)
+        runs = [greedy_decode(model, prompts, max_new_tokens=12, stop_ids=stops, min_finished_fraction=f)
                 for f in (0.0, 1.0)]
     for ours in runs:
         for row, got in zip(ref, ours, strict=True):
             first_stop = min((row.index(s) for s in stops if s in row), default=len(row) - 1)
             assert got == row[: first_stop + 1]
         assert len(ours[0]) <= 2 and len(ours[2]) <= 6 and max(len(r) for r in ours) == 12
+
+
+def test_common_prefix_length_by_hand():
+    from evals.passes import common_prefix_length
+
+    t = torch.tensor
+    assert common_prefix_length([t([1, 2, 3]), t([1, 2, 4, 5]), t([1, 2])]) == 2
+    assert common_prefix_length([t([1, 2, 3]), t([9, 2, 3])]) == 0
+    assert common_prefix_length([t([1, 2, 3]), t([1, 2, 3])]) == 3
+    assert common_prefix_length([t([1, 2]), t([], dtype=torch.long)]) == 0
+
+
+def test_prefill_prompts_equals_each_prompt_run_alone():
+    """Speed knob: the prompts' shared leading tokens run once; every last-position logit is unchanged."""
+    from evals.passes import prefill_prompts
+
+    model, _ = _tiny()
+    prompts = [torch.tensor([3, 4, 5, 6, 7, 8, 9]), torch.tensor([3, 4, 11]), torch.tensor([3, 4, 13, 14])]
+    with torch.no_grad():
+        last, cache, mask = prefill_prompts(model, prompts, torch.device("cpu"))
+        alone = torch.stack([model(input_ids=p.unsqueeze(0)).logits[0, -1] for p in prompts])
+    torch.testing.assert_close(last, alone, atol=1e-5, rtol=1e-5)
+    # rows read prefix, padding, rest: [3, 4] then 4, 0 and 2 padding slots
+    assert mask.tolist()[1] == [1, 1, 0, 0, 0, 0, 1]
+    assert cache.get_seq_length() == 7
 
 
 def test_preallocated_cache_layer_appends_grows_and_selects_rows():

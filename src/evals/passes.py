@@ -13,7 +13,6 @@ takes a strided shard and the results are gathered, so every rank ends with the 
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +26,7 @@ from data.collators import DataCollatorForSupervisedDataset, pad_sequences
 from data.utils import IGNORE_INDEX, PromptTemplate, answer_end_token_id
 from evals.metrics import TokenStats
 from trainer.base import answer_span_logits
-from trainer.utils import gather_dicts, rank_shard
+from trainer.utils import forward_accepts, gather_dicts, rank_shard
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +95,6 @@ def answer_token_stats(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: 
     return tuple(torch.cat(p) for p in parts)
 
 
-def _supports_prefix_cache(model: torch.nn.Module) -> bool:
-    params = inspect.signature(model.forward).parameters
-    return all(name in params for name in ("past_key_values", "position_ids", "use_cache"))
-
-
 def _split_prompt(sample: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(prompt ids, answer ids, answer labels)`` of one sample: the prompt is its leading -100 labels."""
     labels = sample["labels"]
@@ -141,12 +135,59 @@ def _whole_row_stats(model: torch.nn.Module, samples: Sequence[dict], collate: A
     return result
 
 
+def _plain_dynamic_cache(cache: Any) -> bool:
+    """Whether every layer of ``cache`` is a plain ``DynamicLayer`` (no sliding window, no recurrent state)."""
+    layers = getattr(cache, "layers", None)
+    return isinstance(cache, DynamicCache) and bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def common_prefix_length(prompts: Sequence[torch.Tensor]) -> int:
+    """Number of leading tokens that all ``prompts`` share (system prompt, chat-template header)."""
+    shortest = min(len(p) for p in prompts)
+    if shortest == 0:
+        return 0
+    heads = torch.stack([p[:shortest] for p in prompts])
+    return int((heads == heads[0]).all(0).long().cumprod(0).sum())
+
+
+def prefill_prompts(model: torch.nn.Module, prompts: Sequence[torch.Tensor],
+                    device: torch.device) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """Run prompts with a KV cache, the tokens they all start with only once.
+
+    Returns ``(last_logits [B, V], cache, attention_mask [B, L])``. The shared leading tokens (at most
+    all but the last token of the shortest prompt) run once as a single row whose cache is repeated
+    for every prompt; the rests run left-padded after it, so a row reads ``prefix, padding, rest``
+    with the padding masked and positions counted over real tokens only: the values are those of each
+    prompt run alone, up to floating-point rounding. Without a shared prefix, with one prompt, or for a
+    model whose cache is not made of plain ``DynamicLayer`` s (a sliding window counts cache slots,
+    padding included), the prompts simply run left-padded.
+    """
+    shared = common_prefix_length(prompts) if len(prompts) > 1 else 0
+    shared = min(shared, min(len(p) for p in prompts) - 1)
+    cache = None
+    if shared > 0:
+        cache = model(input_ids=prompts[0][:shared].unsqueeze(0).to(device), use_cache=True,
+                      logits_to_keep=1).past_key_values
+        if _plain_dynamic_cache(cache):
+            cache.batch_repeat_interleave(len(prompts))
+        else:
+            shared, cache = 0, None
+    rests = [p[shared:] for p in prompts]
+    ids = pad_sequences(rests, 0, "left").to(device)  # padding is masked: any valid id will do
+    mask = pad_sequences([torch.ones_like(r) for r in rests], 0, "left").to(device)
+    mask = torch.cat([mask.new_ones(len(prompts), shared), mask], dim=-1)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    return out.logits[:, -1], out.past_key_values, mask
+
+
 def _shared_prompt_stats(model: torch.nn.Module, samples: Sequence[dict], device: torch.device,
                          rows_per_forward: int) -> list[RowStats] | None:
     """Statistics of each sample with every distinct prompt run once (None: the model's cache cannot be split).
 
-    The distinct prompts run together (left-padded, positions counted from each prompt's first real
-    token) with a KV cache. The answers are then sorted by length and run in chunks of
+    The distinct prompts run together with a KV cache (``prefill_prompts``: their common leading
+    tokens once, the rests left-padded, positions counted over real tokens). The answers are then sorted by length and run in chunks of
     ``rows_per_forward`` on top of their prompt's cache rows; the first answer token's prediction is
     the prompt pass's last logit. The values equal those of a full forward pass of each prompt +
     answer, up to floating-point rounding (attention sums run in another order).
@@ -159,16 +200,11 @@ def _shared_prompt_stats(model: torch.nn.Module, samples: Sequence[dict], device
         answers.append(answer)
         answer_labels.append(labels)
     prompt_ids = [torch.tensor(p, dtype=torch.long) for p in prompts]
-    p_ids = pad_sequences(prompt_ids, 0, "left").to(device)
-    p_mask = pad_sequences([torch.ones_like(p) for p in prompt_ids], 0, "left").to(device)
-    out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(-1) - 1).clamp(min=0),
-                use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
-    layers = getattr(cache, "layers", None)
-    if not isinstance(cache, DynamicCache) or not layers or any(type(layer) is not DynamicLayer for layer in layers):
+    first_logits, cache, p_mask = prefill_prompts(model, prompt_ids, device)
+    if not _plain_dynamic_cache(cache):
         return None  # e.g. sliding-window layers: run whole rows instead
-    layers = [(layer.keys, layer.values) for layer in layers]
-    first_logits, prompt_lengths = out.logits[:, -1], p_mask.sum(-1)
+    layers = [(layer.keys, layer.values) for layer in cache.layers]
+    prompt_lengths = p_mask.sum(-1)
     result: list[Any] = [None] * len(samples)
     order = sorted(range(len(samples)), key=lambda i: len(answers[i]), reverse=True)
     for chunk in _chunks(order, rows_per_forward):
@@ -208,7 +244,7 @@ def token_stats_passes(model: torch.nn.Module, datasets: Sequence[Any], tokenize
         raise ValueError(f"token_stats_passes needs datasets with the same rows; got sizes {[len(d) for d in datasets]}")
     lengths = [max(values) for values in zip(*(d.lengths() for d in datasets))]
     device = _device(model)
-    share_prompts = share_prompts and _supports_prefix_cache(model)
+    share_prompts = share_prompts and forward_accepts(model, "past_key_values", "position_ids", "use_cache", "logits_to_keep")
     collate = DataCollatorForSupervisedDataset(tokenizer, padding_side="right")
     outs: list[dict[int, list[TokenStats]]] = [{} for _ in datasets]
     by_length = sorted(rank_shard(range(sizes.pop())), key=lambda i: lengths[i], reverse=True)
@@ -259,8 +295,7 @@ _LOGITS_CHANGING_FIELDS = {
 
 def _plain_greedy_ok(model: torch.nn.Module) -> bool:
     """Whether ``greedy_decode`` reproduces ``model.generate(do_sample=False)`` for this model."""
-    params = inspect.signature(model.forward).parameters
-    if not all(name in params for name in ("past_key_values", "position_ids", "use_cache", "logits_to_keep")):
+    if not forward_accepts(model, "past_key_values", "position_ids", "use_cache", "logits_to_keep"):
         return False
     config = getattr(model, "generation_config", None)
     return all(getattr(config, field, None) in neutral for field, neutral in _LOGITS_CHANGING_FIELDS.items())
@@ -320,29 +355,28 @@ def _preallocate(cache: Any, capacity: int) -> None:
             layers[index] = _PreallocatedLayer(layer.keys, layer.values, capacity)
 
 
-def greedy_decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                  max_new_tokens: int, stop_ids: Sequence[int], min_finished_fraction: float = 1 / 16
+def greedy_decode(model: torch.nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int,
+                  stop_ids: Sequence[int], min_finished_fraction: float = 1 / 16
                   ) -> list[list[int]]:
-    """Greedy continuation of left-padded prompts with a KV cache; finished rows leave the batch.
+    """Greedy continuation of token-id prompts with a KV cache; finished rows leave the batch.
 
     Returns the new tokens of each row, its stop token included (as ``model.generate`` does). Unlike
     ``model.generate``, which keeps computing finished rows until the last one stops, finished rows
     are dropped from the cache and the batch, so later steps run only the rows still generating.
     Dropping copies the cache, so it waits until at least ``min_finished_fraction`` of the batch has
     finished (the few finished rows computed meanwhile are discarded). The cache is preallocated for
-    ``max_new_tokens`` (``_PreallocatedLayer``).
+    ``max_new_tokens`` (``_PreallocatedLayer``); the prompts' common leading tokens run once
+    (``prefill_prompts``).
     """
-    rows = input_ids.shape[0]
+    rows = len(prompts)
     results: list[list[int]] = [[] for _ in range(rows)]
-    if max_new_tokens <= 0:
+    if max_new_tokens <= 0 or rows == 0:
         return results
-    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=input_ids.device)
-    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1)
-    cache = out.past_key_values
-    _preallocate(cache, input_ids.shape[1] + max_new_tokens)
-    token = out.logits[:, -1].argmax(-1)
+    device = _device(model)
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    last_logits, cache, attention_mask = prefill_prompts(model, prompts, device)
+    _preallocate(cache, attention_mask.shape[1] + max_new_tokens)
+    token = last_logits.argmax(-1)
     active = list(range(rows))  # batch row -> result row; None once that row has stopped
     next_position = attention_mask.sum(-1)
     for step in range(max_new_tokens):
@@ -393,11 +427,11 @@ def generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, templa
     ordered = sorted(prompts, key=lambda i: len(prompts[i]), reverse=True)
     for start in range(0, len(ordered), batch_size):
         chunk = ordered[start:start + batch_size]
-        ids = pad_sequences([prompts[i] for i in chunk], tokenizer.pad_token_id, "left").to(device)
-        attn = pad_sequences([torch.ones_like(prompts[i]) for i in chunk], 0, "left").to(device)
         if use_plain_greedy:
-            new_tokens = greedy_decode(model, ids, attn, max_new_tokens, stop_ids)
+            new_tokens = greedy_decode(model, [prompts[i] for i in chunk], max_new_tokens, stop_ids)
         else:
+            ids = pad_sequences([prompts[i] for i in chunk], tokenizer.pad_token_id, "left").to(device)
+            attn = pad_sequences([torch.ones_like(prompts[i]) for i in chunk], 0, "left").to(device)
             generated = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
                                        do_sample=False, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
             new_tokens = generated[:, ids.shape[1]:].tolist()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import os
 from collections import defaultdict
@@ -16,7 +14,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from data.collators import first_answer_position
 from trainer.losses import token_mean_nll
-from trainer.utils import unwrap
+from trainer.utils import forward_accepts
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +24,6 @@ MODEL_INPUT_KEYS = ("input_ids", "attention_mask")
 def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The tensors a causal LM's forward takes from a collated batch (labels and indices stay out)."""
     return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
-
-
-@functools.cache
-def _takes_logits_to_keep(model_class: type) -> bool:
-    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def answer_span_logits(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +43,7 @@ def answer_span_logits(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[t
         start = first_answer_position(labels)
     begin = max(int(start) - 1, 0)
     inputs = model_inputs(batch)
-    if begin > 0 and _takes_logits_to_keep(type(unwrap(model))):
+    if begin > 0 and forward_accepts(model, "logits_to_keep"):
         logits = model(**inputs, logits_to_keep=labels.shape[1] - begin).logits
     else:
         logits = model(**inputs).logits[:, begin:]

@@ -13,6 +13,8 @@ the final norm (``hidden_states[-1] = model.model.norm(h)``), while this returns
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +34,16 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         if not isinstance(inner, torch.nn.Module):
             return model
         model = inner
+
+
+@functools.cache
+def _forward_parameters(model_class: type) -> frozenset[str]:
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
+def forward_accepts(model: torch.nn.Module, *names: str) -> bool:
+    """Whether the forward of ``model`` (through wrappers) takes every keyword argument in ``names``."""
+    return set(names) <= _forward_parameters(type(unwrap(model)))
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
