@@ -200,14 +200,3 @@ def test_logit_processors_in_the_generation_config_fall_back_to_generate():
     assert not _plain_greedy_ok(model)
     model.generation_config.repetition_penalty = 1.0
     assert _plain_greedy_ok(model)
-
-
-def test_chunks_are_balanced_and_cover_the_order():
-    from evals.passes import _chunks
-
-    assert [len(c) for c in _chunks(list(range(400)), 128)] == [100, 100, 100, 100]
-    assert [len(c) for c in _chunks(list(range(5)), 2)] == [2, 1, 2]
-    assert _chunks(list(range(3)), 8) == [[0, 1, 2]]
-    assert _chunks([], 4) == []
-    order = [7, 3, 9, 1, 4, 8, 2]
-    assert [i for c in _chunks(order, 3) for i in c] == order

@@ -120,11 +120,7 @@ def _row_stats(logits: torch.Tensor, labels: torch.Tensor) -> list[RowStats]:
 
 
 def _chunks(order: Sequence[int], size: int) -> list[Sequence[int]]:
-    """``order`` cut into the fewest runs of at most ``size`` items, of near-equal sizes (no small last run:
-    a generation batch of a few rows still runs every decoding step, at a poor matrix-product rate)."""
-    count = -(-len(order) // max(size, 1))
-    bounds = [round(k * len(order) / count) for k in range(count + 1)] if count else [0]
-    return [order[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [order[k:k + size] for k in range(0, len(order), size)]
 
 
 def _whole_row_stats(model: torch.nn.Module, samples: Sequence[dict], collate: Any, device: torch.device,
@@ -429,7 +425,8 @@ def generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, templa
         item = dataset[i]
         prompts[i] = _split_prompt(item[0] if isinstance(item, list) else item)[0]
     ordered = sorted(prompts, key=lambda i: len(prompts[i]), reverse=True)
-    for chunk in _chunks(ordered, batch_size):
+    for start in range(0, len(ordered), batch_size):
+        chunk = ordered[start:start + batch_size]
         if use_plain_greedy:
             new_tokens = greedy_decode(model, [prompts[i] for i in chunk], max_new_tokens, stop_ids)
         else:
