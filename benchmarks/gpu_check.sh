@@ -6,9 +6,10 @@
 # It installs the carried wheels, generates TOFU-format data of the real TOFU sizes on the machine
 # (forget10 = 400 rows, retain90 = 3600), and with a random-init Llama-3.2-1B-architecture model
 # (configs/model/Llama-3.2-1B-arch.yaml, 1.07B params), the SmolLM2 tokenizer, bf16, per-device batch
-# 8 (+8 retain) times 5 warm-up + 100 GradDiff steps, then NPO, then the default TOFU evaluation of
-# forget10 (holdout01). Writes under $OUT: train_graddiff.json, train_npo.json, eval_tofu.json,
-# gpu_check.log (everything printed). CPU smoke test of this very script, here (tiny model, 3 steps):
+# 8 (+8 retain) times 5 warm-up + 100 GradDiff steps, then NPO, then 3 + 10 GradDiff steps on random
+# 2048-token rows (MUSE-style long chunks: the MFU target), then the default TOFU evaluation of
+# forget10 (holdout01). Writes under $OUT: train_graddiff.json, train_npo.json, train_longseq.json,
+# eval_tofu.json, gpu_check.log (everything printed). CPU smoke test of this very script, here (tiny model, 3 steps):
 #   BENCH_SMOKE=1 bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,14 +23,14 @@ if [ "$SMOKE" = 1 ]; then
   BUDGET=${BENCH_BUDGET_S:-420}
   MODEL=tiny-random-llama; WARMUP=2; STEPS=3; BATCH=8; AUTHORS=20; QA=4; PEAK=()
   EVAL_EXTRA=(--max-new-tokens 4)
-  CAP_GD=150; CAP_NPO=150
+  CAP_GD=150; CAP_NPO=150; CAP_LONG=90; LONG_LEN=256; LONG_STEPS=2
 else
   PY=${PY:-python3}
   BUDGET=${BENCH_BUDGET_S:-450}
   MODEL=Llama-3.2-1B-arch; WARMUP=5; STEPS=100; BATCH=8; AUTHORS=400; QA=10
   PEAK=(--peak-tflops "${PEAK_TFLOPS:-989}")   # H100 SXM / H200: 989 dense bf16 TFLOP/s
   EVAL_EXTRA=()
-  CAP_GD=110; CAP_NPO=130
+  CAP_GD=110; CAP_NPO=130; CAP_LONG=75; LONG_LEN=2048; LONG_STEPS=10
 fi
 OUT=${OUT:-/tmp/bench_out}
 mkdir -p "$OUT"
@@ -81,12 +82,16 @@ echo "== data: $TOFU ($(wc -l < "$TOFU/forget10.json") forget10 rows, $(wc -l < 
 
 COMMON=(--model "$MODEL" --tokenizer "$TOK" --tofu "$TOFU" --batch-size "$BATCH" --warmup-steps "$WARMUP"
         --steps "$STEPS" "${PEAK[@]}")
-RESERVE=$(( CAP_NPO + 90 ))   # keep time for NPO and at least part of the evaluation
+RESERVE=$(( CAP_NPO + 150 ))   # keep time for NPO, the long-sequence step and part of the evaluation
 step GradDiff "$CAP_GD" "$PY" benchmarks/train_throughput.py "${COMMON[@]}" --method GradDiff \
   --out "$OUT/train_graddiff.json" >/dev/null
-RESERVE=90
+RESERVE=150   # keep time for the long-sequence step and part of the evaluation
 step NPO "$CAP_NPO" "$PY" benchmarks/train_throughput.py "${COMMON[@]}" --method NPO \
   --out "$OUT/train_npo.json" >/dev/null
+RESERVE=75
+step longseq "$CAP_LONG" "$PY" benchmarks/train_throughput.py --model "$MODEL" --tokenizer "$TOK" --tofu "$TOFU" \
+  --method GradDiff --synthetic-seq-len "$LONG_LEN" --batch-size "$BATCH" --warmup-steps 3 --steps "$LONG_STEPS" \
+  "${PEAK[@]}" --out "$OUT/train_longseq.json" >/dev/null
 RESERVE=5   # the evaluation gets what is left; it writes its partial numbers after every pass
 step eval_tofu "$BUDGET" "$PY" benchmarks/eval_time.py --model "$MODEL" --tokenizer "$TOK" --tofu "$TOFU" \
   --forget-split forget10 --holdout-split holdout01 "${EVAL_EXTRA[@]}" --out "$OUT/eval_tofu.json" >/dev/null
@@ -95,7 +100,7 @@ echo "== summary (t=${SECONDS}s)"
 "$PY" - "$OUT" <<'EOF'
 import json, os, sys
 out = sys.argv[1]
-for name in ("train_graddiff.json", "train_npo.json", "eval_tofu.json"):
+for name in ("train_graddiff.json", "train_npo.json", "train_longseq.json", "eval_tofu.json"):
     path = os.path.join(out, name)
     if not os.path.isfile(path):
         print(f"{name}: missing"); continue
