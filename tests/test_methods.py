@@ -99,6 +99,23 @@ def test_unknown_training_arg(tmp_path):
         load_trainer(cfg, StubLM(), output_dir=str(tmp_path))
 
 
+def test_gradient_checkpointing_passes_under_the_current_name(tmp_path):
+    """``gradient_checkpointing`` (all 5.x versions) goes to ``activation_checkpointing`` where that
+    exists, so transformers does not warn about the deprecated name; the setting itself is kept."""
+    import dataclasses
+    import warnings
+
+    from trainer import build_training_args
+
+    for value in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            args = build_training_args({"gradient_checkpointing": value}, str(tmp_path))
+        assert args.gradient_checkpointing is value
+        if any(f.name == "activation_checkpointing" for f in dataclasses.fields(args)):
+            assert args.activation_checkpointing is value
+
+
 def test_seed_recipe_custom_method(tmp_path, monkeypatch):
     """The seed's recipe: subclass, compute_loss(model, inputs, return_outputs=False), register, config."""
 

@@ -87,6 +87,14 @@ def method_arg_names(cls: type) -> list[str]:
     return sorted(set(names))
 
 
+#: ``trainer.args`` names that newer transformers versions renamed: given under the old name (which
+#: every 5.x version takes), they are passed under the new one where it exists.
+_RENAMED_TRAINING_ARGS = {
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+
+
 def build_training_args(args: Mapping[str, Any], output_dir: str) -> TrainingArguments:
     """``TrainingArguments`` from ``trainer.args``, adapted to the machine.
 
@@ -109,6 +117,10 @@ def build_training_args(args: Mapping[str, Any], output_dir: str) -> TrainingArg
             args[key] = False
         args["use_cpu"] = True
     valid = {f for f in inspect.signature(TrainingArguments).parameters}
+    for old_name, new_name in _RENAMED_TRAINING_ARGS.items():
+        # transformers >= 5.2x renamed these (the old name warns); older 5.x only knows the old name
+        if old_name in args and new_name in valid and new_name not in args:
+            args[new_name] = args.pop(old_name)
     unknown = sorted(set(args) - valid)
     if unknown:
         raise ValueError(f"unknown trainer.args {unknown}; see transformers.TrainingArguments for valid names")
