@@ -129,6 +129,7 @@ class Evaluator:
                               if isinstance(template_args, DictConfig) else template_args)
         self.root_cfg = root_cfg
         self._datasets: dict[str, Any] = {}
+        self._resolved_specs: dict[str, dict] = {}  # dataset spec -> resolved config (resolving copies root_cfg)
         self._token_stats_plan: dict[str, dict[str, Any]] = {}
 
     def _validate(self, name: str, mcfg: Mapping) -> None:
@@ -150,7 +151,13 @@ class Evaluator:
     def _dataset_key(self, spec: Any, without_answer: bool = False) -> str:
         """Identity of a dataset (config, file size and time, template); ``without_answer``: of its
         questions only (the same file and question column, any answer column)."""
-        resolved = dataset_config(spec, self.root_cfg)
+        if isinstance(spec, str):
+            spec_id = f"name:{spec}"
+        else:
+            spec_id = "inline:" + _hash(OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else dict(spec))
+        if spec_id not in self._resolved_specs:
+            self._resolved_specs[spec_id] = dataset_config(spec, self.root_cfg)
+        resolved = self._resolved_specs[spec_id]
         if without_answer:
             resolved = {**resolved, "args": {k: v for k, v in resolved.get("args", {}).items() if k != "answer_key"}}
         args = resolved.get("args", {})
