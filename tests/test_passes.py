@@ -93,6 +93,9 @@ def test_answer_token_stats_by_hand():
         assert torch.allclose(mean, torch.tensor([-math.log(2), m1]))
         assert torch.allclose(std, torch.tensor([0.0, s1]), atol=1e-6)
         assert match.tolist() == [False, True]  # row 0 is a tie: argmax picks the first index
+    # argmax ties: the first index wins, as in torch.argmax
+    ties = torch.tensor([[2.0, 2.0, 1.0], [2.0, 2.0, 1.0], [1.0, 3.0, 3.0], [0.0, 0.0, 0.0]])
+    assert answer_token_stats(ties, torch.tensor([0, 1, 1, 2]))[3].tolist() == [True, False, True, False]
     # ``rows`` scores selected rows of a larger block, in the order given
     padded = torch.cat([torch.full((1, 2), 7.0), logits.flip(0)])
     picked = answer_token_stats(padded, targets, rows=torch.tensor([2, 1]))

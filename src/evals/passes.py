@@ -76,17 +76,26 @@ def answer_token_stats(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: 
             block = logits[start:start + chunk_rows].float()
         else:
             block = logits.index_select(0, rows[start:start + chunk_rows]).float()
-        target = targets[start:start + chunk_rows]
-        top, argmax = block.max(-1, keepdim=True)
-        shifted = block - top
-        target_shifted = shifted.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        target = targets[start:start + chunk_rows].unsqueeze(-1)
+        shifted = block - block.amax(-1, keepdim=True)  # exactly 0 at the maximum
+        target_shifted = shifted.gather(-1, target)
+        # argmax == target without an argmax (several times slower than amax on a CPU): the target
+        # holds the maximum (0) and no other token does; on a tie, argmax's first-index rule decides.
+        shifted.scatter_(-1, target, float("-inf"))
+        runner_up = shifted.amax(-1)
+        shifted.scatter_(-1, target, target_shifted)
+        target_shifted, target = target_shifted.squeeze(-1), target.squeeze(-1)
+        match = (target_shifted == 0) & (runner_up < 0)
+        tied = ((target_shifted == 0) & (runner_up == 0)).nonzero().squeeze(-1)
+        if len(tied):
+            match[tied] = block[tied].argmax(-1) == target[tied]
         weights = shifted.exp()
         total = weights.sum(-1)
         log_total = total.log()
         mean_shifted = torch.linalg.vecdot(weights, shifted) / total
         deviation_sq = shifted.sub_(mean_shifted.unsqueeze(-1)).square_()
         variance = torch.linalg.vecdot(weights, deviation_sq) / total
-        values = (target_shifted - log_total, mean_shifted - log_total, variance.sqrt(), argmax.squeeze(-1) == target)
+        values = (target_shifted - log_total, mean_shifted - log_total, variance.sqrt(), match)
         for out, value in zip(parts, values):
             out.append(value)
     if not parts[0]:
