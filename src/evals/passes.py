@@ -196,9 +196,9 @@ def _shared_prompt_stats(model: torch.nn.Module, samples: Sequence[dict], device
     """Statistics of each sample with every distinct prompt run once (None: the model's cache cannot be split).
 
     The distinct prompts run together with a KV cache (``prefill_prompts``: their common leading
-    tokens once, the rests left-padded, positions counted over real tokens). The answers are then sorted by length and run in chunks of
-    ``rows_per_forward`` on top of their prompt's cache rows; the first answer token's prediction is
-    the prompt pass's last logit. The values equal those of a full forward pass of each prompt +
+    tokens once, the rests left-padded, positions counted over real tokens). The answers are then
+    sorted by length and run in chunks of ``rows_per_forward`` on top of their prompt's cache rows;
+    the first answer token's prediction is the prompt pass's last logit. The values equal those of a full forward pass of each prompt +
     answer, up to floating-point rounding (attention sums run in another order).
     """
     prompts: dict[tuple, int] = {}
