@@ -144,6 +144,11 @@ def _whole_row_stats(model: torch.nn.Module, samples: Sequence[dict], collate: A
     return result
 
 
+def _runs_on_a_kv_cache(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes what the cached passes pass it (cache, positions, logits_to_keep)."""
+    return forward_accepts(model, "past_key_values", "position_ids", "use_cache", "logits_to_keep")
+
+
 def _plain_dynamic_cache(cache: Any) -> bool:
     """Whether every layer of ``cache`` is a plain ``DynamicLayer`` (no sliding window, no recurrent state)."""
     layers = getattr(cache, "layers", None)
@@ -198,8 +203,9 @@ def _shared_prompt_stats(model: torch.nn.Module, samples: Sequence[dict], device
     The distinct prompts run together with a KV cache (``prefill_prompts``: their common leading
     tokens once, the rests left-padded, positions counted over real tokens). The answers are then
     sorted by length and run in chunks of ``rows_per_forward`` on top of their prompt's cache rows;
-    the first answer token's prediction is the prompt pass's last logit. The values equal those of a full forward pass of each prompt +
-    answer, up to floating-point rounding (attention sums run in another order).
+    the first answer token's prediction is the prompt pass's last logit. The values equal those of a
+    full forward pass of each prompt + answer, up to floating-point rounding (attention sums run in
+    another order).
     """
     prompts: dict[tuple, int] = {}
     group, answers, answer_labels = [], [], []
@@ -253,7 +259,7 @@ def token_stats_passes(model: torch.nn.Module, datasets: Sequence[Any], tokenize
         raise ValueError(f"token_stats_passes needs datasets with the same rows; got sizes {[len(d) for d in datasets]}")
     lengths = [max(values) for values in zip(*(d.lengths() for d in datasets))]
     device = _device(model)
-    share_prompts = share_prompts and forward_accepts(model, "past_key_values", "position_ids", "use_cache", "logits_to_keep")
+    share_prompts = share_prompts and _runs_on_a_kv_cache(model)
     collate = DataCollatorForSupervisedDataset(tokenizer, padding_side="right")
     outs: list[dict[int, list[TokenStats]]] = [{} for _ in datasets]
     by_length = sorted(rank_shard(range(sizes.pop())), key=lambda i: lengths[i], reverse=True)
@@ -304,7 +310,7 @@ _LOGITS_CHANGING_FIELDS = {
 
 def _plain_greedy_ok(model: torch.nn.Module) -> bool:
     """Whether ``greedy_decode`` reproduces ``model.generate(do_sample=False)`` for this model."""
-    if not forward_accepts(model, "past_key_values", "position_ids", "use_cache", "logits_to_keep"):
+    if not _runs_on_a_kv_cache(model):
         return False
     config = getattr(model, "generation_config", None)
     return all(getattr(config, field, None) in neutral for field, neutral in _LOGITS_CHANGING_FIELDS.items())
@@ -321,15 +327,21 @@ class _PreallocatedLayer(DynamicLayer):
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
         super().__init__()
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self._length = keys.shape[-2]
-        self._buffers = [self._allocate(t, len(t), capacity) for t in (keys, values)]
-        for buffer, t in zip(self._buffers, (keys, values)):
-            buffer[:, :, :self._length] = t
-        self._set_views()
+        self._buffers, self._length = [keys, values], keys.shape[-2]
+        self._rebuffer(capacity)
 
-    @staticmethod
-    def _allocate(like: torch.Tensor, rows: int, capacity: int) -> torch.Tensor:
-        return like.new_empty(rows, like.shape[1], capacity, like.shape[3])
+    def _rebuffer(self, capacity: int, rows: torch.Tensor | None = None) -> None:
+        """Copy the filled positions (of ``rows`` only, if given) into new buffers of ``capacity`` positions."""
+        new_buffers = []
+        for old in self._buffers:
+            filled = old[:, :, :self._length]
+            if rows is not None:
+                filled = filled.index_select(0, rows)
+            buffer = filled.new_empty(filled.shape[0], filled.shape[1], capacity, filled.shape[3])
+            buffer[:, :, :self._length] = filled
+            new_buffers.append(buffer)
+        self._buffers = new_buffers
+        self._set_views()
 
     def _set_views(self) -> None:
         self.keys, self.values = (buffer[:, :, :self._length] for buffer in self._buffers)
@@ -338,10 +350,7 @@ class _PreallocatedLayer(DynamicLayer):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         end = self._length + key_states.shape[-2]
         if end > self._buffers[0].shape[-2]:  # more positions than planned: grow (not on the decoding path)
-            grown = [self._allocate(b, len(b), max(end, 2 * b.shape[-2])) for b in self._buffers]
-            for new, old in zip(grown, self._buffers):
-                new[:, :, :self._length] = old[:, :, :self._length]
-            self._buffers = grown
+            self._rebuffer(max(end, 2 * self._buffers[0].shape[-2]))
         for buffer, t in zip(self._buffers, (key_states, value_states)):
             buffer[:, :, self._length:end] = t
         self._length = end
@@ -349,11 +358,7 @@ class _PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        kept = [self._allocate(b, len(indices), b.shape[-2]) for b in self._buffers]
-        for new, old in zip(kept, self._buffers):
-            new[:, :, :self._length] = old[:, :, :self._length].index_select(0, indices)
-        self._buffers = kept
-        self._set_views()
+        self._rebuffer(self._buffers[0].shape[-2], rows=indices)
 
 
 def _preallocate(cache: Any, capacity: int) -> None:
