@@ -52,3 +52,22 @@ def test_fused_adamw_gives_the_same_loss_curve(tofu_dir, tmp_path, monkeypatch):
     fused = train_in_process(tmp_path / "fused", [*common, "trainer.args.optim=adamw_torch_fused"])
     plain = train_in_process(tmp_path / "plain", [*common, "trainer.args.optim=adamw_torch"])
     _assert_same_curve(fused, plain)
+
+
+@pytest.mark.parametrize("trainer, forget", [("GradDiff", "TOFU_QA_FORGET10"), ("NPO", "TOFU_QA_FORGET10"),
+                                             ("WGA", "TOFU_QA_FORGET10")])
+def test_chunked_nll_gives_the_same_loss_curve(tofu_dir, tmp_path, monkeypatch, trainer, forget):
+    """``nll_impl=chunked`` (output layer per chunk of answer tokens, recomputed in the backward pass):
+    the same summed (GradDiff), per-sample (NPO) and per-token (WGA) NLL losses as the logits."""
+    from trainer import answer_nll
+
+    monkeypatch.chdir(REPO)
+    calls = []
+    original = answer_nll.chunked_linear_nll
+    monkeypatch.setattr(answer_nll, "chunked_linear_nll", lambda *a, **k: calls.append(1) or original(*a, **k))
+    common = _common(tofu_dir, trainer, forget)
+    logits = train_in_process(tmp_path / "logits", common)
+    assert not calls
+    chunked = train_in_process(tmp_path / "chunked", [*common, "trainer.method_args.nll_impl=chunked"])
+    assert len(calls) >= 8  # forget and retain terms of 4 steps
+    _assert_same_curve(logits, chunked)

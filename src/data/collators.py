@@ -43,7 +43,7 @@ class DataCollatorForSupervisedDataset:
 
     A right-padded batch also carries ``answer_start`` (an int: the first position with an answer
     label in any row), so trainers can skip the prompts in the output layer without reading the
-    labels back from the GPU (``trainer.base.answer_span_logits``).
+    labels back from the GPU (``trainer.answer_nll.answer_span_logits``).
 
     Args:
         tokenizer: gives the pad id.

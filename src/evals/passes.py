@@ -25,7 +25,7 @@ from transformers.cache_utils import DynamicLayer
 from data.collators import DataCollatorForSupervisedDataset, pad_sequences
 from data.utils import IGNORE_INDEX, PromptTemplate, answer_end_token_id
 from evals.metrics import TokenStats
-from trainer.base import answer_span_logits
+from trainer.answer_nll import answer_span_logits
 from trainer.utils import forward_accepts, gather_dicts, rank_shard
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def answer_logits(model: torch.nn.Module, batch: dict, device: torch.device) -> 
     """Next-token logits aligned with their target labels, the output layer skipping the prompts.
 
     Returns ``(logits [B, L', V], labels [B, L'])`` where ``logits[:, j]`` predicts ``labels[:, j]``:
-    ``trainer.base.answer_span_logits`` (the output layer, often the largest matrix product of a
+    ``trainer.answer_nll.answer_span_logits`` (the output layer, often the largest matrix product of a
     small model, runs only from the first position that predicts an answer token in any row), shifted
     by one. The values are those of a full forward pass.
     """

@@ -82,6 +82,7 @@ def method_arg_names(cls: type) -> list[str]:
             params = inspect.signature(klass.__dict__["__init__"]).parameters.values()
             names += [p.name for p in params if p.kind is p.KEYWORD_ONLY or
                       (p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self")]
+    names.append("nll_impl")  # FinetuneTrainer's own switch, every method
     if getattr(cls, "reference_nll_only", False):
         names.append("precompute_ref_log_probs")  # UnlearningTrainer's own switch, for these methods only
     return sorted(set(names))

@@ -12,43 +12,10 @@ import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from data.collators import first_answer_position
-from trainer.losses import token_mean_nll
-from trainer.utils import forward_accepts
+from trainer.answer_nll import answer_token_nll, check_nll_impl
+from trainer.losses import token_mean
 
 log = logging.getLogger(__name__)
-
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask")
-
-
-def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The tensors a causal LM's forward takes from a collated batch (labels and indices stay out)."""
-    return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
-
-
-def answer_span_logits(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits, labels)`` of a batch over its answer span only: the output layer skips the prompts.
-
-    Every loss in ``trainer.losses`` reads a logit only where it predicts an answer token (label not
-    -100). The span starts one position before the first answer label of any row
-    (``batch["answer_start"]``, set by the collator, so no device synchronisation is needed) and runs
-    to the end; the output layer runs only there, through the model's ``logits_to_keep`` argument.
-    ``labels`` is cut alike, so ``logits[:, t]`` still sits at the position of ``labels[:, t]`` and
-    every loss has the value of a full forward pass. On TOFU the prompts are about 40 % of the
-    positions: that much less output-layer compute and vocabulary-sized logit memory.
-    """
-    labels = batch["labels"]
-    start = batch.get("answer_start")
-    if start is None:
-        start = first_answer_position(labels)
-    begin = max(int(start) - 1, 0)
-    inputs = model_inputs(batch)
-    if begin > 0 and forward_accepts(model, "logits_to_keep"):
-        logits = model(**inputs, logits_to_keep=labels.shape[1] - begin).logits
-    else:
-        logits = model(**inputs).logits[:, begin:]
-    return logits, labels[:, begin:]
-
 
 class FinetuneTrainer(Trainer):
     """Supervised fine-tuning on question-answer batches (loss on answer tokens only).
@@ -59,9 +26,16 @@ class FinetuneTrainer(Trainer):
     ``loss``, averaged over the logging window; and ``evaluators`` (benchmarks such as TOFU) run at
     every evaluation (``eval_strategy`` / ``eval_on_start``), writing
     ``<output_dir>/checkpoint-<step>/evals/`` and logging their headline numbers.
+
+    ``nll_impl`` (``trainer.method_args.nll_impl``, every trainer): how answer-token NLLs are computed
+    from the model, ``logits`` (default), ``chunked`` or ``liger``; see ``trainer.answer_nll``. NLL-based
+    losses go through ``answer_token_nll`` / ``answer_nll`` / ``answer_mean_nll`` below to honour it.
     """
 
-    def __init__(self, *args: Any, evaluators: Mapping[str, Any] | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, evaluators: Mapping[str, Any] | None = None, nll_impl: str = "logits",
+                 **kwargs: Any):
+        check_nll_impl(nll_impl, kwargs.get("model", args[0] if args else None))
+        self.nll_impl = nll_impl
         self.evaluators = dict(evaluators or {})
         args_obj = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
         strategy = getattr(args_obj, "eval_strategy", "no")
@@ -90,11 +64,24 @@ class FinetuneTrainer(Trainer):
                                         lengths=list(dataset.lengths()))
         return super()._get_train_sampler(train_dataset)
 
+    # ----- answer-token NLLs under nll_impl ---------------------------------------------------------
+    def answer_token_nll(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token answer NLL ``[B, L']`` (0 where masked) and the answer mask (``trainer.answer_nll``)."""
+        return answer_token_nll(model, batch, self.nll_impl)
+
+    def answer_nll(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample summed answer NLL ``S`` ``[B]`` and answer-token count ``T`` ``[B]``."""
+        nll, mask = self.answer_token_nll(model, batch)
+        return nll.sum(dim=-1), mask.sum(dim=-1)
+
+    def answer_mean_nll(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        """Mean NLL over all answer tokens of the batch, ``sum_i S_i / sum_i T_i``."""
+        return token_mean(*self.answer_nll(model, batch))
+
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        logits, labels = answer_span_logits(model, inputs)
-        loss = token_mean_nll(logits, labels)
-        return (loss, {"logits": logits}) if return_outputs else loss
+        loss = self.answer_mean_nll(model, inputs)
+        return (loss, {}) if return_outputs else loss
 
     def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None) -> tuple:
@@ -103,7 +90,7 @@ class FinetuneTrainer(Trainer):
         if "input_ids" not in inputs:
             raise ValueError(f"evaluation batches must be plain question-answer batches, got keys {list(inputs)}")
         with torch.no_grad():
-            loss = token_mean_nll(*answer_span_logits(model, inputs))
+            loss = self.answer_mean_nll(model, inputs)
         return loss.detach(), None, None
 
     def log_loss_terms(self, **terms: torch.Tensor | float) -> None:

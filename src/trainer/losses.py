@@ -31,18 +31,26 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return nll.sum(dim=-1), mask.sum(dim=-1)
 
 
-def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sample length-normalised NLL ``A = S / T`` ``[B]``; a sample without answer tokens is an error."""
-    total, count = sequence_nll(logits, labels)
+def per_sample_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``A = S / T`` ``[B]`` from summed NLLs and token counts; a sample without answer tokens is an error."""
     if bool((count == 0).any()):
         raise ValueError(f"{int((count == 0).sum())} sample(s) have no answer tokens (all labels are -100)")
     return total / count
 
 
+def token_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``sum_i S_i / sum_i T_i``: the mean NLL over all answer tokens of the batch."""
+    return total.sum() / count.sum().clamp(min=1)
+
+
+def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample length-normalised NLL ``A = S / T`` ``[B]``; a sample without answer tokens is an error."""
+    return per_sample_mean(*sequence_nll(logits, labels))
+
+
 def token_mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean NLL over all answer tokens of the batch (the usual language-modelling loss)."""
-    total, count = sequence_nll(logits, labels)
-    return total.sum() / count.sum().clamp(min=1)
+    return token_mean(*sequence_nll(logits, labels))
 
 
 def answer_kl(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -127,15 +135,19 @@ def satimp_weights(p: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
 
 
 def weighted_gradient_ascent_loss(logits: torch.Tensor, labels: torch.Tensor, weights) -> torch.Tensor:
+    """``token_weighted_ascent`` of the answer tokens of ``logits`` (see there)."""
+    return token_weighted_ascent(*per_token_nll(logits, labels), weights)
+
+
+def token_weighted_ascent(nll: torch.Tensor, mask: torch.Tensor, weights) -> torch.Tensor:
     """Token-weighted gradient ascent: ``-sum_t w_t NLL_t / sum_t 1`` over the batch's answer tokens.
 
-    ``weights`` maps the detached answer-token probabilities ``p_t = exp(-NLL_t)`` ``[B, L-1]`` to the
-    weights ``w_t`` (e.g. ``lambda p: wga_weights(p, 1.0)``); the weights get no gradient. The mean
-    runs over all answer tokens of the batch, as ``gradient_ascent_loss`` does, so ``w_t = 1`` gives
-    exactly gradient ascent (WGA and SatImp define the per-token objective; this is the normalisation
-    of their TOFU experiments).
+    ``nll`` and ``mask`` are per-token NLLs and the answer mask (``per_token_nll``); ``weights`` maps
+    the detached answer-token probabilities ``p_t = exp(-NLL_t)`` to the weights ``w_t`` (e.g.
+    ``lambda p: wga_weights(p, 1.0)``); the weights get no gradient. The mean runs over all answer
+    tokens of the batch, as ``gradient_ascent_loss`` does, so ``w_t = 1`` gives exactly gradient ascent
+    (WGA and SatImp define the per-token objective; this is the normalisation of their TOFU experiments).
     """
-    nll, mask = per_token_nll(logits, labels)
     with torch.no_grad():
         w = weights(torch.exp(-nll))
     return -(w * nll)[mask].sum() / mask.sum().clamp(min=1)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from trainer.base import answer_span_logits
+from trainer.answer_nll import answer_span_logits
 from trainer.losses import sequence_nll
 
 

@@ -5,7 +5,9 @@ from ``trainer.method_args``), and implements ``compute_loss(model, inputs, retu
 where ``inputs = {"forget": batch, "retain": batch}`` (``retain`` absent when no retain set is given).
 Shared pieces live here so each method file holds only its loss:
 
-- ``forward_nll``: per-sample summed answer NLL (and the logits) of a batch under a model;
+- ``answer_nll`` / ``answer_mean_nll`` / ``answer_token_nll`` (from ``FinetuneTrainer``): per-sample
+  summed, batch token-mean and per-token answer NLLs, computed as ``nll_impl`` says; ``forward_nll``
+  also returns the logits (``nll_impl=logits``);
 - ``reference_nll`` / ``reference_logits``: the same under a frozen copy of the model taken before
   unlearning, created only when ``needs_reference_model()`` is true. For methods whose reference
   enters only through ``reference_nll`` of forget samples (``reference_nll_only``: NPO, DPO, AltPO),
@@ -27,8 +29,9 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, TrainerCallback
 
-from trainer.base import FinetuneTrainer, answer_span_logits
-from trainer.losses import answer_kl, sequence_nll, token_mean_nll
+from trainer.answer_nll import answer_span_logits
+from trainer.base import FinetuneTrainer
+from trainer.losses import answer_kl, sequence_nll
 from trainer.reference_cache import ReferenceNLLCache, leaf_samples
 from trainer.utils import gather_dicts, rank_shard
 
@@ -180,18 +183,20 @@ class UnlearningTrainer(FinetuneTrainer):
         return cache
 
     # ----- shared pieces ---------------------------------------------------------------------------
-    @staticmethod
-    def forward_nll(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(S [B], T [B], logits)`` of a batch: per-sample summed answer NLL and answer-token counts."""
-        logits, labels = answer_span_logits(model, batch)
-        total, count = sequence_nll(logits, labels)
-        return total, count, logits
+    def forward_nll(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor | None]:
+        """``(S [B], T [B], logits)`` of a batch: per-sample summed answer NLL, answer-token counts and the
+        answer-span logits (None unless ``nll_impl`` is ``logits``: the other ways never hold them all)."""
+        if self.nll_impl == "logits":
+            logits, labels = answer_span_logits(model, batch)
+            return *sequence_nll(logits, labels), logits
+        return *self.answer_nll(model, batch), None
 
     def retain_loss(self, model: torch.nn.Module, batch: dict[str, Any], loss_type: str) -> torch.Tensor:
         """Retain term: ``NLL`` (mean answer-token NLL) or ``KL`` (``answer_kl`` to the reference)."""
-        logits, labels = answer_span_logits(model, batch)
         if loss_type == "NLL":
-            return token_mean_nll(logits, labels)
+            return self.answer_mean_nll(model, batch)
         if loss_type == "KL":
+            logits, labels = answer_span_logits(model, batch)
             return answer_kl(logits, self.reference_logits(batch), labels)
         raise ValueError(f"retain_loss_type={loss_type!r}; valid: {', '.join(RETAIN_LOSS_TYPES)}")

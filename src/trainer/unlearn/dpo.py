@@ -72,8 +72,8 @@ class DPO(UnlearningTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False):
         rejected, preferred = paired_forget(inputs["forget"], type(self).__name__, self.paired_data_hint)
-        nll_w, _, _ = self.forward_nll(model, preferred)
-        nll_l, _, logits = self.forward_nll(model, rejected)
+        nll_w, _ = self.answer_nll(model, preferred)
+        nll_l, _ = self.answer_nll(model, rejected)
         forget_loss = dpo_loss(nll_w, self.reference_nll(preferred), nll_l, self.reference_nll(rejected), self.beta)
         loss = self.weighted_total(model, inputs, forget_loss)
-        return (loss, {"logits": logits}) if return_outputs else loss
+        return (loss, {}) if return_outputs else loss

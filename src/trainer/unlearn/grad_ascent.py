@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from trainer.base import answer_span_logits
-from trainer.losses import gradient_ascent_loss
 from trainer.unlearn.base import UnlearningTrainer
 
 
@@ -12,7 +10,6 @@ class GradAscent(UnlearningTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False):
         forget = inputs["forget"]
-        logits, labels = answer_span_logits(model, forget)
-        loss = gradient_ascent_loss(logits, labels)
+        loss = -self.answer_mean_nll(model, forget)
         self.log_loss_terms(forget_loss=loss)
-        return (loss, {"logits": logits}) if return_outputs else loss
+        return (loss, {}) if return_outputs else loss

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.base import answer_span_logits
-from trainer.losses import gradient_ascent_loss
 from trainer.unlearn.base import UnlearningTrainer
 
 
@@ -25,10 +23,9 @@ class GradDiff(UnlearningTrainer):
         super().__init__(*args, **kwargs)
 
     def forget_loss(self, model, forget):
-        logits, labels = answer_span_logits(model, forget)
-        return gradient_ascent_loss(logits, labels), {"logits": logits}
+        """Gradient ascent on the forget answers: ``-mean_t NLL_t`` over the batch's answer tokens."""
+        return -self.answer_mean_nll(model, forget)
 
     def compute_loss(self, model, inputs, return_outputs=False):
-        forget_loss, outputs = self.forget_loss(model, inputs["forget"])
-        loss = self.weighted_total(model, inputs, forget_loss)
-        return (loss, outputs) if return_outputs else loss
+        loss = self.weighted_total(model, inputs, self.forget_loss(model, inputs["forget"]))
+        return (loss, {}) if return_outputs else loss

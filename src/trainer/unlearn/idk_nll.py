@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.base import answer_span_logits
-from trainer.losses import token_mean_nll
 from trainer.unlearn.base import UnlearningTrainer
 from trainer.unlearn.dpo import IDK_HINT, check_paired_forget_dataset, paired_forget
 
@@ -32,7 +30,5 @@ class IdkNLL(UnlearningTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False):
         _, refusal = paired_forget(inputs["forget"], type(self).__name__, IDK_HINT)
-        logits, labels = answer_span_logits(model, refusal)
-        forget_loss = token_mean_nll(logits, labels)
-        loss = self.weighted_total(model, inputs, forget_loss)
-        return (loss, {"logits": logits}) if return_outputs else loss
+        loss = self.weighted_total(model, inputs, self.answer_mean_nll(model, refusal))
+        return (loss, {}) if return_outputs else loss

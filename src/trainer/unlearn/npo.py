@@ -34,7 +34,7 @@ class NPO(UnlearningTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False):
         forget = inputs["forget"]
-        nll, _, logits = self.forward_nll(model, forget)
+        nll, _ = self.answer_nll(model, forget)
         forget_loss = npo_loss(nll, self.reference_nll(forget), self.beta)
         loss = self.weighted_total(model, inputs, forget_loss)
-        return (loss, {"logits": logits}) if return_outputs else loss
+        return (loss, {}) if return_outputs else loss

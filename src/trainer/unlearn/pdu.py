@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from trainer.base import answer_span_logits
+from trainer.answer_nll import answer_span_logits
 from trainer.losses import lagrangian_loss, logit_margin_flattening_loss
 from trainer.unlearn.base import UnlearningTrainer
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from trainer.base import model_inputs
+from trainer.answer_nll import model_inputs
 from trainer.losses import IGNORE_INDEX, masked_token_mse
 from trainer.unlearn.base import UnlearningTrainer
 from trainer.utils import check_layer_index, decoder_layers, hidden_states_at, unwrap

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.base import answer_span_logits
-from trainer.losses import satimp_weights, weighted_gradient_ascent_loss
+from trainer.losses import satimp_weights, token_weighted_ascent
 from trainer.unlearn.grad_diff import GradDiff
 
 
@@ -15,7 +14,7 @@ class SatImp(GradDiff):
 
     ``p_t`` is the model's (detached) probability of forget-answer token t: saturation (``p^beta1``)
     times importance (``(1-p)^beta2``). The mean runs over all answer tokens of the batch
-    (``trainer.losses.weighted_gradient_ascent_loss``). Defaults are the paper's ``beta1 = 5``,
+    (``trainer.losses.token_weighted_ascent``). Defaults are the paper's ``beta1 = 5``,
     ``beta2 = 1`` with a forget:retain weight ratio of 10 (``alpha = 0.1``).
 
     Args (``trainer.method_args``):
@@ -32,6 +31,5 @@ class SatImp(GradDiff):
         super().__init__(*args, alpha=alpha, **kwargs)
 
     def forget_loss(self, model, forget):
-        logits, labels = answer_span_logits(model, forget)
         weights = lambda p: satimp_weights(p, self.beta1, self.beta2)  # noqa: E731
-        return weighted_gradient_ascent_loss(logits, labels, weights), {"logits": logits}
+        return token_weighted_ascent(*self.answer_token_nll(model, forget), weights)

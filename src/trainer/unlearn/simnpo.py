@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from trainer.base import answer_span_logits
-from trainer.losses import mean_nll, simnpo_loss
+from trainer.losses import per_sample_mean, simnpo_loss
 from trainer.unlearn.base import UnlearningTrainer
 
 
@@ -39,7 +38,6 @@ class SimNPO(UnlearningTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False):
         forget = inputs["forget"]
-        logits, labels = answer_span_logits(model, forget)
-        forget_loss = simnpo_loss(mean_nll(logits, labels), self.beta, self.delta)
+        forget_loss = simnpo_loss(per_sample_mean(*self.answer_nll(model, forget)), self.beta, self.delta)
         loss = self.weighted_total(model, inputs, forget_loss)
-        return (loss, {"logits": logits}) if return_outputs else loss
+        return (loss, {}) if return_outputs else loss

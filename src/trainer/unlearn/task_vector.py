@@ -8,8 +8,6 @@ from typing import Any
 
 import torch
 
-from trainer.base import answer_span_logits
-from trainer.losses import token_mean_nll
 from trainer.unlearn.base import UnlearningTrainer
 
 log = logging.getLogger(__name__)
@@ -38,10 +36,9 @@ class TaskVector(UnlearningTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False):
         forget = inputs["forget"]
-        logits, labels = answer_span_logits(model, forget)
-        loss = token_mean_nll(logits, labels)
+        loss = self.answer_mean_nll(model, forget)
         self.log_loss_terms(forget_loss=loss)
-        return (loss, {"logits": logits}) if return_outputs else loss
+        return (loss, {}) if return_outputs else loss
 
     def _parameters(self) -> dict[str, torch.nn.Parameter]:
         # named_parameters() lists a tied tensor (embeddings / LM head) once: negating it twice would be wrong.

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.base import answer_span_logits
-from trainer.losses import weighted_gradient_ascent_loss, wga_weights
+from trainer.losses import token_weighted_ascent, wga_weights
 from trainer.unlearn.grad_diff import GradDiff
 
 
@@ -14,7 +13,7 @@ class WGA(GradDiff):
     """``L = gamma * (-mean_t w_t NLL_t(forget)) + alpha * retain_loss`` with ``w_t = p_t^beta`` (detached).
 
     ``p_t`` is the model's probability of forget-answer token t; the mean runs over all answer tokens
-    of the batch (``trainer.losses.weighted_gradient_ascent_loss``), so ``beta = 0`` is GradDiff.
+    of the batch (``trainer.losses.token_weighted_ascent``), so ``beta = 0`` is GradDiff.
 
     Args (``trainer.method_args``):
         beta: exponent of the token weights (>= 0).
@@ -28,6 +27,4 @@ class WGA(GradDiff):
         super().__init__(*args, **kwargs)
 
     def forget_loss(self, model, forget):
-        logits, labels = answer_span_logits(model, forget)
-        loss = weighted_gradient_ascent_loss(logits, labels, lambda p: wga_weights(p, self.beta))
-        return loss, {"logits": logits}
+        return token_weighted_ascent(*self.answer_token_nll(model, forget), lambda p: wga_weights(p, self.beta))

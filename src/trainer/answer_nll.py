@@ -1,0 +1,204 @@
+"""Answer-token NLLs of a batch, with or without materialising the vocabulary-sized logits.
+
+Every NLL-based loss (GradAscent, GradDiff, NPO, SimNPO, DPO, IdkNLL, WGA, SatImp, the NLL retain
+term, fine-tuning) needs only ``NLL_t = logsumexp(z_t) - z_t[y_t]`` at the answer positions, with
+``z_t = W h_t`` the output layer applied to the last hidden state. ``nll_impl`` (the trainers'
+``trainer.method_args.nll_impl``) chooses how it is computed:
+
+- ``logits``: the model's forward returns the logits over the answer span
+  (``trainer.answer_nll.answer_span_logits``), then ``cross_entropy``. Keeps a ``[rows, span, vocab]``
+  float32 block (and its gradient) alive through the backward pass.
+- ``chunked``: the forward stops at the last hidden state (the output layer runs on one position
+  only); ``chunked_linear_nll`` applies the output layer to the answer positions a chunk of rows at a
+  time, each chunk under activation checkpointing, so only one chunk's logits exist at any time, in
+  the forward and in the backward pass (which recomputes them: one more output-layer product). Any
+  device; the same values as ``logits`` up to float rounding (``tests/test_speed_knobs.py``).
+- ``liger``: the same hidden states through Liger Kernel's fused linear cross-entropy
+  (``liger_kernel.transformers.functional.liger_fused_linear_cross_entropy``, Triton, CUDA only),
+  which computes the logits' gradient chunk by chunk in its own kernels. Per-token values
+  (``reduction="none"``) had wrong gradients before liger-kernel 0.8.5 (linkedin/Liger-Kernel
+  PR #1298), so older versions are refused.
+
+Both hidden-state paths skip the rows' padding and prompt positions entirely (the ``logits`` path
+computes the whole answer span of every row, padding included) and refuse models whose forward
+transforms the logits after the output layer (soft-capping, logit scaling), where ``W h_t`` would
+not be the model's logits. Methods that need the full next-token distribution (KL retain term,
+UNDIAL, CE-U, logit-margin flattening) always use ``logits``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from data.collators import first_answer_position
+from trainer.losses import IGNORE_INDEX, per_token_nll
+from trainer.utils import forward_accepts, unwrap
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask")
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors a causal LM's forward takes from a collated batch (labels and indices stay out)."""
+    return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+
+
+def answer_span_logits(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits, labels)`` of a batch over its answer span only: the output layer skips the prompts.
+
+    Every loss in ``trainer.losses`` reads a logit only where it predicts an answer token (label not
+    -100). The span starts one position before the first answer label of any row
+    (``batch["answer_start"]``, set by the collator, so no device synchronisation is needed) and runs
+    to the end; the output layer runs only there, through the model's ``logits_to_keep`` argument.
+    ``labels`` is cut alike, so ``logits[:, t]`` still sits at the position of ``labels[:, t]`` and
+    every loss has the value of a full forward pass. On TOFU the prompts are about 40 % of the
+    positions: that much less output-layer compute and vocabulary-sized logit memory.
+    """
+    labels = batch["labels"]
+    start = batch.get("answer_start")
+    if start is None:
+        start = first_answer_position(labels)
+    begin = max(int(start) - 1, 0)
+    inputs = model_inputs(batch)
+    if begin > 0 and forward_accepts(model, "logits_to_keep"):
+        logits = model(**inputs, logits_to_keep=labels.shape[1] - begin).logits
+    else:
+        logits = model(**inputs).logits[:, begin:]
+    return logits, labels[:, begin:]
+
+
+NLL_IMPLS = ("logits", "chunked", "liger")
+#: Oldest liger-kernel whose fused linear cross-entropy has correct gradients with reduction="none".
+LIGER_MIN_VERSION = (0, 8, 5)
+#: Logits per chunk of ``chunked_linear_nll`` (rows = this / vocabulary size): 16 MiB of float32 on a
+#: CPU (the chunk stays in the processor's cache through softmax and gradient), 256 MiB on a GPU.
+CHUNK_LOGITS = {"cpu": 1 << 22, "cuda": 1 << 26}
+#: Config attributes of models whose logits are not ``W h`` (Gemma 2/3 soft-capping, Cohere, Granite).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def check_nll_impl(impl: str, model: torch.nn.Module | None = None) -> None:
+    """ValueError naming the problem when ``impl`` cannot compute the NLLs of ``model`` here."""
+    if impl not in NLL_IMPLS:
+        raise ValueError(f"nll_impl={impl!r}; valid: {', '.join(NLL_IMPLS)}")
+    if impl == "logits" or model is None:
+        return
+    config = getattr(unwrap(model), "config", None)
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(f"nll_impl={impl!r} computes logits as W h, but this model's config sets {name}={value!r} "
+                             "(its forward transforms the logits); use nll_impl=logits")
+    if unwrap(model).get_output_embeddings() is None:
+        raise ValueError(f"nll_impl={impl!r} needs the model's output layer (get_output_embeddings() is None); "
+                         "use nll_impl=logits")
+    if impl == "liger":
+        try:
+            version = importlib.metadata.version("liger-kernel")
+        except importlib.metadata.PackageNotFoundError:
+            raise ValueError("nll_impl='liger' needs the liger-kernel package (pip install 'liger-kernel>=0.8.5') "
+                             "and a CUDA GPU; nll_impl=chunked saves the same memory anywhere") from None
+        if _version_tuple(version) < LIGER_MIN_VERSION:
+            raise ValueError(f"nll_impl='liger' needs liger-kernel >= 0.8.5 (per-token gradients are wrong before it), "
+                             f"found {version}; upgrade it or use nll_impl=chunked")
+        if not torch.cuda.is_available():
+            raise ValueError("nll_impl='liger' runs Triton kernels on a CUDA GPU and none is available; "
+                             "use nll_impl=chunked on this machine")
+
+
+def _rows_nll(output_layer: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output_layer(hidden).float(), targets, reduction="none")
+
+
+def chunked_linear_nll(hidden: torch.Tensor, targets: torch.Tensor, output_layer: torch.nn.Module,
+                       chunk_rows: int) -> torch.Tensor:
+    """``NLL_i = logsumexp(W h_i) - (W h_i)[y_i]`` ``[N]`` for hidden states ``[N, d]`` and targets ``[N]``.
+
+    ``output_layer`` (the model's ``lm_head``) runs on ``chunk_rows`` rows at a time; when gradients
+    are needed each chunk runs under ``torch.utils.checkpoint``, so its logits are freed after the
+    forward and recomputed in the backward pass: the memory peak is one chunk's logits instead of
+    ``[N, vocab]``. Autocast applies to the output layer as in the model's own forward.
+    """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    needs_grad = torch.is_grad_enabled() and (
+        hidden.requires_grad or any(p.requires_grad for p in output_layer.parameters()))
+    pieces = []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        rows = (hidden[start:start + chunk_rows], targets[start:start + chunk_rows])
+        if needs_grad:
+            pieces.append(checkpoint(_rows_nll, output_layer, *rows, use_reentrant=False))
+        else:
+            pieces.append(_rows_nll(output_layer, *rows))
+    if not pieces:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(pieces)
+
+
+def _liger_linear_nll(hidden: torch.Tensor, targets: torch.Tensor, output_layer: torch.nn.Module) -> torch.Tensor:
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    nll = liger_fused_linear_cross_entropy(hidden, output_layer.weight, targets, getattr(output_layer, "bias", None),
+                                           ignore_index=IGNORE_INDEX, reduction="none")
+    return (nll[0] if isinstance(nll, tuple) else nll).float()
+
+
+def last_hidden_states(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The input of the output layer ``[B, L, d]`` (after the final norm), from the model's own forward.
+
+    The forward goes through ``model`` itself (wrappers such as DDP see it); a hook on the decoder
+    keeps its ``last_hidden_state``, and the output layer runs on the last position only.
+    """
+    captured: list[torch.Tensor] = []
+    decoder = unwrap(model).get_decoder()
+    handle = decoder.register_forward_hook(lambda _m, _a, out: captured.append(
+        out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]))
+    try:
+        extra = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
+        model(**model_inputs(batch), **extra)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise RuntimeError(f"expected the decoder to run once in the forward pass, it ran {len(captured)} times")
+    return captured[0]
+
+
+def answer_token_nll(model: torch.nn.Module, batch: dict[str, Any], impl: str = "logits",
+                     chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(NLL_t, mask)``: per-token answer NLL ``[B, L']`` (float32, 0 where masked) and its answer mask.
+
+    ``L'`` is the answer span (``logits``) or the whole row minus one (``chunked``/``liger``); either
+    way ``nll.sum(-1)`` is the per-sample summed NLL ``S`` and ``mask.sum(-1)`` the token count ``T``.
+    """
+    if impl == "logits":
+        return per_token_nll(*answer_span_logits(model, batch))
+    check_nll_impl(impl)
+    hidden = last_hidden_states(model, batch)[:, :-1]
+    shifted = batch["labels"][:, 1:]
+    mask = shifted != IGNORE_INDEX
+    answer_hidden, targets = hidden[mask], shifted[mask]
+    output_layer = unwrap(model).get_output_embeddings()
+    if impl == "liger":
+        values = _liger_linear_nll(answer_hidden, targets, output_layer)
+    else:
+        if chunk_rows is None:
+            budget = CHUNK_LOGITS["cuda" if hidden.device.type == "cuda" else "cpu"]
+            chunk_rows = max(1, budget // output_layer.weight.shape[0])
+        values = chunked_linear_nll(answer_hidden, targets, output_layer, chunk_rows)
+    nll = torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
+    return nll, mask
+
+
+__all__ = ["MODEL_INPUT_KEYS", "model_inputs", "answer_span_logits", "NLL_IMPLS", "check_nll_impl", "chunked_linear_nll", "last_hidden_states", "answer_token_nll"]
