@@ -8,8 +8,10 @@
 # (configs/model/Llama-3.2-1B-arch.yaml, 1.07B params), the SmolLM2 tokenizer, bf16, per-device batch
 # 8 (+8 retain) times 5 warm-up + 100 GradDiff steps, then NPO, then 3 + 10 GradDiff steps on random
 # 2048-token rows (MUSE-style long chunks: the MFU target), then the default TOFU evaluation of
-# forget10 (holdout01). Writes under $OUT: train_graddiff.json, train_npo.json, train_longseq.json,
-# eval_tofu.json, gpu_check.log (everything printed). CPU smoke test of this very script, here (tiny model, 3 steps):
+# forget10 (holdout01), then 20 GradDiff steps with trainer.method_args.nll_impl=chunked and (if the
+# carried liger-kernel imports) =liger, whose losses should equal train_graddiff.json's first 20.
+# Writes under $OUT: train_graddiff.json, train_npo.json, train_longseq.json, eval_tofu.json,
+# train_nll_chunked.json, train_nll_liger.json, gpu_check.log (everything printed). CPU smoke test of this very script, here (tiny model, 3 steps):
 #   BENCH_SMOKE=1 bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,14 +25,14 @@ if [ "$SMOKE" = 1 ]; then
   BUDGET=${BENCH_BUDGET_S:-420}
   MODEL=tiny-random-llama; WARMUP=2; STEPS=3; BATCH=8; AUTHORS=20; QA=4; PEAK=()
   EVAL_EXTRA=(--max-new-tokens 4)
-  CAP_GD=150; CAP_NPO=150; CAP_LONG=90; LONG_LEN=256; LONG_STEPS=2
+  CAP_GD=150; CAP_NPO=150; CAP_LONG=90; LONG_LEN=256; LONG_STEPS=2; CAP_NLL=60; NLL_STEPS=1
 else
   PY=${PY:-python3}
   BUDGET=${BENCH_BUDGET_S:-450}
   MODEL=Llama-3.2-1B-arch; WARMUP=5; STEPS=100; BATCH=8; AUTHORS=400; QA=10
   PEAK=(--peak-tflops "${PEAK_TFLOPS:-989}")   # H100 SXM / H200: 989 dense bf16 TFLOP/s
   EVAL_EXTRA=()
-  CAP_GD=110; CAP_NPO=130; CAP_LONG=75; LONG_LEN=2048; LONG_STEPS=10
+  CAP_GD=110; CAP_NPO=130; CAP_LONG=75; LONG_LEN=2048; LONG_STEPS=10; CAP_NLL=40; NLL_STEPS=15
 fi
 OUT=${OUT:-/tmp/bench_out}
 mkdir -p "$OUT"
@@ -80,8 +82,8 @@ TOFU=/tmp/bench_tofu_${AUTHORS}x${QA}
   || { echo "data generation failed"; exit 4; }
 echo "== data: $TOFU ($(wc -l < "$TOFU/forget10.json") forget10 rows, $(wc -l < "$TOFU/retain90.json") retain90 rows)"
 
-COMMON=(--model "$MODEL" --tokenizer "$TOK" --tofu "$TOFU" --batch-size "$BATCH" --warmup-steps "$WARMUP"
-        --steps "$STEPS" "${PEAK[@]}")
+RUN=(--model "$MODEL" --tokenizer "$TOK" --tofu "$TOFU" --batch-size "$BATCH" --warmup-steps "$WARMUP" "${PEAK[@]}")
+COMMON=("${RUN[@]}" --steps "$STEPS")
 RESERVE=$(( CAP_NPO + 150 ))   # keep time for NPO, the long-sequence step and part of the evaluation
 step GradDiff "$CAP_GD" "$PY" benchmarks/train_throughput.py "${COMMON[@]}" --method GradDiff \
   --out "$OUT/train_graddiff.json" >/dev/null
@@ -92,15 +94,27 @@ RESERVE=75
 step longseq "$CAP_LONG" "$PY" benchmarks/train_throughput.py --model "$MODEL" --tokenizer "$TOK" --tofu "$TOFU" \
   --method GradDiff --synthetic-seq-len "$LONG_LEN" --batch-size "$BATCH" --warmup-steps 3 --steps "$LONG_STEPS" \
   "${PEAK[@]}" --out "$OUT/train_longseq.json" >/dev/null
-RESERVE=5   # the evaluation gets what is left; it writes its partial numbers after every pass
+RESERVE=$(( 2 * CAP_NLL ))   # the evaluation gets what is left but the two NLL checks; partial numbers after every pass
 step eval_tofu "$BUDGET" "$PY" benchmarks/eval_time.py --model "$MODEL" --tokenizer "$TOK" --tofu "$TOFU" \
   --forget-split forget10 --holdout-split holdout01 "${EVAL_EXTRA[@]}" --out "$OUT/eval_tofu.json" >/dev/null
+# nll_impl=chunked and =liger: the first 20 GradDiff losses, to compare with train_graddiff.json's (default: logits)
+RESERVE=$CAP_NLL
+step nll_chunked "$CAP_NLL" "$PY" benchmarks/train_throughput.py "${RUN[@]}" --steps "$NLL_STEPS" --method GradDiff \
+  --out "$OUT/train_nll_chunked.json" trainer.method_args.nll_impl=chunked >/dev/null
+RESERVE=0
+if "$PY" -c "import liger_kernel" 2>/dev/null; then
+  step nll_liger "$CAP_NLL" "$PY" benchmarks/train_throughput.py "${RUN[@]}" --steps "$NLL_STEPS" --method GradDiff \
+    --out "$OUT/train_nll_liger.json" trainer.method_args.nll_impl=liger >/dev/null
+else
+  echo "== nll_liger: skipped, liger_kernel does not import"
+fi
 
 echo "== summary (t=${SECONDS}s)"
 "$PY" - "$OUT" <<'EOF'
 import json, os, sys
 out = sys.argv[1]
-for name in ("train_graddiff.json", "train_npo.json", "train_longseq.json", "eval_tofu.json"):
+for name in ("train_graddiff.json", "train_npo.json", "train_longseq.json", "eval_tofu.json", "train_nll_chunked.json",
+             "train_nll_liger.json"):
     path = os.path.join(out, name)
     if not os.path.isfile(path):
         print(f"{name}: missing"); continue
@@ -111,6 +125,10 @@ for name in ("train_graddiff.json", "train_npo.json", "train_longseq.json", "eva
                 "batch_shape", "peak_memory")
         print(name, m.get("gpu") or m.get("cpu"), {k: d.get(k) for k in keys})
         print("   loss first steps:", [round(x, 5) for x in d.get("loss_first_steps", [])])
+        if name.startswith("train_nll_") and os.path.isfile(os.path.join(out, "train_graddiff.json")):
+            base = json.load(open(os.path.join(out, "train_graddiff.json"))).get("loss_first_steps", [])
+            pairs = list(zip(base, d.get("loss_first_steps", [])))
+            print(f"   vs logits over {len(pairs)} steps: max |diff| {max((abs(a - b) for a, b in pairs), default=None)}")
     else:
         keys = ("complete", "wall_s", "model_load_s", "forward_s", "generation_s", "other_s", "forward_calls",
                 "pairs_evaluated", "generate_calls", "decode_forward_calls", "prompts_generated", "peak_memory",

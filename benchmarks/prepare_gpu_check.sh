@@ -24,11 +24,12 @@ done
 #    hydra-core, omegaconf, antlr4-python3-runtime (hydra needs 4.9.*), datasets + dill, multiprocess
 #    (its other needs: pyarrow, pandas, xxhash, fsspec, requests, huggingface-hub, filelock, tqdm,
 #    packaging, pyyaml are there), rouge-score + nltk + defusedxml (absl-py, six, click, joblib,
-#    regex, tqdm are there). gguf is not needed: the tokenizer travels as files.
+#    regex, tqdm are there). gguf is not needed: the tokenizer travels as files. Plus liger-kernel.
 ver() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 BINARY=(hydra-core omegaconf datasets dill multiprocess nltk defusedxml)
 SDIST=(antlr4-python3-runtime rouge-score)   # published as source only: built here into pure-Python wheels
 specs=(); for p in "${BINARY[@]}"; do specs+=("$p==$(ver "$p")"); done
+specs+=(liger-kernel==0.8.5)   # not a dependency: for gpu_check's nll_impl=liger step (pure Python + the GPU's triton)
 sdists=(); for p in "${SDIST[@]}"; do sdists+=("$p==$(ver "$p")"); done
 tmp=.whl.tmp.$$
 rm -rf "$tmp"; mkdir -p "$tmp"

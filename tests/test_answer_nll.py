@@ -29,10 +29,10 @@ def test_chunked_linear_nll_by_hand():
     hidden = torch.tensor([[math.log(2), 0.0], [math.log(2), 0.0], [0.0, 0.0]])
     expected = [math.log(2), math.log(4), math.log(3)]
     for chunk_rows in (1, 2, 3, 10):
-        nll = chunked_linear_nll(hidden, torch.tensor([0, 1, 2]), layer, chunk_rows)
+        nll = chunked_linear_nll(hidden, torch.tensor([0, 1, 2]), layer.weight, chunk_rows)
         assert nll.tolist() == pytest.approx(expected, abs=1e-6)
     with pytest.raises(ValueError, match="chunk_rows must be >= 1, got 0"):
-        chunked_linear_nll(hidden, torch.tensor([0, 1, 2]), layer, 0)
+        chunked_linear_nll(hidden, torch.tensor([0, 1, 2]), layer.weight, 0)
 
 
 def test_chunked_linear_nll_gradients_equal_the_full_logits():
@@ -46,7 +46,7 @@ def test_chunked_linear_nll_gradients_equal_the_full_logits():
         if chunk_rows is None:
             nll = F.cross_entropy(layer(h), targets, reduction="none")
         else:
-            nll = chunked_linear_nll(h, targets, layer, chunk_rows)
+            nll = chunked_linear_nll(h, targets, layer.weight, chunk_rows)
         (nll * upstream).sum().backward()
         grads.append((nll.detach(), h.grad, layer.weight.grad))
     for nll, grad_h, grad_w in grads[1:]:

@@ -33,7 +33,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from data.collators import first_answer_position
 from trainer.losses import IGNORE_INDEX, per_token_nll
@@ -74,9 +73,9 @@ def answer_span_logits(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[t
 NLL_IMPLS = ("logits", "chunked", "liger")
 #: Oldest liger-kernel whose fused linear cross-entropy has correct gradients with reduction="none".
 LIGER_MIN_VERSION = (0, 8, 5)
-#: Logits per chunk of ``chunked_linear_nll`` (rows = this / vocabulary size): 16 MiB of float32 on a
-#: CPU (the chunk stays in the processor's cache through softmax and gradient), 256 MiB on a GPU.
-CHUNK_LOGITS = {"cpu": 1 << 22, "cuda": 1 << 26}
+#: Logits per chunk of ``chunked_linear_nll`` (rows = this / vocabulary size): 64 MiB of float32 on a
+#: CPU, 256 MiB on a GPU (where bigger matrix products run faster).
+CHUNK_LOGITS = {"cpu": 1 << 24, "cuda": 1 << 26}
 #: Config attributes of models whose logits are not ``W h`` (Gemma 2/3 soft-capping, Cohere, Granite).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
@@ -101,9 +100,13 @@ def check_nll_impl(impl: str, model: torch.nn.Module | None = None) -> None:
         if value not in (None, 1, 1.0):
             raise ValueError(f"nll_impl={impl!r} computes logits as W h, but this model's config sets {name}={value!r} "
                              "(its forward transforms the logits); use nll_impl=logits")
-    if unwrap(model).get_output_embeddings() is None:
+    output_layer = unwrap(model).get_output_embeddings()
+    if output_layer is None:
         raise ValueError(f"nll_impl={impl!r} needs the model's output layer (get_output_embeddings() is None); "
                          "use nll_impl=logits")
+    if impl == "chunked" and getattr(output_layer, "bias", None) is not None:
+        raise ValueError("nll_impl='chunked' handles an output layer without bias, this model's has one; "
+                         "use nll_impl=logits (or liger on a GPU)")
     if impl == "liger":
         try:
             version = importlib.metadata.version("liger-kernel")
@@ -118,33 +121,74 @@ def check_nll_impl(impl: str, model: torch.nn.Module | None = None) -> None:
                              "use nll_impl=chunked on this machine")
 
 
-def _rows_nll(output_layer: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(output_layer(hidden).float(), targets, reduction="none")
+def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the output layer's matrix product runs in: autocast's where it is on, else the weight's."""
+    device = weight.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return weight.dtype
 
 
-def chunked_linear_nll(hidden: torch.Tensor, targets: torch.Tensor, output_layer: torch.nn.Module,
+class _ChunkedLinearNLL(torch.autograd.Function):
+    """``NLL [N]`` of ``targets`` under ``softmax(hidden @ weight.T)``, one chunk of rows at a time.
+
+    Forward keeps only ``logsumexp`` per row; backward recomputes each chunk's logits and applies
+    ``dNLL_i/dz_i = softmax(z_i) - onehot(y_i)`` times the incoming per-row gradient, accumulating the
+    weight's gradient in place (float32).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_rows, dtype):
+        w = weight.to(dtype)
+        nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(nll)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            z = (hidden[rows].to(dtype) @ w.t()).float()
+            lse[rows] = torch.logsumexp(z, dim=-1)
+            nll[rows] = lse[rows] - z.gather(1, targets[rows, None]).squeeze(1)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.chunk_rows, ctx.dtype = chunk_rows, dtype
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        w = weight.to(ctx.dtype)
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+            if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], ctx.chunk_rows):
+            rows = slice(start, start + ctx.chunk_rows)
+            h = hidden[rows].to(ctx.dtype)
+            grad_z = (h @ w.t()).float().sub_(lse[rows, None]).exp_()
+            grad_z[torch.arange(grad_z.shape[0], device=grad_z.device), targets[rows]] -= 1.0
+            grad_z = grad_z.mul_(grad_nll[rows, None].float()).to(ctx.dtype)
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad_z @ w
+            if grad_weight is not None:
+                if grad_z.dtype == torch.float32:
+                    grad_weight.addmm_(grad_z.t(), h)
+                else:
+                    grad_weight += grad_z.t() @ h
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def chunked_linear_nll(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
                        chunk_rows: int) -> torch.Tensor:
-    """``NLL_i = logsumexp(W h_i) - (W h_i)[y_i]`` ``[N]`` for hidden states ``[N, d]`` and targets ``[N]``.
+    """``NLL_i = logsumexp(W h_i) - (W h_i)[y_i]`` ``[N]`` for hidden states ``[N, d]``, targets ``[N]``
+    and the output layer's weight ``W`` ``[V, d]``, never holding more than ``chunk_rows`` rows of logits.
 
-    ``output_layer`` (the model's ``lm_head``) runs on ``chunk_rows`` rows at a time; when gradients
-    are needed each chunk runs under ``torch.utils.checkpoint``, so its logits are freed after the
-    forward and recomputed in the backward pass: the memory peak is one chunk's logits instead of
-    ``[N, vocab]``. Autocast applies to the output layer as in the model's own forward.
+    The logits of each chunk are computed, reduced to ``logsumexp`` and the target's logit, and freed;
+    the backward pass recomputes them (one more ``[chunk, d] x [d, V]`` product per chunk) and
+    accumulates ``dL/dW`` in one float32 buffer. The product runs in autocast's dtype where autocast
+    is on (as the model's own output layer would), softmax and sums in float32.
     """
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
-    needs_grad = torch.is_grad_enabled() and (
-        hidden.requires_grad or any(p.requires_grad for p in output_layer.parameters()))
-    pieces = []
-    for start in range(0, hidden.shape[0], chunk_rows):
-        rows = (hidden[start:start + chunk_rows], targets[start:start + chunk_rows])
-        if needs_grad:
-            pieces.append(checkpoint(_rows_nll, output_layer, *rows, use_reentrant=False))
-        else:
-            pieces.append(_rows_nll(output_layer, *rows))
-    if not pieces:
-        return hidden.new_zeros(0, dtype=torch.float32)
-    return torch.cat(pieces)
+    return _ChunkedLinearNLL.apply(hidden, weight, targets, chunk_rows, _compute_dtype(weight))
 
 
 def _liger_linear_nll(hidden: torch.Tensor, targets: torch.Tensor, output_layer: torch.nn.Module) -> torch.Tensor:
@@ -196,7 +240,7 @@ def answer_token_nll(model: torch.nn.Module, batch: dict[str, Any], impl: str = 
         if chunk_rows is None:
             budget = CHUNK_LOGITS["cuda" if hidden.device.type == "cuda" else "cpu"]
             chunk_rows = max(1, budget // output_layer.weight.shape[0])
-        values = chunked_linear_nll(answer_hidden, targets, output_layer, chunk_rows)
+        values = chunked_linear_nll(answer_hidden, targets, output_layer.weight, chunk_rows)
     nll = torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
     return nll, mask
 
