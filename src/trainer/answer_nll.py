@@ -10,8 +10,8 @@ term, fine-tuning) needs only ``NLL_t = logsumexp(z_t) - z_t[y_t]`` at the answe
   float32 block (and its gradient) alive through the backward pass.
 - ``chunked``: the forward stops at the last hidden state (the output layer runs on one position
   only); ``chunked_linear_nll`` applies the output layer to the answer positions a chunk of rows at a
-  time, each chunk under activation checkpointing, so only one chunk's logits exist at any time, in
-  the forward and in the backward pass (which recomputes them: one more output-layer product). Any
+  time and keeps one ``logsumexp`` per token, so only one chunk's logits exist at any time, in the
+  forward and in the backward pass (which recomputes them: one more output-layer product). Any
   device; the same values as ``logits`` up to float rounding (``tests/test_speed_knobs.py``).
 - ``liger``: the same hidden states through Liger Kernel's fused linear cross-entropy
   (``liger_kernel.transformers.functional.liger_fused_linear_cross_entropy``, Triton, CUDA only),
@@ -20,9 +20,9 @@ term, fine-tuning) needs only ``NLL_t = logsumexp(z_t) - z_t[y_t]`` at the answe
   PR #1298), so older versions are refused.
 
 Both hidden-state paths skip the rows' padding and prompt positions entirely (the ``logits`` path
-computes the whole answer span of every row, padding included) and refuse models whose forward
-transforms the logits after the output layer (soft-capping, logit scaling), where ``W h_t`` would
-not be the model's logits. Methods that need the full next-token distribution (KL retain term,
+computes the whole answer span of every row, padding included; selecting the answer positions costs
+one device synchronisation) and refuse models whose forward transforms the logits after the output
+layer (soft-capping, logit scaling), where ``W h_t`` would not be the model's logits. Methods that need the full next-token distribution (KL retain term,
 UNDIAL, CE-U, logit-margin flattening) always use ``logits``.
 """
 
