@@ -522,3 +522,17 @@ def test_real_tofu_sizes(data_tok):
     assert len(forget) == 40
     assert forget[0]["labels"][-1].item() == _im_end(data_tok)
     assert len(build_dataset("TOFU_QA_RA", data_tok, root_cfg=root)) == 100
+
+
+def test_concat_batches_pads_to_the_widest_and_keeps_rows():
+    from data.collators import concat_batches
+
+    a = {"input_ids": torch.tensor([[5, 6, 7]]), "labels": torch.tensor([[-100, 6, 7]]),
+         "attention_mask": torch.tensor([[1, 1, 1]]), "answer_start": 1}
+    b = {"input_ids": torch.tensor([[8, 9], [10, 11]]), "labels": torch.tensor([[-100, -100], [-100, 11]]),
+         "attention_mask": torch.tensor([[1, 1], [1, 0]]), "answer_start": 1, "index": torch.tensor([3, 4])}
+    joint = concat_batches([b, a])
+    assert joint["input_ids"].tolist() == [[8, 9, 0], [10, 11, 0], [5, 6, 7]]
+    assert joint["labels"].tolist() == [[-100, -100, -100], [-100, 11, -100], [-100, 6, 7]]
+    assert joint["attention_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1]]
+    assert joint["answer_start"] == 1 and "index" not in joint

@@ -202,3 +202,9 @@ def test_group_by_length_batches_similar_lengths(tmp_path):
     assert padding(order) < 0.2 * padding(range(len(lengths)))
     with pytest.raises(TypeError, match="no lengths"):
         ForgetRetainDataset([1, 2]).lengths()
+
+
+def test_joint_forward_is_refused_where_the_loss_reads_logits(tmp_path):
+    with pytest.raises(ValueError, match=r"joint_forward=true: UNDIAL does not support it .*GradDiff, NPO"):
+        make("UNDIAL", tmp_path, joint_forward=True)
+    make("GradDiff", tmp_path, joint_forward=True)

@@ -71,3 +71,23 @@ def test_chunked_nll_gives_the_same_loss_curve(tofu_dir, tmp_path, monkeypatch, 
     chunked = train_in_process(tmp_path / "chunked", [*common, "trainer.method_args.nll_impl=chunked"])
     assert len(calls) >= 8  # forget and retain terms of 4 steps
     _assert_same_curve(logits, chunked)
+
+
+@pytest.mark.parametrize("trainer, forget", [("GradDiff", "TOFU_QA_FORGET10"), ("NPO", "TOFU_QA_FORGET10"),
+                                             ("DPO", "TOFU_QA_FORGET10_IDK")])
+def test_joint_forward_gives_the_same_loss_curve(tofu_dir, tmp_path, monkeypatch, trainer, forget):
+    """``joint_forward=true``: forget and retain (and DPO's two answers) in one forward pass per step."""
+    import trainer.base as trainer_base
+
+    monkeypatch.chdir(REPO)
+    batch_rows = []
+    original = trainer_base.answer_token_nll
+    monkeypatch.setattr(trainer_base, "answer_token_nll",
+                        lambda model, batch, *a, **k: batch_rows.append(len(batch["input_ids"])) or original(model, batch, *a, **k))
+    common = _common(tofu_dir, trainer, forget)
+    separate = train_in_process(tmp_path / "separate", common)
+    assert set(batch_rows) == {4}
+    batch_rows.clear()
+    joint = train_in_process(tmp_path / "joint", [*common, "trainer.method_args.joint_forward=true"])
+    assert set(batch_rows) == {12 if trainer == "DPO" else 8}  # every NLL pass ran on all the step's rows at once
+    _assert_same_curve(separate, joint)

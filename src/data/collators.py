@@ -31,6 +31,27 @@ def pad_sequences(seqs: Sequence[torch.Tensor], value: int, side: str) -> torch.
     return out
 
 
+def concat_batches(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """One right-padded batch holding the rows of ``batches`` in order (each right-padded itself).
+
+    ``input_ids`` (padded with 0: the attention mask hides it), ``labels`` (-100) and
+    ``attention_mask`` (0) are widened to the widest batch and concatenated; ``answer_start`` is the
+    smallest of the batches'. Row ``i`` of batch ``k`` keeps its values, so per-row results of a model
+    run on the joint batch equal those of separate runs (up to float rounding).
+    """
+    width = max(b["input_ids"].shape[1] for b in batches)
+    pad_values = {"input_ids": 0, **_PAD_VALUES}
+    joint = {}
+    for key in ("input_ids", "labels", "attention_mask"):
+        if key in batches[0]:
+            joint[key] = torch.cat([torch.nn.functional.pad(b[key], (0, width - b[key].shape[1]), value=pad_values[key])
+                                    for b in batches])
+    starts = [b.get("answer_start") for b in batches]
+    if all(s is not None for s in starts):
+        joint["answer_start"] = min(int(s) for s in starts)
+    return joint
+
+
 class DataCollatorForSupervisedDataset:
     """Pads ``input_ids`` (pad id), ``labels`` (-100) and ``attention_mask`` (0) of a batch of samples.
 

@@ -83,6 +83,8 @@ def method_arg_names(cls: type) -> list[str]:
             names += [p.name for p in params if p.kind is p.KEYWORD_ONLY or
                       (p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self")]
     names.append("nll_impl")  # FinetuneTrainer's own switch, every method
+    if issubclass(cls, UnlearningTrainer):
+        names.append("joint_forward")  # UnlearningTrainer's; true is an error for methods without joint_forward_batches
     if getattr(cls, "reference_nll_only", False):
         names.append("precompute_ref_log_probs")  # UnlearningTrainer's own switch, for these methods only
     return sorted(set(names))

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, TrainerCallback
 
+from data.collators import concat_batches
 from trainer.answer_nll import answer_span_logits
 from trainer.base import FinetuneTrainer
 from trainer.losses import answer_kl, sequence_nll
@@ -65,24 +66,43 @@ class UnlearningTrainer(FinetuneTrainer):
     def __init_subclass__(cls, **kwargs: Any):
         # Methods may write compute_loss(self, model, inputs, return_outputs=False) as in the docs;
         # the Hugging Face Trainer also passes num_items_in_batch, which such methods do not need.
+        # The wrapper also runs the joint forward pass (joint_forward) before the method's loss.
         super().__init_subclass__(**kwargs)
         fn = cls.__dict__.get("compute_loss")
         if fn is None:
             return
         params = inspect.signature(fn).parameters
-        if "num_items_in_batch" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            return
+        takes_count = "num_items_in_batch" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
         @functools.wraps(fn)
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return fn(self, model, inputs, return_outputs=return_outputs)
+            extra = {"num_items_in_batch": num_items_in_batch} if takes_count else {}
+            if not getattr(self, "joint_forward", False) or self._joint_nll is not None:
+                return fn(self, model, inputs, return_outputs=return_outputs, **extra)
+            self._joint_nll = self._joint_answer_token_nll(model, self.joint_forward_batches(inputs))
+            try:
+                return fn(self, model, inputs, return_outputs=return_outputs, **extra)
+            finally:
+                self._joint_nll = None
 
         cls.compute_loss = compute_loss
 
-    def __init__(self, *args: Any, precompute_ref_log_probs: bool = True, **kwargs: Any):
+    def __init__(self, *args: Any, precompute_ref_log_probs: bool = True, joint_forward: bool = False,
+                 **kwargs: Any):
         """``precompute_ref_log_probs`` (``trainer.method_args``, methods with ``reference_nll_only``):
         compute the reference model's answer NLL of every forget sample once before training and
-        reuse it every step and epoch (the same loss values; false: one reference forward per step)."""
+        reuse it every step and epoch (the same loss values; false: one reference forward per step).
+
+        ``joint_forward`` (``trainer.method_args``, methods that define ``joint_forward_batches``): the
+        batches whose answer NLLs a step's loss reads (forget and retain, DPO's two answers) run as one
+        forward pass, padded to a common width, instead of one pass each: fewer, larger matrix
+        products and kernel launches, the same losses (tested)."""
+        self._joint_nll: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.joint_forward = bool(joint_forward)
+        if self.joint_forward and type(self).joint_forward_batches is UnlearningTrainer.joint_forward_batches:
+            raise ValueError(f"joint_forward=true: {type(self).__name__} does not support it (its loss reads logits or "
+                             "hidden states, or a single batch per step); methods that do: GradDiff, NPO, SimNPO, "
+                             "DPO, AltPO, IdkNLL, WGA, SatImp")
         super().__init__(*args, **kwargs)
         retain = getattr(self.train_dataset, "retain", None)
         if self.uses_retain and self.train_dataset is not None and retain is None:
@@ -181,6 +201,34 @@ class UnlearningTrainer(FinetuneTrainer):
         cache.values = gather_dicts(cache.values)
         log.info("%s: reference NLL of %d forget samples precomputed", type(self).__name__, len(cache))
         return cache
+
+    # ----- joint forward pass (joint_forward) -------------------------------------------------------
+    def joint_forward_batches(self, inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        """The batches of ``inputs`` whose answer NLLs the loss reads through ``answer_token_nll`` /
+        ``answer_nll`` / ``answer_mean_nll``; a method that defines it supports ``joint_forward``."""
+        raise NotImplementedError
+
+    def nll_retain_batches(self, inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        """``[inputs["retain"]]`` when the retain term is the NLL one, else ``[]`` (for ``joint_forward_batches``)."""
+        return [inputs["retain"]] if self.retain_loss_type == "NLL" and "retain" in inputs else []
+
+    def _joint_answer_token_nll(self, model: torch.nn.Module,
+                                batches: list[dict[str, Any]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """``(NLL_t, mask)`` of each batch (by ``id``) from one forward pass over their rows."""
+        if len(batches) < 2:  # nothing to join: answer_token_nll computes it as usual
+            return {}
+        nll, mask = super().answer_token_nll(model, concat_batches(batches))
+        results, row = {}, 0
+        for batch in batches:
+            rows = slice(row, row + batch["input_ids"].shape[0])
+            results[id(batch)] = (nll[rows], mask[rows])
+            row = rows.stop
+        return results
+
+    def answer_token_nll(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._joint_nll is not None and id(batch) in self._joint_nll:
+            return self._joint_nll.pop(id(batch))
+        return super().answer_token_nll(model, batch)
 
     # ----- shared pieces ---------------------------------------------------------------------------
     def forward_nll(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor,

@@ -70,6 +70,10 @@ class DPO(UnlearningTrainer):
         self.set_loss_weights(gamma, alpha, retain_loss_type)
         super().__init__(*args, **kwargs)
 
+    def joint_forward_batches(self, inputs):
+        return [*paired_forget(inputs["forget"], type(self).__name__, self.paired_data_hint),
+                *self.nll_retain_batches(inputs)]
+
     def compute_loss(self, model, inputs, return_outputs=False):
         rejected, preferred = paired_forget(inputs["forget"], type(self).__name__, self.paired_data_hint)
         nll_w, _ = self.answer_nll(model, preferred)

@@ -28,6 +28,10 @@ class IdkNLL(UnlearningTrainer):
         self.set_loss_weights(gamma, alpha, retain_loss_type)
         super().__init__(*args, **kwargs)
 
+    def joint_forward_batches(self, inputs):
+        _, refusal = paired_forget(inputs["forget"], type(self).__name__, IDK_HINT)
+        return [refusal, *self.nll_retain_batches(inputs)]
+
     def compute_loss(self, model, inputs, return_outputs=False):
         _, refusal = paired_forget(inputs["forget"], type(self).__name__, IDK_HINT)
         loss = self.weighted_total(model, inputs, self.answer_mean_nll(model, refusal))

@@ -32,6 +32,9 @@ class NPO(UnlearningTrainer):
         self.set_loss_weights(gamma, alpha, retain_loss_type)
         super().__init__(*args, **kwargs)
 
+    def joint_forward_batches(self, inputs):
+        return [inputs["forget"], *self.nll_retain_batches(inputs)]
+
     def compute_loss(self, model, inputs, return_outputs=False):
         forget = inputs["forget"]
         nll, _ = self.answer_nll(model, forget)

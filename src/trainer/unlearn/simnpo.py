@@ -36,6 +36,9 @@ class SimNPO(UnlearningTrainer):
         self.set_loss_weights(gamma, alpha, retain_loss_type)
         super().__init__(*args, **kwargs)
 
+    def joint_forward_batches(self, inputs):
+        return [inputs["forget"], *self.nll_retain_batches(inputs)]
+
     def compute_loss(self, model, inputs, return_outputs=False):
         forget = inputs["forget"]
         forget_loss = simnpo_loss(per_sample_mean(*self.answer_nll(model, forget)), self.beta, self.delta)
