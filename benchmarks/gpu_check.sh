@@ -8,10 +8,11 @@
 # (configs/model/Llama-3.2-1B-arch.yaml, 1.07B params), the SmolLM2 tokenizer, bf16, per-device batch
 # 8 (+8 retain) times 5 warm-up + 100 GradDiff steps, then NPO, then 3 + 10 GradDiff steps on random
 # 2048-token rows (MUSE-style long chunks: the MFU target), then the default TOFU evaluation of
-# forget10 (holdout01), then 20 GradDiff steps with trainer.method_args.nll_impl=chunked and (if the
-# carried liger-kernel imports) =liger, whose losses should equal train_graddiff.json's first 20.
-# Writes under $OUT: train_graddiff.json, train_npo.json, train_longseq.json, eval_tofu.json,
-# train_nll_chunked.json, train_nll_liger.json, gpu_check.log (everything printed). CPU smoke test of this very script, here (tiny model, 3 steps):
+# forget10 (holdout01), then 20 GradDiff steps each with trainer.method_args.joint_forward=true,
+# nll_impl=chunked and (if the carried liger-kernel imports) nll_impl=liger, whose losses should equal
+# train_graddiff.json's first 20. Writes under $OUT: train_graddiff.json, train_npo.json,
+# train_longseq.json, eval_tofu.json, train_joint_forward.json, train_nll_chunked.json,
+# train_nll_liger.json, gpu_check.log (everything printed). CPU smoke test of this very script, here (tiny model, 3 steps):
 #   BENCH_SMOKE=1 bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -94,10 +95,14 @@ RESERVE=75
 step longseq "$CAP_LONG" "$PY" benchmarks/train_throughput.py --model "$MODEL" --tokenizer "$TOK" --tofu "$TOFU" \
   --method GradDiff --synthetic-seq-len "$LONG_LEN" --batch-size "$BATCH" --warmup-steps 3 --steps "$LONG_STEPS" \
   "${PEAK[@]}" --out "$OUT/train_longseq.json" >/dev/null
-RESERVE=$(( 2 * CAP_NLL ))   # the evaluation gets what is left but the two NLL checks; partial numbers after every pass
+RESERVE=$(( 3 * CAP_NLL ))   # the evaluation gets what is left but the three short runs; partial numbers after every pass
 step eval_tofu "$BUDGET" "$PY" benchmarks/eval_time.py --model "$MODEL" --tokenizer "$TOK" --tofu "$TOFU" \
   --forget-split forget10 --holdout-split holdout01 "${EVAL_EXTRA[@]}" --out "$OUT/eval_tofu.json" >/dev/null
-# nll_impl=chunked and =liger: the first 20 GradDiff losses, to compare with train_graddiff.json's (default: logits)
+# joint_forward=true, nll_impl=chunked and =liger: the first 20 GradDiff losses, to compare with
+# train_graddiff.json's (defaults: separate forward passes, logits), and their steps/s
+RESERVE=$(( 2 * CAP_NLL ))
+step joint_forward "$CAP_NLL" "$PY" benchmarks/train_throughput.py "${RUN[@]}" --steps "$NLL_STEPS" --method GradDiff \
+  --out "$OUT/train_joint_forward.json" trainer.method_args.joint_forward=true >/dev/null
 RESERVE=$CAP_NLL
 step nll_chunked "$CAP_NLL" "$PY" benchmarks/train_throughput.py "${RUN[@]}" --steps "$NLL_STEPS" --method GradDiff \
   --out "$OUT/train_nll_chunked.json" trainer.method_args.nll_impl=chunked >/dev/null
@@ -113,8 +118,8 @@ echo "== summary (t=${SECONDS}s)"
 "$PY" - "$OUT" <<'EOF'
 import json, os, sys
 out = sys.argv[1]
-for name in ("train_graddiff.json", "train_npo.json", "train_longseq.json", "eval_tofu.json", "train_nll_chunked.json",
-             "train_nll_liger.json"):
+for name in ("train_graddiff.json", "train_npo.json", "train_longseq.json", "eval_tofu.json",
+             "train_joint_forward.json", "train_nll_chunked.json", "train_nll_liger.json"):
     path = os.path.join(out, name)
     if not os.path.isfile(path):
         print(f"{name}: missing"); continue
@@ -125,7 +130,7 @@ for name in ("train_graddiff.json", "train_npo.json", "train_longseq.json", "eva
                 "batch_shape", "peak_memory")
         print(name, m.get("gpu") or m.get("cpu"), {k: d.get(k) for k in keys})
         print("   loss first steps:", [round(x, 5) for x in d.get("loss_first_steps", [])])
-        if name.startswith("train_nll_") and os.path.isfile(os.path.join(out, "train_graddiff.json")):
+        if name.startswith(("train_nll_", "train_joint")) and os.path.isfile(os.path.join(out, "train_graddiff.json")):
             base = json.load(open(os.path.join(out, "train_graddiff.json"))).get("loss_first_steps", [])
             pairs = list(zip(base, d.get("loss_first_steps", [])))
             print(f"   vs logits over {len(pairs)} steps: max |diff| {max((abs(a - b) for a, b in pairs), default=None)}")
