@@ -156,3 +156,27 @@ def test_logits_path_is_per_token_nll_of_the_answer_span():
     full, full_mask = per_token_nll(logits, batch["labels"])
     assert torch.allclose(nll.sum(-1), full.sum(-1), atol=1e-5)
     assert mask.sum(-1).tolist() == full_mask.sum(-1).tolist()
+
+
+def test_chunked_linear_nll_under_bf16_autocast_matches_the_autocast_output_layer():
+    """Under autocast the output layer's product runs in bfloat16 (as the model's own would), the
+    softmax and the weight-gradient sum in float32; gradients come back in the inputs' dtypes."""
+    torch.manual_seed(0)
+    weight, hidden = torch.randn(300, 16), torch.randn(11, 16)
+    targets, upstream = torch.randint(0, 300, (11,)), torch.rand(11)
+    results = []
+    for chunked in (False, True):
+        layer = _output_layer(weight)
+        h = hidden.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if chunked:
+                nll = chunked_linear_nll(h, targets, layer.weight, 4)
+            else:
+                nll = F.cross_entropy(layer(h).float(), targets, reduction="none")
+        (nll * upstream).sum().backward()
+        results.append((nll.detach(), h.grad, layer.weight.grad))
+    (n0, gh0, gw0), (n1, gh1, gw1) = results
+    assert n1.dtype == torch.float32 and gh1.dtype == gw1.dtype == torch.float32
+    assert torch.allclose(n0, n1, atol=1e-6)  # same bf16 products, same float32 reductions
+    assert torch.allclose(gh0, gh1, atol=2e-2) and torch.allclose(gw0, gw1, atol=2e-2)  # bf16 rounding of dL/dz
+    assert not torch.allclose(n1, F.cross_entropy(hidden @ weight.t(), targets, reduction="none"), atol=1e-4)
