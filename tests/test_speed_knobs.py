@@ -73,10 +73,13 @@ def test_chunked_nll_gives_the_same_loss_curve(tofu_dir, tmp_path, monkeypatch, 
     _assert_same_curve(logits, chunked)
 
 
-@pytest.mark.parametrize("trainer, forget", [("GradDiff", "TOFU_QA_FORGET10"), ("NPO", "TOFU_QA_FORGET10"),
-                                             ("DPO", "TOFU_QA_FORGET10_IDK")])
-def test_joint_forward_gives_the_same_loss_curve(tofu_dir, tmp_path, monkeypatch, trainer, forget):
-    """``joint_forward=true``: forget and retain (and DPO's two answers) in one forward pass per step."""
+@pytest.mark.parametrize("trainer, forget, nll_impl", [("GradDiff", "TOFU_QA_FORGET10", "logits"),
+                                                       ("NPO", "TOFU_QA_FORGET10", "logits"),
+                                                       ("DPO", "TOFU_QA_FORGET10_IDK", "logits"),
+                                                       ("NPO", "TOFU_QA_FORGET10", "chunked")])
+def test_joint_forward_gives_the_same_loss_curve(tofu_dir, tmp_path, monkeypatch, trainer, forget, nll_impl):
+    """``joint_forward=true``: forget and retain (and DPO's two answers) in one forward pass per step
+    (with ``nll_impl=chunked`` too, against separate passes with the logits)."""
     import trainer.base as trainer_base
 
     monkeypatch.chdir(REPO)
@@ -88,6 +91,7 @@ def test_joint_forward_gives_the_same_loss_curve(tofu_dir, tmp_path, monkeypatch
     separate = train_in_process(tmp_path / "separate", common)
     assert set(batch_rows) == {4}
     batch_rows.clear()
-    joint = train_in_process(tmp_path / "joint", [*common, "trainer.method_args.joint_forward=true"])
+    joint = train_in_process(tmp_path / "joint", [*common, "trainer.method_args.joint_forward=true",
+                                                  f"trainer.method_args.nll_impl={nll_impl}"])
     assert set(batch_rows) == {12 if trainer == "DPO" else 8}  # every NLL pass ran on all the step's rows at once
     _assert_same_curve(separate, joint)
