@@ -536,3 +536,46 @@ def test_concat_batches_pads_to_the_widest_and_keeps_rows():
     assert joint["labels"].tolist() == [[-100, -100, -100], [-100, 11, -100], [-100, 6, 7]]
     assert joint["attention_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1]]
     assert joint["answer_start"] == 1 and "index" not in joint
+
+
+class _Sized(torch.utils.data.Dataset):
+    def __init__(self, lengths):
+        self._lengths = list(lengths)
+
+    def __len__(self):
+        return len(self._lengths)
+
+    def __getitem__(self, i):
+        return {"i": i, "length": self._lengths[i]}
+
+    def lengths(self):
+        return self._lengths
+
+
+def test_length_matched_retain_pairing_draws_from_the_same_length_rank():
+    forget = _Sized([30, 10, 20])                      # length ranks: item 1, item 2, item 0
+    retain = _Sized([5, 60, 15, 50, 25, 40])          # sorted by length: 0 (5), 2 (15), 4 (25), 5 (40), 3 (50), 1 (60)
+    paired = ForgetRetainDataset(forget, retain, seed=3, retain_pairing="length_matched")
+    slices = {1: {0, 2}, 2: {4, 5}, 0: {3, 1}}       # the r-th third of that order for the r-th shortest forget item
+    drawn = {i: set() for i in range(3)}
+    for epoch in range(40):
+        paired.set_epoch(epoch)
+        for i in range(3):
+            drawn[i].add(paired[i]["retain"]["i"])
+    assert drawn == slices                             # every retain sample used, each within its slice
+    random_pairs, anywhere = ForgetRetainDataset(forget, retain, seed=3), set()
+    for epoch in range(40):
+        random_pairs.set_epoch(epoch)
+        anywhere.add(random_pairs[0]["retain"]["i"])
+    assert anywhere - slices[0]  # the default draws outside the slice
+    # fewer retain than forget samples: neighbouring forget items share a retain sample
+    small = ForgetRetainDataset(_Sized([1, 2, 3, 4]), _Sized([9, 7]), retain_pairing="length_matched")
+    assert [small[i]["retain"]["i"] for i in range(4)] == [1, 1, 0, 0]
+
+
+def test_retain_pairing_errors():
+    with pytest.raises(ValueError, match=r"retain_pairing='by_length'; valid: random, length_matched"):
+        ForgetRetainDataset(_Sized([1]), _Sized([1]), retain_pairing="by_length")
+    no_lengths = [{"i": 0}]
+    with pytest.raises(TypeError, match=r"retain dataset list has no lengths\(\); retain_pairing=length_matched"):
+        ForgetRetainDataset(_Sized([1]), no_lengths, retain_pairing="length_matched")

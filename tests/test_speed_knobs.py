@@ -7,6 +7,8 @@ every logged loss term step by step.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from conftest import REPO, train_in_process
@@ -95,3 +97,27 @@ def test_joint_forward_gives_the_same_loss_curve(tofu_dir, tmp_path, monkeypatch
                                                   f"trainer.method_args.nll_impl={nll_impl}"])
     assert set(batch_rows) == {12 if trainer == "DPO" else 8}  # every NLL pass ran on all the step's rows at once
     _assert_same_curve(separate, joint)
+
+
+def test_length_matched_retain_pairing_trains_end_to_end(tofu_dir, tmp_path, monkeypatch):
+    """``data.retain_pairing=length_matched`` with length-grouped batches: a run goes through, drawing
+    every retain partner from its forget sample's length slice (not a speed-exact knob: other pairs)."""
+    from data.unlearn import ForgetRetainDataset
+
+    monkeypatch.chdir(REPO)
+    widths = []
+    original = ForgetRetainDataset.retain_index
+
+    def retain_index(self, index):
+        j = original(self, index)
+        start, stop = self._retain_slices[index]
+        assert j in self._retain_by_length[start:stop]
+        widths.append(len(self.retain[j]["input_ids"]))
+        return j
+
+    monkeypatch.setattr(ForgetRetainDataset, "retain_index", retain_index)
+    steps = train_in_process(tmp_path / "matched", [*_common(tofu_dir, "GradDiff", "TOFU_QA_FORGET10"),
+                                                    "data.retain_pairing=length_matched",
+                                                    "trainer.args.train_sampling_strategy=group_by_length"])
+    assert len(steps) == 4 and len(widths) >= 16
+    assert all(math.isfinite(s["loss"]) for s in steps)

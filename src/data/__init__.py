@@ -118,7 +118,9 @@ def get_data(data_cfg: DictConfig | Mapping, mode: str, tokenizer: PreTrainedTok
         if data_cfg.get("forget") is None:
             raise ValueError(f"data.forget is required to unlearn; valid names: {', '.join(available_datasets())}")
         forget, retain = build("forget"), build("retain")
-        return {"train": ForgetRetainDataset(forget, retain, seed=seed, rank=rank), "eval": build("eval"),
+        paired = ForgetRetainDataset(forget, retain, seed=seed, rank=rank,
+                                     retain_pairing=data_cfg.get("retain_pairing") or "random")
+        return {"train": paired, "eval": build("eval"),
                 "forget": forget, "retain": retain}
     raise ValueError(f"mode={mode!r}; valid: 'train', 'unlearn'")
 
