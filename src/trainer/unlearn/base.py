@@ -212,6 +212,11 @@ class UnlearningTrainer(FinetuneTrainer):
         """``[inputs["retain"]]`` when the retain term is the NLL one, else ``[]`` (for ``joint_forward_batches``)."""
         return [inputs["retain"]] if self.retain_loss_type == "NLL" and "retain" in inputs else []
 
+    def forget_and_nll_retain_batches(self, inputs: dict[str, Any]) -> list[dict[str, Any]]:
+        """``joint_forward_batches`` of methods whose forget term reads the NLLs of ``inputs["forget"]``:
+        set ``joint_forward_batches = UnlearningTrainer.forget_and_nll_retain_batches`` in the class."""
+        return [inputs["forget"], *self.nll_retain_batches(inputs)]
+
     def _joint_answer_token_nll(self, model: torch.nn.Module,
                                 batches: list[dict[str, Any]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """``(NLL_t, mask)`` of each batch (by ``id``) from one forward pass over their rows."""

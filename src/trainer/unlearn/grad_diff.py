@@ -22,8 +22,7 @@ class GradDiff(UnlearningTrainer):
         self.set_loss_weights(gamma, alpha, retain_loss_type, retain_required=True)
         super().__init__(*args, **kwargs)
 
-    def joint_forward_batches(self, inputs):
-        return [inputs["forget"], *self.nll_retain_batches(inputs)]
+    joint_forward_batches = UnlearningTrainer.forget_and_nll_retain_batches
 
     def forget_loss(self, model, forget):
         """Gradient ascent on the forget answers: ``-mean_t NLL_t`` over the batch's answer tokens."""

@@ -36,8 +36,7 @@ class SimNPO(UnlearningTrainer):
         self.set_loss_weights(gamma, alpha, retain_loss_type)
         super().__init__(*args, **kwargs)
 
-    def joint_forward_batches(self, inputs):
-        return [inputs["forget"], *self.nll_retain_batches(inputs)]
+    joint_forward_batches = UnlearningTrainer.forget_and_nll_retain_batches
 
     def compute_loss(self, model, inputs, return_outputs=False):
         forget = inputs["forget"]
