@@ -120,6 +120,9 @@ def test_check_nll_impl_errors(monkeypatch):
     with pytest.raises(ValueError, match=r"final_logit_softcapping=30.0.*use nll_impl=logits"):
         check_nll_impl("chunked", capped)
     check_nll_impl("logits", capped)
+    with pytest.raises(ValueError, match=r"FSDP keeps its weight sharded; use nll_impl=logits with FSDP"):
+        check_nll_impl("chunked", _tiny_llama(), fsdp=True)
+    check_nll_impl("logits", _tiny_llama(), fsdp=True)
 
     def version_of(found):
         def version(name):

@@ -88,12 +88,19 @@ def _version_tuple(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def check_nll_impl(impl: str, model: torch.nn.Module | None = None) -> None:
-    """ValueError naming the problem when ``impl`` cannot compute the NLLs of ``model`` here."""
+def check_nll_impl(impl: str, model: torch.nn.Module | None = None, fsdp: bool = False) -> None:
+    """ValueError naming the problem when ``impl`` cannot compute the NLLs of ``model`` here.
+
+    ``fsdp``: the model is sharded with FSDP, whose output-layer weight is only whole inside the
+    model's forward, where ``chunked`` and ``liger`` cannot reach it.
+    """
     if impl not in NLL_IMPLS:
         raise ValueError(f"nll_impl={impl!r}; valid: {', '.join(NLL_IMPLS)}")
     if impl == "logits" or model is None:
         return
+    if fsdp:
+        raise ValueError(f"nll_impl={impl!r} applies the output layer outside the model's forward, where FSDP "
+                         "keeps its weight sharded; use nll_impl=logits with FSDP (DDP and one device work)")
     config = getattr(unwrap(model), "config", None)
     for name in _LOGIT_TRANSFORMS:
         value = getattr(config, name, None)

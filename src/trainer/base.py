@@ -47,6 +47,7 @@ class FinetuneTrainer(Trainer):
             args_obj.eval_strategy = strategy
         else:
             super().__init__(*args, **kwargs)
+        check_nll_impl(nll_impl, self.model, fsdp=getattr(self, "is_fsdp_enabled", False))
         # Our losses are per-batch means; the Trainer divides them by the accumulation steps.
         self.loss_is_scaled_for_ga = False
         self._loss_terms: dict[str, list[float]] = defaultdict(list)
