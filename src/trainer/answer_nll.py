@@ -32,7 +32,6 @@ import importlib.metadata
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from data.collators import first_answer_position
 from trainer.losses import IGNORE_INDEX, per_token_nll
