@@ -42,7 +42,6 @@ class ForgetRetainDataset(Dataset):
             raise ValueError(f"retain_pairing={retain_pairing!r}; valid: {', '.join(RETAIN_PAIRINGS)}")
         self.forget, self.retain = forget, retain
         self.seed, self.rank, self.epoch = seed, rank, 0
-        self.retain_pairing = retain_pairing
         self._retain_by_length: list[int] = []
         self._retain_slices: list[tuple[int, int]] = []
         if retain is not None and retain_pairing == "length_matched":

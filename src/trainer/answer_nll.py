@@ -22,8 +22,9 @@ term, fine-tuning) needs only ``NLL_t = logsumexp(z_t) - z_t[y_t]`` at the answe
 Both hidden-state paths skip the rows' padding and prompt positions entirely (the ``logits`` path
 computes the whole answer span of every row, padding included; selecting the answer positions costs
 one device synchronisation) and refuse models whose forward transforms the logits after the output
-layer (soft-capping, logit scaling), where ``W h_t`` would not be the model's logits. Methods that need the full next-token distribution (KL retain term,
-UNDIAL, CE-U, logit-margin flattening) always use ``logits``.
+layer (soft-capping, logit scaling), where ``W h_t`` would not be the model's logits. Methods that
+need the full next-token distribution (KL retain term, UNDIAL, CE-U, logit-margin flattening)
+always use ``logits``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import importlib.metadata
 from typing import Any
 
 import torch
+from packaging.version import Version
 
 from data.collators import first_answer_position
 from trainer.losses import IGNORE_INDEX, per_token_nll
@@ -71,20 +73,12 @@ def answer_span_logits(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[t
 
 NLL_IMPLS = ("logits", "chunked", "liger")
 #: Oldest liger-kernel whose fused linear cross-entropy has correct gradients with reduction="none".
-LIGER_MIN_VERSION = (0, 8, 5)
+LIGER_MIN_VERSION = "0.8.5"
 #: Logits per chunk of ``chunked_linear_nll`` (rows = this / vocabulary size): 64 MiB of float32 on a
 #: CPU, 256 MiB on a GPU (where bigger matrix products run faster).
 CHUNK_LOGITS = {"cpu": 1 << 24, "cuda": 1 << 26}
 #: Config attributes of models whose logits are not ``W h`` (Gemma 2/3 soft-capping, Cohere, Granite).
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
-
-
-def _version_tuple(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split(".")[:3]:
-        digits = "".join(c for c in piece if c.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
 
 
 def check_nll_impl(impl: str, model: torch.nn.Module | None = None, fsdp: bool = False) -> None:
@@ -119,7 +113,7 @@ def check_nll_impl(impl: str, model: torch.nn.Module | None = None, fsdp: bool =
         except importlib.metadata.PackageNotFoundError:
             raise ValueError("nll_impl='liger' needs the liger-kernel package (pip install 'liger-kernel>=0.8.5') "
                              "and a CUDA GPU; nll_impl=chunked saves the same memory anywhere") from None
-        if _version_tuple(version) < LIGER_MIN_VERSION:
+        if Version(version) < Version(LIGER_MIN_VERSION):
             raise ValueError(f"nll_impl='liger' needs liger-kernel >= 0.8.5 (per-token gradients are wrong before it), "
                              f"found {version}; upgrade it or use nll_impl=chunked")
         if not torch.cuda.is_available():

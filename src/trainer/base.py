@@ -34,7 +34,7 @@ class FinetuneTrainer(Trainer):
 
     def __init__(self, *args: Any, evaluators: Mapping[str, Any] | None = None, nll_impl: str = "logits",
                  **kwargs: Any):
-        check_nll_impl(nll_impl, kwargs.get("model", args[0] if args else None))
+        check_nll_impl(nll_impl)  # the name, before the Trainer's set-up; the model's needs below
         self.nll_impl = nll_impl
         self.evaluators = dict(evaluators or {})
         args_obj = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
