@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import trainer.answer_nll as answer_nll_module
-from trainer.answer_nll import answer_token_nll, check_nll_impl, chunked_linear_nll, last_hidden_states
+from trainer.answer_nll import answer_token_nll, check_nll_impl, chunked_linear_nll, last_hidden_states, model_inputs
 from trainer.losses import per_token_nll
 
 
@@ -74,7 +74,40 @@ def test_last_hidden_states_are_the_output_layer_input():
     model, batch = _tiny_llama(), _batch()
     hidden = last_hidden_states(model, batch)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    assert torch.allclose(model.lm_head(hidden), logits, atol=1e-5)
+    real = batch["attention_mask"].bool()  # the padding positions run without mask (model_inputs)
+    assert torch.allclose(model.lm_head(hidden)[real], logits[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral_sliding_window"])
+def test_right_padded_batches_run_without_mask_with_equal_real_positions(arch):
+    """``model_inputs`` drops the mask of a right-padded batch (it has ``answer_start``); causal attention
+    alone gives every real position the logits of the masked forward pass, also under a sliding window
+    (here 3 positions, shorter than the rows, so the window is really applied)."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    if arch == "llama":
+        model = _tiny_llama()
+    else:
+        torch.manual_seed(0)
+        model = MistralForCausalLM(MistralConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                                 sliding_window=3, attn_implementation="sdpa")).eval()
+    batch = _batch()
+    assert set(model_inputs(batch)) == {"input_ids"}
+    left_padded = {k: v for k, v in batch.items() if k != "answer_start"}
+    assert set(model_inputs(left_padded)) == {"input_ids", "attention_mask"}
+    with torch.no_grad():
+        masked = model(**model_inputs(left_padded)).logits
+        unmasked = model(**model_inputs(batch)).logits
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(unmasked[real], masked[real], atol=1e-5)
+    assert not torch.allclose(unmasked[~real], masked[~real], atol=1e-3)  # padding: differs, read by no loss
+    if arch != "llama":  # the window was applied: without it row 0's later positions change
+        model.config.sliding_window = None
+        with torch.no_grad():
+            no_window = model(**model_inputs(batch)).logits
+        assert torch.allclose(no_window[0, :3], unmasked[0, :3], atol=1e-5)
+        assert not torch.allclose(no_window[0, 3:], unmasked[0, 3:], atol=1e-3)
 
 
 @pytest.mark.parametrize("impl", ["chunked", "liger"])

@@ -64,7 +64,9 @@ class DataCollatorForSupervisedDataset:
 
     A right-padded batch also carries ``answer_start`` (an int: the first position with an answer
     label in any row), so trainers can skip the prompts in the output layer without reading the
-    labels back from the GPU (``trainer.answer_nll.answer_span_logits``).
+    labels back from the GPU (``trainer.answer_nll.answer_span_logits``). Its presence also tells
+    trainers that the batch is right-padded, so its forward pass needs no attention mask
+    (``trainer.answer_nll.model_inputs``): a collator that pads differently must not set it.
 
     Args:
         tokenizer: gives the pad id.

@@ -43,8 +43,18 @@ MODEL_INPUT_KEYS = ("input_ids", "attention_mask")
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The tensors a causal LM's forward takes from a collated batch (labels and indices stay out)."""
-    return {k: batch[k] for k in MODEL_INPUT_KEYS if k in batch}
+    """The tensors a causal LM's forward takes from a collated batch (labels and indices stay out).
+
+    A right-padded batch (one carrying ``answer_start``, which the collators set for right padding
+    only) goes in without its attention mask. With the padding after every real token, causal
+    attention alone already keeps real positions from seeing it, and position ids count from 0
+    either way, so every real position gets the same hidden state (only the padding positions,
+    which no loss reads, differ). Without a mask transformers neither reads the mask back from the
+    device to decide whether it can be skipped (two synchronisations per forward pass) nor builds a
+    ``[B, 1, L, L]`` mask, and SDPA runs its causal kernel (flash attention on a GPU).
+    """
+    keys = ("input_ids",) if "answer_start" in batch else MODEL_INPUT_KEYS
+    return {k: batch[k] for k in keys if k in batch}
 
 
 def answer_span_logits(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
