@@ -127,7 +127,7 @@ for name in ("train_graddiff.json", "train_npo.json", "train_longseq.json", "eva
     m = d.get("machine", {})
     if d.get("benchmark") == "train_throughput":
         keys = ("params", "steps_per_s", "s_per_step", "padded_tokens_per_s", "padded_tokens_per_step", "mfu",
-                "batch_shape", "peak_memory")
+                "batch_shape", "peak_memory", "cuda_syncs_per_warmup_step")
         print(name, m.get("gpu") or m.get("cpu"), {k: d.get(k) for k in keys})
         print("   loss first steps:", [round(x, 5) for x in d.get("loss_first_steps", [])])
         if name.startswith(("train_nll_", "train_joint")) and os.path.isfile(os.path.join(out, "train_graddiff.json")):

@@ -182,32 +182,82 @@ class CountingCollator:
         return getattr(self.inner, name)
 
 
-def make_timer_callback(loss_steps: int):
+def make_timer_callback(warmup_steps: int, total_steps: int):
+    """Timestamps every step end; the device is synchronised only where the timed window starts and ends.
+
+    A synchronisation at every step would keep the host from queueing step k+1 while the device
+    still runs step k, which is how training runs, so the per-step stamps in between are host times.
+    On a GPU the warm-up steps after the first also count the synchronisations the step itself
+    performs (``torch.cuda.set_sync_debug_mode``), reported as ``cuda_syncs_per_warmup_step``.
+    """
+    import warnings
+
+    import torch
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.t_begin: float | None = None
             self.stamps: list[float] = []
-            self.logs: list[dict] = []
+            self.cuda_syncs: list[int] = []
+            self._catch: Any = None
+            self._caught: list = []
 
         def on_train_begin(self, args, state, control, **kwargs):
             common.synchronize()
             self.t_begin = time.perf_counter()
 
-        def on_step_end(self, args, state, control, **kwargs):
-            common.synchronize()
-            self.stamps.append(time.perf_counter())
-            if state.global_step <= loss_steps:
-                control.should_log = True  # the loss of every one of the first steps, not a window mean
-            return control
+        def on_step_begin(self, args, state, control, **kwargs):
+            if torch.cuda.is_available() and 1 <= state.global_step < warmup_steps:
+                self._catch = warnings.catch_warnings(record=True)
+                self._caught = self._catch.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "loss" in logs:
-                self.logs.append({"step": state.global_step, **{k: v for k, v in logs.items()
-                                                               if isinstance(v, (int, float))}})
+        def on_step_end(self, args, state, control, **kwargs):
+            if self._catch is not None:
+                torch.cuda.set_sync_debug_mode("default")
+                self._catch.__exit__(None, None, None)
+                self._catch = None
+                self.cuda_syncs.append(sum("synchroniz" in str(w.message) for w in self._caught))
+            if state.global_step in (warmup_steps, total_steps):
+                common.synchronize()
+            self.stamps.append(time.perf_counter())
 
     return StepTimer()
+
+
+def record_step_losses(trainer: Any, loss_steps: int) -> list[tuple[int, Any, dict]]:
+    """Keep (step, loss, loss terms) of every training micro-step of the first ``loss_steps`` steps.
+
+    The values stay on the device until the run is over: reading them, or logging every step,
+    would synchronise the device inside the timed window.
+    """
+    records: list[tuple[int, Any, dict]] = []
+    step = trainer.training_step
+
+    def training_step(*args: Any, **kwargs: Any) -> Any:
+        loss = step(*args, **kwargs)
+        if trainer.state.global_step < loss_steps:
+            records.append((trainer.state.global_step + 1, loss.detach(), dict(trainer._last_terms)))
+        return loss
+
+    trainer.training_step = training_step
+    return records
+
+
+def step_losses(records: list[tuple[int, Any, dict]]) -> list[dict]:
+    """Per step: ``loss`` (the sum over its micro-steps, as the Trainer logs it) and each term's mean."""
+    by_step: dict[int, list[tuple[Any, dict]]] = {}
+    for step, loss, terms in records:
+        by_step.setdefault(step, []).append((loss, terms))
+    out = []
+    for step, micro in sorted(by_step.items()):
+        entry = {"step": step, "loss": sum(float(loss) for loss, _ in micro)}
+        for name in micro[0][1]:
+            entry[name] = sum(float(terms[name]) for _, terms in micro) / len(micro)
+        out.append(entry)
+    return out
 
 
 def drop_unknown_training_args(cfg: Any) -> list[str]:
@@ -266,8 +316,9 @@ def run(args: argparse.Namespace) -> dict:
                                output_dir=str(Path(workdir) / "run.incomplete"), evaluators=None)
         trainer_build_s = t()
         collator.records.clear()  # batches collated while building (e.g. NPO's reference pass) are not steps
-        timer = make_timer_callback(args.loss_steps)
+        timer = make_timer_callback(args.warmup_steps, args.warmup_steps + args.steps)
         trainer.add_callback(timer)
+        loss_records = record_step_losses(trainer, args.loss_steps)
         common.reset_peak_memory()
         t = common.Stopwatch()
         trainer.train()
@@ -275,6 +326,8 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
+    losses = step_losses(loss_records)
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     n_steps = len(timer.stamps)
     if n_steps != args.warmup_steps + args.steps:
         raise RuntimeError(f"expected {args.warmup_steps + args.steps} steps, the trainer ran {n_steps}")
@@ -338,11 +391,11 @@ def run(args: argparse.Namespace) -> dict:
         "peak_tflops": args.peak_tflops,
         "mfu": (round(6 * n_params * tokens_per_step * steps_per_s / (args.peak_tflops * 1e12), 5)
                 if args.peak_tflops else None),
-        "loss_first_steps": [lg["loss"] for lg in timer.logs if lg["step"] <= args.loss_steps],
-        "loss_terms_first_steps": [{k: v for k, v in lg.items() if k.endswith("loss") or k == "step"}
-                                   for lg in timer.logs if lg["step"] <= args.loss_steps],
-        "final_loss": timer.logs[-1]["loss"] if timer.logs else None,
-        "finite": all(math.isfinite(lg["loss"]) for lg in timer.logs),
+        "loss_first_steps": [entry["loss"] for entry in losses],
+        "loss_terms_first_steps": losses,
+        "final_logged_loss": logged[-1]["loss"] if logged else None,
+        "finite": all(math.isfinite(v) for entry in losses for v in entry.values()),
+        "cuda_syncs_per_warmup_step": timer.cuda_syncs if torch.cuda.is_available() else None,
         "setup_s": {"model_build": round(model_build_s, 2), "data_build": round(data_build_s, 2),
                     "trainer_build": round(trainer_build_s, 2)},
         "train_total_s": round(train_s, 3),

@@ -142,8 +142,30 @@ def test_non_finite_loss_stops_training(tmp_path):
     with torch.no_grad():
         t.model.table[1, 3] = float("nan")
     t.current_gradient_accumulation_steps = 1  # set by train() in real runs
+    t.training_step(t.model, INPUTS)  # no device read per step: checked before the next log or save
+    with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at step 1 \(forget_loss=nan\)"):
+        t.log({"loss": 0.0})
+    t.training_step(t.model, INPUTS)
     with pytest.raises(FloatingPointError, match="non-finite loss"):
-        t.training_step(t.model, INPUTS)
+        t.check_finite_losses()
+    t.check_finite_losses()  # reported once
+
+
+def test_non_finite_loss_found_at_the_end_of_training_without_logs(tmp_path):
+    from types import SimpleNamespace
+
+    from data.collators import DataCollatorForSupervisedDataset
+
+    sample = {k: v[1] for k, v in FORGET.items()}  # tokens 1 -> 3: reads table[1, 3]
+    cfg = {"handler": "GradAscent", "args": {"per_device_train_batch_size": 1, "max_steps": 2, "logging_steps": 100,
+                                             "report_to": "none", "disable_tqdm": True}}
+    t = load_trainer(cfg, StubLM(), train_dataset=ForgetRetainDataset([sample, sample]),
+                     data_collator=DataCollatorForSupervisedDataset(SimpleNamespace(pad_token_id=0)),
+                     output_dir=str(tmp_path / "out"))
+    with torch.no_grad():
+        t.model.table[1, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite loss .* at step 1 "):
+        t.train()
 
 
 def test_evaluators_run_during_unlearning(tmp_path):

@@ -68,7 +68,16 @@ def test_simnpo_hand_value(tmp_path):
     loss = t.compute_loss(t.model, {"forget": LONG_FORGET, "retain": RETAIN})
     assert loss.item() == pytest.approx(expected, abs=1e-5)
     # With the summed NLL S instead of A (no length normalisation) row 1 would give ln(1 + e^0.5/400).
-    assert t._last_terms["forget_loss"] == pytest.approx(l_f, abs=1e-5)
+    assert t.last_loss_terms()["forget_loss"] == pytest.approx(l_f, abs=1e-5)
+
+
+def test_simnpo_stops_on_a_sample_without_answer_tokens(tmp_path):
+    t = make("SimNPO", tmp_path, retain=False, retain_loss_type=None)
+    t.current_gradient_accumulation_steps = 1  # set by train() in real runs
+    no_answer = make_batch([[0, 2], [1, 3]], [[-100, 2], [-100, -100]])
+    t.training_step(t.model, {"forget": no_answer})
+    with pytest.raises(FloatingPointError, match=r"non-finite loss \(nan\) at step 1 .*without answer tokens"):
+        t.log({"loss": 0.0})
 
 
 def test_simnpo_defaults_and_pure_forget_term(tmp_path):
@@ -98,7 +107,7 @@ def test_dpo_hand_value_after_an_update(tmp_path):
     # retain now: ln 12 (1 after 0) and ln 5 -> ln(60)/2
     expected = 2.0 * LN(6) + 0.5 * LN(60) / 2
     assert t.compute_loss(t.model, PAIRED).item() == pytest.approx(expected, abs=1e-5)
-    assert t._last_terms["forget_loss"] == pytest.approx(LN(6), abs=1e-5)
+    assert t.last_loss_terms()["forget_loss"] == pytest.approx(LN(6), abs=1e-5)
     # Preferred and rejected swapped would give margin +ln 2: ln(1 + 1/2) + ln 2 = ln 3, not ln 6.
 
 

@@ -17,6 +17,9 @@ from trainer.losses import token_mean
 
 log = logging.getLogger(__name__)
 
+#: Training micro-steps whose losses may wait on the device before ``check_finite_losses`` reads them.
+MAX_UNCHECKED_LOSSES = 64
+
 class FinetuneTrainer(Trainer):
     """Supervised fine-tuning on question-answer batches (loss on answer tokens only).
 
@@ -50,8 +53,11 @@ class FinetuneTrainer(Trainer):
         check_nll_impl(nll_impl, self.model, fsdp=getattr(self, "is_fsdp_enabled", False))
         # Our losses are per-batch means; the Trainer divides them by the accumulation steps.
         self.loss_is_scaled_for_ga = False
-        self._loss_terms: dict[str, list[float]] = defaultdict(list)
-        self._last_terms: dict[str, float] = {}
+        # Loss values stay on the device until a log, a checkpoint or the end of training reads them:
+        # reading one each step would make the host wait for the device's queue to drain.
+        self._loss_terms: dict[str, list[torch.Tensor | float]] = defaultdict(list)
+        self._last_terms: dict[str, torch.Tensor | float] = {}
+        self._unchecked_losses: list[tuple[int, torch.Tensor, dict[str, torch.Tensor | float]]] = []
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
         """``train_sampling_strategy=group_by_length`` with the lengths our datasets know (``lengths()``).
@@ -95,33 +101,75 @@ class FinetuneTrainer(Trainer):
         return loss.detach(), None, None
 
     def log_loss_terms(self, **terms: torch.Tensor | float) -> None:
-        """Record named loss terms of this step (e.g. ``forget_loss``, ``retain_loss``) for the log."""
+        """Record named loss terms of this step (e.g. ``forget_loss``, ``retain_loss``) for the log.
+
+        Tensors are kept (detached, on their device) and read when the log is written, so logging
+        costs no device synchronisation per step.
+        """
         for name, value in terms.items():
-            value = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+            value = value.detach() if isinstance(value, torch.Tensor) else float(value)
             self._last_terms[name] = value
             if self.model.training:
                 self._loss_terms[name].append(value)
 
+    def last_loss_terms(self) -> dict[str, float]:
+        """The terms of the last ``log_loss_terms`` call, as floats."""
+        return {name: float(value) for name, value in self._last_terms.items()}
+
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
-            terms = ", ".join(f"{k}={v:.4g}" for k, v in self._last_terms.items()) or "no terms logged"
-            raise FloatingPointError(
-                f"non-finite loss ({float(loss)}) at step {self.state.global_step + 1} ({terms}); "
-                "lower trainer.args.learning_rate or check the data"
-            )
+        self._unchecked_losses.append((self.state.global_step + 1, loss.detach(), dict(self._last_terms)))
+        if len(self._unchecked_losses) >= MAX_UNCHECKED_LOSSES:
+            self.check_finite_losses()
         return loss
 
+    def check_finite_losses(self) -> None:
+        """FloatingPointError naming the first step since the last check whose loss was not finite.
+
+        Called before every log, checkpoint and evaluation, at the end of ``train`` and every
+        ``MAX_UNCHECKED_LOSSES`` micro-steps: one read from the device for all the steps in between,
+        instead of a synchronisation per step. A non-finite step is therefore reported up to
+        ``logging_steps`` steps late, but always before its weights are logged as fine or saved.
+        """
+        pending, self._unchecked_losses = self._unchecked_losses, []
+        if not pending:
+            return
+        finite = torch.stack([torch.isfinite(loss).all() for _, loss, _ in pending]).tolist()
+        if all(finite):
+            return
+        step, loss, terms = pending[finite.index(False)]
+        described = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items()) or "no terms logged"
+        raise FloatingPointError(
+            f"non-finite loss ({float(loss)}) at step {step} ({described}); "
+            "lower trainer.args.learning_rate, or check the data (a sample without answer tokens makes "
+            "per-sample mean NLLs 0/0)"
+        )
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        self.check_finite_losses()
         if "loss" in logs and self._loss_terms:
             for name, values in self._loss_terms.items():
-                logs[name] = sum(values) / len(values)
+                logs[name] = sum(float(v) for v in values) / len(values)
             self._loss_terms.clear()
         super().log(logs, start_time)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            output = super().train(*args, **kwargs)
+        except BaseException:
+            self._unchecked_losses.clear()
+            raise
+        self.check_finite_losses()
+        return output
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        self.check_finite_losses()
+        super()._save_checkpoint(model, trial)
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
         """Evaluation loss on ``data.eval`` (if given) plus every configured evaluator."""
+        self.check_finite_losses()
         metrics: dict[str, float] = {}
         if eval_dataset is not None or self.eval_dataset is not None:
             metrics.update(super().evaluate(eval_dataset, ignore_keys, metric_key_prefix))

@@ -32,9 +32,12 @@ def sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 
 
 def per_sample_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """``A = S / T`` ``[B]`` from summed NLLs and token counts; a sample without answer tokens is an error."""
-    if bool((count == 0).any()):
-        raise ValueError(f"{int((count == 0).sum())} sample(s) have no answer tokens (all labels are -100)")
+    """``A = S / T`` ``[B]`` from summed NLLs and token counts.
+
+    A sample without answer tokens (``T = 0``, so ``S = 0``) gets NaN: its mean is undefined, and the
+    trainers' loss check (``FinetuneTrainer.check_finite_losses``) stops training with an error naming
+    this cause. There is no check here because it would read ``count`` back from the GPU every step.
+    """
     return total / count
 
 
@@ -44,7 +47,7 @@ def token_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 
 
 def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sample length-normalised NLL ``A = S / T`` ``[B]``; a sample without answer tokens is an error."""
+    """Per-sample length-normalised NLL ``A = S / T`` ``[B]``; NaN for a sample without answer tokens."""
     return per_sample_mean(*sequence_nll(logits, labels))
 
 

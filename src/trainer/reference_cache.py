@@ -9,7 +9,9 @@ is freed (one model in memory instead of two).
 
 Samples are keyed by their content, not their dataset index: the real tokens and their labels, so
 the original and the alternate answer of a DPO pair, or the same question in two datasets, never
-collide, and no index has to travel through the data pipeline.
+collide, and no index has to travel through the data pipeline. The trainer's collator computes the
+keys on the host as it builds each batch (``KeyedCollator``), so a lookup reads nothing back from the
+GPU.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ def sample_key(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: to
     return hashlib.blake2b(data, digest_size=16).digest()
 
 
-def batch_keys(batch: Mapping[str, torch.Tensor]) -> list[bytes]:
-    """``sample_key`` of every row of a collated batch."""
+def batch_keys(batch: Mapping[str, Any]) -> list[bytes]:
+    """``sample_key`` of every row of a collated batch (``batch["sample_keys"]`` when the collator added them)."""
+    if "sample_keys" in batch:
+        return list(batch["sample_keys"])
     ids, labels = batch["input_ids"].cpu(), batch["labels"].cpu()
     mask = batch.get("attention_mask")
     mask = mask.cpu() if mask is not None else torch.ones_like(ids)
@@ -51,6 +55,33 @@ def leaf_samples(item: Any) -> Iterator[dict]:
     elif isinstance(item, (list, tuple)):
         for value in item:
             yield from leaf_samples(value)
+
+
+def add_sample_keys(batch: Any) -> Any:
+    """``batch`` with ``sample_keys`` (a list of ``sample_key``) added to every (nested) batch of samples.
+
+    Run by the collator, on the host, so that ``ReferenceNLLCache.lookup`` never has to read a
+    batch's tokens back from the GPU (a synchronisation per step). The keys are bytes, which the
+    Trainer's move of the batch to the device leaves as they are.
+    """
+    if isinstance(batch, Mapping) and "input_ids" in batch and "labels" in batch:
+        return {**batch, "sample_keys": batch_keys(batch)}
+    if isinstance(batch, Mapping):
+        return {key: add_sample_keys(value) for key, value in batch.items()}
+    return batch
+
+
+class KeyedCollator:
+    """A collator whose batches carry ``sample_keys`` (``add_sample_keys``); other attributes pass through."""
+
+    def __init__(self, collate: Callable[[list], Any]):
+        self.collate = collate
+
+    def __call__(self, items: list) -> Any:
+        return add_sample_keys(self.collate(items))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.collate, name)
 
 
 class ReferenceNLLCache:
@@ -85,4 +116,4 @@ class ReferenceNLLCache:
             self.store(batch, sequence_nll(*answer_span_logits(model, batch))[0])
 
 
-__all__ = ["ReferenceNLLCache", "sample_key", "batch_keys", "leaf_samples"]
+__all__ = ["ReferenceNLLCache", "sample_key", "batch_keys", "add_sample_keys", "KeyedCollator", "leaf_samples"]

@@ -33,7 +33,7 @@ from data.collators import concat_batches
 from trainer.answer_nll import answer_span_logits
 from trainer.base import FinetuneTrainer
 from trainer.losses import answer_kl, sequence_nll
-from trainer.reference_cache import ReferenceNLLCache, leaf_samples
+from trainer.reference_cache import KeyedCollator, ReferenceNLLCache, leaf_samples
 from trainer.utils import gather_dicts, rank_shard
 
 log = logging.getLogger(__name__)
@@ -119,8 +119,11 @@ class UnlearningTrainer(FinetuneTrainer):
             self.reference_cache = self._precompute_reference_nll()
             if len(self.reference_cache) == 0:  # forget items without samples (hand-built batches): per step
                 self.reference_cache = None
-            elif getattr(self, "retain_loss_type", None) != "KL":
-                self.ref_model = None  # nothing else reads it: free its memory
+            else:
+                if self.data_collator is not None:
+                    self.data_collator = KeyedCollator(self.data_collator)
+                if getattr(self, "retain_loss_type", None) != "KL":
+                    self.ref_model = None  # nothing else reads it: free its memory
 
     # ----- loss weights and the retain term ---------------------------------------------------------
     def set_loss_weights(self, gamma: float, alpha: float, retain_loss_type: str | None,
