@@ -12,7 +12,9 @@
 # nll_impl=chunked and (if the carried liger-kernel imports) nll_impl=liger, whose losses should equal
 # train_graddiff.json's first 20. Writes under $OUT: train_graddiff.json, train_npo.json,
 # train_longseq.json, eval_tofu.json, train_joint_forward.json, train_nll_chunked.json,
-# train_nll_liger.json, gpu_check.log (everything printed). CPU smoke test of this very script, here (tiny model, 3 steps):
+# train_nll_liger.json, host_graddiff.json, host_graddiff_joint.json (benchmarks/host_overhead.py: the
+# host's share of a step), train_compile.json (trainer.args.torch_compile=true, if time is left),
+# gpu_check.log (everything printed). CPU smoke test of this very script, here (tiny model, 3 steps):
 #   BENCH_SMOKE=1 bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +29,7 @@ if [ "$SMOKE" = 1 ]; then
   MODEL=tiny-random-llama; WARMUP=2; STEPS=3; BATCH=8; AUTHORS=20; QA=4; PEAK=()
   EVAL_EXTRA=(--max-new-tokens 4)
   CAP_GD=150; CAP_NPO=150; CAP_LONG=90; LONG_LEN=256; LONG_STEPS=2; CAP_NLL=60; NLL_STEPS=1
+  CAP_HOST=60; CAP_COMPILE=0   # torch.compile takes minutes on a CPU: not in the smoke test
 else
   PY=${PY:-python3}
   BUDGET=${BENCH_BUDGET_S:-450}
@@ -34,6 +37,7 @@ else
   PEAK=(--peak-tflops "${PEAK_TFLOPS:-989}")   # H100 SXM / H200: 989 dense bf16 TFLOP/s
   EVAL_EXTRA=()
   CAP_GD=110; CAP_NPO=130; CAP_LONG=75; LONG_LEN=2048; LONG_STEPS=10; CAP_NLL=40; NLL_STEPS=15
+  CAP_HOST=30; CAP_COMPILE=150
 fi
 OUT=${OUT:-/tmp/bench_out}
 mkdir -p "$OUT"
@@ -41,16 +45,17 @@ LOG=$OUT/gpu_check.log
 exec > >(tee -a "$LOG") 2>&1
 
 remaining() { echo $(( BUDGET - SECONDS )); }
-# step NAME CAP CMD...: run CMD under timeout min(CAP, time left - RESERVE)
+# step NAME CAP CMD...: run CMD under timeout min(CAP, time left - RESERVE). Its own lines go to
+# stderr: callers send the command's stdout (the JSON, also written with --out) to /dev/null.
 step() {
   local name=$1 cap=$2; shift 2
   local left; left=$(( $(remaining) - RESERVE ))
   local t=$(( cap < left ? cap : left ))
-  if [ "$t" -lt 20 ]; then echo "== $name: skipped, ${left}s left"; return 1; fi
-  echo "== $name (timeout ${t}s, t=${SECONDS}s): $*"
+  if [ "$t" -lt 20 ]; then echo "== $name: skipped, ${left}s left" >&2; return 1; fi
+  echo "== $name (timeout ${t}s, t=${SECONDS}s): $*" >&2
   timeout -k 10 "$t" "$@"
   local rc=$?
-  echo "== $name: rc=$rc at t=${SECONDS}s"
+  echo "== $name: rc=$rc at t=${SECONDS}s" >&2
   return $rc
 }
 
@@ -113,13 +118,21 @@ if "$PY" -c "import liger_kernel" 2>/dev/null; then
 else
   echo "== nll_liger: skipped, liger_kernel does not import"
 fi
+# The host's share of a step (skeleton model: the 1B model's 16 layers at tiny widths), eager and
+# with one forward pass per step; then torch.compile on the real model. Only with the time left.
+step host_overhead "$CAP_HOST" "$PY" benchmarks/host_overhead.py --method GradDiff --out "$OUT/host_graddiff.json" >/dev/null
+step host_overhead_joint "$CAP_HOST" "$PY" benchmarks/host_overhead.py --method GradDiff \
+  --out "$OUT/host_graddiff_joint.json" trainer.method_args.joint_forward=true >/dev/null
+step torch_compile "$CAP_COMPILE" "$PY" benchmarks/train_throughput.py "${RUN[@]}" --steps 30 --method GradDiff \
+  --out "$OUT/train_compile.json" trainer.args.torch_compile=true >/dev/null
 
 echo "== summary (t=${SECONDS}s)"
 "$PY" - "$OUT" <<'EOF'
 import json, os, sys
 out = sys.argv[1]
 for name in ("train_graddiff.json", "train_npo.json", "train_longseq.json", "eval_tofu.json",
-             "train_joint_forward.json", "train_nll_chunked.json", "train_nll_liger.json"):
+             "train_joint_forward.json", "train_nll_chunked.json", "train_nll_liger.json", "host_graddiff.json",
+             "host_graddiff_joint.json", "train_compile.json"):
     path = os.path.join(out, name)
     if not os.path.isfile(path):
         print(f"{name}: missing"); continue
@@ -130,10 +143,12 @@ for name in ("train_graddiff.json", "train_npo.json", "train_longseq.json", "eva
                 "batch_shape", "peak_memory", "cuda_syncs_per_warmup_step")
         print(name, m.get("gpu") or m.get("cpu"), {k: d.get(k) for k in keys})
         print("   loss first steps:", [round(x, 5) for x in d.get("loss_first_steps", [])])
-        if name.startswith(("train_nll_", "train_joint")) and os.path.isfile(os.path.join(out, "train_graddiff.json")):
+        if name.startswith(("train_nll_", "train_joint", "train_compile")) and os.path.isfile(os.path.join(out, "train_graddiff.json")):
             base = json.load(open(os.path.join(out, "train_graddiff.json"))).get("loss_first_steps", [])
             pairs = list(zip(base, d.get("loss_first_steps", [])))
             print(f"   vs logits over {len(pairs)} steps: max |diff| {max((abs(a - b) for a, b in pairs), default=None)}")
+    elif d.get("benchmark") == "host_overhead":
+        print(name, m.get("gpu") or m.get("cpu"), {k: d.get(k) for k in ("method_args", "median_step_ms", "mean_step_ms")})
     else:
         keys = ("complete", "wall_s", "model_load_s", "forward_s", "generation_s", "other_s", "forward_calls",
                 "pairs_evaluated", "generate_calls", "decode_forward_calls", "prompts_generated", "peak_memory",

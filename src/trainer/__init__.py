@@ -102,7 +102,8 @@ def build_training_args(args: Mapping[str, Any], output_dir: str) -> TrainingArg
     """``TrainingArguments`` from ``trainer.args``, adapted to the machine.
 
     - ``output_dir`` is the run's staging folder (``paths.output_dir`` decides where results go);
-    - without a GPU, bf16/fp16 are turned off and ``use_cpu`` on (CPU autocast would only be slower);
+    - without a GPU, bf16/fp16 and non-blocking copies are turned off and ``use_cpu`` on (CPU autocast
+      would only be slower);
     - ``remove_unused_columns`` is off: our batches are nested (forget/retain).
     """
     args = dict(args)
@@ -119,6 +120,9 @@ def build_training_args(args: Mapping[str, Any], output_dir: str) -> TrainingArg
         for key in ("bf16", "fp16", "bf16_full_eval", "fp16_full_eval"):
             args[key] = False
         args["use_cpu"] = True
+        if isinstance(args.get("accelerator_config"), Mapping) and args["accelerator_config"].get("non_blocking"):
+            # nothing to overlap without a GPU, and transformers warns about it without pinned memory
+            args["accelerator_config"] = {**args["accelerator_config"], "non_blocking": False}
     valid = {f for f in inspect.signature(TrainingArguments).parameters}
     for old_name, new_name in _RENAMED_TRAINING_ARGS.items():
         # transformers >= 5.2x renamed these (the old name warns); older 5.x only knows the old name
