@@ -13,7 +13,7 @@
 # train_graddiff.json's first 20. Writes under $OUT: train_graddiff.json, train_npo.json,
 # train_longseq.json, eval_tofu.json, train_joint_forward.json, train_nll_chunked.json,
 # train_nll_liger.json, host_graddiff.json, host_graddiff_joint.json (benchmarks/host_overhead.py: the
-# host's share of a step), train_compile.json (trainer.args.torch_compile=true, if time is left),
+# host's share of a step), train_compile.json (+trainer.args.torch_compile=true, if time is left),
 # gpu_check.log (everything printed). CPU smoke test of this very script, here (tiny model, 3 steps):
 #   BENCH_SMOKE=1 bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -124,7 +124,7 @@ step host_overhead "$CAP_HOST" "$PY" benchmarks/host_overhead.py --method GradDi
 step host_overhead_joint "$CAP_HOST" "$PY" benchmarks/host_overhead.py --method GradDiff \
   --out "$OUT/host_graddiff_joint.json" trainer.method_args.joint_forward=true >/dev/null
 step torch_compile "$CAP_COMPILE" "$PY" benchmarks/train_throughput.py "${RUN[@]}" --steps 30 --method GradDiff \
-  --out "$OUT/train_compile.json" trainer.args.torch_compile=true >/dev/null
+  --out "$OUT/train_compile.json" +trainer.args.torch_compile=true >/dev/null
 
 echo "== summary (t=${SECONDS}s)"
 "$PY" - "$OUT" <<'EOF'

@@ -84,6 +84,7 @@ def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], dict[str, Any
     trainer_args: dict[str, Any] = {}
     for item in overrides:
         key, sep, value = item.partition("=")
+        key = key.removeprefix("+")  # Hydra's "add a key" prefix, accepted as in train_throughput.py
         target = (method_args if key.startswith("trainer.method_args.") else
                   trainer_args if key.startswith("trainer.args.") else None)
         if not sep or target is None:

@@ -121,3 +121,14 @@ def test_length_matched_retain_pairing_trains_end_to_end(tofu_dir, tmp_path, mon
                                                     "trainer.args.train_sampling_strategy=group_by_length"])
     assert len(steps) == 4 and len(widths) >= 16
     assert all(math.isfinite(s["loss"]) for s in steps)
+
+
+@pytest.mark.slow  # compilation takes minutes on 2 CPU cores
+def test_torch_compile_gives_the_same_loss_curve(tofu_dir, tmp_path, monkeypatch):
+    """``+trainer.args.torch_compile=true`` (the Trainer compiles the model; measured by
+    benchmarks/host_overhead.py) works with our trainers: same curve up to the compiled kernels' rounding."""
+    monkeypatch.chdir(REPO)
+    common = _common(tofu_dir, "GradDiff", "TOFU_QA_FORGET10")
+    eager = train_in_process(tmp_path / "eager", common)
+    compiled = train_in_process(tmp_path / "compiled", [*common, "+trainer.args.torch_compile=true"])
+    _assert_same_curve(eager, compiled)
