@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import trainer.answer_nll as answer_nll_module
 from trainer.answer_nll import (
+    answer_positions,
     answer_token_nll,
     check_nll_impl,
     chunked_linear_nll,
@@ -73,7 +74,7 @@ def _batch() -> dict:
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 0, 0, 0]])
     labels = torch.tensor([[-100, -100, -100, 8, 9, 10, 11], [-100, -100, 14, 15, -100, -100, -100]])
     mask = torch.tensor([[1] * 7, [1, 1, 1, 1, 0, 0, 0]])
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "answer_start": 2}
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "answer_start": 2, "answer_tokens": 6}
 
 
 def test_last_hidden_states_are_the_output_layer_input():
@@ -222,3 +223,18 @@ def test_chunked_linear_nll_under_bf16_autocast_matches_the_autocast_output_laye
     assert torch.allclose(n0, n1, atol=1e-6)  # same bf16 products, same float32 reductions
     assert torch.allclose(gh0, gh1, atol=2e-2) and torch.allclose(gw0, gw1, atol=2e-2)  # bf16 rounding of dL/dz
     assert not torch.allclose(n1, F.cross_entropy(hidden @ weight.t(), targets, reduction="none"), atol=1e-4)
+
+
+def test_answer_positions_by_hand():
+    mask = torch.tensor([[False, True, True], [True, False, False]])
+    assert answer_positions(mask).tolist() == [1, 2, 3]
+    assert answer_positions(mask, count=3).tolist() == [1, 2, 3]  # size known on the host: no synchronisation
+
+
+def test_chunked_nll_equal_with_and_without_the_collated_answer_count():
+    model, batch = _tiny_llama(), _batch()
+    assert batch["answer_tokens"] == int((batch["labels"][:, 1:] != -100).sum())
+    with_count, mask = answer_token_nll(model, batch, "chunked")
+    without = {k: v for k, v in batch.items() if k != "answer_tokens"}
+    assert torch.equal(answer_token_nll(model, without, "chunked")[0], with_count)
+    assert torch.equal(mask, batch["labels"][:, 1:] != -100) and bool((with_count[~mask] == 0).all())

@@ -290,12 +290,15 @@ def test_collator_pads_right_and_left(data_tok):
     assert right["attention_mask"].tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
     assert right["input_ids"].dtype == torch.long
     assert "index" not in right
+    # host-side facts for the trainers: first answer label at position 1; answer targets 12, 23, 24
+    assert right["answer_start"] == 1 and right["answer_tokens"] == 3
 
     left = DataCollatorForSupervisedDataset(data_tok, padding_side="left")([short, long])
     assert left["input_ids"].tolist() == [[pad, pad, 11, 12], [21, 22, 23, 24]]
     assert left["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 12],
                                        [IGNORE_INDEX, IGNORE_INDEX, 23, 24]]
     assert left["attention_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert "answer_start" not in left and "answer_tokens" not in left  # they mark right padding
 
 
 def test_collator_keeps_attention_on_inner_pad_tokens(data_tok):
@@ -528,14 +531,15 @@ def test_concat_batches_pads_to_the_widest_and_keeps_rows():
     from data.collators import concat_batches
 
     a = {"input_ids": torch.tensor([[5, 6, 7]]), "labels": torch.tensor([[-100, 6, 7]]),
-         "attention_mask": torch.tensor([[1, 1, 1]]), "answer_start": 1}
+         "attention_mask": torch.tensor([[1, 1, 1]]), "answer_start": 1, "answer_tokens": 2}
     b = {"input_ids": torch.tensor([[8, 9], [10, 11]]), "labels": torch.tensor([[-100, -100], [-100, 11]]),
-         "attention_mask": torch.tensor([[1, 1], [1, 0]]), "answer_start": 1, "index": torch.tensor([3, 4])}
+         "attention_mask": torch.tensor([[1, 1], [1, 0]]), "answer_start": 1, "answer_tokens": 1,
+         "index": torch.tensor([3, 4])}
     joint = concat_batches([b, a])
     assert joint["input_ids"].tolist() == [[8, 9, 0], [10, 11, 0], [5, 6, 7]]
     assert joint["labels"].tolist() == [[-100, -100, -100], [-100, 11, -100], [-100, 6, 7]]
     assert joint["attention_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1]]
-    assert joint["answer_start"] == 1 and "index" not in joint
+    assert joint["answer_start"] == 1 and joint["answer_tokens"] == 3 and "index" not in joint
 
 
 class _Sized(torch.utils.data.Dataset):

@@ -93,6 +93,8 @@ def _host_reads(tofu_dir, tmp_path, monkeypatch, trainer: str, forget: str, *ext
 @pytest.mark.parametrize("trainer, forget, extra, forwards_per_step", [
     ("GradDiff", "TOFU_QA_FORGET10", (), 2),
     ("GradDiff", "TOFU_QA_FORGET10", ("trainer.method_args.joint_forward=true",), 1),
+    ("GradDiff", "TOFU_QA_FORGET10", ("trainer.method_args.nll_impl=chunked",), 2),  # answer_tokens from the collator
+    ("NPO", "TOFU_QA_FORGET10", ("trainer.method_args.nll_impl=chunked", "trainer.method_args.joint_forward=true"), 1),
     ("NPO", "TOFU_QA_FORGET10", (), 2),         # reference NLLs looked up by keys made at collation
     ("SimNPO", "TOFU_QA_FORGET10", (), 2),      # per-sample means without a zero-count check
     ("DPO", "TOFU_QA_FORGET10_IDK", (), 3),

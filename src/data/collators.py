@@ -19,6 +19,11 @@ def first_answer_position(labels: torch.Tensor) -> int:
     return int(positions[0]) if len(positions) else labels.shape[-1]
 
 
+def answer_token_count(labels: torch.Tensor) -> int:
+    """How many next-token targets of a batch are answer tokens: labels past position 0 that are not -100."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
 def pad_sequences(seqs: Sequence[torch.Tensor], value: int, side: str) -> torch.Tensor:
     """Stack 1-D tensors into ``[B, max_len]``, filling with ``value`` on the ``side`` ('left'/'right')."""
     width = max(len(s) for s in seqs)
@@ -36,8 +41,9 @@ def concat_batches(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
     ``input_ids`` (padded with 0: the attention mask hides it), ``labels`` (-100) and
     ``attention_mask`` (0) are widened to the widest batch and concatenated; ``answer_start`` is the
-    smallest of the batches'. Row ``i`` of batch ``k`` keeps its values, so per-row results of a model
-    run on the joint batch equal those of separate runs (up to float rounding).
+    smallest of the batches' and ``answer_tokens`` their sum. Row ``i`` of batch ``k`` keeps its
+    values, so per-row results of a model run on the joint batch equal those of separate runs (up to
+    float rounding).
     """
     width = max(b["input_ids"].shape[1] for b in batches)
     pad_values = {"input_ids": 0, **_PAD_VALUES}
@@ -49,6 +55,9 @@ def concat_batches(batches: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     starts = [b.get("answer_start") for b in batches]
     if all(s is not None for s in starts):
         joint["answer_start"] = min(int(s) for s in starts)
+    counts = [b.get("answer_tokens") for b in batches]
+    if all(c is not None for c in counts):
+        joint["answer_tokens"] = sum(int(c) for c in counts)
     return joint
 
 
@@ -67,6 +76,8 @@ class DataCollatorForSupervisedDataset:
     labels back from the GPU (``trainer.answer_nll.answer_span_logits``). Its presence also tells
     trainers that the batch is right-padded, so its forward pass needs no attention mask
     (``trainer.answer_nll.model_inputs``): a collator that pads differently must not set it.
+    ``answer_tokens`` (an int) counts the batch's answer targets (labels past position 0 that are not
+    -100), so the hidden-state NLL paths can gather them without reading the labels back either.
 
     Args:
         tokenizer: gives the pad id.
@@ -99,6 +110,7 @@ class DataCollatorForSupervisedDataset:
             batch["index"] = torch.tensor([item["index"] for item in items], dtype=torch.long)
         if "labels" in batch and self.padding_side == "right":
             batch["answer_start"] = first_answer_position(batch["labels"])
+            batch["answer_tokens"] = answer_token_count(batch["labels"])
         return batch
 
 

@@ -20,8 +20,9 @@ term, fine-tuning) needs only ``NLL_t = logsumexp(z_t) - z_t[y_t]`` at the answe
   PR #1298), so older versions are refused.
 
 Both hidden-state paths skip the rows' padding and prompt positions entirely (the ``logits`` path
-computes the whole answer span of every row, padding included; selecting the answer positions costs
-one device synchronisation) and refuse models whose forward transforms the logits after the output
+computes the whole answer span of every row, padding included; the answer positions are gathered with
+a size known on the host, the collator's ``answer_tokens``, so without a device synchronisation) and
+refuse models whose forward transforms the logits after the output
 layer (soft-capping, logit scaling), where ``W h_t`` would not be the model's logits. Methods that
 need the full next-token distribution (KL retain term, UNDIAL, CE-U, logit-margin flattening)
 always use ``logits``.
@@ -242,7 +243,9 @@ def answer_token_nll(model: torch.nn.Module, batch: dict[str, Any], impl: str = 
     hidden = last_hidden_states(model, batch)[:, :-1]
     shifted = batch["labels"][:, 1:]
     mask = shifted != IGNORE_INDEX
-    answer_hidden, targets = hidden[mask], shifted[mask]
+    positions = answer_positions(mask, batch.get("answer_tokens"))
+    answer_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    targets = shifted.reshape(-1).index_select(0, positions)
     output_layer = unwrap(model).get_output_embeddings()
     if impl == "liger":
         values = _liger_linear_nll(answer_hidden, targets, output_layer)
@@ -251,8 +254,23 @@ def answer_token_nll(model: torch.nn.Module, batch: dict[str, Any], impl: str = 
             budget = CHUNK_LOGITS["cuda" if hidden.device.type == "cuda" else "cpu"]
             chunk_rows = max(1, budget // output_layer.weight.shape[0])
         values = chunked_linear_nll(answer_hidden, targets, output_layer.weight, chunk_rows)
-    nll = torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
-    return nll, mask
+    nll = torch.zeros(mask.numel(), dtype=values.dtype, device=values.device).index_copy(0, positions, values)
+    return nll.view(mask.shape), mask
 
 
-__all__ = ["MODEL_INPUT_KEYS", "model_inputs", "answer_span_logits", "NLL_IMPLS", "check_nll_impl", "chunked_linear_nll", "last_hidden_states", "answer_token_nll"]
+def answer_positions(mask: torch.Tensor, count: int | None = None) -> torch.Tensor:
+    """Flat indices of the True entries of ``mask``, in order.
+
+    With ``count`` (the number of True entries, known on the host: the collator's ``answer_tokens``)
+    the result has a size fixed in advance (``torch.nonzero_static``), so the host does not wait for
+    the device to learn it; without, ``nonzero`` does (a synchronisation on a GPU). A batch whose
+    labels are changed after collation must therefore drop (or update) ``answer_tokens``.
+    """
+    flat = mask.reshape(-1)
+    if count is None:
+        return flat.nonzero().squeeze(1)
+    return torch.nonzero_static(flat, size=int(count)).squeeze(1)
+
+
+__all__ = ["MODEL_INPUT_KEYS", "model_inputs", "answer_span_logits", "NLL_IMPLS", "check_nll_impl",
+           "chunked_linear_nll", "last_hidden_states", "answer_token_nll", "answer_positions"]
