@@ -8,7 +8,7 @@ import torch
 from conftest import StubLM, make_batch
 from data.unlearn import ForgetRetainDataset
 from trainer import load_trainer
-from trainer.reference_cache import ReferenceNLLCache, batch_keys, leaf_samples, sample_key
+from trainer.reference_cache import KeyedCollator, ReferenceNLLCache, batch_keys, leaf_samples, sample_key
 
 
 def test_sample_key_ignores_padding_and_sees_labels():
@@ -30,6 +30,30 @@ def test_cache_lookup_needs_every_row():
     assert cache.lookup(swapped).tolist() == [2.5, 1.5]  # by content, not by position
     assert cache.lookup(make_batch([[0, 2], [1, 4]], [[-100, 2], [-100, 4]])) is None
     assert len(set(batch_keys(batch))) == 2
+
+
+def test_keyed_collator_adds_the_keys_of_every_nested_batch():
+    import pickle
+
+    from data.collators import DataCollatorForSupervisedDataset
+
+    class _Tok:
+        pad_token_id = 0
+
+    sample = {"input_ids": torch.tensor([0, 2]), "labels": torch.tensor([-100, 2]), "attention_mask": torch.tensor([1, 1])}
+    other = {"input_ids": torch.tensor([1, 3, 4]), "labels": torch.tensor([-100, 3, 4]),
+             "attention_mask": torch.tensor([1, 1, 1])}
+    collate = KeyedCollator(DataCollatorForSupervisedDataset(_Tok()))
+    batch = collate([{"forget": {"original": sample, "alternate": other}, "retain": other},
+                     {"forget": {"original": other, "alternate": sample}, "retain": sample}])
+    original = batch["forget"]["original"]
+    assert original["sample_keys"] == [sample_key(sample["input_ids"], sample["labels"]),
+                                       sample_key(other["input_ids"], other["labels"])]
+    # the keys made at collation are the ones batch_keys would compute from the (padded) tensors
+    assert original["sample_keys"] == batch_keys({k: v for k, v in original.items() if k != "sample_keys"})
+    assert batch["retain"]["sample_keys"][::-1] == original["sample_keys"]
+    assert collate.pad_id == 0  # attributes of the wrapped collator pass through
+    assert pickle.loads(pickle.dumps(collate)).pad_id == 0  # data-loader workers receive a copy
 
 
 def test_leaf_samples_of_pairs_and_lists():

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 #: Training micro-steps whose losses may wait on the device before ``check_finite_losses`` reads them.
 MAX_UNCHECKED_LOSSES = 64
 
+
 class FinetuneTrainer(Trainer):
     """Supervised fine-tuning on question-answer batches (loss on answer tokens only).
 
@@ -129,7 +130,8 @@ class FinetuneTrainer(Trainer):
         Called before every log, checkpoint and evaluation, at the end of ``train`` and every
         ``MAX_UNCHECKED_LOSSES`` micro-steps: one read from the device for all the steps in between,
         instead of a synchronisation per step. A non-finite step is therefore reported up to
-        ``logging_steps`` steps late, but always before its weights are logged as fine or saved.
+        ``logging_steps`` steps (at most ``MAX_UNCHECKED_LOSSES`` micro-steps) late, but always before
+        a log, checkpoint or evaluation shows the model after it.
         """
         pending, self._unchecked_losses = self._unchecked_losses, []
         if not pending:

@@ -81,6 +81,8 @@ class KeyedCollator:
         return add_sample_keys(self.collate(items))
 
     def __getattr__(self, name: str) -> Any:
+        if name == "collate":  # not set yet (unpickling in a data-loader worker): no recursion
+            raise AttributeError(name)
         return getattr(self.collate, name)
 
 
