@@ -104,3 +104,18 @@ def test_every_benchmark_config_builds_its_evaluator(bench, repo):
                                                           "+eval/tofu_metrics@eval.tofu.metrics.mia_reference=mia_reference"])
     evaluator = get_evaluators(cfg.eval, root_cfg=cfg)["tofu"]  # validates handlers and options of every metric
     assert "mia_reference" in evaluator.metrics_cfg and "model_utility" in evaluator.metrics_cfg
+
+
+def test_model_fingerprint_of_random_init_and_folder_models(repo, tmp_path):
+    """A random-init recipe of a full architecture is longer than a file name may be: it is its own
+    fingerprint (``Path.is_dir`` would raise ENAMETOOLONG); a folder adds its weight files."""
+    from omegaconf import OmegaConf
+
+    from eval import model_identity
+    from evals.base import model_fingerprint
+
+    identity = model_identity(OmegaConf.load(repo / "configs" / "model" / "Llama-3.2-1B-arch.yaml"))
+    assert identity.startswith("random_init:") and len(identity) > 255
+    assert model_fingerprint(identity) == identity
+    (tmp_path / "model.safetensors").write_bytes(b"12345")
+    assert model_fingerprint(str(tmp_path)).startswith(f"{tmp_path}|model.safetensors:5:")

@@ -78,9 +78,17 @@ def code_version() -> str:
 
 
 def model_fingerprint(model_id: str) -> str:
-    """Identity of a model: its path plus the size and mtime of its weight files when it is a folder."""
+    """Identity of a model: its path plus the size and mtime of its weight files when it is a folder.
+
+    Anything else (a Hub id, a ``random_init:<recipe>`` identity, a name too long to be a path) is
+    its own fingerprint.
+    """
     folder = Path(model_id)
-    if folder.is_dir():
+    try:
+        is_folder = folder.is_dir()
+    except OSError:  # e.g. ENAMETOOLONG: a random-init recipe of a full architecture is no path
+        is_folder = False
+    if is_folder:
         files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
         return model_id + "|" + ";".join(f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in files)
     return model_id
