@@ -13,7 +13,7 @@
 # train_graddiff.json's first 20. Writes under $OUT: train_graddiff.json, train_npo.json,
 # train_longseq.json, eval_tofu.json, train_joint_forward.json, train_nll_chunked.json,
 # train_nll_liger.json, host_graddiff.json, host_graddiff_joint.json (benchmarks/host_overhead.py: the
-# host's share of a step), eval_tofu_b512.json (the evaluation with batches of 512, if time is left),
+# host's share of a step), eval_tofu_gen128.json (the evaluation with generation batches of 128),
 # train_compile.json (+trainer.args.torch_compile=true, if time is left),
 # gpu_check.log (everything printed). CPU smoke test of this very script, here (tiny model, 3 steps):
 #   BENCH_SMOKE=1 bash benchmarks/gpu_check.sh
@@ -30,7 +30,7 @@ if [ "$SMOKE" = 1 ]; then
   MODEL=tiny-random-llama; WARMUP=2; STEPS=3; BATCH=8; AUTHORS=20; QA=4; PEAK=()
   EVAL_EXTRA=(--max-new-tokens 4)
   CAP_GD=150; CAP_NPO=150; CAP_LONG=90; LONG_LEN=256; LONG_STEPS=2; CAP_NLL=60; NLL_STEPS=1
-  CAP_HOST=60; CAP_EVAL_B512=60; CAP_COMPILE=0   # torch.compile takes minutes on a CPU: not in the smoke test
+  CAP_HOST=60; CAP_EVAL_GEN128=60; CAP_COMPILE=0   # torch.compile takes minutes on a CPU: not in the smoke test
 else
   PY=${PY:-python3}
   BUDGET=${BENCH_BUDGET_S:-450}
@@ -38,7 +38,7 @@ else
   PEAK=(--peak-tflops "${PEAK_TFLOPS:-989}")   # H100 SXM / H200: 989 dense bf16 TFLOP/s
   EVAL_EXTRA=()
   CAP_GD=110; CAP_NPO=130; CAP_LONG=75; LONG_LEN=2048; LONG_STEPS=10; CAP_NLL=40; NLL_STEPS=15
-  CAP_HOST=30; CAP_EVAL_B512=150; CAP_COMPILE=150
+  CAP_HOST=30; CAP_EVAL_GEN128=150; CAP_COMPILE=150
 fi
 OUT=${OUT:-/tmp/bench_out}
 mkdir -p "$OUT"
@@ -124,11 +124,14 @@ fi
 step host_overhead "$CAP_HOST" "$PY" benchmarks/host_overhead.py --method GradDiff --out "$OUT/host_graddiff.json" >/dev/null
 step host_overhead_joint "$CAP_HOST" "$PY" benchmarks/host_overhead.py --method GradDiff \
   --out "$OUT/host_graddiff_joint.json" trainer.method_args.joint_forward=true >/dev/null
-# The evaluation again with batches of 512 (generation and scoring): 4 instead of 10 decoding loops
-# of 200 steps for forget10's 844 prompts (a random model never stops early), each step launch-bound.
-step eval_tofu_b512 "$CAP_EVAL_B512" "$PY" benchmarks/eval_time.py --model "$MODEL" --tokenizer "$TOK" --tofu "$TOFU" \
-  --forget-split forget10 --holdout-split holdout01 --batch-size 512 "${EVAL_EXTRA[@]}" \
-  --out "$OUT/eval_tofu_b512.json" >/dev/null
+# The evaluation again with generation batches of 128 (the fixed size before batch_size: auto, which
+# on this GPU puts each of forget10's generation sets in one batch: 4 decoding loops of 200 steps
+# instead of 10 for its 844 prompts; a random model never stops early, each step is launch-bound).
+GEN128=(eval.tofu.metrics.forget_Q_A_ROUGE.batch_size=128)
+for part in retain ra wf; do GEN128+=("eval.tofu.metrics.model_utility.pre_compute.${part}_Q_A_ROUGE.batch_size=128"); done
+step eval_tofu_gen128 "$CAP_EVAL_GEN128" "$PY" benchmarks/eval_time.py --model "$MODEL" --tokenizer "$TOK" --tofu "$TOFU" \
+  --forget-split forget10 --holdout-split holdout01 "${EVAL_EXTRA[@]}" --out "$OUT/eval_tofu_gen128.json" \
+  "${GEN128[@]}" >/dev/null
 step torch_compile "$CAP_COMPILE" "$PY" benchmarks/train_throughput.py "${RUN[@]}" --steps 30 --method GradDiff \
   --out "$OUT/train_compile.json" +trainer.args.torch_compile=true >/dev/null
 
@@ -136,7 +139,7 @@ echo "== summary (t=${SECONDS}s)"
 "$PY" - "$OUT" <<'EOF'
 import json, os, sys
 out = sys.argv[1]
-for name in ("train_graddiff.json", "train_npo.json", "train_longseq.json", "eval_tofu.json", "eval_tofu_b512.json",
+for name in ("train_graddiff.json", "train_npo.json", "train_longseq.json", "eval_tofu.json", "eval_tofu_gen128.json",
              "train_joint_forward.json", "train_nll_chunked.json", "train_nll_liger.json", "host_graddiff.json",
              "host_graddiff_joint.json", "train_compile.json"):
     path = os.path.join(out, name)

@@ -93,6 +93,17 @@ def test_misspelt_metric_option_is_an_error():
         Evaluator({"metrics": {"x": {"handler": "no_such_metric"}}})
 
 
+def test_batch_size_auto_only_for_generation_metrics():
+    from evals.base import Evaluator
+
+    data = {"main": "TOFU_QA_FORGET10"}
+    Evaluator({"metrics": {"rouge": {"handler": "rouge", "batch_size": "auto", "datasets": data}}})
+    with pytest.raises(ValueError, match=r"metric prob: batch_size='auto'.*'auto' is for generation metrics only"):
+        Evaluator({"metrics": {"prob": {"handler": "probability", "batch_size": "auto", "datasets": data}}})
+    with pytest.raises(ValueError, match=r"metric rouge: batch_size=0; give a positive number of rows or 'auto'"):
+        Evaluator({"metrics": {"rouge": {"handler": "rouge", "batch_size": 0, "datasets": data}}})
+
+
 @pytest.mark.parametrize("bench", ["tofu", "tofu_full"])
 def test_every_benchmark_config_builds_its_evaluator(bench, repo):
     from hydra import compose, initialize_config_dir

@@ -203,3 +203,20 @@ def test_logit_processors_in_the_generation_config_fall_back_to_generate():
     assert not _plain_greedy_ok(model)
     model.generation_config.repetition_penalty = 1.0
     assert _plain_greedy_ok(model)
+
+
+def test_generation_rows_auto_by_hand():
+    from evals.passes import generation_rows, kv_cache_bytes_per_token
+
+    model, _ = _tiny()  # 2 layers, 2 KV heads of 16 dims, float32, vocab 49152
+    assert kv_cache_bytes_per_token(model) == 2 * 2 * 2 * 16 * 4 == 512  # keys and values
+    assert generation_rows("auto", model, 50, 200) == 128  # no GPU: the CPU's measured size
+    assert generation_rows(64, model, 50, 200) == 64 and generation_rows("64", model, 50, 200) == 64
+    # on a GPU with 256 MiB free: half of it over (512 B x 250 tokens + 2 x 4 B x 49152 logits) per row
+    per_row = 512 * 250 + 8 * 49152
+    assert generation_rows("auto", model, 50, 200, free_bytes=1 << 28) == (1 << 27) // per_row == 257
+    assert generation_rows("auto", model, 50, 200, free_bytes=1 << 40) == 1024  # capped
+    assert generation_rows("auto", model, 50, 200, free_bytes=1) == 1
+    for bad in ("many", 0, -3, True, None):
+        with pytest.raises(ValueError, match=r"batch_size=.*positive number of prompts or 'auto'"):
+            generation_rows(bad, model, 50, 200)

@@ -105,6 +105,10 @@ def _file_digest(path: str | None) -> str | None:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _finite_or_none(value: Any) -> float | None:
     if value is None:
         return None
@@ -154,6 +158,11 @@ class Evaluator:
             self._validate(sub_name, sub)
         if any(n in spec.needs for n in PASS_NEEDS) and not mcfg.get("datasets"):
             raise ValueError(f"metric {name}: handler {spec.name} reads data but no datasets are given")
+        batch_size = mcfg.get("batch_size", 32)
+        generation_only = {n for n in spec.needs if n in PASS_NEEDS} == {"generations"}
+        if not (batch_size == "auto" and generation_only or _positive_int(batch_size)):
+            raise ValueError(f"metric {name}: batch_size={batch_size!r}; give a positive number of rows"
+                             + (" or 'auto'" if generation_only else " ('auto' is for generation metrics only)"))
 
     # ----- data ------------------------------------------------------------------------------------
     def _dataset_key(self, spec: Any, without_answer: bool = False) -> str:
@@ -187,7 +196,9 @@ class Evaluator:
     # ----- passes ----------------------------------------------------------------------------------
     def _run_pass(self, kind: str, spec: Any, mcfg: Mapping, model: torch.nn.Module, cache: dict) -> Any:
         dataset = self._dataset(spec)
-        batch_size = int(mcfg.get("batch_size", 32))
+        batch_size = mcfg.get("batch_size", 32)  # checked by _validate: a number, or "auto" for generations
+        if kind != "generations":
+            batch_size = int(batch_size)
         if kind == "generations":
             gen_args = dict(mcfg.get("generation_args") or {})
             key = (kind, self._dataset_key(spec), _hash(gen_args))
