@@ -196,9 +196,7 @@ class Evaluator:
     # ----- passes ----------------------------------------------------------------------------------
     def _run_pass(self, kind: str, spec: Any, mcfg: Mapping, model: torch.nn.Module, cache: dict) -> Any:
         dataset = self._dataset(spec)
-        batch_size = mcfg.get("batch_size", 32)  # checked by _validate: a number, or "auto" for generations
-        if kind != "generations":
-            batch_size = int(batch_size)
+        batch_size = mcfg.get("batch_size", 32)  # a positive int, or "auto" for generation metrics (_validate)
         if kind == "generations":
             gen_args = dict(mcfg.get("generation_args") or {})
             key = (kind, self._dataset_key(spec), _hash(gen_args))
