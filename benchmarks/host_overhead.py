@@ -27,13 +27,13 @@ import argparse
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (puts src/ on sys.path)
+from train_throughput import make_timer_callback  # noqa: E402
 
 #: Widths of the skeleton model: small enough that every kernel takes microseconds on a CPU.
 SKELETON = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1,
@@ -121,7 +121,7 @@ def random_rows(n: int, seed: int) -> list[dict]:
 def run(args: argparse.Namespace) -> dict:
     common.set_offline_env()
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback, set_seed
+    from transformers import AutoConfig, AutoModelForCausalLM, set_seed
 
     from data.collators import DataCollatorForSupervisedDataset
     from data.unlearn import ForgetRetainDataset
@@ -144,20 +144,12 @@ def run(args: argparse.Namespace) -> dict:
                             "gradient_accumulation_steps": 1, "max_steps": steps, "save_strategy": "no",
                             "eval_strategy": "no", "disable_tqdm": True, **trainer_args}}
 
-    class Stamps(TrainerCallback):
-        def __init__(self) -> None:
-            self.stamps: list[float] = []
-
-        def on_step_end(self, *_args: Any, **_kwargs: Any) -> None:
-            common.synchronize()
-            self.stamps.append(time.perf_counter())
-
     workdir = tempfile.mkdtemp(prefix="bench_host_")
     try:
         trainer = load_trainer(trainer_cfg, model, train_dataset=ForgetRetainDataset(forget, retain),
                                data_collator=DataCollatorForSupervisedDataset(_PadId()),
                                output_dir=str(Path(workdir) / "run"))
-        stamps = Stamps()
+        stamps = make_timer_callback(args.warmup_steps, steps)  # host times: no synchronisation per step
         trainer.add_callback(stamps)
         with common.stdout_to_stderr():
             trainer.train()

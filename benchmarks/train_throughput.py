@@ -230,19 +230,19 @@ def make_timer_callback(warmup_steps: int, total_steps: int):
 def record_step_losses(trainer: Any, loss_steps: int) -> list[tuple[int, Any, dict]]:
     """Keep (step, loss, loss terms) of every training micro-step of the first ``loss_steps`` steps.
 
-    The values stay on the device until the run is over: reading them, or logging every step,
-    would synchronise the device inside the timed window.
+    The trainer already keeps these entries, on the device, until its next loss check
+    (``FinetuneTrainer.check_finite_losses``, which returns them); the wrapper keeps the early ones.
+    Reading them, or logging every step, would synchronise the device inside the timed window.
     """
     records: list[tuple[int, Any, dict]] = []
-    step = trainer.training_step
+    check = trainer.check_finite_losses
 
-    def training_step(*args: Any, **kwargs: Any) -> Any:
-        loss = step(*args, **kwargs)
-        if trainer.state.global_step < loss_steps:
-            records.append((trainer.state.global_step + 1, loss.detach(), dict(trainer._last_terms)))
-        return loss
+    def check_finite_losses() -> list:
+        checked = check()
+        records.extend(entry for entry in checked if entry[0] <= loss_steps)
+        return checked
 
-    trainer.training_step = training_step
+    trainer.check_finite_losses = check_finite_losses
     return records
 
 

@@ -124,8 +124,11 @@ class FinetuneTrainer(Trainer):
             self.check_finite_losses()
         return loss
 
-    def check_finite_losses(self) -> None:
+    def check_finite_losses(self) -> list[tuple[int, torch.Tensor, dict[str, torch.Tensor | float]]]:
         """FloatingPointError naming the first step since the last check whose loss was not finite.
+
+        Returns the ``(step, loss, loss terms)`` entries it checked (tensors still on the device), so
+        that a caller wrapping it (``benchmarks/train_throughput.py``) sees every step's values.
 
         Called before every log, checkpoint and evaluation, at the end of ``train`` and every
         ``MAX_UNCHECKED_LOSSES`` micro-steps: one read from the device for all the steps in between,
@@ -135,10 +138,10 @@ class FinetuneTrainer(Trainer):
         """
         pending, self._unchecked_losses = self._unchecked_losses, []
         if not pending:
-            return
+            return pending
         finite = torch.stack([torch.isfinite(loss).all() for _, loss, _ in pending]).tolist()
         if all(finite):
-            return
+            return pending
         step, loss, terms = pending[finite.index(False)]
         described = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items()) or "no terms logged"
         raise FloatingPointError(
