@@ -55,7 +55,7 @@ def evaluate(out: Path, name: str, model_dir: Path, retain_logs: Path | None) ->
     eval_dir = out / "eval" / name
     cmd = [sys.executable, str(REPO / "src" / "eval.py"), "--config-name=eval.yaml", f"model={MODEL}",
            f"model.model_args.pretrained_model_name_or_path={model_dir}", "eval=tofu", "forget_split=forget10",
-           "holdout_split=holdout01", f"retain_logs_path={retain_logs or 'null'}", f"paths.tofu={out / 'data'}",
+           f"retain_logs_path={retain_logs or 'null'}", f"paths.tofu={out / 'data'}",
            f"paths.log_dir={out / 'logs'}", f"paths.output_dir={eval_dir}", f"task_name=demo_{name}", SYSTEM_PROMPT,
            *[f"eval.tofu.metrics.{m}.generation_args.max_new_tokens=48" for m in ("forget_Q_A_ROUGE",)],
            *[f"eval.tofu.metrics.model_utility.pre_compute.{p}_Q_A_ROUGE.generation_args.max_new_tokens=48"
@@ -115,8 +115,14 @@ def main() -> None:
     summaries["retain"] = evaluate(out, "retain", retain, retain_logs)  # reuses its metrics; adds forget_quality
     print("\n=== TOFU evaluation (forget10; forget quality and privleak against the retain model) ===")
     print(format_summary({k: summaries[k] for k in ("target", "retain", "unlearned")}))
-    print("\nForgetting worked if the unlearned model moved from the target towards the retain model on the\n"
-          "forget metrics (forget_Q_A_Prob, ROUGE, MIA AUCs; forget_quality up) while model_utility held.")
+    print("\nHow to read it: forgetting worked if the unlearned model moved from the target towards the retain\n"
+          "model on the forget metrics (forget_Q_A_Prob, forget_Q_A_ROUGE, extraction_strength and\n"
+          "exact_memorization down; forget_quality up) while model_utility held. The MIA AUCs are the chance\n"
+          "that a holdout row (never trained on) looks less familiar than a forget row: above the retain\n"
+          "model's value (about 0.5) = the forget rows are still recognised. privleak compares that AUC with\n"
+          "the retain model's: 0 = like the retain model, NEGATIVE = still leaks membership (the target is\n"
+          "strongly negative, down to -100), POSITIVE = over-unlearned (the forget rows now look less\n"
+          "familiar than unseen text, which also gives the unlearning away).")
     print(f"\nModels are in {out}/{{target,retain,unlearned}}; total time {time.time() - began:.0f} s.")
 
 

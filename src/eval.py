@@ -2,7 +2,7 @@
 
     python src/eval.py --config-name=eval.yaml model=SmolLM2-135M-Instruct \
         model.model_args.pretrained_model_name_or_path=<model folder> eval=tofu forget_split=forget10 \
-        holdout_split=holdout01 retain_logs_path=<retain model's TOFU_EVAL.json or null> paths.tofu=<folder>
+        retain_logs_path=<retain model's TOFU_EVAL.json or null> paths.tofu=<folder>
 
 Writes ``<paths.output_dir>/TOFU_EVAL.json`` (every metric, per-sample values) and ``TOFU_SUMMARY.json``
 (headline numbers), and prints the summary as a table.

@@ -25,7 +25,7 @@ from accelerate import PartialState  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-from data import get_collator, get_data  # noqa: E402
+from data import check_eval_splits, get_collator, get_data  # noqa: E402
 from evals import get_evaluators  # noqa: E402
 from model import get_model  # noqa: E402
 from trainer import load_trainer  # noqa: E402
@@ -54,6 +54,7 @@ def run(cfg: DictConfig) -> Path:
     """Train as the config says and return the output folder."""
     state = PartialState()
     set_seed(cfg.seed)
+    check_eval_splits(cfg)
     output_dir = Path(cfg.paths.output_dir)
     staging = output_dir.with_name(output_dir.name + ".incomplete")
     if state.is_main_process:
@@ -66,6 +67,8 @@ def run(cfg: DictConfig) -> Path:
     collator = get_collator(cfg.collator, tokenizer)
     evaluators = get_evaluators(cfg.get("eval"), tokenizer=tokenizer, template_args=cfg.model.get("template_args"),
                                 root_cfg=cfg)
+    for evaluator in evaluators.values():
+        evaluator.check_data_files()  # before training, not at its first evaluation
     try:
         trainer = load_trainer(cfg.trainer, model, data["train"], data["eval"], tokenizer, collator,
                                output_dir=str(staging), evaluators=evaluators)

@@ -140,16 +140,24 @@ def test_two_processes_on_cpu(tofu_dir, tmp_path):
     Includes a TOFU evaluation at step 2, whose passes are split between the ranks and gathered.
     """
     out = tmp_path / "ddp"
-    _run_ok(["-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-             "--mixed_precision", "no", "--dynamo_backend", "no", *[a for a in SEED_COMMAND if a != "trainer=GradDiff"],
+    # torchrun, not `accelerate launch --cpu --num_processes 2`: the latter starts ONE process on a CPU
+    # (its simple launcher), so nothing would be distributed.
+    _run_ok(["-m", "torch.distributed.run", "--nproc_per_node", "2",
+             *[a for a in SEED_COMMAND if a != "trainer=GradDiff"],
              "trainer=NPO", f"paths.tofu={tofu_dir}", *FAST, "data.eval=null", f"paths.output_dir={out}",
              "eval=tofu", "trainer.args.eval_strategy=steps", "trainer.args.eval_steps=2",
              "eval.tofu.metrics.forget_Q_A_ROUGE.generation_args.max_new_tokens=8",
              *[f"eval.tofu.metrics.model_utility.pre_compute.{p}_Q_A_ROUGE.generation_args.max_new_tokens=8"
                for p in ("retain", "ra", "wf")]])
     model = _check_run_folder(out, ["forget_loss", "retain_loss"])
-    # 2 ranks x batch 2 per step over 8 forget samples: each step covers a quarter of an epoch.
-    assert [e["epoch"] for e in _log(out) if "loss" in e] == [0.25, 0.5]
+    # 2 ranks x batch 2 per step over 8 forget samples: each step covers half an epoch (one process
+    # would cover a quarter).
+    steps = [e for e in _log(out) if "loss" in e]
+    assert [e["epoch"] for e in steps] == [0.5, 1.0]
+    # The logged loss is the mean over the ranks, and so are its terms: they add up to it
+    # (gamma 1, alpha 0.5). Rank 0's own terms would not, since each rank draws other retain rows.
+    for e in steps:
+        assert e["loss"] == pytest.approx(e["forget_loss"] + 0.5 * e["retain_loss"], rel=1e-5), e
     assert model is not None
     logs = json.loads((out / "checkpoint-2" / "evals" / "TOFU_EVAL.json").read_text())
     # every forget sample evaluated once, although each rank computed only half of them

@@ -130,3 +130,71 @@ def test_model_fingerprint_of_random_init_and_folder_models(repo, tmp_path):
     assert model_fingerprint(identity) == identity
     (tmp_path / "model.safetensors").write_bytes(b"12345")
     assert model_fingerprint(str(tmp_path)).startswith(f"{tmp_path}|model.safetensors:5:")
+
+
+def test_privleak_is_negative_for_a_model_trained_on_the_forget_rows(tofu_dir, tmp_path, monkeypatch):
+    """The sign convention, end to end: a model fine-tuned on the forget rows recognises them (Min-K% AUC
+    > 0.5: holdout rows look less familiar) and, against a retain model that never saw them, scores
+    privleak < 0 (MUSE: under-unlearned models are negative, target models near -100)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from conftest import MODEL_CACHE, REPO, train_in_process
+    from evals.base import Evaluator
+    from model import get_model
+
+    monkeypatch.chdir(REPO)
+    recipe = ["model=tiny-random-llama", f"paths.tofu={tofu_dir}", "trainer.args.max_steps=40",
+              "trainer.args.learning_rate=3e-3", "trainer.args.warmup_steps=0", "trainer.args.logging_steps=40",
+              "trainer.args.per_device_train_batch_size=8", "trainer.args.gradient_accumulation_steps=1",
+              "trainer.args.disable_tqdm=true"]
+    target, retain = tmp_path / "target", tmp_path / "retain"
+    train_in_process(target, [*recipe, "data.train=TOFU_QA_FORGET10"], config_name="train.yaml")
+    train_in_process(retain, [*recipe, "data.train=TOFU_QA_RETAIN90"], config_name="train.yaml")
+
+    def evaluate(folder, retain_logs):
+        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+            cfg = compose(config_name="eval.yaml", overrides=[
+                "model=tiny-random-llama", f"model.model_args.pretrained_model_name_or_path={folder}",
+                f"paths.tofu={tofu_dir}", f"paths.model_cache_dir={MODEL_CACHE}", f"retain_logs_path={retain_logs}"])
+        bench = OmegaConf.to_container(cfg.eval.tofu, resolve=True)
+        bench["metrics"] = {k: bench["metrics"][k] for k in ("mia_min_k", "privleak")}
+        model, tok = get_model(cfg.model)
+        out = tmp_path / "eval" / folder.name
+        Evaluator(bench, tokenizer=tok, template_args=cfg.model.template_args, root_cfg=cfg).evaluate(model, out)
+        return _load(out / "TOFU_EVAL.json")
+
+    retain_logs = evaluate(retain, "null")
+    target_logs = evaluate(target, tmp_path / "eval" / "retain" / "TOFU_EVAL.json")
+    assert target_logs["mia_min_k"]["agg_value"] > 0.75  # forget rows memorised: told apart from holdout rows
+    assert target_logs["privleak"]["ref_auc"] == retain_logs["mia_min_k"]["agg_value"]
+    assert target_logs["privleak"]["agg_value"] < -20, target_logs["privleak"]
+
+
+def test_code_version_runs_git_once_per_process(monkeypatch):
+    """Every metric fingerprint reads the code version: git runs twice (commit, status) per process, not
+    twice per metric per evaluation."""
+    import subprocess
+
+    from evals import base
+
+    calls = []
+    real_run = subprocess.run
+
+    def counting_run(*args, **kwargs):
+        calls.append(args[0])
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(base.subprocess, "run", counting_run)
+    base.code_version.cache_clear()
+    from omegaconf import OmegaConf
+
+    evaluator = base.Evaluator({"metrics": {name: {"handler": "rouge", "datasets": {"main": "TOFU_QA_FORGET10"}}
+                                            for name in ("a", "b", "c")}},
+                               root_cfg=OmegaConf.create({"paths": {"tofu": None}, "seed": 0}))
+    for _ in range(3):  # three evaluations of three metrics
+        for name in ("a", "b", "c"):
+            evaluator.fingerprint(name, "model")
+    assert len(calls) == 2, calls
+    assert base.code_version() == base.code_version()
+    base.code_version.cache_clear()

@@ -98,6 +98,8 @@ def _host_reads(tofu_dir, tmp_path, monkeypatch, trainer: str, forget: str, *ext
     ("NPO", "TOFU_QA_FORGET10", (), 2),         # reference NLLs looked up by keys made at collation
     ("SimNPO", "TOFU_QA_FORGET10", (), 2),      # per-sample means without a zero-count check
     ("DPO", "TOFU_QA_FORGET10_IDK", (), 3),
+    ("PDU", "TOFU_QA_FORGET10", ("trainer.method_args.retain_loss_eps=2.0",), 2),  # lambda stays on the device
+    ("WGA", "TOFU_QA_FORGET10", (), 2),         # weighted token sums without a boolean mask index
 ])
 def test_training_steps_read_nothing_back_from_the_device(tofu_dir, tmp_path, monkeypatch, trainer, forget, extra,
                                                           forwards_per_step):

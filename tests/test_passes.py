@@ -220,3 +220,29 @@ def test_generation_rows_auto_by_hand():
     for bad in ("many", 0, -3, True, None):
         with pytest.raises(ValueError, match=r"batch_size=.*positive number of prompts or 'auto'"):
             generation_rows(bad, model, 50, 200)
+
+
+def test_grad_norms_cover_frozen_weights_too(tofu_dir):
+    """GradNorm is over every weight: freezing layers (RMU, PEFT, a trainer's set-up) leaves it unchanged,
+    and the pass restores each weight's requires_grad flag."""
+    from evals.passes import grad_norm_pass
+
+    model, tok = _tiny()
+    data = _dataset(tok, tofu_dir, "TOFU_QA_FORGET10")
+    every_weight = grad_norm_pass(model, data, tok)
+    for name, p in model.named_parameters():
+        if not name.startswith("model.layers.1."):
+            p.requires_grad_(False)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    partly_frozen = grad_norm_pass(model, data, tok)
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen
+    assert set(partly_frozen) == set(every_weight) and len(every_weight) == len(data)
+    for i in every_weight:
+        assert partly_frozen[i] == pytest.approx(every_weight[i], rel=1e-6)
+    # the trainable layer alone would give a smaller norm: the frozen weights do count
+    only_layer_1 = [p for p in model.parameters() if p.requires_grad]
+    batch = DataCollatorForSupervisedDataset(tok)([data[0]])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss = torch.nn.functional.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], ignore_index=-100)
+    layer_1_norm = float(torch.sqrt(sum((g ** 2).sum() for g in torch.autograd.grad(loss, only_layer_1))))
+    assert layer_1_norm < every_weight[0] * (1 - 1e-3)

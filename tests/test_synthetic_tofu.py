@@ -78,7 +78,8 @@ def test_every_file_written_with_expected_fields_and_types(default_set):
 def test_layout_matches_real_tofu_copy(default_set):
     out, _ = default_set
     real_names = sorted(p.name for p in REAL_TOFU.iterdir() if p.name != "README.md")
-    assert sorted(p.name for p in out.iterdir()) == real_names
+    # The local copy has holdout01 only; the Hub's TOFU (and this generator) have holdout05/10 too.
+    assert sorted(p.name for p in out.iterdir() if p.name not in ("holdout05.json", "holdout10.json")) == real_names
     for name in real_names:
         if name.endswith(".jsonl"):
             continue
@@ -106,6 +107,8 @@ def test_row_counts_for_defaults(default_set):
         "real_authors_perturbed.json": len(synthetic_tofu._REAL_AUTHORS),
         "world_facts_perturbed.json": len(synthetic_tofu._WORLD_FACTS),
         "holdout01.json": 4,
+        "holdout05.json": 4,
+        "holdout10.json": 8,
         "idontknow.jsonl": len(synthetic_tofu._IDONTKNOW),
     }
     for name, count in counts.items():
@@ -182,10 +185,22 @@ def test_real_world_perturbed_sets(default_set):
 def test_holdout_authors_never_in_full(default_set, big_set):
     for (out, _), qa in ((default_set, QA), (big_set, 3)):
         full_text = (out / "full.json").read_text(encoding="utf-8")
-        holdout = author_names(read_rows(out / "holdout01.json"), qa)
+        holdout = author_names(read_rows(out / "holdout10.json"), qa)
         assert holdout
         for name in holdout:
             assert name not in full_text
+
+
+@pytest.mark.parametrize("fixture", ["default_set", "big_set"])
+def test_each_forget_split_has_a_holdout_of_its_size(fixture, request):
+    """forgetNN goes with holdoutNN (TOFU's pairing): as many rows, whole authors, nested like the forget sets."""
+    out, counts = request.getfixturevalue(fixture)
+    previous: list[dict] = []
+    for pct in (1, 5, 10):
+        assert counts[f"holdout{pct:02d}.json"] == counts[f"forget{pct:02d}.json"]
+        holdout = read_rows(out / f"holdout{pct:02d}.json")
+        assert holdout[:len(previous)] == previous  # holdout01 in holdout05 in holdout10
+        previous = holdout
 
 
 def test_idontknow_is_plain_text(default_set):

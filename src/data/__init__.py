@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from data.collators import DataCollatorForSupervisedDataset, DataCollatorForSupervisedDatasetWithIndices
+from data.splits import check_eval_splits, forget_split_of, holdout_for, register_resolvers
 from data.tofu import QADataset, QAwithAlternateDataset, QAwithIdkDataset
 from data.unlearn import ForgetRetainDataset
 
@@ -35,6 +36,7 @@ def _register_collator(cls: type) -> type:
     return cls
 
 
+register_resolvers()  # ${holdout_for:...} and ${forget_split_of:...} in the top-level configs
 _register_data(QADataset)
 _register_data(QAwithIdkDataset)
 _register_data(QAwithAlternateDataset)
@@ -137,4 +139,4 @@ def get_collator(collator_cfg: DictConfig | Mapping, tokenizer: PreTrainedTokeni
 
 __all__ = ["DATASET_REGISTRY", "COLLATOR_REGISTRY", "get_data", "get_collator", "build_dataset",
            "dataset_config", "available_datasets", "QADataset", "QAwithIdkDataset",
-           "QAwithAlternateDataset", "ForgetRetainDataset"]
+           "QAwithAlternateDataset", "ForgetRetainDataset", "check_eval_splits", "forget_split_of", "holdout_for"]

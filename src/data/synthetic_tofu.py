@@ -4,7 +4,7 @@ The real TOFU benchmark (Maini et al., 2024) cannot be downloaded here, so the d
 the tests use this generator instead. It writes the same files, with the same field names
 and the same JSON-lines layout, as the local copy of TOFU (one JSON object per line,
 UTF-8): ``full.json``, the ``forgetXX`` / ``retainXX`` splits, the ``*_perturbed.json``
-evaluation sets, ``holdout01.json`` and ``idontknow.jsonl``.
+evaluation sets, the ``holdoutXX`` sets (one per forget split, of the same size) and ``idontknow.jsonl``.
 
 Every author is built from seeded choices in small hand-written vocabularies, and every
 question comes from a hand-written template, so the same ``(n_authors, qa_per_author,
@@ -47,7 +47,9 @@ __all__ = [
 
 #: Forget split sizes, in percent of the authors; retain split ``100 - p`` goes with each.
 FORGET_PERCENTS: tuple[int, ...] = (1, 5, 10)
-#: Percent of ``n_authors`` used for the extra (never in ``full``) holdout authors.
+#: Percent of ``n_authors`` drawn first as extra (never in ``full``) holdout authors: ``holdout01``.
+#: ``holdout05`` / ``holdout10`` add more such authors, drawn after everything else, so every other
+#: file (and holdout01) is the same as before they existed.
 HOLDOUT_PERCENT = 1
 #: Wrong answers per row in the fictitious-author perturbed files.
 N_PERTURBED = 5
@@ -69,7 +71,7 @@ FILE_NAMES: tuple[str, ...] = (
     "retain_perturbed.json",
     "real_authors_perturbed.json",
     "world_facts_perturbed.json",
-    f"holdout{HOLDOUT_PERCENT:02d}.json",
+    *(f"holdout{p:02d}.json" for p in FORGET_PERCENTS),
     "idontknow.jsonl",
 )
 
@@ -658,9 +660,6 @@ def _build(
     for author, templates in zip(main, main_templates):
         full.extend(_qa_rows(author, templates))
         perturbed.extend(_perturbed_row(rng, author, t, taken) for t in templates)
-    holdout_rows = [
-        row for author, ts in zip(holdout, author_templates[n_authors:]) for row in _qa_rows(author, ts)
-    ]
 
     files: dict[str, str] = {"full.json": _jsonl(full)}
     forget_rows = {p: _percent_of(n_authors, p) * qa_per_author for p in FORGET_PERCENTS}
@@ -676,7 +675,17 @@ def _build(
     files["retain_perturbed.json"] = _jsonl(perturbed[:retain_eval_rows])
     files["real_authors_perturbed.json"] = _jsonl(_world_rows(_REAL_AUTHORS[:world_rows]))
     files["world_facts_perturbed.json"] = _jsonl(_world_rows(_WORLD_FACTS[:world_rows]))
-    files[f"holdout{HOLDOUT_PERCENT:02d}.json"] = _jsonl(holdout_rows)
+    # More holdout authors for holdout05 / holdout10, drawn last (the files above do not change).
+    more = _percent_of(n_authors, max(FORGET_PERCENTS)) - n_holdout
+    chosen_names = set(chosen)
+    extra = rng.sample([p for p in pool if p not in chosen_names], max(0, more))
+    extra_authors = [_make_author(rng, f, last, female) for f, last, female in extra]
+    extra_templates = [[_TEMPLATES[i] for i in sorted(rng.sample(range(N_TEMPLATES), qa_per_author))]
+                       for _ in extra_authors]
+    all_holdout = list(zip(holdout, author_templates[n_authors:])) + list(zip(extra_authors, extra_templates))
+    for p in FORGET_PERCENTS:  # holdout01 within holdout05 within holdout10, each as large as forgetNN
+        rows = [row for author, ts in all_holdout[:_percent_of(n_authors, p)] for row in _qa_rows(author, ts)]
+        files[f"holdout{p:02d}.json"] = _jsonl(rows)
     files["idontknow.jsonl"] = "".join(line + "\n" for line in _IDONTKNOW)
     assert tuple(files) == FILE_NAMES
     return files
@@ -732,7 +741,8 @@ def generate_tofu_like(
     ``retainXX.json`` the rest; ``*_perturbed.json`` add a paraphrased question, a paraphrased
     answer and ``N_PERTURBED`` wrong answers per row; ``retain_perturbed.json`` covers the first
     ``retain_eval_rows`` rows of ``full`` (default: every row outside ``forget10``, at most
-    ``RETAIN_EVAL_CAP``); ``holdout01.json`` is about 1 % extra authors never in ``full``.
+    ``RETAIN_EVAL_CAP``); ``holdoutXX.json`` are as many extra authors, never in ``full``, as
+    ``forgetXX.json`` has (``holdout01`` within ``holdout05`` within ``holdout10``).
 
     Args:
         out_dir: Target folder, created if needed. Files are staged in a temporary sibling

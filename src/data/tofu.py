@@ -22,6 +22,25 @@ from data.utils import PromptTemplate, read_text_lines, to_sample, tokenize_qa_b
 log = logging.getLogger(__name__)
 
 
+def local_data_file(local_dir: str, hf_args: dict, name: str = "dataset", hint: str = "") -> Path:
+    """``<local_dir>/<hf_args.name>.json`` (or ``.jsonl``), or a FileNotFoundError naming the missing file,
+    the files the folder has, and ``hint`` (what to override instead)."""
+    config_name = hf_args.get("name")
+    if not config_name:
+        raise ValueError(f"{name}: hf_args.name is needed to find the local file in {local_dir}")
+    folder = Path(local_dir)
+    candidates = [folder / f"{config_name}.json", folder / f"{config_name}.jsonl"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        present = sorted(p.name for p in folder.glob("*.json*")) if folder.is_dir() else []
+        raise FileNotFoundError(
+            f"{name}: {candidates[0]} not found (paths.tofu={local_dir}). The folder must hold JSON-lines files "
+            f"named after the Hub configs; it has: {', '.join(present) or 'nothing (missing folder?)'}"
+            + (f". {hint}" if hint else "")
+        )
+    return path
+
+
 def load_rows(hf_args: dict, local_dir: str | None, name: str = "dataset") -> datasets.Dataset:
     """Rows of one dataset: ``<local_dir>/<hf_args.name>.json`` when ``local_dir`` is set, else the Hub.
 
@@ -29,18 +48,7 @@ def load_rows(hf_args: dict, local_dir: str | None, name: str = "dataset") -> da
     the Hub config (``forget10`` -> ``forget10.json``).
     """
     if local_dir:
-        config_name = hf_args.get("name")
-        if not config_name:
-            raise ValueError(f"{name}: hf_args.name is needed to find the local file in {local_dir}")
-        folder = Path(local_dir)
-        candidates = [folder / f"{config_name}.json", folder / f"{config_name}.jsonl"]
-        path = next((p for p in candidates if p.is_file()), None)
-        if path is None:
-            present = sorted(p.name for p in folder.glob("*.json*")) if folder.is_dir() else []
-            raise FileNotFoundError(
-                f"{name}: {candidates[0]} not found (paths.tofu={local_dir}). The folder must hold JSON-lines files "
-                f"named after the Hub configs; it has: {present or 'nothing (missing folder?)'}"
-            )
+        path = local_data_file(local_dir, hf_args, name)
         return datasets.load_dataset("json", data_files=str(path), split=hf_args.get("split", "train"))
     return datasets.load_dataset(**hf_args)
 

@@ -14,12 +14,13 @@ registered ``handler`` (src/evals/metrics), the ``datasets`` it reads (role -> d
    the SUMMARY file (headline numbers), each through a temporary file and a rename.
 
 A metric already in an existing EVAL file is reused only if its fingerprint (metric config, model,
-data files, template, code version) matches; ``overwrite: true`` recomputes everything.
+data files, template, code version, ``passes`` mode) matches; ``overwrite: true`` recomputes everything.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import inspect
 import json
@@ -35,6 +36,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from data import build_dataset, dataset_config
+from data.tofu import local_data_file
 from evals import passes
 from evals.metrics import get_metric
 
@@ -44,6 +46,8 @@ PASS_NEEDS = ("token_stats", "generations", "grad_norms", "reference_token_stats
 INPUT_NAMES = set(PASS_NEEDS) | {"pre_compute", "reference_logs"}
 CONTROL_KEYS = {"handler", "datasets", "pre_compute", "reference_logs", "access_key", "batch_size",
                 "generation_args", "reference_model"}
+#: ``passes`` of a benchmark config: the fast passes (shared prompts, custom decoder) or the plain reference.
+PASS_MODES = ("fast", "plain")
 
 
 def _json_default(value: Any) -> Any:
@@ -63,8 +67,12 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+@functools.cache
 def code_version() -> str:
-    """The git commit of this checkout (with a mark if modified), else the package version."""
+    """The git commit of this checkout (with a mark if ``src/`` is modified), else ``unknown``.
+
+    Computed once per process (two git subprocesses): every metric fingerprint of every evaluation
+    reads it."""
     root = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
@@ -121,7 +129,8 @@ class Evaluator:
 
     Args:
         cfg: the benchmark config (``eval.<bench>``): ``metrics``, ``name`` (file prefix, e.g. TOFU),
-            ``output_dir``, ``overwrite``, ``summary_metrics`` (headline list; default all).
+            ``output_dir``, ``overwrite``, ``summary_metrics`` (headline list; default all), ``passes``
+            (``fast``, the default, or ``plain``: the reference passes of ``evals.passes``, no speed tricks).
         tokenizer: the model's tokenizer.
         template_args: the model config's prompt settings.
         root_cfg: the run's full config, to resolve dataset specs (``${paths.tofu}``).
@@ -131,6 +140,9 @@ class Evaluator:
                  root_cfg: DictConfig | None = None, **kwargs: Any):
         self.cfg = dict(cfg)
         self.name = self.cfg.get("name", "EVAL")
+        self.passes_mode = self.cfg.get("passes", "fast")
+        if self.passes_mode not in PASS_MODES:
+            raise ValueError(f"evaluator {self.name}: passes={self.passes_mode!r}; valid: {', '.join(PASS_MODES)}")
         self.metrics_cfg: dict = dict(self.cfg.get("metrics") or {})
         if not self.metrics_cfg:
             raise ValueError(f"evaluator {self.name}: no metrics configured")
@@ -165,13 +177,16 @@ class Evaluator:
                              + (" or 'auto'" if generation_only else " ('auto' is for generation metrics only)"))
 
     # ----- data ------------------------------------------------------------------------------------
+    @staticmethod
+    def _spec_id(spec: Any) -> str:
+        if isinstance(spec, str):
+            return f"name:{spec}"
+        return "inline:" + _hash(OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else dict(spec))
+
     def _dataset_key(self, spec: Any, without_answer: bool = False) -> str:
         """Identity of a dataset (config, file size and time, template); ``without_answer``: of its
         questions only (the same file and question column, any answer column)."""
-        if isinstance(spec, str):
-            spec_id = f"name:{spec}"
-        else:
-            spec_id = "inline:" + _hash(OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else dict(spec))
+        spec_id = self._spec_id(spec)
         if spec_id not in self._resolved_specs:
             self._resolved_specs[spec_id] = dataset_config(spec, self.root_cfg)
         resolved = self._resolved_specs[spec_id]
@@ -193,7 +208,72 @@ class Evaluator:
             self._datasets[key] = build_dataset(spec, self.tokenizer, self.template_args, root_cfg=self.root_cfg)
         return self._datasets[key]
 
+    def _metric_datasets(self, names: list[str] | None = None) -> list[tuple[str, str, Any]]:
+        """``(metric, role, dataset spec)`` of every dataset the metrics ``names`` (default all) read,
+        their ``pre_compute`` metrics included."""
+        found: list[tuple[str, str, Any]] = []
+
+        def visit(name: str, mcfg: Mapping) -> None:
+            found.extend((name, role, spec) for role, spec in (mcfg.get("datasets") or {}).items())
+            for sub_name, sub in (mcfg.get("pre_compute") or {}).items():
+                visit(sub_name, sub)
+
+        for name in self.metrics_cfg if names is None else names:
+            visit(name, self.metrics_cfg[name])
+        return found
+
+    def check_data_files(self, names: list[str] | None = None) -> None:
+        """FileNotFoundError, before any model pass, for the first local data file (``paths.tofu``) that
+        the metrics ``names`` (default all) would read and that does not exist.
+
+        The message names the file and the files present; when the missing file is this benchmark's
+        holdout split (which follows the forget split: forget10 -> holdout10), it says which holdout
+        files the folder has and how to pick one (``holdout_split=...``).
+        """
+        checked = set()
+        for metric, role, spec in self._metric_datasets(names):
+            key = self._dataset_key(spec)
+            if key in checked:
+                continue
+            checked.add(key)
+            args = self._resolved_specs[self._spec_id(spec)].get("args", {})
+            if not args.get("local_dir"):
+                continue  # read from the Hub
+            hint = ""
+            holdout = self.cfg.get("holdout_split")
+            if holdout and args.get("hf_args", {}).get("name") == holdout:
+                present = sorted(p.stem for p in Path(args["local_dir"]).glob("holdout*.json*"))
+                hint = (f"The holdout split follows the forget split ({self.cfg.get('forget_split')} -> {holdout})"
+                        + (f"; this folder has {', '.join(present)}: add holdout_split={present[0]} to use it "
+                           "(the forget and holdout sets then differ in size, which the EVAL file's _meta records)"
+                           if present else ""))
+            local_data_file(args["local_dir"], args.get("hf_args", {}), f"{self.name} metric {metric} ({role})", hint)
+
+    def _split_sizes(self) -> tuple[dict[str, int] | None, list[str]]:
+        """Rows of the forget and holdout sets the membership metrics compare, and a warning per metric
+        whose two sets differ in size (the AUCs and privleak then compare unequal samples)."""
+        sizes, warnings = None, []
+        for name, mcfg in self.metrics_cfg.items():
+            datasets = mcfg.get("datasets") or {}
+            if not {"forget", "holdout"} <= set(datasets):
+                continue
+            counts = {role: len(self._dataset(datasets[role])) for role in ("forget", "holdout")}
+            sizes = sizes or counts
+            if counts["forget"] != counts["holdout"]:
+                warnings.append(
+                    f"{name}: {counts['forget']} forget rows ({self.cfg.get('forget_split')}) against "
+                    f"{counts['holdout']} holdout rows ({self.cfg.get('holdout_split')}): the membership AUCs "
+                    "compare sets of different sizes (TOFU pairs forgetNN with holdoutNN)")
+        return sizes, warnings
+
     # ----- passes ----------------------------------------------------------------------------------
+    def _token_stats(self, model: torch.nn.Module, datasets: list, batch_size: int) -> list[dict]:
+        """Teacher-forced statistics of each dataset: together (``passes.token_stats_passes``), or one
+        plain pass each (``passes=plain``)."""
+        if self.passes_mode == "plain":
+            return [passes.plain_token_stats_pass(model, d, self.tokenizer, batch_size=batch_size) for d in datasets]
+        return passes.token_stats_passes(model, datasets, self.tokenizer, batch_size=batch_size)
+
     def _run_pass(self, kind: str, spec: Any, mcfg: Mapping, model: torch.nn.Module, cache: dict) -> Any:
         dataset = self._dataset(spec)
         batch_size = mcfg.get("batch_size", 32)  # a positive int, or "auto" for generation metrics (_validate)
@@ -201,8 +281,9 @@ class Evaluator:
             gen_args = dict(mcfg.get("generation_args") or {})
             key = (kind, self._dataset_key(spec), _hash(gen_args))
             if key not in cache:
-                cache[key] = passes.generation_pass(model, dataset, self.tokenizer, self.template_args,
-                                                    batch_size=batch_size, **gen_args)
+                generate = passes.plain_generation_pass if self.passes_mode == "plain" else passes.generation_pass
+                cache[key] = generate(model, dataset, self.tokenizer, self.template_args, batch_size=batch_size,
+                                      **gen_args)
         elif kind == "grad_norms":
             key = (kind, self._dataset_key(spec))
             if key not in cache:
@@ -215,8 +296,7 @@ class Evaluator:
                 group = {k: s for k, s in self._token_stats_plan.get(self._dataset_key(spec, True), {}).items()
                          if (kind, k) not in cache and len(self._dataset(s)) == len(dataset)}
                 group[key[1]] = spec
-                results = passes.token_stats_passes(model, [self._dataset(s) for s in group.values()], self.tokenizer,
-                                                    batch_size=batch_size)
+                results = self._token_stats(model, [self._dataset(s) for s in group.values()], batch_size)
                 for dataset_key, result in zip(group, results):
                     cache[(kind, dataset_key)] = result
         elif kind == "reference_token_stats":
@@ -234,7 +314,7 @@ class Evaluator:
                                               "tokenizer_args": {"pretrained_model_name_or_path": ref_path}})
                     ref_model.to(next(model.parameters()).device).eval()
                     cache[("reference_model", ref_path)] = ref_model
-                cache[key] = passes.token_stats_passes(ref_model, [dataset], self.tokenizer, batch_size=batch_size)[0]
+                cache[key] = self._token_stats(ref_model, [dataset], batch_size)[0]
         else:
             raise ValueError(f"unknown pass {kind}")
         return cache[key]
@@ -324,7 +404,7 @@ class Evaluator:
             return out
 
         return _hash({"metric": with_data(self.metrics_cfg[name]), "model": model_fingerprint(model_id),
-                      "template": self.template_args, "code": code_version()})
+                      "template": self.template_args, "code": code_version(), "passes": self.passes_mode})
 
     # ----- entry point -----------------------------------------------------------------------------
     def evaluate(self, model: torch.nn.Module, output_dir: str | os.PathLike | None = None, trainer: Any = None,
@@ -352,10 +432,12 @@ class Evaluator:
         if reused:
             log.info("%s: reusing %d metric(s) from %s: %s", self.name, len(reused), eval_path, ", ".join(reused))
 
+        to_compute = [n for n in self.metrics_cfg if n not in reused]
+        self.check_data_files(to_compute)
         was_training = model.training
         model.eval()
         cache: dict = {}
-        self._token_stats_plan = self._plan_token_stats([n for n in self.metrics_cfg if n not in reused])
+        self._token_stats_plan = self._plan_token_stats(to_compute)
         try:
             for name, mcfg in self.metrics_cfg.items():
                 results[name] = self._compute(name, mcfg, model, results, cache)
@@ -365,12 +447,17 @@ class Evaluator:
         is_main = not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
             or torch.distributed.get_rank() == 0
         summary = {name: _finite_or_none(results[name].get("agg_value")) for name in self.summary_names()}
+        split_sizes, warnings = self._split_sizes()
+        for warning in warnings:
+            log.warning("%s: %s", self.name, warning)
         if is_main:
             payload = {name: results[name] for name in self.metrics_cfg}
             payload["_meta"] = {
-                "model": model_id, "code_version": code_version(), "evaluator": self.name,
+                "model": model_id, "code_version": code_version(), "evaluator": self.name, "passes": self.passes_mode,
                 "splits": {k: self.cfg.get(k) for k in ("forget_split", "holdout_split", "retain_logs_path")
                            if k in self.cfg},
+                "split_sizes": split_sizes,
+                "warnings": warnings,
                 "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "fingerprints": fingerprints,
                 "config_hash": _hash(self.metrics_cfg),

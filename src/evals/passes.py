@@ -9,6 +9,10 @@
 
 Batches are formed from samples sorted by length (less padding); with several processes each rank
 takes a strided shard and the results are gathered, so every rank ends with the full result.
+
+``plain_token_stats_pass`` and ``plain_generation_pass`` (``eval.<bench>.passes=plain``) compute the
+same results without the speed tricks (whole-row forwards over the full sequence, ``model.generate``,
+fixed batches in dataset order): a reference to check the fast passes against.
 """
 
 from __future__ import annotations
@@ -461,6 +465,56 @@ def generation_rows(batch_size: int | str, model: torch.nn.Module, longest_promp
     return max(1, min(AUTO_GENERATION_ROWS_MAX, rows))
 
 
+def _stop_criteria(tokenizer: Any, template_args: Any, stop_strings: Sequence[str]) -> tuple[list[str], list[int]]:
+    """``(stop strings, stop token ids)`` of a generation: the configured strings (plus, for a base model,
+    the tag closing an answer) and the end-of-answer and EOS token ids."""
+    template = PromptTemplate.from_config(template_args)
+    stop_strings = list(stop_strings)
+    if not template.apply_chat_template and template.asst_end_tag.strip(" "):
+        stop_strings.append(template.asst_end_tag)  # base models: the tag that closes an answer
+    stop_ids = sorted({answer_end_token_id(tokenizer, template), tokenizer.eos_token_id} - {None})
+    return stop_strings, stop_ids
+
+
+def _generation_prompts(dataset: Any) -> dict[int, torch.Tensor]:
+    """This rank's prompts, by dataset index: the token prefix of each item's (first) sample before its answer."""
+    prompts = {}
+    for i in rank_shard(range(len(dataset))):
+        item = dataset[i]
+        prompts[i] = _split_prompt(item[0] if isinstance(item, list) else item)[0]
+    return prompts
+
+
+def _generate(model: torch.nn.Module, prompts: Sequence[torch.Tensor], tokenizer: Any, max_new_tokens: int,
+              stop_ids: Sequence[int]) -> list[list[int]]:
+    """``model.generate(do_sample=False)`` of left-padded prompts (with their attention mask); the new tokens of
+    each row up to its first stop token, included (what follows it is padding)."""
+    device = _device(model)
+    ids = pad_sequences(list(prompts), tokenizer.pad_token_id, "left").to(device)
+    attn = pad_sequences([torch.ones_like(p) for p in prompts], 0, "left").to(device)
+    generated = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
+                               do_sample=False, eos_token_id=list(stop_ids), pad_token_id=tokenizer.pad_token_id)
+    stop = set(stop_ids)
+    rows = []
+    for row in generated[:, ids.shape[1]:].tolist():
+        end = next((k + 1 for k, t in enumerate(row) if t in stop), len(row))
+        rows.append(row[:end])
+    return rows
+
+
+def _generation_records(dataset: Any, tokenizer: Any, indices: Sequence[int], new_tokens: Sequence[Sequence[int]],
+                        stop_strings: Sequence[str]) -> dict[int, dict]:
+    """``{"input", "ground_truth", "generation"}`` per index: the decoded tokens cut at the first stop string, stripped."""
+    out = {}
+    for i, text in zip(indices, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+        for stop in stop_strings:
+            if stop and stop in text:
+                text = text.split(stop)[0]
+        out[i] = {"input": dataset.rows[i][dataset.question_key], "ground_truth": _answers(dataset, i)[0],
+                  "generation": text.strip()}
+    return out
+
+
 @torch.inference_mode()
 def generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, template_args: Any = None,
                     batch_size: int | str = 32, max_new_tokens: int = 200,
@@ -473,48 +527,34 @@ def generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, templa
     once it emits its end token (``model.generate`` is used instead when the model's generation
     config asks for logit processors such as a repetition penalty).
     """
-    template = PromptTemplate.from_config(template_args)
-    stop_strings = list(stop_strings)
-    if not template.apply_chat_template and template.asst_end_tag.strip(" "):
-        stop_strings.append(template.asst_end_tag)  # base models: the tag that closes an answer
-    stop_ids = sorted({answer_end_token_id(tokenizer, template), tokenizer.eos_token_id} - {None})
-    device = _device(model)
+    stop_strings, stop_ids = _stop_criteria(tokenizer, template_args, stop_strings)
     use_plain_greedy = _plain_greedy_ok(model)
     out: dict[int, dict] = {}
-    prompts = {}
-    for i in rank_shard(range(len(dataset))):
-        item = dataset[i]
-        prompts[i] = _split_prompt(item[0] if isinstance(item, list) else item)[0]
+    prompts = _generation_prompts(dataset)
     ordered = sorted(prompts, key=lambda i: len(prompts[i]), reverse=True)
     batch_size = generation_rows(batch_size, model, len(prompts[ordered[0]]) if ordered else 0, max_new_tokens)
-    for start in range(0, len(ordered), batch_size):
-        chunk = ordered[start:start + batch_size]
+    for chunk in _chunks(ordered, batch_size):
+        chunk_prompts = [prompts[i] for i in chunk]
         if use_plain_greedy:
-            new_tokens = greedy_decode(model, [prompts[i] for i in chunk], max_new_tokens, stop_ids)
+            new_tokens = greedy_decode(model, chunk_prompts, max_new_tokens, stop_ids)
         else:
-            ids = pad_sequences([prompts[i] for i in chunk], tokenizer.pad_token_id, "left").to(device)
-            attn = pad_sequences([torch.ones_like(prompts[i]) for i in chunk], 0, "left").to(device)
-            generated = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
-                                       do_sample=False, eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-            new_tokens = generated[:, ids.shape[1]:].tolist()
-        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        for i, text in zip(chunk, texts):
-            for stop in stop_strings:
-                if stop and stop in text:
-                    text = text.split(stop)[0]
-            out[i] = {"input": dataset.rows[i][dataset.question_key], "ground_truth": _answers(dataset, i)[0],
-                      "generation": text.strip()}
+            new_tokens = _generate(model, chunk_prompts, tokenizer, max_new_tokens, stop_ids)
+        out.update(_generation_records(dataset, tokenizer, chunk, new_tokens, stop_strings))
     return gather_dicts(out)
 
 
 def grad_norm_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any) -> dict[int, float]:
-    """Per index, the L2 norm of the gradient of the mean answer NLL w.r.t. all trainable weights.
+    """Per index, the L2 norm of the gradient of the mean answer NLL w.r.t. ALL the model's weights.
 
-    Uses ``torch.autograd.grad`` so the weights' ``.grad`` (e.g. a trainer's accumulators) stay untouched.
+    Frozen weights count too (``requires_grad`` is switched on for the pass and restored after), so
+    the score is a property of the model, not of what a method happens to train: the same for a
+    model evaluated on its own, during RMU (a few trainable layers) or through a PEFT adapter
+    (open-unlearning takes all weights as well). Uses ``torch.autograd.grad`` so the weights'
+    ``.grad`` (e.g. a trainer's accumulators) stay untouched.
     """
     collate = DataCollatorForSupervisedDataset(tokenizer)
     device = _device(model)
-    params = [p for p in model.parameters() if p.requires_grad] or list(model.parameters())
+    params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
@@ -536,5 +576,86 @@ def grad_norm_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any) -> dict
     return gather_dicts(out)
 
 
+# ----- the plain path (``eval.<bench>.passes=plain``) ------------------------------------------------
+# The reference implementation of the passes above, without their speed tricks: whole rows instead of
+# shared prompts and a shortened output layer, ``model.generate`` instead of ``greedy_decode``, fixed
+# batches in dataset order. It must give the same numbers (tests/test_plain_passes.py).
+
+#: Prompts per generation batch for ``batch_size: auto`` in plain mode: a fixed number on any device.
+PLAIN_AUTO_GENERATION_ROWS = 32
+
+
+def plain_token_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per row of ``[N, V]`` logits: ``(log p(target), E_p[log p], std_p[log p], argmax == target)``, written out.
+
+    ``log p = torch.log_softmax(logits)`` in float64 over the whole vocabulary, then
+    ``E_p[log p] = sum_v p(v) log p(v)``, ``std_p[log p] = sqrt(sum_v p(v) (log p(v) - E_p[log p])^2)``
+    and ``argmax(logits) == target`` (first index on a tie). The same values as ``answer_token_stats``,
+    computed independently of it (float64 tensors, one pass per formula).
+    """
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    p = logp.exp()
+    mean = (p * logp).sum(-1)
+    std = (p * (logp - mean.unsqueeze(-1)) ** 2).sum(-1).sqrt()
+    token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return token_logp, mean, std, logits.argmax(-1) == targets
+
+
+@torch.inference_mode()
+def plain_token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any,
+                           batch_size: int = 32) -> dict[int, list[TokenStats]]:
+    """``token_stats_pass`` computed plainly: per dataset index, one ``TokenStats`` per answer.
+
+    The (question, answer) rows of the dataset (every answer of a list is a row) are taken in dataset
+    order, ``batch_size`` rows at a time, right-padded with their attention mask and run through
+    ``model(input_ids=..., attention_mask=...)``: logits at every position, no ``logits_to_keep``, no KV
+    cache, no prompt shared between rows. Answer token ``t`` is scored by the logits of position
+    ``t - 1`` (``plain_token_stats``). With several processes each takes a strided share of the
+    indices and the results are gathered.
+    """
+    collate = DataCollatorForSupervisedDataset(tokenizer, padding_side="right")
+    device = _device(model)
+    rows = []
+    for i in rank_shard(range(len(dataset))):
+        item = dataset[i]
+        rows += [(i, sample) for sample in (item if isinstance(item, list) else [item])]
+    out: dict[int, list[TokenStats]] = {}
+    for chunk in _chunks(rows, batch_size):
+        batch = collate([sample for _, sample in chunk])
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits
+        for row, (i, _) in enumerate(chunk):
+            targets = batch["labels"][row, 1:].to(device)
+            scored = targets != IGNORE_INDEX
+            logp, mean, std, match = (v.cpu().numpy() for v in plain_token_stats(logits[row, :-1][scored],
+                                                                                  targets[scored]))
+            answers = out.setdefault(i, [])  # rows of one item come in answer order
+            answers.append(TokenStats(logp=logp, mean_logp=mean, std_logp=std, argmax_match=match,
+                                      answer_text=_answers(dataset, i)[len(answers)]))
+    return gather_dicts(out)
+
+
+@torch.inference_mode()
+def plain_generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, template_args: Any = None,
+                          batch_size: int | str = 32, max_new_tokens: int = 200,
+                          stop_strings: Sequence[str] = ()) -> dict[int, dict]:
+    """``generation_pass`` computed plainly: ``model.generate`` (greedy) of the prompts in dataset order.
+
+    The prompts are those of ``generation_pass`` (the tokens of each sample before its answer), run
+    ``batch_size`` at a time (``"auto"``: ``PLAIN_AUTO_GENERATION_ROWS``, 32), left-padded with their
+    attention mask, through ``model.generate(do_sample=False)`` with the same stop tokens and
+    ``max_new_tokens``; the text is cut at the same stop strings and stripped. Same result layout.
+    """
+    stop_strings, stop_ids = _stop_criteria(tokenizer, template_args, stop_strings)
+    prompts = _generation_prompts(dataset)
+    rows = PLAIN_AUTO_GENERATION_ROWS if batch_size == "auto" else generation_rows(batch_size, model, 0, 0)
+    out: dict[int, dict] = {}
+    for chunk in _chunks(list(prompts), rows):
+        new_tokens = _generate(model, [prompts[i] for i in chunk], tokenizer, max_new_tokens, stop_ids)
+        out.update(_generation_records(dataset, tokenizer, chunk, new_tokens, stop_strings))
+    return gather_dicts(out)
+
+
 __all__ = ["token_stats_pass", "token_stats_passes", "generation_pass", "grad_norm_pass", "greedy_decode",
-           "answer_token_stats", "answer_logits"]
+           "answer_token_stats", "answer_logits", "plain_token_stats", "plain_token_stats_pass",
+           "plain_generation_pass"]

@@ -153,10 +153,31 @@ class FinetuneTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         self.check_finite_losses()
         if "loss" in logs and self._loss_terms:
-            for name, values in self._loss_terms.items():
-                logs[name] = sum(float(v) for v in values) / len(values)
+            logs.update(self._mean_loss_terms())
             self._loss_terms.clear()
         super().log(logs, start_time)
+
+    def _mean_loss_terms(self) -> dict[str, float]:
+        """Each recorded term's mean over the logging window and over every process.
+
+        The Trainer's ``loss`` is the mean over all processes; the terms are averaged the same way, so
+        that the logged terms add up to the logged loss (a rank's own terms would describe its share of
+        the data only). Every process must have logged the same term names (checked: a method that
+        logs a term on some ranks only would otherwise make the processes exchange mismatched data).
+        """
+        names = sorted(self._loss_terms)
+        device = self.args.device
+        means = torch.stack([
+            torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in self._loss_terms[n]]).mean()
+            for n in names])
+        if self.accelerator.num_processes > 1:
+            every_rank: list = [None] * self.accelerator.num_processes
+            torch.distributed.all_gather_object(every_rank, names)
+            if any(other != names for other in every_rank):
+                raise RuntimeError(f"the processes logged different loss terms: {every_rank}; log_loss_terms must "
+                                   "record the same names on every rank")
+            means = self.accelerator.reduce(means, reduction="mean")
+        return dict(zip(names, means.tolist()))
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         try:

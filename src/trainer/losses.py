@@ -153,7 +153,8 @@ def token_weighted_ascent(nll: torch.Tensor, mask: torch.Tensor, weights) -> tor
     """
     with torch.no_grad():
         w = weights(torch.exp(-nll))
-    return -(w * nll)[mask].sum() / mask.sum().clamp(min=1)
+    # torch.where, not boolean indexing: a mask index makes the host wait for the device (a sync per step)
+    return -torch.where(mask, w * nll, 0.0).sum() / mask.sum().clamp(min=1)
 
 
 def logit_margin_flattening_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -167,17 +168,18 @@ def logit_margin_flattening_loss(logits: torch.Tensor, labels: torch.Tensor) -> 
     z = logits[:, :-1, :].float()
     mask = labels[:, 1:] != IGNORE_INDEX
     margin = z.max(dim=-1).values - z.mean(dim=-1)
-    return (margin**2)[mask].sum() / mask.sum().clamp(min=1)
+    return torch.where(mask, margin**2, 0.0).sum() / mask.sum().clamp(min=1)
 
 
-def lagrangian_loss(forget_loss: torch.Tensor, retain_loss: torch.Tensor, dual: float,
+def lagrangian_loss(forget_loss: torch.Tensor, retain_loss: torch.Tensor, dual: float | torch.Tensor,
                     retain_loss_eps: float) -> torch.Tensor:
     """Lagrangian of ``min L_forget s.t. L_retain <= eps``: ``L_forget + lambda (L_retain - eps)``.
 
-    Entesari et al. 2025 (arXiv:2506.05314); ``dual`` is the multiplier ``lambda >= 0`` (a number, not
-    a trained parameter).
+    Entesari et al. 2025 (arXiv:2506.05314); ``dual`` is the multiplier ``lambda >= 0`` (a number or a
+    0-dim tensor without gradient, not a trained parameter; a tensor is not checked here, since reading
+    it would make the host wait for the device: ``PDU.dual_step`` keeps it >= 0).
     """
-    if dual < 0:
+    if not isinstance(dual, torch.Tensor) and dual < 0:
         raise ValueError(f"the dual variable must be >= 0, got {dual}")
     return forget_loss + dual * (retain_loss - retain_loss_eps)
 

@@ -29,8 +29,12 @@ def privleak_score(auc: float, ref_auc: float) -> float:
     """PrivLeak = (AUC_m - AUC_r) / AUC_r * 100 in MUSE's convention (Shi et al. 2024, members positive).
 
     Our AUCs label holdout (non-members) positive, so the MUSE AUC is 1 - AUC here:
-    ((1 - auc) - (1 - ref_auc)) / (1 - ref_auc) * 100. 0 = the same leak as the retain model; > 0 = more
-    membership leak than the retain model (under-unlearned); < 0 = less (over-unlearned).
+    ((1 - auc) - (1 - ref_auc)) / (1 - ref_auc) * 100.
+
+    Sign: 0 = the same membership leak as the retain model. NEGATIVE = the model tells forget rows from
+    holdout rows better than the retain model does (more leak: under-unlearned; a model trained on the
+    forget set scores near -100, like MUSE's target models). POSITIVE = it scores the forget rows as
+    less familiar than unseen ones (over-unlearned: the forgetting itself is visible).
     """
     denom = 1.0 - float(ref_auc)
     if denom <= 0:
@@ -95,7 +99,7 @@ def ks_test_metric(*, pre_compute=None, reference_logs=None, **_: object) -> dic
 
 @register_metric(
     "privleak", higher_is_better=None, needs=("pre_compute", "reference_logs"),
-    description="MUSE PrivLeak: relative gap (%) of the Min-K% MIA AUC to the retain model's; 0 is best",
+    description="MUSE PrivLeak: relative gap (%) of the Min-K% MIA AUC to the retain model's; 0 is best, < 0 leaks more",
 )
 def privleak_metric(*, pre_compute=None, reference_logs=None, ref_value: float = 0.5, **_: object) -> dict:
     """pre_compute["forget"]: this model's mia_min_k result (agg_value = AUC); reference_logs["retain"]: the

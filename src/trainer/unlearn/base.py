@@ -159,11 +159,17 @@ class UnlearningTrainer(FinetuneTrainer):
         return self.uses_reference_model or getattr(self, "retain_loss_type", None) == "KL"
 
     def _make_reference_model(self) -> PreTrainedModel:
-        """A frozen copy of the model as it is before unlearning, loaded once."""
+        """A frozen copy of the model as it is before unlearning, loaded once.
+
+        It is prepared by the Trainer's accelerator as the policy is (``evaluation_mode``: no
+        distributed wrapper), so it runs with the same mixed-precision autocast: with float32
+        weights and ``bf16: true`` the policy's forward runs under bf16 autocast, and a reference
+        left in float32 would make every log-ratio ``S_ref - S`` non-zero at step 0.
+        """
         ref = copy.deepcopy(self.accelerator.unwrap_model(self.model))
         ref.eval()
         ref.requires_grad_(False)
-        return ref.to(self.args.device)
+        return self.accelerator.prepare_model(ref.to(self.args.device), evaluation_mode=True)
 
     def _reference(self) -> torch.nn.Module:
         if self.ref_model is None:

@@ -44,6 +44,8 @@ class PDU(UnlearningTrainer):
     (``dual_update: step``; mean over its micro-batches) or at the end of every epoch
     (``dual_update: epoch``; mean over the epoch), and not during the first ``dual_warmup_epochs``.
     With several processes the mean is taken over all of them, so every rank holds the same lambda.
+    lambda and the violations stay on the device (a 0-dim tensor): the update reads nothing back to
+    the host, so a step never waits for the device.
 
     ``L_forget`` is the paper's logit-margin flattening loss (``trainer.losses.logit_margin_flattening_loss``,
     which drives the next-token distribution on forget answers towards uniform), not gradient ascent.
@@ -80,27 +82,31 @@ class PDU(UnlearningTrainer):
         if int(dual_warmup_epochs) != dual_warmup_epochs or dual_warmup_epochs < 0:
             raise ValueError(f"dual_warmup_epochs={dual_warmup_epochs}; must be an integer >= 0")
         self.retain_loss_eps, self.dual_step_size, self.dual_update = float(retain_loss_eps), dual_step_size, dual_update
-        self.dual, self.dual_warmup_epochs = float(dual_init), int(dual_warmup_epochs)
+        self.dual_warmup_epochs = int(dual_warmup_epochs)
         self.set_loss_weights(gamma, 1.0, retain_loss_type, retain_required=True)  # lambda weighs the retain term
         self.epoch_index = 0
-        self.violations: list[float] = []  # L_retain - eps of the training batches since the last update
+        self.violations: list[torch.Tensor] = []  # L_retain - eps of the training batches since the last update
         super().__init__(*args, **kwargs)
+        self.dual = torch.tensor(float(dual_init), device=self.args.device)
         self.add_callback(_DualAscent(self))
 
     @staticmethod
-    def dual_step(dual: float, violation: float, step_size: float) -> float:
-        """Projected dual ascent: ``max(0, lambda + step_size * violation)``."""
-        return max(0.0, dual + step_size * violation)
+    def dual_step(dual: float | torch.Tensor, violation: float | torch.Tensor,
+                  step_size: float) -> float | torch.Tensor:
+        """Projected dual ascent: ``max(0, lambda + step_size * violation)`` (numbers, or tensors on
+        the device: then a new tensor, computed without reading anything back)."""
+        updated = dual + step_size * violation
+        return updated.clamp(min=0.0) if isinstance(updated, torch.Tensor) else max(0.0, updated)
 
     def update_dual(self) -> None:
         """Apply one dual step with the mean violation recorded since the last update, then reset it."""
         violations, self.violations = self.violations, []
         if not violations or self.epoch_index < self.dual_warmup_epochs:
             return
-        mean = torch.tensor(sum(violations) / len(violations), device=self.args.device)
+        mean = torch.stack(violations).float().mean()
         if self.accelerator.num_processes > 1:
             mean = self.accelerator.reduce(mean, reduction="mean")
-        self.dual = self.dual_step(self.dual, float(mean), self.dual_step_size)
+        self.dual = self.dual_step(self.dual, mean, self.dual_step_size)
 
     def compute_loss(self, model, inputs, return_outputs=False):
         forget = inputs["forget"]
@@ -108,7 +114,7 @@ class PDU(UnlearningTrainer):
         forget_loss = logit_margin_flattening_loss(logits, labels)
         retain_loss = self.retain_loss(model, inputs["retain"], self.retain_loss_type)
         loss = lagrangian_loss(self.gamma * forget_loss, retain_loss, self.dual, self.retain_loss_eps)
-        violation = float(retain_loss.detach()) - self.retain_loss_eps
+        violation = retain_loss.detach() - self.retain_loss_eps
         if model.training:
             self.violations.append(violation)
         self.log_loss_terms(forget_loss=forget_loss, retain_loss=retain_loss, constraint_violation=violation,

@@ -20,7 +20,9 @@ class SimNPO(UnlearningTrainer):
 
     Args (``trainer.method_args``):
         beta: inverse temperature (> 0).
-        delta: reward margin (the paper's ``gamma``); 0 in the paper's TOFU runs.
+        delta: reward margin (the paper's ``gamma``), subtracted after the scaling by ``beta``; 0 in the
+            paper's TOFU runs. open-unlearning subtracts its delta before the scaling
+            (``beta * (A - delta')``): convert with ``delta = beta * delta'`` (docs/methods.md).
         gamma: weight of the forget term.
         alpha: weight of the retain term.
         retain_loss_type: ``NLL``, ``KL`` (loads a frozen reference model), or null for no retain term.
