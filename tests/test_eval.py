@@ -59,6 +59,7 @@ def test_eval_writes_every_metric_and_reuses_them(tofu_dir, tmp_path):
     assert _load(out / "TOFU_SUMMARY.json") == again
 
 
+@pytest.mark.slow  # ~2 min on 2 cores: the full metric set over 40 real rows (make test-slow)
 def test_eval_on_real_tofu_forget01(shared_tofu, tmp_path):
     out = tmp_path / "eval"
     _eval(shared_tofu, out, "forget_split=forget01", "holdout_split=holdout01")

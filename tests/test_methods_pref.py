@@ -161,10 +161,10 @@ def test_plain_forget_data_is_a_clear_error(tmp_path, handler, hint):
 
 
 @pytest.mark.parametrize("handler, args, message", [
-    ("SimNPO", {"beta": 0.0}, "SimNPO beta must be > 0, got 0.0"),
-    ("SimNPO", {"delta": float("nan")}, "delta must be a finite number"),
-    ("DPO", {"beta": -1.0}, "DPO beta must be > 0, got -1.0"),
-    ("AltPO", {"beta": 0}, "AltPO beta must be > 0"),
+    ("SimNPO", {"beta": 0.0}, "SimNPO: trainer.method_args.beta=0.0; must be a finite number > 0"),
+    ("SimNPO", {"delta": float("nan")}, "trainer.method_args.delta=nan; must be a finite number"),
+    ("DPO", {"beta": -1.0}, "DPO: trainer.method_args.beta=-1.0; must be a finite number > 0"),
+    ("AltPO", {"beta": 0}, "AltPO: trainer.method_args.beta=0; must be a finite number > 0"),
     ("IdkNLL", {"retain_loss_type": "MSE"}, "'MSE'.*NLL, KL or null"),
     ("DPO", {"delta": 0.5}, r"not accepted by DPO; valid: \['alpha', 'beta', 'gamma', 'joint_forward', 'nll_impl', 'precompute_ref_log_probs', 'retain_loss_type'\]"),
 ])
@@ -290,7 +290,8 @@ def test_alternate_dataset_items_and_seeded_draws(tmp_path, tiny):
 def test_alternate_dataset_without_the_column_says_how_to_make_it(tmp_path, tiny):
     _, tok = tiny
     root = _write_alt(tmp_path / "tofu", [{"question": "Q?", "answer": "A."}])
-    with pytest.raises(KeyError, match="alternate_key='alternate_answer'.*generate_alternates.py"):
+    with pytest.raises(ValueError, match=r"line 1: no 'alternate_answer' field \(alternate_key='alternate_answer'\)"
+                                         ".*generate_alternates.py"):
         build_dataset("TOFU_QA_FORGET10_ALT", tok, root_cfg=root)
     with pytest.raises(FileNotFoundError, match="forget05_alternate.json not found.*generate_alternates.py"):
         build_dataset("TOFU_QA_FORGET05_ALT", tok, root_cfg=root)

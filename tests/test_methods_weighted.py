@@ -158,8 +158,8 @@ def test_pdu_bad_args(tmp_path, method_args, message):
 
 
 @pytest.mark.parametrize("handler, method_args, message", [
-    ("WGA", {"beta": -1.0}, "WGA beta must be >= 0, got -1.0"),
-    ("SatImp", {"beta1": -1.0}, "SatImp beta1 must be >= 0"),
+    ("WGA", {"beta": -1.0}, "WGA: trainer.method_args.beta=-1.0; must be a finite number >= 0"),
+    ("SatImp", {"beta1": -1.0}, "SatImp: trainer.method_args.beta1=-1.0; must be a finite number >= 0"),
     ("SatImp", {"retain_loss_type": "MSE"}, "'MSE'; valid: NLL, KL"),
     ("TaskVector", {"scale": 0.0}, "scale=0.0"),
 ])

@@ -8,6 +8,7 @@ training dataset.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from data.collators import DataCollatorForSupervisedDataset, DataCollatorForSupe
 from data.splits import check_eval_splits, forget_split_of, holdout_for, register_resolvers
 from data.tofu import QADataset, QAwithAlternateDataset, QAwithIdkDataset
 from data.unlearn import ForgetRetainDataset
+
+log = logging.getLogger(__name__)
 
 DATASET_REGISTRY: dict[str, type] = {}
 COLLATOR_REGISTRY: dict[str, type] = {}
@@ -98,17 +101,23 @@ def build_dataset(name_or_cfg: str | Mapping, tokenizer: PreTrainedTokenizerBase
 
 
 def get_data(data_cfg: DictConfig | Mapping, mode: str, tokenizer: PreTrainedTokenizerBase, template_args: Any = None,
-             root_cfg: DictConfig | None = None, seed: int = 0, rank: int = 0) -> dict[str, Dataset | None]:
+             root_cfg: DictConfig | None = None, seed: int = 0, rank: int = 0,
+             need_eval: bool = True) -> dict[str, Dataset | None]:
     """Datasets of a run: ``{"train": ..., "eval": ...}`` (plus ``forget``/``retain`` in unlearn mode).
 
     ``mode="train"`` reads ``data.train``; ``mode="unlearn"`` reads ``data.forget`` and ``data.retain``
-    (optional) and pairs them with ``ForgetRetainDataset``. ``data.eval`` is optional in both.
+    (optional) and pairs them with ``ForgetRetainDataset``. ``data.eval`` is optional in both, and is
+    built only with ``need_eval`` (the run evaluates: ``trainer.evaluates(cfg.trainer.args)``); otherwise
+    ``"eval"`` is None and its file is never read.
     """
     dataset_args = data_cfg.get("dataset_args") or {}
+    if not need_eval and data_cfg.get("eval") is not None:
+        log.info("data.eval=%s not loaded: the run does not evaluate (trainer.args.eval_strategy is 'no')",
+                 data_cfg.get("eval"))
 
     def build(role: str) -> Dataset | None:
         spec = data_cfg.get(role)
-        if spec is None:
+        if spec is None or (role == "eval" and not need_eval):
             return None
         return build_dataset(spec, tokenizer, template_args, root_cfg, dataset_args)
 

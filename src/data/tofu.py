@@ -17,7 +17,15 @@ import datasets
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from data.utils import PromptTemplate, read_text_lines, to_sample, tokenize_qa_batch
+from checks import check_number
+from data.utils import (
+    DataFileError,
+    PromptTemplate,
+    check_rows_file,
+    read_text_lines,
+    to_sample,
+    tokenize_qa_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +49,26 @@ def local_data_file(local_dir: str, hf_args: dict, name: str = "dataset", hint: 
     return path
 
 
-def load_rows(hf_args: dict, local_dir: str | None, name: str = "dataset") -> datasets.Dataset:
+def load_rows(hf_args: dict, local_dir: str | None, name: str = "dataset", fields: dict[str, str] | None = None,
+              lists: tuple[str, ...] = ()) -> datasets.Dataset:
     """Rows of one dataset: ``<local_dir>/<hf_args.name>.json`` when ``local_dir`` is set, else the Hub.
 
     ``local_dir`` is how ``paths.tofu=<folder>`` switches every TOFU config to local files named after
-    the Hub config (``forget10`` -> ``forget10.json``).
+    the Hub config (``forget10`` -> ``forget10.json``). A local file is first checked line by line
+    (``data.utils.check_rows_file``: UTF-8, one JSON object per line, the ``fields`` present), so a bad
+    file is a one-line DataFileError naming the file, the line and the field, not a pyarrow traceback.
     """
     if local_dir:
         path = local_data_file(local_dir, hf_args, name)
-        return datasets.load_dataset("json", data_files=str(path), split=hf_args.get("split", "train"))
+        try:
+            check_rows_file(path, fields or {}, lists)
+        except DataFileError as e:
+            raise DataFileError(f"{name}: {e}") from None
+        try:
+            return datasets.load_dataset("json", data_files=str(path), split=hf_args.get("split", "train"))
+        except Exception as e:  # pyarrow's and datasets' errors: a multi-line traceback otherwise
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise DataFileError(f"{name}: {path}: could not be loaded as JSON lines ({type(e).__name__}: {first})") from e
     return datasets.load_dataset(**hf_args)
 
 
@@ -70,9 +89,13 @@ class QADataset(Dataset):
                  question_key: str = "question", answer_key: str = "answer", max_length: int = 512,
                  local_dir: str | None = None, name: str = "QADataset"):
         self.name = name
+        max_length = check_number("max_length", max_length, integer=True, low=1, owner=name,
+                                  hint="data.dataset_args.max_length, or the dataset config's args.max_length")
         self.question_key, self.answer_key = question_key, answer_key
         self.template = PromptTemplate.from_config(template_args)
-        self.rows = load_rows(dict(hf_args), local_dir, name)
+        extra = dict(getattr(self, "_extra_list_fields", {}))  # columns a subclass reads too (alternate_key)
+        fields = {question_key: "question_key", answer_key: "answer_key", **extra}
+        self.rows = load_rows(dict(hf_args), local_dir, name, fields=fields, lists=(answer_key, *extra))
         if len(self.rows) == 0:
             raise ValueError(f"{name}: dataset {dict(hf_args)} (paths.tofu={local_dir}) has no rows")
         for key, role in ((question_key, "question_key"), (answer_key, "answer_key")):
@@ -158,10 +181,15 @@ class QAwithAlternateDataset(QADataset):
                "--input <paths.tofu>/<split>.json (it writes <split>_alternate.json) and set paths.tofu")
         if not kwargs.get("local_dir"):
             raise ValueError(f"{kwargs.get('name', type(self).__name__)}: paths.tofu is not set; {how}")
+        self._extra_list_fields = {alternate_key: "alternate_key"}
         try:
             super().__init__(hf_args, tokenizer, *args, **kwargs)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e}; {how}") from e
+        except DataFileError as e:
+            if f"no {alternate_key!r} field" not in str(e):
+                raise
+            raise DataFileError(f"{e}; {how}") from None
         if alternate_key not in self.rows.column_names:
             raise KeyError(
                 f"{self.name}: alternate_key={alternate_key!r} is not a column of {dict(hf_args)} "

@@ -9,8 +9,10 @@ token, so models learn to stop.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -158,10 +160,109 @@ def to_sample(tok: TokenizedQA, index: int) -> dict[str, Any]:
     }
 
 
+class DataFileError(ValueError):
+    """A local data file the run cannot use; the one-line message names the file, the line (1-based) and
+    what is wrong with it."""
+
+
+def _decoded_lines(path: Path) -> list[tuple[int, str]]:
+    """``(line number, text)`` of every line of a UTF-8 file, or a DataFileError naming the first line
+    that is not UTF-8."""
+    out = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataFileError(f"{path}, line {number}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                    f"{e.start + 1}); save the file as UTF-8") from None
+            out.append((number, text.lstrip("\ufeff") if number == 1 else text))
+    return out
+
+
+def _kind(value: Any, list_ok: bool) -> str | None:
+    """``str`` or ``list`` for a usable field value, None for anything else."""
+    if isinstance(value, str):
+        return "str"
+    if list_ok and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return "list"
+    return None
+
+
+def _check_row(row: Any, where: str, fields: Mapping[str, str], lists: Collection[str],
+               kinds: dict[str, tuple[str, str]]) -> None:
+    if not isinstance(row, dict):
+        raise DataFileError(f"{where}: a JSON object expected, got a {type(row).__name__}")
+    for key, role in fields.items():
+        list_ok = key in lists
+        if key not in row:
+            raise DataFileError(f"{where}: no {key!r} field ({role}={key!r}); the row has: "
+                                f"{', '.join(sorted(row)) or 'no fields'}")
+        kind = _kind(row[key], list_ok)
+        if kind is None:
+            valid = "a string or a non-empty list of strings" if list_ok else "a string"
+            raise DataFileError(f"{where}: field {key!r} is {json.dumps(row[key])[:60]}; must be {valid}")
+        first = kinds.setdefault(key, (kind, where))
+        if first[0] != kind:
+            raise DataFileError(f"{where}: field {key!r} is a {kind} but a {first[0]} in {first[1]}; "
+                                "every row must have the same kind")
+
+
+_CHECKED_FILES: dict[tuple, int] = {}
+
+
+def check_rows_file(path: str | Path, fields: Mapping[str, str], lists: Collection[str] = ()) -> int:
+    """Check a local JSON-lines file line by line before ``datasets`` loads it; return its row count.
+
+    ``fields`` maps each column the dataset reads to the config key naming it (``{"question":
+    "question_key"}``); its value must be a string, or, for a column in ``lists``, a string or a
+    non-empty list of strings, of the same kind on every row. A DataFileError names the file, the
+    1-based line and the problem: bytes that are not UTF-8, a line that is not JSON, a row that is not
+    an object or lacks a field, an empty file. A file holding one JSON array of objects is accepted too
+    (its items are numbered instead of its lines). A file is checked once per (size, time) and fields.
+    """
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, tuple(sorted(fields.items())), tuple(sorted(lists)))
+    if key in _CHECKED_FILES:
+        return _CHECKED_FILES[key]
+    lines = [(n, text) for n, text in _decoded_lines(path) if text.strip()]
+    if not lines:
+        raise DataFileError(f"{path}: empty file (no rows; one JSON object per line expected)")
+    kinds: dict[str, tuple[str, str]] = {}
+    if lines[0][1].lstrip().startswith("["):  # one JSON document: an array of rows
+        text = "".join(t for _, t in _decoded_lines(path))
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataFileError(f"{path}, line {e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(rows, list) or not rows:
+            raise DataFileError(f"{path}: a JSON array of row objects (or one object per line) expected")
+        for i, row in enumerate(rows, 1):
+            _check_row(row, f"{path}, item {i}", fields, lists, kinds)
+        count = len(rows)
+    else:
+        for number, text in lines:
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataFileError(f"{path}, line {number}: not valid JSON ({e.msg}, column {e.colno}); one JSON "
+                                    "object per line expected") from None
+            _check_row(row, f"{path}, line {number}", fields, lists, kinds)
+        count = len(lines)
+    _CHECKED_FILES[key] = count
+    return count
+
+
 def read_text_lines(path: str | Path) -> list[str]:
-    """Non-empty stripped lines of a text file (e.g. the refusal answers of idontknow.jsonl)."""
-    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    """Non-empty stripped lines of a text file (e.g. the refusal answers of idontknow.jsonl).
+
+    A DataFileError names the file, and the line for bytes that are not UTF-8."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found" + (" (it is a folder)" if os.path.isdir(path) else ""))
+    lines = [text.strip() for _, text in _decoded_lines(path)]
     lines = [line for line in lines if line]
     if not lines:
-        raise ValueError(f"{path} has no non-empty lines")
+        raise DataFileError(f"{path}: empty file (no non-empty lines; one refusal answer per line expected)")
     return lines

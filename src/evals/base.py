@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data import build_dataset, dataset_config
 from data.tofu import local_data_file
+from data.utils import DataFileError, check_rows_file
 from evals import passes
 from evals.metrics import get_metric
 
@@ -148,6 +149,16 @@ class Evaluator:
             raise ValueError(f"evaluator {self.name}: no metrics configured")
         for metric_name, mcfg in self.metrics_cfg.items():
             self._validate(metric_name, mcfg)
+        summary = self.cfg.get("summary_metrics")
+        if summary is not None:
+            if not isinstance(summary, (list, tuple)) or not all(isinstance(n, str) for n in summary):
+                raise ValueError(f"evaluator {self.name}: summary_metrics={summary!r}; must be a list of metric names "
+                                 f"(valid: {', '.join(self.metrics_cfg)})")
+            unknown = [n for n in summary if n not in self.metrics_cfg]
+            if unknown:
+                raise ValueError(f"evaluator {self.name}: summary_metrics {unknown} are not metrics of this benchmark, "
+                                 f"so they would be missing from {self.name}_SUMMARY.json; valid: "
+                                 f"{', '.join(self.metrics_cfg)}")
         self.tokenizer = tokenizer
         self.template_args = (OmegaConf.to_container(template_args, resolve=True)
                               if isinstance(template_args, DictConfig) else template_args)
@@ -223,12 +234,14 @@ class Evaluator:
         return found
 
     def check_data_files(self, names: list[str] | None = None) -> None:
-        """FileNotFoundError, before any model pass, for the first local data file (``paths.tofu``) that
-        the metrics ``names`` (default all) would read and that does not exist.
+        """Everything the metrics ``names`` (default all) will read, checked before any model pass:
 
-        The message names the file and the files present; when the missing file is this benchmark's
-        holdout split (which follows the forget split: forget10 -> holdout10), it says which holdout
-        files the folder has and how to pick one (``holdout_split=...``).
+        - every local data file (``paths.tofu``) exists (FileNotFoundError naming the file and the files
+          present; when the missing file is this benchmark's holdout split, which follows the forget
+          split, forget10 -> holdout10, it says which holdout files the folder has and how to pick one,
+          ``holdout_split=...``), and reads as one JSON object per line with the question and answer
+          fields (DataFileError naming the file, the line and the field);
+        - every reference EVAL file (``retain_logs_path``): ``check_reference_logs``.
         """
         checked = set()
         for metric, role, spec in self._metric_datasets(names):
@@ -247,7 +260,74 @@ class Evaluator:
                         + (f"; this folder has {', '.join(present)}: add holdout_split={present[0]} to use it "
                            "(the forget and holdout sets then differ in size, which the EVAL file's _meta records)"
                            if present else ""))
-            local_data_file(args["local_dir"], args.get("hf_args", {}), f"{self.name} metric {metric} ({role})", hint)
+            what = f"{self.name} metric {metric} ({role})"
+            path = local_data_file(args["local_dir"], args.get("hf_args", {}), what, hint)
+            question_key, answer_key = args.get("question_key", "question"), args.get("answer_key", "answer")
+            try:
+                check_rows_file(path, {question_key: "question_key", answer_key: "answer_key"}, (answer_key,))
+            except DataFileError as e:
+                raise DataFileError(f"{what}: {e}") from None
+        self.check_reference_logs(names)
+
+    def _metric_configs(self, names: list[str] | None = None) -> list[tuple[str, Mapping]]:
+        """``(name, config)`` of the metrics ``names`` (default all) and of their ``pre_compute`` metrics."""
+        found: list[tuple[str, Mapping]] = []
+
+        def visit(name: str, mcfg: Mapping) -> None:
+            found.append((name, mcfg))
+            for sub_name, sub in (mcfg.get("pre_compute") or {}).items():
+                visit(sub_name, sub)
+
+        for name in self.metrics_cfg if names is None else names:
+            visit(name, self.metrics_cfg[name])
+        return found
+
+    def _read_reference_file(self, path: str, what: str) -> dict:
+        """The JSON object of a reference EVAL file, or an error naming the key, the file and the problem."""
+        from_top = " (retain_logs_path)" if path == self.cfg.get("retain_logs_path") else ""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{what}={path}{from_top} does not exist" +
+                                    (" (it is a folder; give its EVAL file)" if Path(path).is_dir() else
+                                     f"; give the retain model's {self.name}_EVAL.json written by src/eval.py, or null"))
+        try:
+            text = Path(path).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataFileError(f"{what}={path}{from_top}: not UTF-8 text (byte {e.start}); it must be an EVAL file "
+                                "written by src/eval.py") from None
+        try:
+            logs = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataFileError(f"{what}={path}{from_top}, line {e.lineno}: not valid JSON ({e.msg}, column {e.colno}); "
+                                "it must be an EVAL file written by src/eval.py") from None
+        if not isinstance(logs, dict):
+            raise DataFileError(f"{what}={path}{from_top}: a JSON object of metric results expected, got a "
+                                f"{type(logs).__name__}")
+        return logs
+
+    def check_reference_logs(self, names: list[str] | None = None) -> None:
+        """Before any model pass: every ``reference_logs`` file of the metrics ``names`` (default all; the
+        retain model's EVAL file, ``retain_logs_path``) exists, is a JSON object, holds each metric the
+        config includes, and each holds the fields its metric reads (``MetricSpec.reference_fields``)."""
+        for metric, mcfg in self._metric_configs(names):
+            fields = get_metric(mcfg.get("handler")).reference_fields
+            for ref_name, ref in (mcfg.get("reference_logs") or {}).items():
+                path = ref.get("path")
+                if not path:
+                    continue
+                what = f"{self.name} metric {metric}: reference_logs.{ref_name}.path"
+                logs = self._read_reference_file(str(path), what)
+                for included in (ref.get("include") or {}):
+                    entry = logs.get(included)
+                    if not isinstance(entry, dict):
+                        have = sorted(k for k in logs if k != "_meta")
+                        problem = "has no metric" if entry is None else "has a non-object entry for"
+                        raise DataFileError(f"{what}={path}: {problem} {included!r}, which {metric} reads (it has: "
+                                            f"{', '.join(have) or 'no metrics'}); evaluate the retain model with a "
+                                            f"config that includes {included}")
+                    missing = [f for f in fields if not isinstance(entry.get(f), dict)]
+                    if missing:
+                        raise DataFileError(f"{what}={path}: its {included!r} entry has no {missing[0]!r} object, "
+                                            f"which {metric} reads; it has: {', '.join(sorted(entry))}")
 
     def _split_sizes(self) -> tuple[dict[str, int] | None, list[str]]:
         """Rows of the forget and holdout sets the membership metrics compare, and a warning per metric
@@ -353,15 +433,11 @@ class Evaluator:
         out: dict[str, Any] = {}
         for ref_name, ref in (mcfg.get("reference_logs") or {}).items():
             path = ref.get("path")
-            logs = None
-            if path:
-                if not Path(path).is_file():
-                    raise FileNotFoundError(f"reference_logs.{ref_name}.path={path} does not exist")
-                with open(path, encoding="utf-8") as f:
-                    logs = json.load(f)
+            logs = self._read_reference_file(str(path), f"reference_logs.{ref_name}.path") if path else None
             for metric_name, inc in (ref.get("include") or {}).items():
                 if logs is not None and metric_name not in logs:
-                    raise KeyError(f"{path} has no metric {metric_name!r} (it has: {sorted(k for k in logs if k != '_meta')})")
+                    raise DataFileError(f"{path} has no metric {metric_name!r} (it has: "
+                                        f"{sorted(k for k in logs if k != '_meta')})")
                 out[inc["access_key"]] = logs[metric_name] if logs is not None else None
         return out
 

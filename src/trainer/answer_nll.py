@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from packaging.version import Version
 
+from checks import check_choice
 from data.collators import first_answer_position
 from trainer.losses import IGNORE_INDEX, per_token_nll
 from trainer.utils import forward_accepts, unwrap
@@ -98,8 +99,7 @@ def check_nll_impl(impl: str, model: torch.nn.Module | None = None, fsdp: bool =
     ``fsdp``: the model is sharded with FSDP, whose output-layer weight is only whole inside the
     model's forward, where ``chunked`` and ``liger`` cannot reach it.
     """
-    if impl not in NLL_IMPLS:
-        raise ValueError(f"nll_impl={impl!r}; valid: {', '.join(NLL_IMPLS)}")
+    check_choice("trainer.method_args.nll_impl", impl, NLL_IMPLS)
     if impl == "logits" or model is None:
         return
     if fsdp:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import defaultdict
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from trainer.answer_nll import answer_token_nll, check_nll_impl
 from trainer.losses import token_mean
@@ -19,6 +21,8 @@ log = logging.getLogger(__name__)
 
 #: Training micro-steps whose losses may wait on the device before ``check_finite_losses`` reads them.
 MAX_UNCHECKED_LOSSES = 64
+#: A checkpoint's file with the method's own state (``FinetuneTrainer.method_state``).
+METHOD_STATE_FILE = "method_state.json"
 
 
 class FinetuneTrainer(Trainer):
@@ -179,18 +183,43 @@ class FinetuneTrainer(Trainer):
             means = self.accelerator.reduce(means, reduction="mean")
         return dict(zip(names, means.tolist()))
 
-    def train(self, *args: Any, **kwargs: Any) -> Any:
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; resuming also restores the method's own state (``method_state``)."""
+        if resume_from_checkpoint:
+            path = resume_from_checkpoint
+            if path is True:
+                path = get_last_checkpoint(self.args.output_dir)
+            state_file = os.path.join(str(path), METHOD_STATE_FILE)
+            if os.path.isfile(state_file):
+                with open(state_file, encoding="utf-8") as f:
+                    self.load_method_state(json.load(f))
         try:
-            output = super().train(*args, **kwargs)
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
         except BaseException:
             self._unchecked_losses.clear()
             raise
         self.check_finite_losses()
         return output
 
+    def method_state(self) -> dict[str, Any]:
+        """What the method keeps beyond the model, optimizer, schedule, RNG and trainer state (all of which
+        the Trainer checkpoints), as JSON-able values: saved in every checkpoint (``method_state.json``)
+        and given back to ``load_method_state`` when a run resumes. None here; PDU keeps its multiplier."""
+        return {}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``method_state`` returned (called before a resumed run's first step)."""
+
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         self.check_finite_losses()
         super()._save_checkpoint(model, trial)
+        state = self.method_state()
+        if state and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            tmp = os.path.join(folder, f".{METHOD_STATE_FILE}.tmp")
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(state, f)
+            os.replace(tmp, os.path.join(folder, METHOD_STATE_FILE))
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:

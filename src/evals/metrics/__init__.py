@@ -73,13 +73,17 @@ class MetricSpec:
     higher_is_better: bool | None
     needs: tuple[str, ...]
     description: str
+    #: Keys the metric reads from each ``reference_logs`` result (another model's EVAL entry), checked
+    #: before any pass (``Evaluator.check_reference_logs``).
+    reference_fields: tuple[str, ...] = ()
 
 
 METRIC_REGISTRY: dict[str, MetricSpec] = {}
 
 
 def register_metric(
-    name: str, *, higher_is_better: bool | None, needs: Iterable[str], description: str = ""
+    name: str, *, higher_is_better: bool | None, needs: Iterable[str], description: str = "",
+    reference_fields: Iterable[str] = (),
 ) -> Callable[[Callable[..., dict]], Callable[..., dict]]:
     """Decorator registering a compute function under ``name``."""
     needs = tuple(needs)
@@ -92,7 +96,8 @@ def register_metric(
             raise ValueError(f"metric {name!r} is already registered")
         doc = description or (fn.__doc__ or "").strip().split("\n")[0]
         METRIC_REGISTRY[name] = MetricSpec(
-            name=name, fn=fn, higher_is_better=higher_is_better, needs=needs, description=doc
+            name=name, fn=fn, higher_is_better=higher_is_better, needs=needs, description=doc,
+            reference_fields=tuple(reference_fields),
         )
         return fn
 

@@ -59,7 +59,7 @@ def _score_of(entry) -> float | None:
 
 
 @register_metric(
-    "ks_test", higher_is_better=True, needs=("pre_compute", "reference_logs"),
+    "ks_test", higher_is_better=True, needs=("pre_compute", "reference_logs"), reference_fields=("value_by_index",),
     description="TOFU forget quality: KS-test p-value of forget truth ratios vs the retain model's",
 )
 def ks_test_metric(*, pre_compute=None, reference_logs=None, **_: object) -> dict:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, TrainerCallback
 
+from checks import check_bool, check_choice, check_number
 from data.collators import concat_batches
 from trainer.answer_nll import answer_span_logits
 from trainer.base import FinetuneTrainer
@@ -98,7 +99,9 @@ class UnlearningTrainer(FinetuneTrainer):
         forward pass, padded to a common width, instead of one pass each: fewer, larger matrix
         products and kernel launches, the same losses (tested)."""
         self._joint_nll: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.joint_forward = bool(joint_forward)
+        precompute_ref_log_probs = check_bool("trainer.method_args.precompute_ref_log_probs", precompute_ref_log_probs,
+                                              owner=type(self).__name__)
+        self.joint_forward = check_bool("trainer.method_args.joint_forward", joint_forward, owner=type(self).__name__)
         if self.joint_forward and type(self).joint_forward_batches is UnlearningTrainer.joint_forward_batches:
             raise ValueError(f"joint_forward=true: {type(self).__name__} does not support it (its loss reads logits or "
                              "hidden states, or a single batch per step); methods that do: GradDiff, NPO, SimNPO, "
@@ -125,18 +128,32 @@ class UnlearningTrainer(FinetuneTrainer):
                 if getattr(self, "retain_loss_type", None) != "KL":
                     self.ref_model = None  # nothing else reads it: free its memory
 
+    # ----- hyperparameter checks ---------------------------------------------------------------------
+    def check_arg(self, name: str, value: Any, **bounds: Any) -> Any:
+        """``trainer.method_args.<name>`` checked by ``checks.check_number`` (``low``, ``high``, ``low_open``,
+        ``integer``, ``allow_none``, ``hint``): the value, or a ValueError naming the method, the key, the
+        value and the valid range. Methods call it in ``__init__`` for every number they take."""
+        return check_number(f"trainer.method_args.{name}", value, owner=type(self).__name__, **bounds)
+
+    def check_arg_choice(self, name: str, value: Any, choices: Any, allow_none: bool = False) -> Any:
+        """``trainer.method_args.<name>`` checked to be one of ``choices`` (``checks.check_choice``)."""
+        return check_choice(f"trainer.method_args.{name}", value, choices, allow_none=allow_none,
+                            owner=type(self).__name__)
+
     # ----- loss weights and the retain term ---------------------------------------------------------
     def set_loss_weights(self, gamma: float, alpha: float, retain_loss_type: str | None,
                          retain_required: bool = False) -> None:
         """Store ``gamma`` (forget weight), ``alpha`` (retain weight) and the retain term's type.
 
         Call before ``super().__init__`` (the base class checks the retain set against ``uses_retain``).
-        ``retain_loss_type`` is NLL, KL, or (unless ``retain_required``) None for no retain term.
+        ``gamma`` and ``alpha`` are weights (>= 0: a negative one would turn forgetting into learning, or
+        the retain term into unlearning); ``retain_loss_type`` is NLL, KL, or (unless ``retain_required``)
+        None for no retain term.
         """
-        valid = ", ".join(RETAIN_LOSS_TYPES) + ("" if retain_required else " or null")
-        if retain_loss_type not in RETAIN_LOSS_TYPES and not (retain_loss_type is None and not retain_required):
-            raise ValueError(f"retain_loss_type={retain_loss_type!r}; valid: {valid}")
-        self.gamma, self.alpha, self.retain_loss_type = gamma, alpha, retain_loss_type
+        self.retain_loss_type = self.check_arg_choice("retain_loss_type", retain_loss_type, RETAIN_LOSS_TYPES,
+                                                      allow_none=not retain_required)
+        self.gamma = self.check_arg("gamma", gamma, low=0)
+        self.alpha = self.check_arg("alpha", alpha, low=0)
         self.uses_retain = retain_loss_type is not None
 
     def weighted_total(self, model: torch.nn.Module, inputs: dict[str, Any], forget_loss: torch.Tensor,

@@ -29,9 +29,8 @@ class CEU(UnlearningTrainer):
 
     def __init__(self, *args: Any, ignore_first_n_answer_tokens: int = 1, gamma: float = 1.0, alpha: float = 1.0,
                  retain_loss_type: str | None = None, **kwargs: Any):
-        if ignore_first_n_answer_tokens < 0:
-            raise ValueError(f"ignore_first_n_answer_tokens must be >= 0, got {ignore_first_n_answer_tokens}")
-        self.ignore_first_n_answer_tokens = ignore_first_n_answer_tokens
+        self.ignore_first_n_answer_tokens = self.check_arg("ignore_first_n_answer_tokens", ignore_first_n_answer_tokens,
+                                                           integer=True, low=0)
         self.set_loss_weights(gamma, alpha, retain_loss_type)
         super().__init__(*args, **kwargs)
 

@@ -63,10 +63,8 @@ class DPO(UnlearningTrainer):
 
     def __init__(self, *args: Any, beta: float = 0.1, gamma: float = 1.0, alpha: float = 1.0,
                  retain_loss_type: str | None = "NLL", **kwargs: Any):
-        if not beta > 0:
-            raise ValueError(f"{type(self).__name__} beta must be > 0, got {beta}")
+        self.beta = self.check_arg("beta", beta, low=0, low_open=True)
         check_paired_forget_dataset(kwargs.get("train_dataset"), type(self).__name__, self.paired_data_hint)
-        self.beta = beta
         self.set_loss_weights(gamma, alpha, retain_loss_type)
         super().__init__(*args, **kwargs)
 

@@ -26,9 +26,7 @@ class NPO(UnlearningTrainer):
 
     def __init__(self, *args: Any, beta: float = 0.1, gamma: float = 1.0, alpha: float = 1.0,
                  retain_loss_type: str | None = "NLL", **kwargs: Any):
-        if beta <= 0:
-            raise ValueError(f"NPO beta must be > 0, got {beta}")
-        self.beta = beta
+        self.beta = self.check_arg("beta", beta, low=0, low_open=True)
         self.set_loss_weights(gamma, alpha, retain_loss_type)
         super().__init__(*args, **kwargs)
 

@@ -3,7 +3,6 @@ Framework for Large Language Models", arXiv:2506.05314)."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -51,8 +50,8 @@ class PDU(UnlearningTrainer):
     which drives the next-token distribution on forget answers towards uniform), not gradient ascent.
     ``L_retain`` is the retain NLL (the paper's choice) or KL to the model before unlearning. The paper
     suggests ``eps = (1 + tolerance) * L_retain(model before unlearning)``. lambda is logged as
-    ``dual_variable`` and ``L_retain - eps`` as ``constraint_violation``; lambda is not saved in
-    checkpoints (a resumed run restarts from ``dual_init``).
+    ``dual_variable`` and ``L_retain - eps`` as ``constraint_violation``; lambda (and the violations of an
+    unfinished epoch) are saved in every checkpoint and restored when a run resumes.
 
     Args (``trainer.method_args``):
         retain_loss_eps: the bound ``eps`` on the retain loss (required, >= 0).
@@ -67,28 +66,30 @@ class PDU(UnlearningTrainer):
     def __init__(self, *args: Any, retain_loss_eps: float | None = None, dual_step_size: float = 1.0,
                  dual_update: str = "step", dual_init: float = 1.0, dual_warmup_epochs: int = 0,
                  gamma: float = 1.0, retain_loss_type: str = "NLL", **kwargs: Any):
-        if retain_loss_eps is None:
-            raise ValueError("PDU needs the retain-loss bound: set trainer.method_args.retain_loss_eps (>= 0), "
-                             "e.g. (1 + tolerance) x the retain loss of the model before unlearning")
-        if isinstance(retain_loss_eps, bool) or not isinstance(retain_loss_eps, (int, float)) \
-                or not math.isfinite(retain_loss_eps) or retain_loss_eps < 0:
-            raise ValueError(f"trainer.method_args.retain_loss_eps={retain_loss_eps!r}; must be a finite number >= 0")
-        if dual_step_size < 0:
-            raise ValueError(f"dual_step_size={dual_step_size}; must be >= 0")
-        if dual_update not in DUAL_UPDATES:
-            raise ValueError(f"dual_update={dual_update!r}; valid: {', '.join(DUAL_UPDATES)}")
-        if dual_init < 0:
-            raise ValueError(f"dual_init={dual_init}; must be >= 0 (lambda is a multiplier of an inequality)")
-        if int(dual_warmup_epochs) != dual_warmup_epochs or dual_warmup_epochs < 0:
-            raise ValueError(f"dual_warmup_epochs={dual_warmup_epochs}; must be an integer >= 0")
-        self.retain_loss_eps, self.dual_step_size, self.dual_update = float(retain_loss_eps), dual_step_size, dual_update
-        self.dual_warmup_epochs = int(dual_warmup_epochs)
+        self.retain_loss_eps = self.check_arg(
+            "retain_loss_eps", retain_loss_eps, low=0,
+            hint="required: the bound on the retain loss, e.g. (1 + tolerance) x the retain loss of the model "
+                 "before unlearning")
+        self.dual_step_size = self.check_arg("dual_step_size", dual_step_size, low=0)
+        self.dual_update = self.check_arg_choice("dual_update", dual_update, DUAL_UPDATES)
+        dual_init = self.check_arg("dual_init", dual_init, low=0)
+        self.dual_warmup_epochs = self.check_arg("dual_warmup_epochs", dual_warmup_epochs, integer=True, low=0)
         self.set_loss_weights(gamma, 1.0, retain_loss_type, retain_required=True)  # lambda weighs the retain term
         self.epoch_index = 0
         self.violations: list[torch.Tensor] = []  # L_retain - eps of the training batches since the last update
         super().__init__(*args, **kwargs)
         self.dual = torch.tensor(float(dual_init), device=self.args.device)
         self.add_callback(_DualAscent(self))
+
+    def method_state(self) -> dict[str, Any]:
+        """lambda, the violations not yet applied (``dual_update: epoch``) and the epoch index, for checkpoints."""
+        return {"dual": float(self.dual), "violations": [float(v) for v in self.violations],
+                "epoch_index": self.epoch_index}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self.dual = torch.tensor(float(state["dual"]), device=self.args.device)
+        self.violations = [torch.tensor(float(v), device=self.args.device) for v in state["violations"]]
+        self.epoch_index = int(state["epoch_index"])
 
     @staticmethod
     def dual_step(dual: float | torch.Tensor, violation: float | torch.Tensor,

@@ -63,16 +63,20 @@ class RMU(UnlearningTrainer):
         model = kwargs.get("model", args[0] if args else None)
         if model is None:
             raise ValueError("RMU needs a model")
+        self.check_arg("layer_id", layer_id, integer=True, low=0)
         check_layer_index(model, layer_id, "layer_id")
-        if token_mask not in TOKEN_MASKS:
-            raise ValueError(f"token_mask={token_mask!r}; valid: {', '.join(TOKEN_MASKS)}")
-        if alpha < 0:
-            raise ValueError(f"RMU alpha must be >= 0, got {alpha}")
+        self.check_arg_choice("token_mask", token_mask, TOKEN_MASKS)
+        self.steering_coeff = self.check_arg("steering_coeff", steering_coeff, low=0, low_open=True)
+        self.alpha = self.check_arg("alpha", alpha, low=0)
+        self.check_arg("seed", seed, integer=True, low=0)
         if trainable_params is None:
             trainable_params = default_trainable_params(layer_id)
         elif isinstance(trainable_params, str):
             trainable_params = [trainable_params]
-        self.layer_id, self.steering_coeff, self.alpha = layer_id, steering_coeff, alpha
+        if not isinstance(trainable_params, (list, tuple)) or not all(isinstance(p, str) for p in trainable_params):
+            raise ValueError(f"RMU: trainer.method_args.trainable_params={trainable_params!r}; must be a regular "
+                             "expression, a list of them, or null (the paper's layers)")
+        self.layer_id = layer_id
         self.token_mask, self.trainable_params = token_mask, list(trainable_params)
         self._freeze_all_but_trainable(unwrap(model))
 
@@ -80,11 +84,15 @@ class RMU(UnlearningTrainer):
         hidden_size = (config.get_text_config() if hasattr(config, "get_text_config") else config).hidden_size
         generator = torch.Generator().manual_seed(seed)
         u = torch.rand(hidden_size, generator=generator)
-        self.control_vec = steering_coeff * u / u.norm()
+        self.control_vec = self.steering_coeff * u / u.norm()
         super().__init__(*args, **kwargs)
 
     def _freeze_all_but_trainable(self, model: torch.nn.Module) -> None:
-        patterns = [re.compile(p) for p in self.trainable_params]
+        try:
+            patterns = [re.compile(p) for p in self.trainable_params]
+        except re.error as e:
+            raise ValueError(f"RMU: trainer.method_args.trainable_params={self.trainable_params!r}: {e.pattern!r} is "
+                             f"not a regular expression ({e})") from e
         names = [name for name, _ in model.named_parameters()]
         chosen = {name for name in names if any(p.fullmatch(name) for p in patterns)}
         if not chosen:

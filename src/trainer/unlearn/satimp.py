@@ -24,10 +24,8 @@ class SatImp(GradDiff):
     """
 
     def __init__(self, *args: Any, beta1: float = 5.0, beta2: float = 1.0, alpha: float = 0.1, **kwargs: Any):
-        for name, value in (("beta1", beta1), ("beta2", beta2)):
-            if value < 0:
-                raise ValueError(f"SatImp {name} must be >= 0, got {value}")
-        self.beta1, self.beta2 = beta1, beta2
+        self.beta1 = self.check_arg("beta1", beta1, low=0)
+        self.beta2 = self.check_arg("beta2", beta2, low=0)
         super().__init__(*args, alpha=alpha, **kwargs)
 
     def forget_loss(self, model, forget):

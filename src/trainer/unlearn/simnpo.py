@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from trainer.losses import per_sample_mean, simnpo_loss
@@ -30,11 +29,8 @@ class SimNPO(UnlearningTrainer):
 
     def __init__(self, *args: Any, beta: float = 4.5, delta: float = 0.0, gamma: float = 0.125, alpha: float = 1.0,
                  retain_loss_type: str | None = "NLL", **kwargs: Any):
-        if not beta > 0:
-            raise ValueError(f"SimNPO beta must be > 0, got {beta}")
-        if not math.isfinite(delta):
-            raise ValueError(f"SimNPO delta must be a finite number, got {delta}")
-        self.beta, self.delta = beta, delta
+        self.beta = self.check_arg("beta", beta, low=0, low_open=True)
+        self.delta = self.check_arg("delta", delta)  # any finite margin (0 in the paper's TOFU runs)
         self.set_loss_weights(gamma, alpha, retain_loss_type)
         super().__init__(*args, **kwargs)
 

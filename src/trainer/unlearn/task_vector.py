@@ -29,9 +29,7 @@ class TaskVector(UnlearningTrainer):
     """
 
     def __init__(self, *args: Any, scale: float = 1.0, **kwargs: Any):
-        if not scale > 0:
-            raise ValueError(f"TaskVector scale={scale}; must be > 0")
-        self.scale = scale
+        self.scale = self.check_arg("scale", scale, low=0, low_open=True)
         super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False):

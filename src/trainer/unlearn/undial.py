@@ -35,9 +35,7 @@ class UNDIAL(UnlearningTrainer):
 
     def __init__(self, *args: Any, beta: float = 10.0, gamma: float = 1.0, alpha: float = 1.0,
                  retain_loss_type: str | None = "NLL", **kwargs: Any):
-        if beta < 0:
-            raise ValueError(f"UNDIAL beta must be >= 0, got {beta}")
-        self.beta = beta
+        self.beta = self.check_arg("beta", beta, low=0)  # 0: plain self-distillation
         self.set_loss_weights(gamma, alpha, retain_loss_type)
         super().__init__(*args, **kwargs)
 

@@ -21,9 +21,7 @@ class WGA(GradDiff):
     """
 
     def __init__(self, *args: Any, beta: float = 1.0, **kwargs: Any):
-        if beta < 0:
-            raise ValueError(f"WGA beta must be >= 0, got {beta}")
-        self.beta = beta
+        self.beta = self.check_arg("beta", beta, low=0)  # 0: GradDiff
         super().__init__(*args, **kwargs)
 
     def forget_loss(self, model, forget):

@@ -1,0 +1,254 @@
+"""The output folder of a training run: never destroyed unless it is a finished run of ours.
+
+A run never writes into ``paths.output_dir`` directly. It works in a staging folder of its own next
+to it, ``<name>.incomplete-<pid>-<time>-<random>``, while holding a lock on the output path
+(``.<name>.lock``, an ``fcntl`` lock the system releases when the process dies, even by SIGKILL).
+When everything is written, the last file being the completion marker (``run_complete.json``, next
+to the resolved ``config.yaml``), the staging folder takes the output folder's place in one step:
+
+- an existing output folder is replaced only if it is a finished run of ours (both files present);
+  anything else (a folder of the user's files, a file, an older run without the marker) is an error
+  before any work starts, as is an output folder that is, or contains, something the run reads (the
+  model, the data folder, a retain model's EVAL file);
+- the swap is an atomic exchange of the two folders (Linux ``renameat2(RENAME_EXCHANGE)``), so there
+  is never a moment without a complete run in place; where the system has no exchange, the old run is
+  first renamed to ``<name>.replaced-<pid>`` and a later run puts it back if a crash came between
+  the two renames;
+- a second run to the same output while one is running fails at once (the lock is held);
+- a failed or interrupted run (an exception, SIGINT, SIGTERM) removes its staging folder, unless it
+  already holds checkpoints: those are kept for ``trainer.args.resume_from_checkpoint`` (a staging
+  folder is never mistaken for a result: it has no completion marker and another name). Staging
+  folders of dead runs are cleaned only while holding the lock (so their runs are gone), by the next
+  run that finishes for this output.
+
+Resuming (``resume_from_checkpoint=true`` or a checkpoint folder) adopts the interrupted run's
+staging folder, so its checkpoints survive until the resuming run finishes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import datetime
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: Written last into a finished run's folder; with ``config.yaml`` it marks a folder we may replace.
+COMPLETION_MARKER = "run_complete.json"
+RUN_CONFIG = "config.yaml"
+#: What a Hugging Face checkpoint folder needs for an exact resume (optimizer, schedule, RNG, state).
+RESUMABLE_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+
+
+class OutputFolderError(RuntimeError):
+    """The output folder cannot be used (it is not ours, a run is writing it, it holds an input...)."""
+
+
+def is_finished_run(folder: Path) -> bool:
+    """Whether ``folder`` is a run of ours that finished: its resolved config and completion marker exist."""
+    return (folder / RUN_CONFIG).is_file() and (folder / COMPLETION_MARKER).is_file()
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """The ``checkpoint-<step>`` folders of ``folder`` with a trainer state, oldest step first."""
+    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+             and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(..., RENAME_EXCHANGE)``); False where unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False  # e.g. a file system without exchange
+    raise OSError(err, f"renameat2 exchange of {a} and {b}: {os.strerror(err)}")
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+class RunFolder:
+    """Lock, staging folder and final swap of one run's ``output_dir`` (see the module docstring).
+
+    Only the main process of a run uses it; the others receive the staging folder's path.
+
+    Args:
+        output_dir: ``paths.output_dir``.
+        inputs: paths the run reads (model folder, data folder, EVAL files...; names that are no local
+            path, such as Hub ids, are ignored): the output folder may neither be nor contain any of them.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, inputs: list[str | os.PathLike] = ()):
+        self.output_dir = Path(output_dir).absolute()
+        self.parent, self.name = self.output_dir.parent, self.output_dir.name
+        self.inputs = [Path(p).expanduser().absolute() for p in inputs if p and Path(p).expanduser().exists()]
+        self.staging: Path | None = None
+        self._lock_file: Any = None
+
+    # ----- start -----------------------------------------------------------------------------------
+    def start(self, resume: bool | str | None = None) -> tuple[Path, Path | None]:
+        """Check the output folder, take the lock and make (or adopt) the staging folder.
+
+        Returns ``(staging folder, checkpoint to resume from or None)``. ``resume``: ``True`` (the
+        latest checkpoint of this output's interrupted runs), a checkpoint folder, or None/False.
+        """
+        self._check_inputs()
+        self.parent.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        self._restore_replaced()
+        if self.output_dir.exists() and not (self.output_dir.is_dir() and is_finished_run(self.output_dir)):
+            what = "a file" if not self.output_dir.is_dir() else (
+                "a folder that is not a finished run of this framework (no " + COMPLETION_MARKER + " next to "
+                + RUN_CONFIG + ")")
+            self.release()
+            raise OutputFolderError(
+                f"paths.output_dir={self.output_dir} exists and is {what}: it is never replaced. Choose another "
+                "paths.output_dir (or task_name), or move that path away yourself")
+        checkpoint = self._resume_point(resume)
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.staging = Path(tempfile.mkdtemp(prefix=f"{self.name}.incomplete-{os.getpid()}-{stamp}-", dir=self.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.staging, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
+        if checkpoint is not None and checkpoint.parent.parent == self.parent and \
+                checkpoint.parent.name.startswith(f"{self.name}.incomplete-"):
+            os.replace(checkpoint.parent, self.staging)  # adopt the interrupted run's staging folder (onto the empty one)
+            checkpoint = self.staging / checkpoint.name
+            log.info("resuming from %s (the interrupted run's folder is now %s)", checkpoint, self.staging)
+        return self.staging, checkpoint
+
+    def _check_inputs(self) -> None:
+        for path in self.inputs:
+            if _inside(path, self.output_dir):
+                raise OutputFolderError(
+                    f"paths.output_dir={self.output_dir} is or contains {path}, which this run reads: replacing "
+                    "the output folder at the end would delete it. Choose another paths.output_dir")
+
+    def _lock(self) -> None:
+        lock_path = self.parent / f".{self.name}.lock"
+        handle = open(lock_path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise OutputFolderError(
+                f"another run is writing paths.output_dir={self.output_dir} ({holder}); wait for it to finish "
+                "or choose another paths.output_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {os.uname().nodename}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        self._lock_file = handle
+
+    def release(self) -> None:
+        """Give the lock back (the lock file itself stays: removing it would race with a new run)."""
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    def _stale(self, pattern: str) -> list[Path]:
+        """Folders of dead runs next to the output (the caller holds the lock), newest first."""
+        found = [p for p in self.parent.glob(f"{self.name}.{pattern}-*") if p.is_dir() and p != self.staging]
+        return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+    def _restore_replaced(self) -> None:
+        """Put back a finished run that a crash left renamed aside (two-rename fallback of ``finish``)."""
+        for old in self._stale("replaced"):
+            if not self.output_dir.exists() and is_finished_run(old):
+                os.replace(old, self.output_dir)
+                log.warning("put back %s, left aside by an interrupted replacement", self.output_dir)
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _resume_point(self, resume: bool | str | None) -> Path | None:
+        if resume in (None, False, "", "false", "False"):
+            for stale in self._stale("incomplete"):
+                if checkpoints(stale):
+                    log.warning("an interrupted run of %s left checkpoints in %s: add "
+                                "trainer.args.resume_from_checkpoint=true to continue it", self.output_dir, stale)
+            return None
+        if resume is True or str(resume).lower() == "true":
+            candidates = [c for stale in self._stale("incomplete") for c in checkpoints(stale)[-1:]]
+            if not candidates:
+                self.release()
+                raise OutputFolderError(
+                    f"trainer.args.resume_from_checkpoint=true: no interrupted run of paths.output_dir="
+                    f"{self.output_dir} left a checkpoint (looked for {self.parent}/{self.name}.incomplete-*/"
+                    "checkpoint-*); give a checkpoint folder instead, or drop the option")
+            checkpoint = candidates[0]
+        else:
+            checkpoint = Path(str(resume)).expanduser().absolute()
+            if not (checkpoint / "trainer_state.json").is_file():
+                self.release()
+                raise OutputFolderError(f"trainer.args.resume_from_checkpoint={resume}: not a checkpoint folder "
+                                        "(no trainer_state.json in it)")
+        missing = [f for f in RESUMABLE_FILES if not (checkpoint / f).is_file()]
+        if missing:
+            self.release()
+            raise OutputFolderError(
+                f"checkpoint {checkpoint} cannot be resumed exactly: it lacks {', '.join(missing)} (it was saved "
+                "with trainer.args.save_only_model=true, which keeps the weights only)")
+        return checkpoint
+
+    # ----- end -------------------------------------------------------------------------------------
+    def finish(self, summary: dict | None = None) -> None:
+        """Write the completion marker last, then put the staging folder in the output folder's place."""
+        assert self.staging is not None, "start() first"
+        marker = {"finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                  **(summary or {})}
+        tmp = self.staging / f".{COMPLETION_MARKER}.tmp"
+        tmp.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, self.staging / COMPLETION_MARKER)
+        if self.output_dir.exists():
+            if _exchange(self.staging, self.output_dir):
+                shutil.rmtree(self.staging)  # the earlier run, now at the staging path
+            else:
+                aside = self.parent / f"{self.name}.replaced-{os.getpid()}"
+                os.replace(self.output_dir, aside)
+                os.replace(self.staging, self.output_dir)
+                shutil.rmtree(aside)
+        else:
+            os.replace(self.staging, self.output_dir)
+        self.staging = None
+        for stale in self._stale("incomplete"):  # superseded by the run just finished
+            shutil.rmtree(stale, ignore_errors=True)
+        self.release()
+
+    def abandon(self) -> Path | None:
+        """After a failure: remove the staging folder unless it holds checkpoints (returned then)."""
+        kept = None
+        if self.staging is not None and self.staging.exists():
+            if checkpoints(self.staging):
+                kept = self.staging
+            else:
+                shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging = None
+        self.release()
+        return kept
+
+
+__all__ = ["RunFolder", "OutputFolderError", "is_finished_run", "checkpoints", "COMPLETION_MARKER"]

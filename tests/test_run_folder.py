@@ -1,0 +1,179 @@
+"""The output folder is never destroyed unless it is a finished run of ours (src/run_folder.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+
+import pytest
+
+import run_folder
+from conftest import run_until_signal
+from run_folder import COMPLETION_MARKER, OutputFolderError, RunFolder, is_finished_run
+
+
+def _finished_run(folder, content="old"):
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("mode: unlearn\n")
+    (folder / "weights.txt").write_text(content)
+    (folder / COMPLETION_MARKER).write_text("{}")
+    return folder
+
+
+def _leftovers(out):
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(out.name + "."))
+
+
+def test_a_folder_that_is_not_a_finished_run_is_never_replaced(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("years of work")
+    with pytest.raises(OutputFolderError, match=rf"paths.output_dir={out} exists and is a folder that is not a "
+                                                r"finished run.*never replaced"):
+        RunFolder(out).start()
+    assert (out / "thesis.tex").read_text() == "years of work"
+    (out / "config.yaml").write_text("a run of ours without its completion marker (interrupted or older)")
+    with pytest.raises(OutputFolderError, match="not a finished run"):
+        RunFolder(out).start()
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep me")
+    with pytest.raises(OutputFolderError, match="exists and is a file"):
+        RunFolder(a_file).start()
+    assert a_file.read_text() == "keep me" and _leftovers(out) == []
+    shutil.rmtree(out)
+    RunFolder(out).start()  # the lock was released by the failed attempts
+
+
+def test_the_output_may_not_hold_what_the_run_reads(tmp_path):
+    data = tmp_path / "out" / "data"
+    data.mkdir(parents=True)
+    with pytest.raises(OutputFolderError, match=r"is or contains .*/out/data, which this run reads"):
+        RunFolder(tmp_path / "out", inputs=[str(data)]).start()
+    with pytest.raises(OutputFolderError, match="which this run reads"):
+        RunFolder(data, inputs=[str(data)]).start()
+    RunFolder(tmp_path / "elsewhere", inputs=[str(data), "HuggingFaceTB/SmolLM2-135M-Instruct"]).start()
+
+
+def test_a_second_run_to_the_same_output_fails_at_once(tmp_path):
+    out = tmp_path / "out"
+    first = RunFolder(out)
+    staging, _ = first.start()
+    with pytest.raises(OutputFolderError, match=rf"another run is writing paths.output_dir={out} \(pid {os.getpid()}"):
+        RunFolder(out).start()
+    assert staging.is_dir()  # the live run's folder is untouched
+    (staging / "config.yaml").write_text("x")
+    first.finish()
+    assert is_finished_run(out) and _leftovers(out) == []
+    second = RunFolder(out)
+    second.start()
+    second.abandon()
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_finishing_replaces_a_finished_run_in_one_step(tmp_path, monkeypatch, exchange):
+    out = _finished_run(tmp_path / "out")
+    if not exchange:  # a system without renameat2(RENAME_EXCHANGE): two renames
+        monkeypatch.setattr(run_folder, "_exchange", lambda a, b: False)
+    folder = RunFolder(out)
+    staging, checkpoint = folder.start()
+    assert checkpoint is None and staging.name.startswith(f"out.incomplete-{os.getpid()}-")
+    assert (out / "weights.txt").read_text() == "old"  # the earlier run stays until the new one is complete
+    (staging / "config.yaml").write_text("mode: unlearn\n")
+    (staging / "weights.txt").write_text("new")
+    folder.finish({"steps": 4})
+    assert (out / "weights.txt").read_text() == "new" and json.loads((out / COMPLETION_MARKER).read_text())["steps"] == 4
+    assert _leftovers(out) == []
+
+
+def test_a_run_left_aside_by_a_crash_between_two_renames_is_put_back(tmp_path):
+    out = tmp_path / "out"
+    _finished_run(tmp_path / f"out.replaced-{os.getpid() + 1}")  # the crash came before the second rename
+    RunFolder(out).start()
+    assert (out / "weights.txt").read_text() == "old" and is_finished_run(out)
+
+
+def test_a_failed_run_removes_its_folder_unless_it_holds_checkpoints(tmp_path):
+    out = tmp_path / "out"
+    folder = RunFolder(out)
+    staging, _ = folder.start()
+    (staging / "half-written.bin").write_text("x")
+    assert folder.abandon() is None and _leftovers(out) == [] and not out.exists()
+
+    folder = RunFolder(out)
+    staging, _ = folder.start()
+    (staging / "checkpoint-2").mkdir()
+    (staging / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    assert folder.abandon() == staging and staging.is_dir()
+    # a later fresh run leaves the interrupted run's checkpoints alone while it runs, and removes them
+    # once it has finished (its result supersedes them)
+    later = RunFolder(out)
+    new_staging, checkpoint = later.start()
+    assert checkpoint is None and staging.is_dir()
+    (new_staging / "config.yaml").write_text("x")
+    later.finish()
+    assert not staging.exists() and _leftovers(out) == []
+
+
+def _interrupted(out, step=2, resumable=True):
+    folder = RunFolder(out)
+    staging, _ = folder.start()
+    ckpt = staging / f"checkpoint-{step}"
+    ckpt.mkdir()
+    for name in ("trainer_state.json", "optimizer.pt", "scheduler.pt")[:3 if resumable else 1]:
+        (ckpt / name).write_text("{}")
+    folder.abandon()
+    return staging
+
+
+def test_resume_adopts_the_interrupted_runs_folder(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(OutputFolderError, match="resume_from_checkpoint=true: no interrupted run"):
+        RunFolder(out).start(resume=True)
+    old_staging = _interrupted(out)
+    (old_staging / "checkpoint-1").mkdir()
+    (old_staging / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    folder = RunFolder(out)
+    staging, checkpoint = folder.start(resume=True)
+    assert checkpoint == staging / "checkpoint-2" and checkpoint.is_dir() and not old_staging.exists()
+    folder.abandon()  # interrupted again: the checkpoints are still kept
+    assert checkpoint.is_dir()
+    # an explicit checkpoint folder works too
+    folder = RunFolder(out)
+    again, explicit = folder.start(resume=str(checkpoint))
+    assert explicit == again / "checkpoint-2" and explicit.is_dir()
+    folder.abandon()
+
+
+def test_resume_refuses_weights_only_checkpoints(tmp_path):
+    out = tmp_path / "out"
+    _interrupted(out, resumable=False)
+    with pytest.raises(OutputFolderError, match=r"cannot be resumed exactly: it lacks optimizer.pt, scheduler.pt "
+                                                r"\(it was saved with trainer.args.save_only_model=true"):
+        RunFolder(out).start(resume=True)
+    with pytest.raises(OutputFolderError, match="not a checkpoint folder"):
+        RunFolder(out).start(resume=str(tmp_path))
+
+
+TINY = ["--config-name=unlearn.yaml", "model=tiny-random-llama", "trainer=GradDiff", "data.eval=null",
+        "trainer.args.max_steps=4", "trainer.args.per_device_train_batch_size=2",
+        "trainer.args.gradient_accumulation_steps=1", "trainer.args.logging_steps=1", "trainer.args.disable_tqdm=true"]
+
+
+def test_sigterm_cleans_up_like_an_exception(tofu_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_until_signal(tmp_path, [*TINY, f"paths.tofu={tofu_dir}", f"paths.output_dir={out}"],
+                              sig="SIGTERM", step=1, event="on_step_end")
+    assert result.returncode != 0 and "stopped by signal SIGTERM" in result.stderr
+    assert not out.exists() and _leftovers(out) == []  # the staging folder (no checkpoint yet) is gone
+
+
+def test_sigkill_leaves_nothing_taken_for_a_result(tofu_dir, tmp_path):
+    out = tmp_path / "run"
+    result = run_until_signal(tmp_path, [*TINY, f"paths.tofu={tofu_dir}", f"paths.output_dir={out}",
+                                         "trainer.args.save_strategy=steps", "trainer.args.save_steps=2"])
+    assert result.returncode == -signal.SIGKILL
+    assert not out.exists()
+    (staging,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.incomplete-")]
+    assert not is_finished_run(staging) and (staging / "checkpoint-2" / "optimizer.pt").is_file()
