@@ -119,7 +119,7 @@ def main() -> None:
           "model on the forget metrics (forget_Q_A_Prob, forget_Q_A_ROUGE, extraction_strength and\n"
           "exact_memorization down; forget_quality up) while model_utility held. The MIA AUCs are the chance\n"
           "that a holdout row (never trained on) looks less familiar than a forget row: above the retain\n"
-          "model's value (about 0.5) = the forget rows are still recognised. privleak compares that AUC with\n"
+          "model's value (0.5 on large sets; on these 4 + 4 rows it is noisy) = the forget rows are still recognised. privleak compares that AUC with\n"
           "the retain model's: 0 = like the retain model, NEGATIVE = still leaks membership (the target is\n"
           "strongly negative, down to -100), POSITIVE = over-unlearned (the forget rows now look less\n"
           "familiar than unseen text, which also gives the unlearning away).")
