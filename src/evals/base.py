@@ -219,13 +219,12 @@ class Evaluator:
             self._datasets[key] = build_dataset(spec, self.tokenizer, self.template_args, root_cfg=self.root_cfg)
         return self._datasets[key]
 
-    def _metric_datasets(self, names: list[str] | None = None) -> list[tuple[str, str, Any]]:
-        """``(metric, role, dataset spec)`` of every dataset the metrics ``names`` (default all) read,
-        their ``pre_compute`` metrics included."""
-        found: list[tuple[str, str, Any]] = []
+    def _metric_configs(self, names: list[str] | None = None) -> list[tuple[str, Mapping]]:
+        """``(name, config)`` of the metrics ``names`` (default all) and of their ``pre_compute`` metrics."""
+        found: list[tuple[str, Mapping]] = []
 
         def visit(name: str, mcfg: Mapping) -> None:
-            found.extend((name, role, spec) for role, spec in (mcfg.get("datasets") or {}).items())
+            found.append((name, mcfg))
             for sub_name, sub in (mcfg.get("pre_compute") or {}).items():
                 visit(sub_name, sub)
 
@@ -244,7 +243,8 @@ class Evaluator:
         - every reference EVAL file (``retain_logs_path``): ``check_reference_logs``.
         """
         checked = set()
-        for metric, role, spec in self._metric_datasets(names):
+        for metric, role, spec in [(name, role, spec) for name, mcfg in self._metric_configs(names)
+                                   for role, spec in (mcfg.get("datasets") or {}).items()]:
             key = self._dataset_key(spec)
             if key in checked:
                 continue
@@ -268,19 +268,6 @@ class Evaluator:
             except DataFileError as e:
                 raise DataFileError(f"{what}: {e}") from None
         self.check_reference_logs(names)
-
-    def _metric_configs(self, names: list[str] | None = None) -> list[tuple[str, Mapping]]:
-        """``(name, config)`` of the metrics ``names`` (default all) and of their ``pre_compute`` metrics."""
-        found: list[tuple[str, Mapping]] = []
-
-        def visit(name: str, mcfg: Mapping) -> None:
-            found.append((name, mcfg))
-            for sub_name, sub in (mcfg.get("pre_compute") or {}).items():
-                visit(sub_name, sub)
-
-        for name in self.metrics_cfg if names is None else names:
-            visit(name, self.metrics_cfg[name])
-        return found
 
     def _read_reference_file(self, path: str, what: str) -> dict:
         """The JSON object of a reference EVAL file, or an error naming the key, the file and the problem."""
@@ -402,16 +389,10 @@ class Evaluator:
     def _plan_token_stats(self, names: list[str]) -> dict[str, dict[str, Any]]:
         """The teacher-forced passes the metrics ``names`` will run: {questions key: {dataset key: spec}}."""
         plan: dict[str, dict[str, Any]] = {}
-
-        def visit(mcfg: Mapping) -> None:
+        for _, mcfg in self._metric_configs(names):
             if "token_stats" in get_metric(mcfg.get("handler")).needs:
                 for spec in (mcfg.get("datasets") or {}).values():
                     plan.setdefault(self._dataset_key(spec, True), {})[self._dataset_key(spec)] = spec
-            for sub in (mcfg.get("pre_compute") or {}).values():
-                visit(sub)
-
-        for name in names:
-            visit(self.metrics_cfg[name])
         return plan
 
     def _inputs(self, mcfg: Mapping, needs: tuple, model: torch.nn.Module, cache: dict) -> dict:
