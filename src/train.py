@@ -25,7 +25,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hydra  # noqa: E402
 import torch  # noqa: E402
 from accelerate import PartialState  # noqa: E402
-from accelerate.utils import broadcast_object_list  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
@@ -34,6 +33,7 @@ from evals import get_evaluators  # noqa: E402
 from model import get_model  # noqa: E402
 from run_folder import RunFolder  # noqa: E402
 from trainer import check_mode, evaluates, load_trainer  # noqa: E402
+from trainer.utils import on_main_process  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -63,19 +63,9 @@ def _raise_terminated(signum, frame):
     raise Terminated(f"stopped by signal {signal.Signals(signum).name}")
 
 
-def _start_folder(folder: RunFolder, resume, state: PartialState) -> tuple[Path, Path | None]:
+def _start_folder(folder: RunFolder, resume) -> tuple[Path, Path | None]:
     """The main process takes the lock and makes the staging folder; every process gets its path."""
-    shared: list = [None]
-    if state.is_main_process:
-        try:
-            shared[0] = folder.start(resume)
-        except Exception as e:
-            shared[0] = e
-    if state.num_processes > 1:
-        broadcast_object_list(shared)
-    if isinstance(shared[0], Exception):
-        raise shared[0]
-    return shared[0]
+    return on_main_process(lambda: folder.start(resume))
 
 
 def run(cfg: DictConfig) -> Path:
@@ -88,7 +78,7 @@ def run(cfg: DictConfig) -> Path:
     check_eval_splits(cfg)
     folder = RunFolder(cfg.paths.output_dir, inputs=run_inputs(cfg))
     resume = cfg.trainer.get("args", {}).get("resume_from_checkpoint")
-    staging, checkpoint = _start_folder(folder, resume, state)
+    staging, checkpoint = _start_folder(folder, resume)
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if state.is_main_process else None
     try:
         model, tokenizer = get_model(cfg.model)

@@ -40,6 +40,7 @@ from data.tofu import local_data_file
 from data.utils import DataFileError, check_rows_file
 from evals import passes
 from evals.metrics import get_metric
+from trainer.utils import on_main_process
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,14 @@ def _file_digest(path: str | None) -> str | None:
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _read_previous(eval_path: Path) -> dict:
+    """The EVAL file written before at ``eval_path`` (its metrics may be reused), or ``{}``."""
+    if not eval_path.is_file():
+        return {}
+    with open(eval_path, encoding="utf-8") as f:
+        return json.load(f)
 
 
 def _finite_or_none(value: Any) -> float | None:
@@ -477,10 +486,9 @@ class Evaluator:
         summary_path = output_dir / f"{self.name}_SUMMARY.json"
         fingerprints = {name: self.fingerprint(name, model_id) for name in self.metrics_cfg}
 
-        previous: dict = {}
-        if eval_path.is_file() and not overwrite:
-            with open(eval_path, encoding="utf-8") as f:
-                previous = json.load(f)
+        # Decided once, by process 0: a process that saw the file another one is writing would skip
+        # the passes (and their collective calls) the others run.
+        previous = on_main_process(lambda: {} if overwrite else _read_previous(eval_path))
         old_prints = (previous.get("_meta") or {}).get("fingerprints", {})
         results: dict[str, Any] = {}
         reused = [n for n in self.metrics_cfg if n in previous and old_prints.get(n) == fingerprints[n]]

@@ -226,10 +226,21 @@ class FinetuneTrainer(Trainer):
         """Evaluation loss on ``data.eval`` (if given) plus every configured evaluator."""
         self.check_finite_losses()
         metrics: dict[str, float] = {}
-        if eval_dataset is not None or self.eval_dataset is not None:
+        ran_loss_evaluation = eval_dataset is not None or self.eval_dataset is not None
+        if ran_loss_evaluation:
             metrics.update(super().evaluate(eval_dataset, ignore_keys, metric_key_prefix))
-        if not self.evaluators:
-            return metrics
+        if self.evaluators:
+            metrics.update(self._run_evaluators(metric_key_prefix))
+        if not ran_loss_evaluation:
+            # Trainer.evaluate tells the callbacks; without it they must be told here, or
+            # `should_evaluate` stays set and the Trainer evaluates the same step again at the epoch end.
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _run_evaluators(self, metric_key_prefix: str) -> dict[str, float]:
+        """Every evaluator on the current model, into ``<output_dir>/checkpoint-<step>/evals``; logs and
+        returns their numeric summary values as ``<prefix>_<evaluator>_<metric>``."""
+        metrics: dict[str, float] = {}
         out_dir = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}", "evals")
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
@@ -242,7 +253,6 @@ class FinetuneTrainer(Trainer):
                         metrics[f"{metric_key_prefix}_{name}_{key}"] = float(value)
         finally:
             model.train(was_training)
-        other = {k: v for k, v in metrics.items() if not k.endswith("_loss")}
-        if other:
-            self.log(other)
+        if metrics:
+            self.log(metrics)
         return metrics

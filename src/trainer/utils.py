@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -101,6 +101,28 @@ def rank_shard(indices: Sequence[int]) -> list[int]:
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         return list(indices[rank::world])
     return list(indices)
+
+
+def on_main_process(compute: Callable[[], Any]) -> Any:
+    """``compute()`` run by process 0 only, its result (or its exception, re-raised) on every process.
+
+    For decisions that read the file system and steer collective calls (reuse an EVAL file, start the
+    output folder): each process deciding for itself can see a file another process is writing, and
+    the processes would then run different numbers of collectives and wait for each other forever.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return compute()
+    shared: list = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            shared[0] = (True, compute())
+        except Exception as e:  # handed to every process, so that all fail together
+            shared[0] = (False, e)
+    torch.distributed.broadcast_object_list(shared, src=0)
+    ok, value = shared[0]
+    if not ok:
+        raise value
+    return value
 
 
 def gather_dicts(part: dict) -> dict:
