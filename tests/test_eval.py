@@ -9,7 +9,7 @@ import pytest
 
 from conftest import run_cli
 
-DEFAULT_METRICS = ["forget_quality", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_truth_ratio", "model_utility",
+DEFAULT_METRICS = ["forget_quality", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_Truth_Ratio", "model_utility",
                    "privleak", "extraction_strength", "exact_memorization", "mia_loss", "mia_zlib", "mia_min_k",
                    "mia_min_k_plus_plus"]
 SHORT_GENERATION = [f"eval.tofu.metrics.{m}.generation_args.max_new_tokens=16" for m in ("forget_Q_A_ROUGE",)] + [
@@ -45,6 +45,15 @@ def test_eval_writes_every_metric_and_reuses_them(tofu_dir, tmp_path):
     assert set(forget) == {str(i) for i in range(8)}
     assert {"input", "ground_truth", "generation", "rougeL_recall"} <= set(forget["0"])
     assert "forget_quality" in first.stdout and "model_utility" in first.stdout  # the printed table
+    # every pre-compute metric at the top level under open-unlearning's names, with per-sample values
+    pre_compute = ["forget_truth_ratio", "forget_Q_A_PARA_Prob", "forget_Q_A_PERT_Prob", "retain_Q_A_Prob",
+                   "retain_Q_A_ROUGE", "retain_Truth_Ratio", "retain_Q_A_PARA_Prob", "retain_Q_A_PERT_Prob",
+                   "ra_Q_A_Prob_normalised", "ra_Q_A_Prob", "ra_Q_A_PERT_Prob", "ra_Q_A_ROUGE", "ra_Truth_Ratio",
+                   "wf_Q_A_Prob_normalised", "wf_Q_A_Prob", "wf_Q_A_PERT_Prob", "wf_Q_A_ROUGE", "wf_Truth_Ratio"]
+    assert set(logs) == set(DEFAULT_METRICS) | set(pre_compute) | {"_meta"}
+    assert len(logs["forget_Q_A_PERT_Prob"]["value_by_index"]["0"]["prob"]) > 1  # one per perturbed answer
+    assert logs["forget_truth_ratio"] == logs["forget_Truth_Ratio"]
+    assert math.isfinite(logs["ra_Q_A_Prob_normalised"]["agg_value"])
 
     # Against its own logs: forget quality 1 (same distribution), privleak 0.
     second = _eval(tofu_dir, out, f"retain_logs_path={out / 'TOFU_EVAL.json'}")
@@ -53,6 +62,8 @@ def test_eval_writes_every_metric_and_reuses_them(tofu_dir, tmp_path):
     assert abs(again["privleak"]) < 1e-9
     assert again["model_utility"] == summary["model_utility"]
     assert "reusing" in second.stdout + second.stderr  # unchanged metrics are not recomputed
+    # a reused metric keeps its pre-compute entries in the rewritten file
+    assert set(_load(out / "TOFU_EVAL.json")) == set(logs)
 
     third = _eval(tofu_dir, out, f"retain_logs_path={out / 'TOFU_EVAL.json'}", "eval.tofu.overwrite=true")
     assert "reusing" not in third.stdout + third.stderr

@@ -516,7 +516,7 @@ class Evaluator:
         for warning in warnings:
             log.warning("%s: %s", self.name, warning)
         if is_main:
-            payload = {name: results[name] for name in self.metrics_cfg}
+            payload = self._every_result(results, cache, previous, reused)
             payload["_meta"] = {
                 "model": model_id, "code_version": code_version(), "evaluator": self.name, "passes": self.passes_mode,
                 "splits": {k: self.cfg.get(k) for k in ("forget_split", "holdout_split", "retain_logs_path")
@@ -532,6 +532,27 @@ class Evaluator:
         for note in {r.get("note") for r in results.values() if isinstance(r, dict) and r.get("note")}:
             log.warning("%s: %s", self.name, note)
         return summary
+
+    def _every_result(self, results: dict, cache: dict, previous: dict, reused: list[str]) -> dict:
+        """The EVAL file's metric entries: each configured metric, then each ``pre_compute`` metric under its
+        own name (``forget_Q_A_PARA_Prob``, ``ra_Q_A_Prob_normalised``, ...), as open-unlearning writes them.
+
+        A pre-compute metric comes from this evaluation's cache, or, when its parent was reused, from the
+        earlier file. A name that two configs share (an override made them differ) keeps the first one
+        met: the top-level metric's.
+        """
+        payload = {name: results[name] for name in self.metrics_cfg}
+        computed = {}
+        for (kind, name, _), value in ((k, v) for k, v in cache.items() if isinstance(k, tuple) and len(k) == 3):
+            if kind == "metric":
+                computed.setdefault(name, value)
+        for name, _ in self._metric_configs(reused):
+            if name not in computed and isinstance(previous.get(name), dict):
+                computed[name] = previous[name]
+        for name, _ in self._metric_configs():
+            if name not in payload and name in computed:
+                payload[name] = computed[name]
+        return payload
 
     def summary_names(self) -> list[str]:
         names = self.cfg.get("summary_metrics")
