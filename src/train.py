@@ -31,6 +31,7 @@ from transformers import set_seed  # noqa: E402
 from data import check_eval_splits, get_collator, get_data  # noqa: E402
 from evals import get_evaluators  # noqa: E402
 from model import get_model  # noqa: E402
+from compat import get_compat  # noqa: E402
 from run_folder import RunFolder  # noqa: E402
 from trainer import check_mode, evaluates, load_trainer  # noqa: E402
 from trainer.utils import on_main_process  # noqa: E402
@@ -71,6 +72,7 @@ def _start_folder(folder: RunFolder, resume) -> tuple[Path, Path | None]:
 def run(cfg: DictConfig) -> Path:
     """Train as the config says and return the output folder (see ``run_folder`` for its safety rules)."""
     check_mode(cfg)
+    get_compat(cfg.get("compat"))  # a bad value fails before any work
     # cpu=True without a GPU: otherwise the process group of a multi-process CPU run (torchrun) is not
     # set up until the Trainer's accelerator does it, and every process would take itself for the main one.
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -84,7 +86,7 @@ def run(cfg: DictConfig) -> Path:
         model, tokenizer = get_model(cfg.model)
         data = get_data(cfg.data, cfg.mode, tokenizer, cfg.model.get("template_args"), root_cfg=cfg,
                         seed=cfg.seed, rank=state.process_index, need_eval=evaluates(cfg.trainer.get("args")))
-        collator = get_collator(cfg.collator, tokenizer)
+        collator = get_collator(cfg.collator, tokenizer, compat=cfg.get("compat"))
         evaluators = get_evaluators(cfg.get("eval"), tokenizer=tokenizer,
                                     template_args=cfg.model.get("template_args"), root_cfg=cfg)
         for evaluator in evaluators.values():

@@ -8,6 +8,7 @@ training dataset.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from compat import compat_of, get_compat
 from data.collators import DataCollatorForSupervisedDataset, DataCollatorForSupervisedDatasetWithIndices
 from data.splits import check_eval_splits, forget_split_of, holdout_for, register_resolvers
 from data.tofu import QADataset, QAwithAlternateDataset, QAwithIdkDataset
@@ -97,7 +99,15 @@ def build_dataset(name_or_cfg: str | Mapping, tokenizer: PreTrainedTokenizerBase
     args = {**cfg.get("args", {}), **overrides}
     if isinstance(template_args, DictConfig):
         template_args = OmegaConf.to_container(template_args, resolve=True)
-    return DATASET_REGISTRY[cfg["handler"]](tokenizer=tokenizer, template_args=template_args, name=cfg["name"], **args)
+    handler = DATASET_REGISTRY[cfg["handler"]]
+    if _accepts(handler, "compat"):
+        args.setdefault("compat", compat_of(root_cfg).name)
+    return handler(tokenizer=tokenizer, template_args=template_args, name=cfg["name"], **args)
+
+
+def _accepts(cls: type, name: str) -> bool:
+    """Whether ``cls(...)`` takes the keyword ``name`` (itself or through a parent class's ``__init__``)."""
+    return any(name in inspect.signature(c.__init__).parameters for c in cls.__mro__ if "__init__" in vars(c))
 
 
 def get_data(data_cfg: DictConfig | Mapping, mode: str, tokenizer: PreTrainedTokenizerBase, template_args: Any = None,
@@ -136,13 +146,17 @@ def get_data(data_cfg: DictConfig | Mapping, mode: str, tokenizer: PreTrainedTok
     raise ValueError(f"mode={mode!r}; valid: 'train', 'unlearn'")
 
 
-def get_collator(collator_cfg: DictConfig | Mapping, tokenizer: PreTrainedTokenizerBase) -> Any:
+def get_collator(collator_cfg: DictConfig | Mapping, tokenizer: PreTrainedTokenizerBase, compat: Any = None) -> Any:
+    """The collator of ``collator_cfg``; ``compat`` (the run's mode) sets the switches it names (the mask)."""
     handler = collator_cfg.get("handler")
     if handler not in COLLATOR_REGISTRY:
         raise ValueError(f"unknown collator {handler!r}; valid: {sorted(COLLATOR_REGISTRY)}")
     args = collator_cfg.get("args") or {}
     if isinstance(args, DictConfig):
         args = OmegaConf.to_container(args, resolve=True)
+    args = dict(args)
+    if get_compat(compat).attention_mask_from_pad and _accepts(COLLATOR_REGISTRY[handler], "attention_mask_from_pad"):
+        args.setdefault("attention_mask_from_pad", True)
     return COLLATOR_REGISTRY[handler](tokenizer=tokenizer, **args)
 
 

@@ -83,14 +83,19 @@ class DataCollatorForSupervisedDataset:
         tokenizer: gives the pad id.
         padding_side: "right" for training, "left" for batched generation.
         index: keep each sample's dataset index as an ``index`` tensor.
+        attention_mask_from_pad: ``compat=open_unlearning``'s mask, ``input_ids != pad_token_id``: it also
+            hides every real token equal to the pad id (SmolLM2's pad is its ``<|im_end|>``). Such a batch
+            carries no ``answer_start``, so trainers pass the mask to the model.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, padding_side: str = "right", index: bool = False):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, padding_side: str = "right", index: bool = False,
+                 attention_mask_from_pad: bool = False):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side={padding_side!r}; valid: 'left', 'right'")
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token id")
         self.pad_id, self.padding_side, self.index = tokenizer.pad_token_id, padding_side, index
+        self.attention_mask_from_pad = attention_mask_from_pad
 
     def __call__(self, items: Sequence[Any]) -> dict[str, Any]:
         first = items[0]
@@ -108,6 +113,9 @@ class DataCollatorForSupervisedDataset:
         }
         if self.index and "index" in first:
             batch["index"] = torch.tensor([item["index"] for item in items], dtype=torch.long)
+        if self.attention_mask_from_pad:
+            batch["attention_mask"] = batch["input_ids"].ne(self.pad_id).long()
+            return batch
         if "labels" in batch and self.padding_side == "right":
             batch["answer_start"] = first_answer_position(batch["labels"])
             batch["answer_tokens"] = answer_token_count(batch["labels"])
@@ -117,5 +125,6 @@ class DataCollatorForSupervisedDataset:
 class DataCollatorForSupervisedDatasetWithIndices(DataCollatorForSupervisedDataset):
     """``DataCollatorForSupervisedDataset`` that also returns each sample's dataset ``index``."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, padding_side: str = "right", index: bool = True):
-        super().__init__(tokenizer, padding_side=padding_side, index=index)
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, padding_side: str = "right", index: bool = True,
+                 attention_mask_from_pad: bool = False):
+        super().__init__(tokenizer, padding_side=padding_side, index=index, attention_mask_from_pad=attention_mask_from_pad)

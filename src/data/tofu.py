@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from checks import check_number
+from compat import get_compat
 from data.utils import (
     DataFileError,
     PromptTemplate,
@@ -83,12 +84,15 @@ class QADataset(Dataset):
         max_length: token budget of prompt + answer; answers are cut to fit, prompts never.
         local_dir: folder of JSON-lines files replacing the Hub (``paths.tofu``).
         name: the dataset's config name, used in messages.
+        compat: the run's ``compat`` mode (``compat.Compat``, or its name): ``open_unlearning`` prepares
+            the samples as open-unlearning does (``tokenize_qa_like_open_unlearning``).
     """
 
     def __init__(self, hf_args: dict, tokenizer: PreTrainedTokenizerBase, template_args: dict | None = None,
                  question_key: str = "question", answer_key: str = "answer", max_length: int = 512,
-                 local_dir: str | None = None, name: str = "QADataset"):
+                 local_dir: str | None = None, name: str = "QADataset", compat: Any = None):
         self.name = name
+        self.compat = get_compat(compat)
         max_length = check_number("max_length", max_length, integer=True, low=1, owner=name,
                                   hint="data.dataset_args.max_length, or the dataset config's args.max_length")
         self.question_key, self.answer_key = question_key, answer_key
@@ -114,7 +118,8 @@ class QADataset(Dataset):
                 flat_q.append(q)
                 flat_a.append(ans)
                 owner.append(i)
-        tokenized = tokenize_qa_batch(tokenizer, self.template, flat_q, flat_a, max_length, row_ids=owner)
+        tokenized = tokenize_qa_batch(tokenizer, self.template, flat_q, flat_a, max_length, row_ids=owner,
+                                      labels_cover_chat_tail=self.compat.labels_cover_chat_tail)
         n_cut = sum(t.truncated for t in tokenized)
         if n_cut:
             log.warning("%s: %d of %d answers cut to max_length=%d", name, n_cut, len(tokenized), max_length)
@@ -159,7 +164,8 @@ class QAwithIdkDataset(QADataset):
         picks = [random.Random(f"{seed}-{i}").choice(refusals) for i in range(len(questions))]
         tokenizer = kwargs.get("tokenizer") or args[1]
         max_length = kwargs.get("max_length", 512)
-        self._idk = tokenize_qa_batch(tokenizer, self.template, questions, picks, max_length)
+        self._idk = tokenize_qa_batch(tokenizer, self.template, questions, picks, max_length,
+                                      labels_cover_chat_tail=self.compat.labels_cover_chat_tail)
 
     def __getitem__(self, index: int) -> dict:
         return {"original": super().__getitem__(index), "alternate": to_sample(self._idk[index], index)}
@@ -207,7 +213,8 @@ class QAwithAlternateDataset(QADataset):
                 raise ValueError(f"{self.name}: row {i} of column {alternate_key!r} is {alt!r}, not a string")
             picks.append(alt)
         max_length = kwargs.get("max_length", 512)
-        self._alternates = tokenize_qa_batch(tokenizer, self.template, self.rows[self.question_key], picks, max_length)
+        self._alternates = tokenize_qa_batch(tokenizer, self.template, self.rows[self.question_key], picks, max_length,
+                                             labels_cover_chat_tail=self.compat.labels_cover_chat_tail)
         n_cut = sum(t.truncated for t in self._alternates)
         if n_cut:
             log.warning("%s: %d of %d alternate answers cut to max_length=%d", self.name, n_cut, len(picks), max_length)

@@ -121,14 +121,20 @@ def tokenize_qa_batch(
     answers: Sequence[str],
     max_length: int,
     row_ids: Sequence[Any] | None = None,
+    labels_cover_chat_tail: bool = False,
 ) -> list[TokenizedQA]:
     """Tokenize (question, answer) pairs; labels are -100 on prompt tokens.
 
     The answer is cut (and the sample flagged ``truncated``) when prompt + answer exceed
     ``max_length``; a prompt that alone does not fit is an error, never a silent cut.
+
+    ``labels_cover_chat_tail`` (``compat=open_unlearning``): ``tokenize_qa_like_open_unlearning``.
     """
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
+    if labels_cover_chat_tail:
+        return [tokenize_qa_like_open_unlearning(tokenizer, template, q, a, max_length)
+                for q, a in zip(questions, answers)]
     prompts = [format_prompt(tokenizer, template, q) for q in questions]
     # Chat templates write their own BOS; plain prompts get the tokenizer's special tokens.
     prompt_ids = tokenizer(prompts, add_special_tokens=not template.apply_chat_template)["input_ids"]
@@ -148,6 +154,34 @@ def tokenize_qa_batch(
         a = a[:room]
         out.append(TokenizedQA(input_ids=list(p) + a, labels=[IGNORE_INDEX] * len(p) + a, truncated=truncated))
     return out
+
+
+def tokenize_qa_like_open_unlearning(tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, question: str,
+                                     answer: str, max_length: int) -> TokenizedQA:
+    """One (question, answer) pair as open-unlearning prepares it (its ``preprocess_chat_instance``).
+
+    The whole exchange is rendered and tokenized at once; the labels are every token after the prompt:
+    the answer, the end-of-turn token and whatever the chat template writes after it (ChatML's ``"\n"``),
+    plus the tokenizer's EOS appended when the tokens do not already end with it. With a chat
+    template nothing is cut (``max_length`` is not applied, as there); a plain-tags prompt is tokenized
+    with the tokenizer's special tokens and cut to ``max_length`` before the EOS is appended.
+    """
+    if template.apply_chat_template:
+        prompt_text = format_prompt(tokenizer, template, question)
+        full_text = _render_chat(tokenizer, template, question, answer)
+        prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        full = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+        truncated = False
+    else:
+        prompt_text = format_prompt(tokenizer, template, question)
+        prompt = tokenizer(prompt_text, add_special_tokens=True, max_length=max_length, truncation=True)["input_ids"]
+        whole = tokenizer(prompt_text + answer, add_special_tokens=True)["input_ids"]
+        truncated = len(whole) > max_length
+        full = whole[:max_length]
+    full = list(full)
+    if full[-1] != tokenizer.eos_token_id:
+        full.append(tokenizer.eos_token_id)
+    return TokenizedQA(input_ids=full, labels=[IGNORE_INDEX] * len(prompt) + full[len(prompt):], truncated=truncated)
 
 
 def to_sample(tok: TokenizedQA, index: int) -> dict[str, Any]:

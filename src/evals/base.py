@@ -40,6 +40,7 @@ from data.tofu import local_data_file
 from data.utils import DataFileError, check_rows_file
 from evals import passes
 from evals.metrics import get_metric
+from compat import compat_of
 from trainer.utils import on_main_process
 
 log = logging.getLogger(__name__)
@@ -172,6 +173,9 @@ class Evaluator:
         self.template_args = (OmegaConf.to_container(template_args, resolve=True)
                               if isinstance(template_args, DictConfig) else template_args)
         self.root_cfg = root_cfg
+        self.compat = compat_of(root_cfg)
+        if self.compat.plain_passes:
+            self.passes_mode = "plain"  # open-unlearning's batches: dataset order, model.generate
         self._datasets: dict[str, Any] = {}
         self._resolved_specs: dict[str, dict] = {}  # dataset spec -> resolved config (resolving copies root_cfg)
         self._token_stats_plan: dict[str, dict[str, Any]] = {}
@@ -347,7 +351,8 @@ class Evaluator:
         """Teacher-forced statistics of each dataset: together (``passes.token_stats_passes``), or one
         plain pass each (``passes=plain``)."""
         if self.passes_mode == "plain":
-            return [passes.plain_token_stats_pass(model, d, self.tokenizer, batch_size=batch_size) for d in datasets]
+            return [passes.plain_token_stats_pass(model, d, self.tokenizer, batch_size=batch_size, compat=self.compat)
+                    for d in datasets]
         return passes.token_stats_passes(model, datasets, self.tokenizer, batch_size=batch_size)
 
     def _run_pass(self, kind: str, spec: Any, mcfg: Mapping, model: torch.nn.Module, cache: dict) -> Any:
@@ -357,6 +362,8 @@ class Evaluator:
             gen_args = dict(mcfg.get("generation_args") or {})
             key = (kind, self._dataset_key(spec), _hash(gen_args))
             if key not in cache:
+                if self.passes_mode == "plain":
+                    gen_args["compat"] = self.compat
                 generate = passes.plain_generation_pass if self.passes_mode == "plain" else passes.generation_pass
                 cache[key] = generate(model, dataset, self.tokenizer, self.template_args, batch_size=batch_size,
                                       **gen_args)
@@ -456,6 +463,8 @@ class Evaluator:
         if "reference_logs" in spec.needs:
             kwargs["reference_logs"] = self._reference_logs(mcfg)
         log.info("%s: computing %s (%s)", self.name, name, spec.name)
+        if "compat" in inspect.signature(spec.fn).parameters:
+            kwargs["compat"] = self.compat
         cache[key] = spec.fn(**kwargs, **self._options(mcfg))
         return cache[key]
 
@@ -470,7 +479,8 @@ class Evaluator:
             return out
 
         return _hash({"metric": with_data(self.metrics_cfg[name]), "model": model_fingerprint(model_id),
-                      "template": self.template_args, "code": code_version(), "passes": self.passes_mode})
+                      "template": self.template_args, "code": code_version(), "passes": self.passes_mode,
+                      "compat": self.compat.name})
 
     # ----- entry point -----------------------------------------------------------------------------
     def evaluate(self, model: torch.nn.Module, output_dir: str | os.PathLike | None = None, trainer: Any = None,
@@ -519,6 +529,7 @@ class Evaluator:
             payload = self._every_result(results, cache, previous, reused)
             payload["_meta"] = {
                 "model": model_id, "code_version": code_version(), "evaluator": self.name, "passes": self.passes_mode,
+                "compat": self.compat.name,
                 "splits": {k: self.cfg.get(k) for k in ("forget_split", "holdout_split", "retain_logs_path")
                            if k in self.cfg},
                 "split_sizes": split_sizes,

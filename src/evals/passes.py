@@ -17,6 +17,7 @@ fixed batches in dataset order): a reference to check the fast passes against.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from compat import OURS, Compat
 from data.collators import DataCollatorForSupervisedDataset, pad_sequences
 from data.utils import IGNORE_INDEX, PromptTemplate, answer_end_token_id
 from evals.metrics import TokenStats
@@ -465,12 +467,14 @@ def generation_rows(batch_size: int | str, model: torch.nn.Module, longest_promp
     return max(1, min(AUTO_GENERATION_ROWS_MAX, rows))
 
 
-def _stop_criteria(tokenizer: Any, template_args: Any, stop_strings: Sequence[str]) -> tuple[list[str], list[int]]:
+def _stop_criteria(tokenizer: Any, template_args: Any, stop_strings: Sequence[str],
+                   compat: Compat = OURS) -> tuple[list[str], list[int]]:
     """``(stop strings, stop token ids)`` of a generation: the configured strings (plus, for a base model,
-    the tag closing an answer) and the end-of-answer and EOS token ids."""
+    the tag closing an answer, unless ``compat.generation_stops_at_eos_only``) and the end-of-answer and
+    EOS token ids."""
     template = PromptTemplate.from_config(template_args)
     stop_strings = list(stop_strings)
-    if not template.apply_chat_template and template.asst_end_tag.strip(" "):
+    if not template.apply_chat_template and template.asst_end_tag.strip(" ") and not compat.generation_stops_at_eos_only:
         stop_strings.append(template.asst_end_tag)  # base models: the tag that closes an answer
     stop_ids = sorted({answer_end_token_id(tokenizer, template), tokenizer.eos_token_id} - {None})
     return stop_strings, stop_ids
@@ -486,12 +490,16 @@ def _generation_prompts(dataset: Any) -> dict[int, torch.Tensor]:
 
 
 def _generate(model: torch.nn.Module, prompts: Sequence[torch.Tensor], tokenizer: Any, max_new_tokens: int,
-              stop_ids: Sequence[int]) -> list[list[int]]:
-    """``model.generate(do_sample=False)`` of left-padded prompts (with their attention mask); the new tokens of
-    each row up to its first stop token, included (what follows it is padding)."""
+              stop_ids: Sequence[int], attention_mask_from_pad: bool = False) -> list[list[int]]:
+    """``model.generate(do_sample=False)`` of left-padded prompts (with their attention mask: 1 on every
+    prompt token, or ``ids != pad id`` with ``attention_mask_from_pad``); the new tokens of each row up to
+    its first stop token, included (what follows it is padding)."""
     device = _device(model)
     ids = pad_sequences(list(prompts), tokenizer.pad_token_id, "left").to(device)
-    attn = pad_sequences([torch.ones_like(p) for p in prompts], 0, "left").to(device)
+    if attention_mask_from_pad:
+        attn = ids.ne(tokenizer.pad_token_id).long()
+    else:
+        attn = pad_sequences([torch.ones_like(p) for p in prompts], 0, "left").to(device)
     generated = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
                                do_sample=False, eos_token_id=list(stop_ids), pad_token_id=tokenizer.pad_token_id)
     stop = set(stop_ids)
@@ -503,15 +511,31 @@ def _generate(model: torch.nn.Module, prompts: Sequence[torch.Tensor], tokenizer
 
 
 def _generation_records(dataset: Any, tokenizer: Any, indices: Sequence[int], new_tokens: Sequence[Sequence[int]],
-                        stop_strings: Sequence[str]) -> dict[int, dict]:
-    """``{"input", "ground_truth", "generation"}`` per index: the decoded tokens cut at the first stop string, stripped."""
+                        stop_strings: Sequence[str], texts_from_tokens: bool = False) -> dict[int, dict]:
+    """``{"input", "ground_truth", "generation"}`` per index: the decoded tokens cut at the first stop string, stripped.
+
+    ``input`` and ``ground_truth`` are the row's question and (first) answer; with ``texts_from_tokens``
+    (``compat.rouge_texts_from_tokens``) they are derived from the tokens as open-unlearning does: the
+    decoded prompt, and the decoded sample with the decoded prompt removed, stripped (special tokens
+    skipped and tokenization spaces cleaned up, in the generation too).
+    """
+    decode = functools.partial(tokenizer.decode, skip_special_tokens=True,
+                               **({"clean_up_tokenization_spaces": True} if texts_from_tokens else {}))
     out = {}
-    for i, text in zip(indices, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+    for i, tokens in zip(indices, new_tokens):
+        text = decode(list(tokens))
         for stop in stop_strings:
             if stop and stop in text:
                 text = text.split(stop)[0]
-        out[i] = {"input": dataset.rows[i][dataset.question_key], "ground_truth": _answers(dataset, i)[0],
-                  "generation": text.strip()}
+        if texts_from_tokens:
+            item = dataset[i]
+            sample = item[0] if isinstance(item, list) else item
+            prompt_text = decode(_split_prompt(sample)[0].tolist())
+            record = {"input": prompt_text,
+                      "ground_truth": decode(sample["input_ids"].tolist()).replace(prompt_text, "").strip()}
+        else:
+            record = {"input": dataset.rows[i][dataset.question_key], "ground_truth": _answers(dataset, i)[0]}
+        out[i] = {**record, "generation": text.strip()}
     return out
 
 
@@ -585,15 +609,18 @@ def grad_norm_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any) -> dict
 PLAIN_AUTO_GENERATION_ROWS = 32
 
 
-def plain_token_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def plain_token_stats(logits: torch.Tensor, targets: torch.Tensor,
+                      float32: bool = False) -> tuple[torch.Tensor, ...]:
     """Per row of ``[N, V]`` logits: ``(log p(target), E_p[log p], std_p[log p], argmax == target)``, written out.
 
     ``log p = torch.log_softmax(logits)`` in float64 over the whole vocabulary, then
     ``E_p[log p] = sum_v p(v) log p(v)``, ``std_p[log p] = sqrt(sum_v p(v) (log p(v) - E_p[log p])^2)``
     and ``argmax(logits) == target`` (first index on a tie). The same values as ``answer_token_stats``,
-    computed independently of it (float64 tensors, one pass per formula).
+    computed independently of it (float64 tensors, one pass per formula). ``float32``
+    (``compat.float32_log_probs``): in float32, as open-unlearning's cross-entropy is, which is off by
+    up to ~1e-4 in a mean answer NLL over a 49k-token vocabulary.
     """
-    logp = torch.log_softmax(logits.double(), dim=-1)
+    logp = torch.log_softmax(logits.float() if float32 else logits.double(), dim=-1)
     p = logp.exp()
     mean = (p * logp).sum(-1)
     std = (p * (logp - mean.unsqueeze(-1)) ** 2).sum(-1).sqrt()
@@ -603,7 +630,7 @@ def plain_token_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torc
 
 @torch.inference_mode()
 def plain_token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any,
-                           batch_size: int = 32) -> dict[int, list[TokenStats]]:
+                           batch_size: int = 32, compat: Compat = OURS) -> dict[int, list[TokenStats]]:
     """``token_stats_pass`` computed plainly: per dataset index, one ``TokenStats`` per answer.
 
     The (question, answer) rows of the dataset (every answer of a list is a row) are taken in dataset
@@ -612,47 +639,73 @@ def plain_token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any,
     cache, no prompt shared between rows. Answer token ``t`` is scored by the logits of position
     ``t - 1`` (``plain_token_stats``). With several processes each takes a strided share of the
     indices and the results are gathered.
+
+    ``compat`` (open-unlearning's numerics): the mask is ``ids != pad id`` (``attention_mask_from_pad``);
+    with ``float32_log_probs`` the batches are its batches (``batch_size`` items, then one batch per
+    answer position) and ``logp`` is its float32 cross-entropy over the ``[B, V, L]`` logits, whose
+    rounding depends on that layout.
     """
-    collate = DataCollatorForSupervisedDataset(tokenizer, padding_side="right")
+    collate = DataCollatorForSupervisedDataset(tokenizer, padding_side="right",
+                                               attention_mask_from_pad=compat.attention_mask_from_pad)
     device = _device(model)
-    rows = []
-    for i in rank_shard(range(len(dataset))):
-        item = dataset[i]
-        rows += [(i, sample) for sample in (item if isinstance(item, list) else [item])]
+    batches = _open_unlearning_batches(dataset, batch_size) if compat.float32_log_probs else \
+        _chunks([(i, sample) for i in rank_shard(range(len(dataset)))
+                 for sample in (lambda item: item if isinstance(item, list) else [item])(dataset[i])], batch_size)
     out: dict[int, list[TokenStats]] = {}
-    for chunk in _chunks(rows, batch_size):
+    for chunk in batches:
         batch = collate([sample for _, sample in chunk])
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device)).logits
+        labels = batch["labels"].to(device)
+        if compat.float32_log_probs:
+            nll = F.cross_entropy(logits[:, :-1].float().transpose(-1, -2), labels[:, 1:], ignore_index=IGNORE_INDEX,
+                                  reduction="none")
         for row, (i, _) in enumerate(chunk):
-            targets = batch["labels"][row, 1:].to(device)
+            targets = labels[row, 1:]
             scored = targets != IGNORE_INDEX
-            logp, mean, std, match = (v.cpu().numpy() for v in plain_token_stats(logits[row, :-1][scored],
-                                                                                  targets[scored]))
+            logp, mean, std, match = (v.cpu().numpy() for v in plain_token_stats(
+                logits[row, :-1][scored], targets[scored], float32=compat.float32_log_probs))
+            if compat.float32_log_probs:
+                logp = -nll[row][scored].cpu().numpy()
             answers = out.setdefault(i, [])  # rows of one item come in answer order
             answers.append(TokenStats(logp=logp, mean_logp=mean, std_logp=std, argmax_match=match,
                                       answer_text=_answers(dataset, i)[len(answers)]))
     return gather_dicts(out)
 
 
+def _open_unlearning_batches(dataset: Any, batch_size: int) -> list[list[tuple[int, dict]]]:
+    """This rank's ``(index, sample)`` rows in open-unlearning's batches: ``batch_size`` items at a time in
+    dataset order, and for items with several answers one batch per answer position."""
+    batches = []
+    for items in _chunks(rank_shard(range(len(dataset))), batch_size):
+        groups = {i: (lambda item: item if isinstance(item, list) else [item])(dataset[i]) for i in items}
+        for k in range(max(len(g) for g in groups.values())):
+            batches.append([(i, g[k]) for i, g in groups.items() if k < len(g)])
+    return batches
+
+
 @torch.inference_mode()
 def plain_generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, template_args: Any = None,
                           batch_size: int | str = 32, max_new_tokens: int = 200,
-                          stop_strings: Sequence[str] = ()) -> dict[int, dict]:
+                          stop_strings: Sequence[str] = (), compat: Compat = OURS) -> dict[int, dict]:
     """``generation_pass`` computed plainly: ``model.generate`` (greedy) of the prompts in dataset order.
 
     The prompts are those of ``generation_pass`` (the tokens of each sample before its answer), run
     ``batch_size`` at a time (``"auto"``: ``PLAIN_AUTO_GENERATION_ROWS``, 32), left-padded with their
     attention mask, through ``model.generate(do_sample=False)`` with the same stop tokens and
     ``max_new_tokens``; the text is cut at the same stop strings and stripped. Same result layout.
+    ``compat`` switches the mask, the stop strings and the texts as open-unlearning has them
+    (``attention_mask_from_pad``, ``generation_stops_at_eos_only``, ``rouge_texts_from_tokens``).
     """
-    stop_strings, stop_ids = _stop_criteria(tokenizer, template_args, stop_strings)
+    stop_strings, stop_ids = _stop_criteria(tokenizer, template_args, stop_strings, compat)
     prompts = _generation_prompts(dataset)
     rows = PLAIN_AUTO_GENERATION_ROWS if batch_size == "auto" else generation_rows(batch_size, model, 0, 0)
     out: dict[int, dict] = {}
     for chunk in _chunks(list(prompts), rows):
-        new_tokens = _generate(model, [prompts[i] for i in chunk], tokenizer, max_new_tokens, stop_ids)
-        out.update(_generation_records(dataset, tokenizer, chunk, new_tokens, stop_strings))
+        new_tokens = _generate(model, [prompts[i] for i in chunk], tokenizer, max_new_tokens, stop_ids,
+                               attention_mask_from_pad=compat.attention_mask_from_pad)
+        out.update(_generation_records(dataset, tokenizer, chunk, new_tokens, stop_strings,
+                                       texts_from_tokens=compat.rouge_texts_from_tokens))
     return gather_dicts(out)
 
 

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from compat import OURS, Compat
+
 from . import _mean_or_none, _require, _result, _sorted_keys, register_metric
 
 
@@ -26,12 +28,14 @@ def exact_memorization_score(match: Sequence[bool] | np.ndarray) -> float:
     return float(np.mean(match))
 
 
-def extraction_strength_score(match: Sequence[bool] | np.ndarray) -> float:
+def extraction_strength_score(match: Sequence[bool] | np.ndarray, floor_at_one_token: bool = False) -> float:
     """ES = 1 - k / T' with k the smallest k in [0, T'] such that every prediction from position k on is
     exact, i.e. the shortest prefix after which the model completes the answer verbatim (Carlini et al. 2021
     extraction; "extraction strength", Wang et al. 2025). All exact -> 1; last token wrong -> 0.
 
     ``match`` holds the T' answer tokens to score (EOS excluded); it must be non-empty.
+    ``floor_at_one_token`` (``compat.extraction_strength_floor``): k is at most T' - 1, so the score is
+    at least 1/T' (open-unlearning's search stops at the last suffix without testing the empty one).
     """
     match = np.asarray(match, dtype=bool).reshape(-1)
     n = match.size
@@ -39,6 +43,8 @@ def extraction_strength_score(match: Sequence[bool] | np.ndarray) -> float:
         raise ValueError("extraction_strength_score of an empty answer")
     wrong = np.flatnonzero(~match)
     k = 0 if wrong.size == 0 else int(wrong[-1]) + 1
+    if floor_at_one_token:
+        k = min(k, n - 1)
     return float(1.0 - k / n)
 
 
@@ -77,6 +83,7 @@ def exact_memorization_metric(*, token_stats=None, **_: object) -> dict:
     needs=("token_stats",),
     description="1 - (shortest prefix fraction after which the answer is predicted verbatim), EOS excluded",
 )
-def extraction_strength_metric(*, token_stats=None, **_: object) -> dict:
+def extraction_strength_metric(*, token_stats=None, compat: Compat = OURS, **_: object) -> dict:
     """Per index {"score": ES} of the first answer (EOS excluded); agg = mean. Higher = more memorised."""
-    return _memorization(token_stats, extraction_strength_score, "extraction_strength")
+    floor = compat.extraction_strength_floor
+    return _memorization(token_stats, lambda m: extraction_strength_score(m, floor), "extraction_strength")
