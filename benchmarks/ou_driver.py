@@ -51,6 +51,7 @@ def main() -> None:
     src = os.path.join(os.path.abspath(args.checkout), "src")
     sys.path.insert(0, src)
     import data.qa
+
     import data.utils
 
     loader = _local_tofu_loader(os.path.abspath(args.tofu), data.utils.load_hf_dataset)

@@ -32,7 +32,6 @@ What the script does, in order:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -264,9 +263,76 @@ def run_our_eval(folder: Path, tofu: Path, out: Path, compat: bool, max_new_toke
 
 
 def _generation_overrides(max_new_tokens: int) -> list[str]:
-    return ["eval.tofu.metrics.forget_Q_A_ROUGE.generation_args.max_new_tokens=%d" % max_new_tokens,
+    return [f"eval.tofu.metrics.forget_Q_A_ROUGE.generation_args.max_new_tokens={max_new_tokens}",
             *[f"eval.tofu.metrics.model_utility.pre_compute.{p}_Q_A_ROUGE.generation_args.max_new_tokens="
               f"{max_new_tokens}" for p in ("retain", "ra", "wf")]]
+
+
+#: The GradDiff workload's schedule, the same on both sides: constant learning rate, no warmup (its
+#: ``warmup_epochs`` divides by the number of GPUs, 0 on a CPU), AdamW, fp32, no evaluation.
+GRADDIFF_ARGS = {"max_steps": 10, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                 "learning_rate": 1e-5, "weight_decay": 0.01, "lr_scheduler_type": "constant", "warmup_steps": 0,
+                 "optim": "adamw_torch", "bf16": False, "bf16_full_eval": False, "logging_steps": 1,
+                 "report_to": "none", "save_strategy": "no", "eval_strategy": "no", "eval_on_start": False,
+                 "seed": 0}
+
+
+def run_ou_graddiff(ou_python: Path, checkout: Path, folder: Path, tofu: Path, out: Path) -> dict[str, Any]:
+    timings = out / "ou_timings.json"
+    run_dir = out / "ou"
+    cmd = [str(ou_python), str(DRIVER), "--checkout", str(checkout), "--tofu", str(tofu), "--timings", str(timings),
+           "train", "--config-name=unlearn.yaml", "experiment=unlearn/tofu/default", "trainer=GradDiff",
+           "forget_split=forget01", "retain_split=retain99", "holdout_split=holdout01",
+           *ou_model_overrides(folder), "++trainer.args.warmup_epochs=0", "++trainer.args.do_eval=false",
+           *[f"++trainer.args.{k}={_hydra(v)}" for k, v in GRADDIFF_ARGS.items()],  # ++: set, or add if absent
+           "task_name=vs_ours", f"paths.output_dir={run_dir}"]
+    wall = _timed(cmd, checkout, out / "ou_train.log")
+    state = json.loads((run_dir / "trainer_state.json").read_text())
+    return {"wall_s": wall, **json.loads(timings.read_text()), **_training_figures(state["log_history"])}
+
+
+def run_our_graddiff(folder: Path, tofu: Path, out: Path, compat: bool) -> dict[str, Any]:
+    name = "ours_compat" if compat else "ours"
+    run_dir = out / name
+    cmd = [sys.executable, "src/train.py", "--config-name=unlearn.yaml", "model=SmolLM2-135M-Instruct",
+           f"model.model_args.pretrained_model_name_or_path={folder}", "trainer=GradDiff",
+           "data.forget=TOFU_QA_FORGET01", "data.retain=TOFU_QA_RETAIN99", "data.eval=null", f"paths.tofu={tofu}",
+           *[f"trainer.args.{k}={_hydra(v)}" for k, v in GRADDIFF_ARGS.items()],
+           "trainer.args.disable_tqdm=true", f"paths.output_dir={run_dir}",
+           f"compat={'open_unlearning' if compat else 'null'}"]
+    wall = _timed(cmd, REPO, out / f"{name}_train.log")
+    history = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    return {"wall_s": wall, **_training_figures(history)}
+
+
+def _hydra(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _training_figures(history: list[dict]) -> dict[str, Any]:
+    """The Trainer's own figures from its log history: step losses, train_runtime, steps per second."""
+    final = next((e for e in reversed(history) if "train_runtime" in e), {})
+    return {"losses": [e["loss"] for e in history if "loss" in e and "train_runtime" not in e],
+            "train_runtime_s": final.get("train_runtime"), "train_steps_per_second": final.get("train_steps_per_second")}
+
+
+def graddiff_workload(ou_python: Path, checkout: Path, legacy: Path, our_folder: Path, tofu: Path, work: Path,
+                      args: argparse.Namespace) -> dict[str, Any]:
+    out = work / "graddiff"
+    out.mkdir(exist_ok=True)
+    theirs = run_ou_graddiff(ou_python, checkout, legacy, tofu, out)
+    entry: dict[str, Any] = {"open_unlearning": theirs, "args": GRADDIFF_ARGS}
+    for compat in (True, False):
+        ours = run_our_graddiff(our_folder, tofu, out, compat)
+        ours["speedup_wall"] = theirs["wall_s"] / ours["wall_s"]
+        if theirs["train_runtime_s"] and ours["train_runtime_s"]:
+            ours["speedup_train_runtime"] = theirs["train_runtime_s"] / ours["train_runtime_s"]
+        pairs = list(zip(theirs["losses"], ours["losses"]))
+        ours["loss_max_abs_diff"] = max((abs(a - b) for a, b in pairs), default=None)
+        ours["matches"] = bool(pairs) and len(theirs["losses"]) == len(ours["losses"]) and \
+            ours["loss_max_abs_diff"] <= TOLERANCE
+        entry["ours_compat" if compat else "ours"] = ours
+    return entry
 
 
 # ----- comparing --------------------------------------------------------------------------------------
@@ -362,6 +428,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for workload in [w.strip() for w in args.workloads.split(",") if w.strip()]:
         if workload == "eval":
             result["workloads"]["eval"] = eval_workload(ou_python, checkout, legacy, our_folder, tofu, work, args)
+        elif workload == "graddiff":
+            result["workloads"]["graddiff"] = graddiff_workload(ou_python, checkout, legacy, our_folder, tofu, work,
+                                                                args)
         else:
             raise ValueError(f"unknown workload {workload!r}; valid: eval, graddiff")
         _write(result, args.out)

@@ -40,6 +40,12 @@ class Compat:
         rouge_texts_from_tokens: ROUGE's ground truth is the decoded labels minus the decoded prompt
             and the ``input`` field is the decoded prompt (``clean_up_tokenization_spaces``), as
             open-unlearning derives them; ours: the dataset's answer and question strings.
+        simnpo_delta_before_scaling: SimNPO's ``delta`` is subtracted before the scaling by beta,
+            ``log sigmoid(beta * (A - delta))``, as open-unlearning's config value means it; ours (the
+            paper's): ``log sigmoid(beta * A - delta)``.
+        retain_partners_from_global_rng: each forget sample's retain partner is drawn when the item is read,
+            with ``torch.randint`` on torch's global generator (``data.unlearn.ForgetRetainDataset``); ours:
+            a pure function of (seed, rank, epoch, index).
         float32_log_probs: teacher-forced log-probabilities in float32, as open-unlearning's cross-entropy
             (a mean answer NLL then differs from the exact value by up to ~1e-4); ours: float64.
         generation_stops_at_eos_only: a base model's generation is not cut at the tag closing an answer
@@ -54,12 +60,15 @@ class Compat:
     rouge_texts_from_tokens: bool = False
     generation_stops_at_eos_only: bool = False
     float32_log_probs: bool = False
+    simnpo_delta_before_scaling: bool = False
+    retain_partners_from_global_rng: bool = False
 
 
 OURS = Compat()
 OPEN_UNLEARNING = Compat(name="open_unlearning", labels_cover_chat_tail=True, attention_mask_from_pad=True,
                          plain_passes=True, extraction_strength_floor=True, rouge_texts_from_tokens=True,
-                         generation_stops_at_eos_only=True, float32_log_probs=True)
+                         generation_stops_at_eos_only=True, float32_log_probs=True,
+                         simnpo_delta_before_scaling=True, retain_partners_from_global_rng=True)
 
 
 def get_compat(value: Any) -> Compat:

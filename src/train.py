@@ -28,10 +28,10 @@ from accelerate import PartialState  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
+from compat import get_compat  # noqa: E402
 from data import check_eval_splits, get_collator, get_data  # noqa: E402
 from evals import get_evaluators  # noqa: E402
 from model import get_model  # noqa: E402
-from compat import get_compat  # noqa: E402
 from run_folder import RunFolder  # noqa: E402
 from trainer import check_mode, evaluates, load_trainer  # noqa: E402
 from trainer.utils import on_main_process  # noqa: E402
@@ -94,7 +94,7 @@ def run(cfg: DictConfig) -> Path:
         trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
         trainer_cfg["args"].pop("resume_from_checkpoint", None)  # the checkpoint goes to train() below
         trainer = load_trainer(trainer_cfg, model, data["train"], data["eval"], tokenizer, collator,
-                               output_dir=str(staging), evaluators=evaluators)
+                               output_dir=str(staging), evaluators=evaluators, compat=cfg.get("compat"))
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         trainer.save_model(str(staging))
         if state.is_main_process:

@@ -140,6 +140,7 @@ def get_data(data_cfg: DictConfig | Mapping, mode: str, tokenizer: PreTrainedTok
             raise ValueError(f"data.forget is required to unlearn; valid names: {', '.join(available_datasets())}")
         forget, retain = build("forget"), build("retain")
         paired = ForgetRetainDataset(forget, retain, seed=seed, rank=rank,
+                                     retain_from_global_rng=compat_of(root_cfg).retain_partners_from_global_rng,
                                      retain_pairing=data_cfg.get("retain_pairing") or "random")
         return {"train": paired, "eval": build("eval"),
                 "forget": forget, "retain": retain}

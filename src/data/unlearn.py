@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import torch
 from torch.utils.data import Dataset
 
 RETAIN_PAIRINGS = ("random", "length_matched")
@@ -30,10 +31,13 @@ class ForgetRetainDataset(Dataset):
         seed: base seed of the draws.
         rank: process index in distributed runs.
         retain_pairing: ``random`` (default) or ``length_matched``.
+        retain_from_global_rng: ``compat.retain_partners_from_global_rng``: ``j`` is drawn when the item is
+            read, with ``torch.randint`` from torch's global generator, as open-unlearning draws it (the
+            pairs then depend on everything else that uses that generator, and are the same on every rank).
     """
 
     def __init__(self, forget: Dataset, retain: Dataset | None = None, seed: int = 0, rank: int = 0,
-                 retain_pairing: str = "random"):
+                 retain_pairing: str = "random", retain_from_global_rng: bool = False):
         if len(forget) == 0:
             raise ValueError("the forget set is empty: nothing to unlearn")
         if retain is not None and len(retain) == 0:
@@ -42,6 +46,7 @@ class ForgetRetainDataset(Dataset):
             raise ValueError(f"retain_pairing={retain_pairing!r}; valid: {', '.join(RETAIN_PAIRINGS)}")
         self.forget, self.retain = forget, retain
         self.seed, self.rank, self.epoch = seed, rank, 0
+        self.retain_from_global_rng = retain_from_global_rng
         self._retain_by_length: list[int] = []
         self._retain_slices: list[tuple[int, int]] = []
         if retain is not None and retain_pairing == "length_matched":
@@ -64,6 +69,8 @@ class ForgetRetainDataset(Dataset):
         self.epoch = epoch
 
     def retain_index(self, index: int) -> int:
+        if self.retain_from_global_rng:
+            return int(torch.randint(0, len(self.retain), (1,)).item())
         rng = random.Random(f"{self.seed}-{self.rank}-{self.epoch}-{index}")
         if not self._retain_slices:
             return rng.randrange(len(self.retain))

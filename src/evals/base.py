@@ -35,12 +35,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from compat import compat_of
 from data import build_dataset, dataset_config
 from data.tofu import local_data_file
 from data.utils import DataFileError, check_rows_file
 from evals import passes
 from evals.metrics import get_metric
-from compat import compat_of
 from trainer.utils import on_main_process
 
 log = logging.getLogger(__name__)

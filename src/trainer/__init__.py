@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import TrainingArguments
 
 from checks import BadValueError, check_number
+from compat import get_compat
 from trainer.base import FinetuneTrainer
 from trainer.unlearn.altpo import AltPO
 from trainer.unlearn.base import UnlearningTrainer
@@ -235,8 +236,10 @@ def build_training_args(args: Mapping[str, Any], output_dir: str) -> TrainingArg
 
 def load_trainer(trainer_cfg: DictConfig | Mapping, model: torch.nn.Module, train_dataset: Any = None,
                  eval_dataset: Any = None, tokenizer: Any = None, data_collator: Any = None,
-                 output_dir: str = "saves/tmp", evaluators: Mapping[str, Any] | None = None) -> FinetuneTrainer:
-    """Build the trainer named by ``trainer.handler`` with ``trainer.args`` and ``trainer.method_args``."""
+                 output_dir: str = "saves/tmp", evaluators: Mapping[str, Any] | None = None,
+                 compat: Any = None) -> FinetuneTrainer:
+    """Build the trainer named by ``trainer.handler`` with ``trainer.args`` and ``trainer.method_args``;
+    ``compat`` is the run's root ``compat`` mode (``compat.get_compat``)."""
     handler = trainer_cfg.get("handler")
     if handler not in TRAINER_REGISTRY:
         raise ValueError(f"unknown trainer handler {handler!r}; registered: {', '.join(sorted(TRAINER_REGISTRY))}")
@@ -250,7 +253,7 @@ def load_trainer(trainer_cfg: DictConfig | Mapping, model: torch.nn.Module, trai
     check_metric_for_best_model(training_args, eval_dataset, evaluators)
     kwargs = dict(model=model, args=training_args,
                   train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
-                  data_collator=data_collator, evaluators=evaluators)
+                  data_collator=data_collator, evaluators=evaluators, compat=get_compat(compat))
     return cls(**kwargs, **method_args)
 
 

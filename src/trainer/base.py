@@ -14,6 +14,7 @@ from transformers import Trainer
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from compat import OURS, Compat, get_compat
 from trainer.answer_nll import answer_token_nll, check_nll_impl
 from trainer.losses import token_mean
 
@@ -41,9 +42,10 @@ class FinetuneTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, evaluators: Mapping[str, Any] | None = None, nll_impl: str = "logits",
-                 **kwargs: Any):
+                 compat: Compat = OURS, **kwargs: Any):
         check_nll_impl(nll_impl)  # the name, before the Trainer's set-up; the model's needs below
         self.nll_impl = nll_impl
+        self.compat = get_compat(compat)  # the run's root `compat` (methods read its switches)
         self.evaluators = dict(evaluators or {})
         args_obj = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
         strategy = getattr(args_obj, "eval_strategy", "no")
@@ -254,5 +256,5 @@ class FinetuneTrainer(Trainer):
         finally:
             model.train(was_training)
         if metrics:
-            self.log(metrics)
+            self.log(dict(metrics))  # a copy: Trainer.log adds "epoch" to the dict it is given
         return metrics

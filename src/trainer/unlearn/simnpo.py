@@ -21,7 +21,8 @@ class SimNPO(UnlearningTrainer):
         beta: inverse temperature (> 0).
         delta: reward margin (the paper's ``gamma``), subtracted after the scaling by ``beta``; 0 in the
             paper's TOFU runs. open-unlearning subtracts its delta before the scaling
-            (``beta * (A - delta')``): convert with ``delta = beta * delta'`` (docs/methods.md).
+            (``beta * (A - delta')``): convert with ``delta = beta * delta'`` (docs/methods.md), or run with
+            ``compat=open_unlearning``, which reads ``delta`` in its units.
         gamma: weight of the forget term.
         alpha: weight of the retain term.
         retain_loss_type: ``NLL``, ``KL`` (loads a frozen reference model), or null for no retain term.
@@ -38,6 +39,8 @@ class SimNPO(UnlearningTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False):
         forget = inputs["forget"]
-        forget_loss = simnpo_loss(per_sample_mean(*self.answer_nll(model, forget)), self.beta, self.delta)
+        # compat=open_unlearning: its delta is subtracted before the scaling, beta * (A - delta)
+        delta = self.beta * self.delta if self.compat.simnpo_delta_before_scaling else self.delta
+        forget_loss = simnpo_loss(per_sample_mean(*self.answer_nll(model, forget)), self.beta, delta)
         loss = self.weighted_total(model, inputs, forget_loss)
         return (loss, {}) if return_outputs else loss
