@@ -617,8 +617,8 @@ def plain_token_stats(logits: torch.Tensor, targets: torch.Tensor,
     ``E_p[log p] = sum_v p(v) log p(v)``, ``std_p[log p] = sqrt(sum_v p(v) (log p(v) - E_p[log p])^2)``
     and ``argmax(logits) == target`` (first index on a tie). The same values as ``answer_token_stats``,
     computed independently of it (float64 tensors, one pass per formula). ``float32``
-    (``compat.float32_log_probs``): in float32, as open-unlearning's cross-entropy is, which is off by
-    up to ~1e-4 in a mean answer NLL over a 49k-token vocabulary.
+    (``compat.float32_log_probs``): the same formulas in float32, as open-unlearning computes them
+    (its answer log-probabilities themselves come from its cross-entropy: ``plain_token_stats_pass``).
     """
     logp = torch.log_softmax(logits.float() if float32 else logits.double(), dim=-1)
     p = logp.exp()
@@ -649,8 +649,7 @@ def plain_token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any,
                                                attention_mask_from_pad=compat.attention_mask_from_pad)
     device = _device(model)
     batches = _open_unlearning_batches(dataset, batch_size) if compat.float32_log_probs else \
-        _chunks([(i, sample) for i in rank_shard(range(len(dataset)))
-                 for sample in (lambda item: item if isinstance(item, list) else [item])(dataset[i])], batch_size)
+        _chunks([(i, sample) for i in rank_shard(range(len(dataset))) for sample in _samples(dataset[i])], batch_size)
     out: dict[int, list[TokenStats]] = {}
     for chunk in batches:
         batch = collate([sample for _, sample in chunk])
@@ -673,12 +672,17 @@ def plain_token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any,
     return gather_dicts(out)
 
 
+def _samples(item: Any) -> list[dict]:
+    """The samples of a dataset item: itself, or its list of samples (one per answer)."""
+    return item if isinstance(item, list) else [item]
+
+
 def _open_unlearning_batches(dataset: Any, batch_size: int) -> list[list[tuple[int, dict]]]:
     """This rank's ``(index, sample)`` rows in open-unlearning's batches: ``batch_size`` items at a time in
     dataset order, and for items with several answers one batch per answer position."""
     batches = []
     for items in _chunks(rank_shard(range(len(dataset))), batch_size):
-        groups = {i: (lambda item: item if isinstance(item, list) else [item])(dataset[i]) for i in items}
+        groups = {i: _samples(dataset[i]) for i in items}
         for k in range(max(len(g) for g in groups.values())):
             batches.append([(i, g[k]) for i, g in groups.items() if k < len(g)])
     return batches
