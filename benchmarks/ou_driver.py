@@ -44,7 +44,8 @@ def main() -> None:
     parser.add_argument("--tofu", required=True, help="folder of TOFU json files")
     parser.add_argument("--timings", required=True, help="where to write the timings (JSON)")
     parser.add_argument("entry", choices=["eval", "train"])
-    parser.add_argument("overrides", nargs="*")
+    # REMAINDER: Hydra options such as --config-name=unlearn.yaml pass through untouched
+    parser.add_argument("overrides", nargs=argparse.REMAINDER)
     args = parser.parse_args()
 
     started = time.perf_counter()
