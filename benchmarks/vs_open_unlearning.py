@@ -51,7 +51,7 @@ import common  # noqa: E402  (puts src/ on sys.path)
 REPO = common.REPO
 DRIVER = Path(__file__).resolve().parent / "ou_driver.py"
 #: Requirements of open-unlearning that need a GPU; the comparison runs without them (its default
-#: optimiser, paged_adamw_32bit, is bitsandbytes': both sides train with adamw_torch here).
+#: optimiser, paged_adamw_32bit, is bitsandbytes': it trains with ``OU_OPTIM`` here).
 SKIPPED_REQUIREMENTS = ("bitsandbytes",)
 #: Built from source with no compiled ops (its import is needed: open-unlearning's RMU imports it).
 BUILT_WITHOUT_ISOLATION = ("deepspeed",)
@@ -269,10 +269,14 @@ def _generation_overrides(max_new_tokens: int) -> list[str]:
 
 
 #: The GradDiff workload's schedule, the same on both sides: constant learning rate, no warmup (its
-#: ``warmup_epochs`` divides by the number of GPUs, 0 on a CPU), AdamW, fp32, no evaluation.
+#: ``warmup_epochs`` divides by the number of GPUs, 0 on a CPU), AdamW, fp32, no evaluation. The
+#: optimiser is each framework's own: open-unlearning's default (bitsandbytes' paged_adamw_32bit) needs a
+#: GPU, so it gets transformers' default ``adamw_torch`` (``OU_OPTIM``); ours keeps its default
+#: ``adamw_torch_fused`` (the same updates in one kernel: the compat loss check covers it).
+OU_OPTIM = "adamw_torch"
 GRADDIFF_ARGS = {"max_steps": 10, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
                  "learning_rate": 1e-5, "weight_decay": 0.01, "lr_scheduler_type": "constant", "warmup_steps": 0,
-                 "optim": "adamw_torch", "bf16": False, "bf16_full_eval": False, "logging_steps": 1,
+                 "bf16": False, "bf16_full_eval": False, "logging_steps": 1,
                  "report_to": "none", "save_strategy": "no", "eval_strategy": "no", "eval_on_start": False,
                  "seed": 0}
 
@@ -285,6 +289,7 @@ def run_ou_graddiff(ou_python: Path, checkout: Path, folder: Path, tofu: Path, o
            "forget_split=forget01", "retain_split=retain99", "holdout_split=holdout01",
            *ou_model_overrides(folder), "++trainer.args.warmup_epochs=0", "++trainer.args.do_eval=false",
            *[f"++trainer.args.{k}={_hydra(v)}" for k, v in GRADDIFF_ARGS.items()],  # ++: set, or add if absent
+           f"++trainer.args.optim={OU_OPTIM}",
            "task_name=vs_ours", f"paths.output_dir={run_dir}"]
     wall = _timed(cmd, checkout, out / "ou_train.log")
     state = json.loads((run_dir / "trainer_state.json").read_text())
@@ -321,7 +326,7 @@ def graddiff_workload(ou_python: Path, checkout: Path, legacy: Path, our_folder:
     out = work / "graddiff"
     out.mkdir(exist_ok=True)
     theirs = run_ou_graddiff(ou_python, checkout, legacy, tofu, out)
-    entry: dict[str, Any] = {"open_unlearning": theirs, "args": GRADDIFF_ARGS}
+    entry: dict[str, Any] = {"open_unlearning": theirs, "args": GRADDIFF_ARGS, "open_unlearning_optim": OU_OPTIM}
     for compat in (True, False):
         ours = run_our_graddiff(our_folder, tofu, out, compat)
         ours["speedup_wall"] = theirs["wall_s"] / ours["wall_s"]

@@ -81,7 +81,10 @@ def _host_reads(tofu_dir, tmp_path, monkeypatch, trainer: str, forget: str, *ext
     overrides = ["model=tiny-random-llama", f"trainer={trainer}", f"data.forget={forget}",
                  "data.retain=TOFU_QA_RETAIN90", f"paths.tofu={tofu_dir}", "trainer.args.max_steps=3",
                  "trainer.args.per_device_train_batch_size=2", "trainer.args.gradient_accumulation_steps=1",
-                 "trainer.args.logging_steps=100", "trainer.args.disable_tqdm=true", *extra]
+                 "trainer.args.logging_steps=100", "trainer.args.disable_tqdm=true",
+                 # these counts are about GPU steps: packing (pack_rows=auto packs on a CPU only) builds its
+                 # layout from the token ids on the host
+                 "trainer.method_args.pack_rows=false", *extra]
     with counter:
         train_in_process(tmp_path / "run", overrides)
     assert callback.steps == 3

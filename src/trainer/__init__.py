@@ -84,7 +84,7 @@ def method_arg_names(cls: type) -> list[str]:
             params = inspect.signature(klass.__dict__["__init__"]).parameters.values()
             names += [p.name for p in params if p.kind is p.KEYWORD_ONLY or
                       (p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self")]
-    names.append("nll_impl")  # FinetuneTrainer's own switch, every method
+    names += ["nll_impl", "pack_rows"]  # FinetuneTrainer's own switches, every method
     if issubclass(cls, UnlearningTrainer):
         names.append("joint_forward")  # UnlearningTrainer's; true is an error for methods without joint_forward_batches
     if getattr(cls, "reference_nll_only", False):

@@ -39,6 +39,7 @@ from packaging.version import Version
 from checks import check_choice
 from data.collators import first_answer_position
 from trainer.losses import IGNORE_INDEX, per_token_nll
+from trainer.packing import check_pack_rows, pack_rows_layout, packed_attention_mask, packs_rows
 from trainer.utils import forward_accepts, unwrap
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask")
@@ -93,6 +94,22 @@ CHUNK_LOGITS = {"cpu": 1 << 24, "cuda": 1 << 26}
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
+def _output_layer_problem(model: torch.nn.Module, fsdp: bool = False) -> str | None:
+    """Why the output layer cannot be applied to hidden states outside the model's forward (None: it can)."""
+    if fsdp:
+        return ("applies the output layer outside the model's forward, where FSDP keeps its weight sharded "
+                "(DDP and one device work)")
+    config = getattr(unwrap(model), "config", None)
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value not in (None, 1, 1.0):
+            return f"computes logits as W h, but this model's config sets {name}={value!r} (its forward transforms the logits)"
+    get_output_layer = getattr(unwrap(model), "get_output_embeddings", None)
+    if get_output_layer is None or get_output_layer() is None:
+        return "needs the model's output layer (get_output_embeddings() is None)"
+    return None
+
+
 def check_nll_impl(impl: str, model: torch.nn.Module | None = None, fsdp: bool = False) -> None:
     """ValueError naming the problem when ``impl`` cannot compute the NLLs of ``model`` here.
 
@@ -105,16 +122,10 @@ def check_nll_impl(impl: str, model: torch.nn.Module | None = None, fsdp: bool =
     if fsdp:
         raise ValueError(f"nll_impl={impl!r} applies the output layer outside the model's forward, where FSDP "
                          "keeps its weight sharded; use nll_impl=logits with FSDP (DDP and one device work)")
-    config = getattr(unwrap(model), "config", None)
-    for name in _LOGIT_TRANSFORMS:
-        value = getattr(config, name, None)
-        if value not in (None, 1, 1.0):
-            raise ValueError(f"nll_impl={impl!r} computes logits as W h, but this model's config sets {name}={value!r} "
-                             "(its forward transforms the logits); use nll_impl=logits")
+    problem = _output_layer_problem(model, fsdp)
+    if problem:
+        raise ValueError(f"nll_impl={impl!r} {problem}; use nll_impl=logits")
     output_layer = unwrap(model).get_output_embeddings()
-    if output_layer is None:
-        raise ValueError(f"nll_impl={impl!r} needs the model's output layer (get_output_embeddings() is None); "
-                         "use nll_impl=logits")
     if impl == "chunked" and getattr(output_layer, "bias", None) is not None:
         raise ValueError("nll_impl='chunked' handles an output layer without bias, this model's has one; "
                          "use nll_impl=logits (or liger on a GPU)")
@@ -130,6 +141,19 @@ def check_nll_impl(impl: str, model: torch.nn.Module | None = None, fsdp: bool =
         if not torch.cuda.is_available():
             raise ValueError("nll_impl='liger' runs Triton kernels on a CUDA GPU and none is available; "
                              "use nll_impl=chunked on this machine")
+
+
+def resolve_pack_rows(value: Any, model: torch.nn.Module, fsdp: bool = False) -> bool:
+    """Whether the trainer packs rows (``trainer.method_args.pack_rows``: true, false or auto; see
+    ``trainer.packing``). ``true`` on a model that cannot be packed is an error naming why; ``auto``
+    then stays off."""
+    check_pack_rows(value, model)
+    if not packs_rows(value, model):
+        return False
+    problem = _output_layer_problem(model, fsdp)
+    if value is True and problem:
+        raise ValueError(f"pack_rows=true {problem}; set trainer.method_args.pack_rows=false")
+    return problem is None
 
 
 def _compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -210,11 +234,13 @@ def _liger_linear_nll(hidden: torch.Tensor, targets: torch.Tensor, output_layer:
     return (nll[0] if isinstance(nll, tuple) else nll).float()
 
 
-def last_hidden_states(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+def last_hidden_states(model: torch.nn.Module, batch: dict[str, Any],
+                       inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """The input of the output layer ``[B, L, d]`` (after the final norm), from the model's own forward.
 
     The forward goes through ``model`` itself (wrappers such as DDP see it); a hook on the decoder
-    keeps its ``last_hidden_state``, and the output layer runs on the last position only.
+    keeps its ``last_hidden_state``, and the output layer runs on the last position only. ``inputs``
+    replaces the model inputs taken from ``batch`` (``model_inputs``), e.g. a packed layout's.
     """
     captured: list[torch.Tensor] = []
     decoder = unwrap(model).get_decoder()
@@ -222,7 +248,7 @@ def last_hidden_states(model: torch.nn.Module, batch: dict[str, Any]) -> torch.T
         out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]))
     try:
         extra = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
-        model(**model_inputs(batch), **extra)
+        model(**(inputs if inputs is not None else model_inputs(batch)), **extra)
     finally:
         handle.remove()
     if len(captured) != 1:
@@ -230,28 +256,52 @@ def last_hidden_states(model: torch.nn.Module, batch: dict[str, Any]) -> torch.T
     return captured[0]
 
 
+def packed_hidden_states(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden [S * N, d], source [B, L])``: the last hidden states of the batch's rows packed
+    (``trainer.packing``) and, per (row, position), the index of its hidden state (-1: not computed).
+
+    The batch's attention mask is a key mask only where it can have holes (no ``answer_start``: see
+    ``model_inputs``); a right-padded batch's rows end where their labels end.
+    """
+    key_mask = batch.get("attention_mask") if "answer_start" not in batch else None
+    layout = pack_rows_layout(batch["input_ids"], batch["labels"], key_mask)
+    device = batch["input_ids"].device
+    inputs = {"input_ids": layout.input_ids.to(device), "position_ids": layout.position_ids.to(device),
+              "attention_mask": packed_attention_mask(layout.allowed, model, device)}
+    hidden = last_hidden_states(model, batch, inputs)
+    return hidden.reshape(-1, hidden.shape[-1]), layout.source.to(device)
+
+
 def answer_token_nll(model: torch.nn.Module, batch: dict[str, Any], impl: str = "logits",
-                     chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     chunk_rows: int | None = None, pack: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(NLL_t, mask)``: per-token answer NLL ``[B, L']`` (float32, 0 where masked) and its answer mask.
 
-    ``L'`` is the answer span (``logits``) or the whole row minus one (``chunked``/``liger``); either
-    way ``nll.sum(-1)`` is the per-sample summed NLL ``S`` and ``mask.sum(-1)`` the token count ``T``.
+    ``L'`` is the answer span (``logits``) or the whole row minus one (``chunked``/``liger``, and any
+    ``impl`` with ``pack``); either way ``nll.sum(-1)`` is the per-sample summed NLL ``S`` and
+    ``mask.sum(-1)`` the token count ``T``. ``pack``: the rows run packed (``trainer.packing``), and the
+    output layer then runs at the answer positions only, whatever ``impl``.
     """
-    if impl == "logits":
+    if impl == "logits" and not pack:
         return per_token_nll(*answer_span_logits(model, batch))
     check_nll_impl(impl)
-    hidden = last_hidden_states(model, batch)[:, :-1]
     shifted = batch["labels"][:, 1:]
     mask = shifted != IGNORE_INDEX
     positions = answer_positions(mask, batch.get("answer_tokens"))
-    answer_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+    if pack:
+        hidden, source = packed_hidden_states(model, batch)
+        answer_hidden = hidden.index_select(0, source[:, :-1].reshape(-1).index_select(0, positions))
+    else:
+        hidden = last_hidden_states(model, batch)[:, :-1]
+        answer_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
     targets = shifted.reshape(-1).index_select(0, positions)
     output_layer = unwrap(model).get_output_embeddings()
     if impl == "liger":
         values = _liger_linear_nll(answer_hidden, targets, output_layer)
+    elif impl == "logits":
+        values = torch.nn.functional.cross_entropy(output_layer(answer_hidden).float(), targets, reduction="none")
     else:
         if chunk_rows is None:
-            budget = CHUNK_LOGITS["cuda" if hidden.device.type == "cuda" else "cpu"]
+            budget = CHUNK_LOGITS["cuda" if answer_hidden.device.type == "cuda" else "cpu"]
             chunk_rows = max(1, budget // output_layer.weight.shape[0])
         values = chunked_linear_nll(answer_hidden, targets, output_layer.weight, chunk_rows)
     nll = torch.zeros(mask.numel(), dtype=values.dtype, device=values.device).index_copy(0, positions, values)
@@ -272,5 +322,5 @@ def answer_positions(mask: torch.Tensor, count: int | None = None) -> torch.Tens
     return torch.nonzero_static(flat, size=int(count)).squeeze(1)
 
 
-__all__ = ["MODEL_INPUT_KEYS", "model_inputs", "answer_span_logits", "NLL_IMPLS", "check_nll_impl",
-           "chunked_linear_nll", "last_hidden_states", "answer_token_nll", "answer_positions"]
+__all__ = ["MODEL_INPUT_KEYS", "model_inputs", "answer_span_logits", "NLL_IMPLS", "check_nll_impl", "resolve_pack_rows",
+           "chunked_linear_nll", "last_hidden_states", "packed_hidden_states", "answer_token_nll", "answer_positions"]

@@ -15,8 +15,9 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from compat import OURS, Compat, get_compat
-from trainer.answer_nll import answer_token_nll, check_nll_impl
+from trainer.answer_nll import answer_token_nll, check_nll_impl, resolve_pack_rows
 from trainer.losses import token_mean
+from trainer.packing import check_pack_rows
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,15 @@ class FinetuneTrainer(Trainer):
     ``nll_impl`` (``trainer.method_args.nll_impl``, every trainer): how answer-token NLLs are computed
     from the model, ``logits`` (default), ``chunked`` or ``liger``; see ``trainer.answer_nll``. NLL-based
     losses go through ``answer_token_nll`` / ``answer_nll`` / ``answer_mean_nll`` below to honour it.
+    ``pack_rows`` (``trainer.method_args.pack_rows``, every trainer: ``false``, ``true`` or ``auto``):
+    those NLLs come from the batch's rows packed into padding-free sequences that compute their common
+    prompt prefix once (``trainer.packing``; ``auto``: on a CPU with SDPA or eager attention).
     """
 
     def __init__(self, *args: Any, evaluators: Mapping[str, Any] | None = None, nll_impl: str = "logits",
-                 compat: Compat = OURS, **kwargs: Any):
+                 pack_rows: bool | str = False, compat: Compat = OURS, **kwargs: Any):
         check_nll_impl(nll_impl)  # the name, before the Trainer's set-up; the model's needs below
+        check_pack_rows(pack_rows)
         self.nll_impl = nll_impl
         self.compat = get_compat(compat)  # the run's root `compat` (methods read its switches)
         self.evaluators = dict(evaluators or {})
@@ -58,6 +63,9 @@ class FinetuneTrainer(Trainer):
         else:
             super().__init__(*args, **kwargs)
         check_nll_impl(nll_impl, self.model, fsdp=getattr(self, "is_fsdp_enabled", False))
+        self.pack_rows = resolve_pack_rows(pack_rows, self.model, fsdp=getattr(self, "is_fsdp_enabled", False))
+        if self.pack_rows:
+            log.info("pack_rows: answer NLLs from packed rows (common prompt prefix once, no padding)")
         # Our losses are per-batch means; the Trainer divides them by the accumulation steps.
         self.loss_is_scaled_for_ga = False
         # Loss values stay on the device until a log, a checkpoint or the end of training reads them:
@@ -81,7 +89,7 @@ class FinetuneTrainer(Trainer):
     # ----- answer-token NLLs under nll_impl ---------------------------------------------------------
     def answer_token_nll(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token answer NLL ``[B, L']`` (0 where masked) and the answer mask (``trainer.answer_nll``)."""
-        return answer_token_nll(model, batch, self.nll_impl)
+        return answer_token_nll(model, batch, self.nll_impl, pack=self.pack_rows)
 
     def answer_nll(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample summed answer NLL ``S`` ``[B]`` and answer-token count ``T`` ``[B]``."""
