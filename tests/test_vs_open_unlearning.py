@@ -32,3 +32,19 @@ def test_compat_mode_reproduces_open_unlearning(shared_tofu, tmp_path):
     assert evaluation["ours_compat"]["matches"], {k: v for k, v in compat.items() if not v["matches"]}
     # our default differs on purpose (see docs/evaluation.md), which the report must show
     assert not evaluation["ours"]["matches"]
+
+
+@pytest.mark.skipif(not os.environ.get("OU_CHECKOUT"), reason="set OU_CHECKOUT=<locuslab/open-unlearning checkout>")
+def test_compat_mode_trains_as_open_unlearning(shared_tofu, tmp_path):
+    """GradDiff, 10 steps on 4 rows per file: in compat mode the logged losses are open-unlearning's."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import vs_open_unlearning as vs
+
+    venv = os.environ.get("OU_VENV", str(REPO / ".cache" / "ou-venv"))
+    result = vs.main(["--ou-checkout", os.environ["OU_CHECKOUT"], "--ou-venv", venv, "--tofu", str(shared_tofu),
+                      "--rows", "4", "--workloads", "graddiff", "--work-dir", str(tmp_path)])
+    graddiff = result["workloads"]["graddiff"]
+    assert len(graddiff["open_unlearning"]["losses"]) == len(graddiff["ours_compat"]["losses"]) == 10
+    assert graddiff["ours_compat"]["matches"], graddiff["ours_compat"]["loss_max_abs_diff"]
+    assert not graddiff["ours"]["matches"]  # our sample preparation differs on purpose
+    assert graddiff["ours_compat"]["speedup_train_runtime"] > 0
