@@ -16,14 +16,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(not os.environ.get("OU_CHECKOUT"), reason="set OU_CHECKOUT=<locuslab/open-unlearning checkout>")
-def test_compat_mode_reproduces_open_unlearning(shared_tofu, tmp_path):
+def _side_by_side(shared_tofu, tmp_path, *options: str) -> dict:
+    """``benchmarks/vs_open_unlearning.py`` on 4 rows per TOFU file, with the checkout of ``OU_CHECKOUT``."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     import vs_open_unlearning as vs
 
     venv = os.environ.get("OU_VENV", str(REPO / ".cache" / "ou-venv"))
-    result = vs.main(["--ou-checkout", os.environ["OU_CHECKOUT"], "--ou-venv", venv, "--tofu", str(shared_tofu),
-                      "--rows", "4", "--max-new-tokens", "16", "--work-dir", str(tmp_path)])
+    return vs.main(["--ou-checkout", os.environ["OU_CHECKOUT"], "--ou-venv", venv, "--tofu", str(shared_tofu),
+                    "--rows", "4", "--work-dir", str(tmp_path), *options])
+
+
+@pytest.mark.skipif(not os.environ.get("OU_CHECKOUT"), reason="set OU_CHECKOUT=<locuslab/open-unlearning checkout>")
+def test_compat_mode_reproduces_open_unlearning(shared_tofu, tmp_path):
+    result = _side_by_side(shared_tofu, tmp_path, "--max-new-tokens", "16")
+    import vs_open_unlearning as vs  # on sys.path since _side_by_side
+
     assert result["logits_max_abs_diff"] <= vs.TOLERANCE
     evaluation = result["workloads"]["eval"]
     compat = evaluation["ours_compat"]["vs_open_unlearning"]
@@ -37,12 +44,7 @@ def test_compat_mode_reproduces_open_unlearning(shared_tofu, tmp_path):
 @pytest.mark.skipif(not os.environ.get("OU_CHECKOUT"), reason="set OU_CHECKOUT=<locuslab/open-unlearning checkout>")
 def test_compat_mode_trains_as_open_unlearning(shared_tofu, tmp_path):
     """GradDiff, 10 steps on 4 rows per file: in compat mode the logged losses are open-unlearning's."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import vs_open_unlearning as vs
-
-    venv = os.environ.get("OU_VENV", str(REPO / ".cache" / "ou-venv"))
-    result = vs.main(["--ou-checkout", os.environ["OU_CHECKOUT"], "--ou-venv", venv, "--tofu", str(shared_tofu),
-                      "--rows", "4", "--workloads", "graddiff", "--work-dir", str(tmp_path)])
+    result = _side_by_side(shared_tofu, tmp_path, "--workloads", "graddiff")
     graddiff = result["workloads"]["graddiff"]
     assert len(graddiff["open_unlearning"]["losses"]) == len(graddiff["ours_compat"]["losses"]) == 10
     assert graddiff["ours_compat"]["matches"], graddiff["ours_compat"]["loss_max_abs_diff"]
