@@ -153,3 +153,23 @@ def test_pack_rows_gives_the_same_loss_curve(tofu_dir, tmp_path, monkeypatch, tr
         for key in ("loss", "forget_loss", "retain_loss"):
             assert a[key] == pytest.approx(b[key], abs=1e-5, rel=1e-5), (key, a, b)
     assert padded[-1]["forget_loss"] != pytest.approx(padded[0]["forget_loss"], abs=1e-6)  # training moved
+
+
+def test_batches_that_packing_would_barely_shrink_run_padded(monkeypatch):
+    import trainer.answer_nll as answer_nll
+
+    # Two 6-token rows, no padding, different first tokens: packing keeps 10 of 12 tokens (83 %: each
+    # row's last token is no input), so it packs; 20-token rows would keep 38 of 40 (95 %): padded.
+    short = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]])
+    assert answer_nll.packed_layout({"input_ids": short, "labels": short.clone(), "answer_start": 0}) is not None
+    torch.manual_seed(0)
+    long = torch.randint(1, 96, (2, 20))
+    long[1, 0] = long[0, 0] + 1
+    batch = {"input_ids": long, "labels": long.clone(), "answer_start": 0, "answer_tokens": 38}
+    assert answer_nll.packed_layout(batch) is None
+    calls = []
+    monkeypatch.setattr(answer_nll, "packed_hidden_states", lambda *a: calls.append(1))
+    model = _model()
+    packed, _ = answer_token_nll(model, batch, "logits", pack=True)
+    padded, _ = answer_token_nll(model, batch, "logits")
+    assert not calls and torch.equal(packed, padded)

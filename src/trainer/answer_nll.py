@@ -39,7 +39,14 @@ from packaging.version import Version
 from checks import check_choice
 from data.collators import first_answer_position
 from trainer.losses import IGNORE_INDEX, per_token_nll
-from trainer.packing import check_pack_rows, pack_rows_layout, packed_attention_mask, packs_rows
+from trainer.packing import (
+    PACKED_MAX_SHARE,
+    PackedLayout,
+    check_pack_rows,
+    pack_rows_layout,
+    packed_attention_mask,
+    packs_rows,
+)
 from trainer.utils import forward_accepts, unwrap
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask")
@@ -256,15 +263,23 @@ def last_hidden_states(model: torch.nn.Module, batch: dict[str, Any],
     return captured[0]
 
 
-def packed_hidden_states(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(hidden [S * N, d], source [B, L])``: the last hidden states of the batch's rows packed
-    (``trainer.packing``) and, per (row, position), the index of its hidden state (-1: not computed).
+def packed_layout(batch: dict[str, Any]) -> PackedLayout | None:
+    """The batch's ``PackedLayout`` (``trainer.packing``), or None where packing would remove less than
+    ``1 - PACKED_MAX_SHARE`` of its tokens (rows without padding or shared prefix, e.g. long raw-text
+    chunks: there the padded batch keeps attention's causal kernel, which needs no ``N x N`` mask).
 
     The batch's attention mask is a key mask only where it can have holes (no ``answer_start``: see
     ``model_inputs``); a right-padded batch's rows end where their labels end.
     """
     key_mask = batch.get("attention_mask") if "answer_start" not in batch else None
     layout = pack_rows_layout(batch["input_ids"], batch["labels"], key_mask)
+    return layout if layout.tokens <= PACKED_MAX_SHARE * batch["input_ids"].numel() else None
+
+
+def packed_hidden_states(model: torch.nn.Module, batch: dict[str, Any],
+                         layout: PackedLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hidden [S * N, d], source [B, L])``: the last hidden states of the batch's rows packed as
+    ``layout`` says and, per (row, position), the index of its hidden state (-1: not computed)."""
     device = batch["input_ids"].device
     inputs = {"input_ids": layout.input_ids.to(device), "position_ids": layout.position_ids.to(device),
               "attention_mask": packed_attention_mask(layout.allowed, model, device)}
@@ -278,17 +293,19 @@ def answer_token_nll(model: torch.nn.Module, batch: dict[str, Any], impl: str = 
 
     ``L'`` is the answer span (``logits``) or the whole row minus one (``chunked``/``liger``, and any
     ``impl`` with ``pack``); either way ``nll.sum(-1)`` is the per-sample summed NLL ``S`` and
-    ``mask.sum(-1)`` the token count ``T``. ``pack``: the rows run packed (``trainer.packing``), and the
-    output layer then runs at the answer positions only, whatever ``impl``.
+    ``mask.sum(-1)`` the token count ``T``. ``pack``: the rows run packed (``trainer.packing``) where
+    that removes enough tokens (``packed_layout``), and the output layer then runs at the answer
+    positions only, whatever ``impl``.
     """
-    if impl == "logits" and not pack:
+    layout = packed_layout(batch) if pack else None
+    if impl == "logits" and layout is None:
         return per_token_nll(*answer_span_logits(model, batch))
     check_nll_impl(impl)
     shifted = batch["labels"][:, 1:]
     mask = shifted != IGNORE_INDEX
     positions = answer_positions(mask, batch.get("answer_tokens"))
-    if pack:
-        hidden, source = packed_hidden_states(model, batch)
+    if layout is not None:
+        hidden, source = packed_hidden_states(model, batch, layout)
         answer_hidden = hidden.index_select(0, source[:, :-1].reshape(-1).index_select(0, positions))
     else:
         hidden = last_hidden_states(model, batch)[:, :-1]
@@ -323,4 +340,4 @@ def answer_positions(mask: torch.Tensor, count: int | None = None) -> torch.Tens
 
 
 __all__ = ["MODEL_INPUT_KEYS", "model_inputs", "answer_span_logits", "NLL_IMPLS", "check_nll_impl", "resolve_pack_rows",
-           "chunked_linear_nll", "last_hidden_states", "packed_hidden_states", "answer_token_nll", "answer_positions"]
+           "chunked_linear_nll", "last_hidden_states", "packed_layout", "packed_hidden_states", "answer_token_nll", "answer_positions"]

@@ -19,8 +19,10 @@ never inputs whose output is needed (causal attention), so each row stops one to
 label. The layout is built on the host from the batch's token ids (on a GPU a device-to-host copy).
 
 Attention costs ``N^2`` per packed sequence instead of ``L^2`` per row, so sequences are capped at
-``PACKED_SEQUENCE_TOKENS``; a row longer than that gets a sequence of its own. SDPA and eager
-attention take such a mask; flash attention does not (``check_pack_rows``).
+``PACKED_SEQUENCE_TOKENS``; a row longer than that gets a sequence of its own. A batch that packing
+would shrink by less than 10 % (``PACKED_MAX_SHARE``: long raw-text chunks, which have neither
+padding nor a shared prefix) runs padded. SDPA and eager attention take such a mask; flash attention
+does not (``check_pack_rows``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ from trainer.utils import unwrap
 #: Longest packed sequence: attention over ``N`` packed tokens costs ``N^2`` (against ``L^2`` per row
 #: padded); at 512 it stays a small share of the linear layers' cost for models of SmolLM2's width.
 PACKED_SEQUENCE_TOKENS = 512
+#: A batch runs packed only if that keeps at most this share of its padded tokens; otherwise (rows
+#: without padding or a shared prefix) it runs padded, with attention's causal kernel.
+PACKED_MAX_SHARE = 0.9
 #: Attention implementations that accept an arbitrary ``[S, 1, N, N]`` mask.
 PACKABLE_ATTENTION = ("sdpa", "eager")
 PACK_ROWS_CHOICES = (True, False, "auto")
@@ -197,5 +202,5 @@ def packed_attention_mask(allowed: torch.Tensor, model: torch.nn.Module, device:
     return mask
 
 
-__all__ = ["PACKED_SEQUENCE_TOKENS", "PackedLayout", "needed_inputs", "common_prefix_length", "pack_rows_layout",
+__all__ = ["PACKED_SEQUENCE_TOKENS", "PACKED_MAX_SHARE", "PackedLayout", "needed_inputs", "common_prefix_length", "pack_rows_layout",
            "check_pack_rows", "packs_rows", "packed_attention_mask"]
