@@ -327,7 +327,7 @@ def graddiff_workload(ou_python: Path, checkout: Path, legacy: Path, our_folder:
     out.mkdir(exist_ok=True)
     theirs = run_ou_graddiff(ou_python, checkout, legacy, tofu, out)
     entry: dict[str, Any] = {"open_unlearning": theirs, "args": GRADDIFF_ARGS, "open_unlearning_optim": OU_OPTIM}
-    for compat in (True, False):
+    for compat in args.compat_flags:
         ours = run_our_graddiff(our_folder, tofu, out, compat)
         ours["speedup_wall"] = theirs["wall_s"] / ours["wall_s"]
         if theirs["train_runtime_s"] and ours["train_runtime_s"]:
@@ -409,9 +409,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rows", type=int, default=None, help="only the first N rows of every TOFU file")
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--our-modes", default="ours_compat,ours",
+                        help="which of our runs, comma-separated: ours_compat (compat=open_unlearning), ours "
+                             "(our defaults); e.g. ours alone for a quicker speed figure")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
+    args.compat_flags = _compat_flags(args.our_modes)
     common.set_offline_env()
 
     checkout = args.ou_checkout.resolve()
@@ -451,7 +455,7 @@ def eval_workload(ou_python: Path, checkout: Path, legacy: Path, our_folder: Pat
     theirs = run_ou_eval(ou_python, checkout, legacy, tofu, out, args.batch_size, args.max_new_tokens)
     entry: dict[str, Any] = {"open_unlearning": theirs}
     ou_file = json.loads(Path(theirs["eval_file"]).read_text())
-    for compat in (True, False):
+    for compat in args.compat_flags:
         name = "ours_compat" if compat else "ours"
         ours = run_our_eval(our_folder, tofu, out, compat, args.max_new_tokens)
         ours["speedup"] = theirs["wall_s"] / ours["wall_s"]
@@ -459,6 +463,18 @@ def eval_workload(ou_python: Path, checkout: Path, legacy: Path, our_folder: Pat
         ours["matches"] = all(m["matches"] for m in ours["vs_open_unlearning"].values())
         entry[name] = ours
     return entry
+
+
+OUR_MODES = {"ours_compat": True, "ours": False}
+
+
+def _compat_flags(modes: str) -> list[bool]:
+    """``--our-modes`` as the ``compat`` flag of each of our runs, in the order given."""
+    names = [m.strip() for m in modes.split(",") if m.strip()]
+    unknown = [m for m in names if m not in OUR_MODES]
+    if unknown or not names:
+        raise ValueError(f"--our-modes {modes!r}: give one or more of {', '.join(OUR_MODES)}")
+    return [OUR_MODES[m] for m in names]
 
 
 def _our_smollm2_folder() -> Path:
