@@ -53,7 +53,8 @@ def test_seed_quick_start_overrides_compose():
         "data.eval=TOFU_QA_FORGET10_P", "collator=DataCollatorForSupervisedDataset",
         "trainer.args.per_device_train_batch_size=2", "data.dataset_args.max_length=256",
     ])
-    assert r["trainer"]["method_args"] == {"gamma": 1.0, "alpha": 0.5, "retain_loss_type": "NLL", "nll_impl": "logits", "joint_forward": False}
+    assert r["trainer"]["method_args"] == {"gamma": 1.0, "alpha": 0.5, "retain_loss_type": "NLL", "nll_impl": "logits", "joint_forward": False,
+                                            "pack_rows": "auto"}
     assert r["model"]["tokenizer_args"]["pretrained_model_name_or_path"] == "/my/model"
     assert r["paths"]["output_dir"] == "./saves/unlearn/GradDiff_TOFU_QA_FORGET10"
 
