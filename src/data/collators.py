@@ -24,6 +24,17 @@ def answer_token_count(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def common_prefix_length(rows: Sequence[Sequence[int] | torch.Tensor]) -> int:
+    """Number of leading tokens that all ``rows`` share (system prompt, chat-template header); 0 for none."""
+    if not rows:
+        return 0
+    shortest = min(len(r) for r in rows)
+    if shortest == 0:
+        return 0
+    heads = torch.stack([torch.as_tensor(r[:shortest]) for r in rows])
+    return int((heads == heads[0]).all(0).long().cumprod(0).sum())
+
+
 def pad_sequences(seqs: Sequence[torch.Tensor], value: int, side: str) -> torch.Tensor:
     """Stack 1-D tensors into ``[B, max_len]``, filling with ``value`` on the ``side`` ('left'/'right')."""
     width = max(len(s) for s in seqs)

@@ -28,7 +28,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from compat import OURS, Compat
-from data.collators import DataCollatorForSupervisedDataset, pad_sequences
+from data.collators import DataCollatorForSupervisedDataset, common_prefix_length, pad_sequences
 from data.utils import IGNORE_INDEX, PromptTemplate, answer_end_token_id
 from evals.metrics import TokenStats
 from trainer.answer_nll import answer_span_logits
@@ -159,15 +159,6 @@ def _plain_dynamic_cache(cache: Any) -> bool:
     """Whether every layer of ``cache`` is a plain ``DynamicLayer`` (no sliding window, no recurrent state)."""
     layers = getattr(cache, "layers", None)
     return isinstance(cache, DynamicCache) and bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
-
-
-def common_prefix_length(prompts: Sequence[torch.Tensor]) -> int:
-    """Number of leading tokens that all ``prompts`` share (system prompt, chat-template header)."""
-    shortest = min(len(p) for p in prompts)
-    if shortest == 0:
-        return 0
-    heads = torch.stack([p[:shortest] for p in prompts])
-    return int((heads == heads[0]).all(0).long().cumprod(0).sum())
 
 
 def prefill_prompts(model: torch.nn.Module, prompts: Sequence[torch.Tensor],

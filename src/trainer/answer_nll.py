@@ -101,11 +101,13 @@ CHUNK_LOGITS = {"cpu": 1 << 24, "cuda": 1 << 26}
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
+FSDP_NOTE = " with FSDP (DDP and one device work)"
+
+
 def _output_layer_problem(model: torch.nn.Module, fsdp: bool = False) -> str | None:
     """Why the output layer cannot be applied to hidden states outside the model's forward (None: it can)."""
     if fsdp:
-        return ("applies the output layer outside the model's forward, where FSDP keeps its weight sharded "
-                "(DDP and one device work)")
+        return "applies the output layer outside the model's forward, where FSDP keeps its weight sharded"
     config = getattr(unwrap(model), "config", None)
     for name in _LOGIT_TRANSFORMS:
         value = getattr(config, name, None)
@@ -126,12 +128,9 @@ def check_nll_impl(impl: str, model: torch.nn.Module | None = None, fsdp: bool =
     check_choice("trainer.method_args.nll_impl", impl, NLL_IMPLS)
     if impl == "logits" or model is None:
         return
-    if fsdp:
-        raise ValueError(f"nll_impl={impl!r} applies the output layer outside the model's forward, where FSDP "
-                         "keeps its weight sharded; use nll_impl=logits with FSDP (DDP and one device work)")
     problem = _output_layer_problem(model, fsdp)
     if problem:
-        raise ValueError(f"nll_impl={impl!r} {problem}; use nll_impl=logits")
+        raise ValueError(f"nll_impl={impl!r} {problem}; use nll_impl=logits{FSDP_NOTE if fsdp else ''}")
     output_layer = unwrap(model).get_output_embeddings()
     if impl == "chunked" and getattr(output_layer, "bias", None) is not None:
         raise ValueError("nll_impl='chunked' handles an output layer without bias, this model's has one; "
@@ -159,7 +158,7 @@ def resolve_pack_rows(value: Any, model: torch.nn.Module, fsdp: bool = False) ->
         return False
     problem = _output_layer_problem(model, fsdp)
     if value is True and problem:
-        raise ValueError(f"pack_rows=true {problem}; set trainer.method_args.pack_rows=false")
+        raise ValueError(f"pack_rows=true {problem}; set trainer.method_args.pack_rows=false{FSDP_NOTE if fsdp else ''}")
     return problem is None
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from data.collators import common_prefix_length
 from trainer.losses import IGNORE_INDEX
 from trainer.utils import unwrap
 
@@ -74,20 +75,9 @@ def needed_inputs(labels: torch.Tensor) -> list[int]:
     return [int(n) for n in last.tolist()]
 
 
-def common_prefix_length(rows: list[list[int]]) -> int:
-    """Number of leading tokens all ``rows`` share (token ids and, where given, key masks alike)."""
-    if not rows:
-        return 0
-    first, length = rows[0], min(len(r) for r in rows)
-    for i in range(length):
-        token = first[i]
-        if any(r[i] != token for r in rows[1:]):
-            return i
-    return length
-
-
-def _group_rows(keys: list[list[Any]], needed: list[int], max_tokens: int) -> list[tuple[list[int], int]]:
-    """Rows (in order) in groups of at most ``max_tokens`` packed tokens: ``[(rows, prefix length)]``."""
+def _group_rows(keys: torch.Tensor, needed: list[int], max_tokens: int) -> list[tuple[list[int], int]]:
+    """Rows (in order) in groups of at most ``max_tokens`` packed tokens: ``[(rows, prefix length)]``.
+    ``keys`` ``[B, L]``: what two rows must agree on to share a position (token and key mask)."""
     groups: list[tuple[list[int], int]] = []
     rows: list[int] = []
     prefix = 0
@@ -97,7 +87,7 @@ def _group_rows(keys: list[list[Any]], needed: list[int], max_tokens: int) -> li
         if not rows:
             rows, prefix = [row], n
             continue
-        candidate = min(prefix, common_prefix_length([keys[rows[0]][:prefix], keys[row][:n]]))
+        candidate = min(prefix, common_prefix_length([keys[rows[0], :prefix], keys[row, :n]]))
         tokens = candidate + sum(needed[r] - candidate for r in rows) + n - candidate
         if tokens > max_tokens:
             groups.append((rows, prefix))
@@ -125,9 +115,7 @@ def pack_rows_layout(input_ids: torch.Tensor, labels: torch.Tensor, key_mask: to
     batch, length = ids.shape
     needed = needed_inputs(labels.detach().cpu())
     valid = key_mask.detach().cpu().bool() if key_mask is not None else torch.ones_like(ids, dtype=torch.bool)
-    id_rows, valid_rows = ids.tolist(), valid.tolist()
-    keys = [list(zip(id_rows[r], valid_rows[r])) for r in range(batch)]  # the prefix must agree on both
-    groups = _group_rows(keys, needed, max_tokens)
+    groups = _group_rows(ids * 2 + valid.long(), needed, max_tokens)  # the prefix must agree on both
     sizes = [p + sum(needed[r] - p for r in g) for g, p in groups]
     width = max(sizes, default=1)
     count = max(len(groups), 1)
