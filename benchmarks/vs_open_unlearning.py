@@ -412,6 +412,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--our-modes", default="ours_compat,ours",
                         help="which of our runs, comma-separated: ours_compat (compat=open_unlearning), ours "
                              "(our defaults); e.g. ours alone for a quicker speed figure")
+    parser.add_argument("--reuse-ou", action="store_true",
+                        help="reuse open-unlearning's evaluation from an earlier run in the same --work-dir (same "
+                             "checkout commit, rows, max new tokens and batch size) instead of running it again; "
+                             "the JSON marks it as reused")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -452,7 +456,12 @@ def eval_workload(ou_python: Path, checkout: Path, legacy: Path, our_folder: Pat
                   args: argparse.Namespace) -> dict[str, Any]:
     out = work / "eval"
     out.mkdir(exist_ok=True)
-    theirs = run_ou_eval(ou_python, checkout, legacy, tofu, out, args.batch_size, args.max_new_tokens)
+    settings = {"ou_commit": _commit(checkout), "tofu": str(args.tofu.resolve()), "rows": args.rows, "max_new_tokens": args.max_new_tokens,
+                "batch_size": args.batch_size, "machine": common.machine_info()}
+    theirs = _reused_ou_eval(out / "ou_result.json", settings) if args.reuse_ou else None
+    if theirs is None:
+        theirs = run_ou_eval(ou_python, checkout, legacy, tofu, out, args.batch_size, args.max_new_tokens)
+        _write({"settings": settings, "result": theirs}, out / "ou_result.json")
     entry: dict[str, Any] = {"open_unlearning": theirs}
     ou_file = json.loads(Path(theirs["eval_file"]).read_text())
     for compat in args.compat_flags:
@@ -463,6 +472,20 @@ def eval_workload(ou_python: Path, checkout: Path, legacy: Path, our_folder: Pat
         ours["matches"] = all(m["matches"] for m in ours["vs_open_unlearning"].values())
         entry[name] = ours
     return entry
+
+
+def _reused_ou_eval(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """open-unlearning's evaluation result saved by an earlier run with the same ``settings`` (None: none, or
+    one with other settings, which is then run again)."""
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    same = {k: v for k, v in saved.get("settings", {}).items() if k != "machine"} == \
+        {k: v for k, v in settings.items() if k != "machine"} and \
+        saved["settings"]["machine"].get("cpu") == settings["machine"].get("cpu")
+    if not same or not Path(saved["result"]["eval_file"]).is_file():
+        return None
+    return {**saved["result"], "reused_from": str(path)}
 
 
 OUR_MODES = {"ours_compat": True, "ours": False}
