@@ -50,3 +50,26 @@ def test_compat_mode_trains_as_open_unlearning(shared_tofu, tmp_path):
     assert graddiff["ours_compat"]["matches"], graddiff["ours_compat"]["loss_max_abs_diff"]
     assert not graddiff["ours"]["matches"]  # our sample preparation differs on purpose
     assert graddiff["ours_compat"]["speedup_train_runtime"] > 0
+
+
+def test_reuse_of_open_unlearning_eval_needs_the_same_settings(tmp_path):
+    """``--reuse-ou``: an earlier open-unlearning evaluation is reused only for the same commit, data and sizes
+    on the same CPU, and only while its EVAL file still exists."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import vs_open_unlearning as vs
+
+    eval_file = tmp_path / "TOFU_EVAL.json"
+    eval_file.write_text("{}")
+    settings = {"ou_commit": "abc", "tofu": "/data", "rows": 4, "max_new_tokens": 16, "batch_size": 32,
+                "machine": {"cpu": "Xeon", "host": "a"}}
+    saved = tmp_path / "ou_result.json"
+    vs._write({"settings": settings, "result": {"wall_s": 12.5, "eval_file": str(eval_file)}}, saved)
+
+    reused = vs._reused_ou_eval(saved, {**settings, "machine": {"cpu": "Xeon", "host": "b"}})
+    assert reused == {"wall_s": 12.5, "eval_file": str(eval_file), "reused_from": str(saved)}
+    assert vs._reused_ou_eval(saved, {**settings, "ou_commit": "def"}) is None
+    assert vs._reused_ou_eval(saved, {**settings, "max_new_tokens": 200}) is None
+    assert vs._reused_ou_eval(saved, {**settings, "machine": {"cpu": "EPYC"}}) is None
+    assert vs._reused_ou_eval(tmp_path / "absent.json", settings) is None
+    eval_file.unlink()
+    assert vs._reused_ou_eval(saved, settings) is None
