@@ -457,7 +457,7 @@ def eval_workload(ou_python: Path, checkout: Path, legacy: Path, our_folder: Pat
     out = work / "eval"
     out.mkdir(exist_ok=True)
     settings = {"ou_commit": _commit(checkout), "tofu": str(args.tofu.resolve()), "rows": args.rows, "max_new_tokens": args.max_new_tokens,
-                "batch_size": args.batch_size, "machine": common.machine_info()}
+                "batch_size": args.batch_size, "cpu": common.cpu_model()}
     theirs = _reused_ou_eval(out / "ou_result.json", settings) if args.reuse_ou else None
     if theirs is None:
         theirs = run_ou_eval(ou_python, checkout, legacy, tofu, out, args.batch_size, args.max_new_tokens)
@@ -480,10 +480,7 @@ def _reused_ou_eval(path: Path, settings: dict[str, Any]) -> dict[str, Any] | No
     if not path.is_file():
         return None
     saved = json.loads(path.read_text(encoding="utf-8"))
-    same = {k: v for k, v in saved.get("settings", {}).items() if k != "machine"} == \
-        {k: v for k, v in settings.items() if k != "machine"} and \
-        saved["settings"]["machine"].get("cpu") == settings["machine"].get("cpu")
-    if not same or not Path(saved["result"]["eval_file"]).is_file():
+    if saved.get("settings") != settings or not Path(saved["result"]["eval_file"]).is_file():
         return None
     return {**saved["result"], "reused_from": str(path)}
 

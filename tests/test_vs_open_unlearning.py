@@ -61,15 +61,15 @@ def test_reuse_of_open_unlearning_eval_needs_the_same_settings(tmp_path):
     eval_file = tmp_path / "TOFU_EVAL.json"
     eval_file.write_text("{}")
     settings = {"ou_commit": "abc", "tofu": "/data", "rows": 4, "max_new_tokens": 16, "batch_size": 32,
-                "machine": {"cpu": "Xeon", "host": "a"}}
+                "cpu": "Xeon"}
     saved = tmp_path / "ou_result.json"
     vs._write({"settings": settings, "result": {"wall_s": 12.5, "eval_file": str(eval_file)}}, saved)
 
-    reused = vs._reused_ou_eval(saved, {**settings, "machine": {"cpu": "Xeon", "host": "b"}})
+    reused = vs._reused_ou_eval(saved, dict(settings))
     assert reused == {"wall_s": 12.5, "eval_file": str(eval_file), "reused_from": str(saved)}
     assert vs._reused_ou_eval(saved, {**settings, "ou_commit": "def"}) is None
     assert vs._reused_ou_eval(saved, {**settings, "max_new_tokens": 200}) is None
-    assert vs._reused_ou_eval(saved, {**settings, "machine": {"cpu": "EPYC"}}) is None
+    assert vs._reused_ou_eval(saved, {**settings, "cpu": "EPYC"}) is None
     assert vs._reused_ou_eval(tmp_path / "absent.json", settings) is None
     eval_file.unlink()
     assert vs._reused_ou_eval(saved, settings) is None
