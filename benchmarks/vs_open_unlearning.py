@@ -414,7 +414,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "(our defaults); e.g. ours alone for a quicker speed figure")
     parser.add_argument("--reuse-ou", action="store_true",
                         help="reuse open-unlearning's evaluation from an earlier run in the same --work-dir (same "
-                             "checkout commit, rows, max new tokens and batch size) instead of running it again; "
+                             "checkout commit, data, rows, max new tokens, batch size and CPU model) instead of "
+                             "running it again; "
                              "the JSON marks it as reused")
     parser.add_argument("--work-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
@@ -456,10 +457,13 @@ def eval_workload(ou_python: Path, checkout: Path, legacy: Path, our_folder: Pat
                   args: argparse.Namespace) -> dict[str, Any]:
     out = work / "eval"
     out.mkdir(exist_ok=True)
-    settings = {"ou_commit": _commit(checkout), "tofu": str(args.tofu.resolve()), "rows": args.rows, "max_new_tokens": args.max_new_tokens,
-                "batch_size": args.batch_size, "cpu": common.cpu_model()}
+    settings = {"ou_commit": _commit(checkout), "tofu": str(args.tofu.resolve()), "rows": args.rows,
+                "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "cpu": common.cpu_model()}
     theirs = _reused_ou_eval(out / "ou_result.json", settings) if args.reuse_ou else None
     if theirs is None:
+        if args.reuse_ou:
+            print(f"--reuse-ou: no earlier open-unlearning evaluation with {settings} in {out}; running it",
+                  file=sys.stderr)
         theirs = run_ou_eval(ou_python, checkout, legacy, tofu, out, args.batch_size, args.max_new_tokens)
         _write({"settings": settings, "result": theirs}, out / "ou_result.json")
     entry: dict[str, Any] = {"open_unlearning": theirs}
