@@ -246,3 +246,79 @@ def test_grad_norms_cover_frozen_weights_too(tofu_dir):
     loss = torch.nn.functional.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], ignore_index=-100)
     layer_1_norm = float(torch.sqrt(sum((g ** 2).sum() for g in torch.autograd.grad(loss, only_layer_1))))
     assert layer_1_norm < every_weight[0] * (1 - 1e-3)
+
+
+def test_greedy_decode_refilling_finished_rows_equals_generate_one_prompt_at_a_time():
+    """Speed knob: waiting prompts taking the places of finished rows (``max_rows``) change no token."""
+    model, tok = _tiny()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.cat([torch.tensor([3, 4]), torch.randint(5, 200, (int(n),), generator=gen)])
+               for n in torch.randint(1, 9, (9,), generator=gen)]
+
+    def alone(prompt: torch.Tensor, stops: list[int] | None) -> list[int]:
+        with torch.no_grad():
+            out = model.generate(input_ids=prompt.unsqueeze(0), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 max_new_tokens=10, do_sample=False, eos_token_id=stops,
+                                 pad_token_id=tok.pad_token_id)[0, len(prompt):].tolist()
+        if stops:
+            out = out[: min((out.index(s) + 1 for s in stops if s in out), default=len(out))]
+        return out
+
+    free = [alone(p, None) for p in prompts]
+    stops = sorted({free[0][2], free[3][4], free[5][1]})  # several rows stop early, at different steps
+    ref = [alone(p, stops) for p in prompts]
+    assert len({len(r) for r in ref}) > 2 and max(len(r) for r in ref) == 10
+    with torch.no_grad():
+        for max_rows in (1, 2, 3, None):
+            for fraction in (0.0, 0.5, 1.0):
+                got = greedy_decode(model, prompts, max_new_tokens=10, stop_ids=stops,
+                                    min_finished_fraction=fraction, max_rows=max_rows)
+                assert got == ref, (max_rows, fraction)
+
+
+def test_answer_stems_by_hand():
+    from evals.passes import answer_stems
+
+    answers = [[1, 2, 3, 4], [1, 2, 5], [1, 2, 3, 6], [7, 8], [1, 2], [1, 2, 3, 4]]
+    groups = [0, 0, 0, 0, 1, 1]
+    # group 0: [1,2,3,4] and [1,2,3,6] share 3 tokens, [1,2,5] shares 2 with both, [7,8] nothing;
+    # group 1: [1,2] is capped at all but its last token; the other shares [1,2] with it
+    assert answer_stems(answers, groups) == [3, 2, 3, 0, 1, 2]
+    assert answer_stems([[1, 2], [1, 2]], [0, 0]) == [1, 1]  # identical answers: all but the last token
+    assert answer_stems([[], [1]], [0, 0]) == [0, 0]
+
+
+def test_shared_answer_prefixes_give_the_statistics_of_whole_rows():
+    """Speed knob: answer tokens several answers to one prompt start with run once per prompt."""
+    from evals.passes import _shared_prompt_stats, _whole_row_stats
+
+    model, tok = _tiny()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+
+    def sample(prompt: list[int], answer: list[int]) -> dict:
+        ids = torch.tensor(prompt + answer)
+        return {"input_ids": ids, "labels": torch.tensor([-100] * len(prompt) + answer),
+                "attention_mask": torch.ones_like(ids)}
+
+    p1, p2 = [3, 4, 5, 6], [3, 4, 9]
+    samples = [sample(p1, [10, 11, 12, 13]), sample(p1, [10, 11, 12, 14, 15]), sample(p1, [10, 11, 16]),
+               sample(p1, [17, 18]), sample(p2, [10, 11, 12]), sample(p2, [10, 11, 12]), sample(p2, [19]),
+               sample(p2, [10, 20, 21, 22, 23, 24])]
+    collate = DataCollatorForSupervisedDataset(tok, padding_side="right")
+    with torch.no_grad():
+        whole = _whole_row_stats(model, samples, collate, torch.device("cpu"), 3)
+        runs = [_shared_prompt_stats(model, samples, torch.device("cpu"), rows, share)
+                for rows in (1, 2, 8) for share in (True, False)]
+    for shared in runs:
+        for got, want in zip(shared, whole, strict=True):
+            assert len(got[0]) == len(want[0])
+            for a, b in zip(got[:3], want[:3]):
+                np.testing.assert_allclose(a, b, atol=1e-4)
+            assert np.array_equal(got[3], want[3])

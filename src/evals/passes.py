@@ -22,6 +22,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
@@ -193,16 +194,92 @@ def prefill_prompts(model: torch.nn.Module, prompts: Sequence[torch.Tensor],
     return out.logits[:, -1], out.past_key_values, mask
 
 
+def answer_stems(answers: Sequence[Sequence[int]], groups: Sequence[int]) -> list[int]:
+    """Per answer: how many of its leading tokens it shares with another answer to the same prompt.
+
+    ``groups[i]`` names the prompt of ``answers[i]``. The stem of an answer is its longest common
+    prefix with any other answer of its group, at most all but its last token (the rest then has a
+    token to score on top of the stem). 0 where no other answer starts like it.
+    """
+    by_group: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    stems = [0] * len(answers)
+    for members in by_group.values():
+        for i in members:
+            best = 0
+            for j in members:
+                if j != i:
+                    n = 0
+                    for a, b in zip(answers[i], answers[j]):
+                        if a != b:
+                            break
+                        n += 1
+                    best = max(best, n)
+            stems[i] = min(best, max(len(answers[i]) - 1, 0))
+    return stems
+
+
+class _CachedRows:
+    """Rows already run with a KV cache: per layer ``(keys, values)``, their attention mask, and the
+    logits at each row's last real position (the prediction of the token that follows it)."""
+
+    def __init__(self, cache: Any, mask: torch.Tensor, last_logits: torch.Tensor) -> None:
+        self.layers = [(layer.keys, layer.values) for layer in cache.layers]
+        self.mask, self.lengths, self.last_logits = mask, mask.sum(-1), last_logits
+
+    def run_after(self, model: torch.nn.Module, rows: torch.Tensor, inputs: Sequence[torch.Tensor]) -> tuple:
+        """Forward of the token rows ``inputs`` (right-padded) after the cached rows ``rows``.
+
+        Returns ``(logits [R, W, V], attention mask [R, L + W], cache)``; positions continue from each
+        parent row's real length. An empty input gets one masked-in dummy token whose outputs are
+        ignored (a row with nothing to attend to would give NaN)."""
+        ids = pad_sequences([t if len(t) else torch.zeros(1, dtype=torch.long) for t in inputs], 0, "right")
+        ids = ids.to(rows.device)
+        mask = pad_sequences([torch.ones(max(len(t), 1), dtype=torch.long) for t in inputs], 0, "right").to(rows.device)
+        positions = self.lengths[rows].unsqueeze(-1) + torch.arange(ids.shape[1], device=rows.device)
+        cache = DynamicCache()
+        for layer_index, (keys, values) in enumerate(self.layers):
+            cache.update(keys[rows], values[rows], layer_index)
+        full_mask = torch.cat([self.mask[rows], mask], dim=-1)
+        out = model(input_ids=ids, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+                    use_cache=True)
+        return out.logits, full_mask, out.past_key_values
+
+
+def _score_after(model: torch.nn.Module, parent: _CachedRows, parents: Sequence[int], answers: Sequence[torch.Tensor],
+                 labels: Sequence[torch.Tensor], rows_per_forward: int, device: torch.device) -> list[RowStats]:
+    """Statistics of each answer run after its parent cached row, in length-sorted chunks of rows.
+
+    The first answer token's prediction is the parent's last logit; an answer's last token predicts
+    nothing, so it is not run."""
+    result: list[Any] = [None] * len(answers)
+    order = sorted(range(len(answers)), key=lambda i: len(answers[i]), reverse=True)
+    for chunk in _chunks(order, rows_per_forward):
+        rows = torch.tensor([parents[i] for i in chunk], device=device)
+        targets = pad_sequences([labels[i] if len(labels[i]) else torch.full((1,), IGNORE_INDEX) for i in chunk],
+                                IGNORE_INDEX, "right").to(device)
+        logits = parent.last_logits[rows].unsqueeze(1)
+        if targets.shape[1] > 1:
+            rest, _, _ = parent.run_after(model, rows, [answers[i][:-1] for i in chunk])
+            logits = torch.cat([logits, rest[:, :targets.shape[1] - 1]], dim=1)
+        for i, stats in zip(chunk, _row_stats(logits, targets)):
+            result[i] = stats
+    return result
+
+
 def _shared_prompt_stats(model: torch.nn.Module, samples: Sequence[dict], device: torch.device,
-                         rows_per_forward: int) -> list[RowStats] | None:
+                         rows_per_forward: int, share_answer_prefixes: bool = True) -> list[RowStats] | None:
     """Statistics of each sample with every distinct prompt run once (None: the model's cache cannot be split).
 
     The distinct prompts run together with a KV cache (``prefill_prompts``: their common leading
-    tokens once, the rests left-padded, positions counted over real tokens). The answers are then
-    sorted by length and run in chunks of ``rows_per_forward`` on top of their prompt's cache rows;
-    the first answer token's prediction is the prompt pass's last logit. The values equal those of a
-    full forward pass of each prompt + answer, up to floating-point rounding (attention sums run in
-    another order).
+    tokens once, the rests left-padded, positions counted over real tokens). With
+    ``share_answer_prefixes``, the leading answer tokens several answers to one prompt share (their
+    ``answer_stems``: "The author's full name is" of five perturbed names) then run once per distinct
+    stem on top of the prompt's cache rows; every answer's remaining tokens run, sorted by length,
+    in chunks of ``rows_per_forward`` rows on top of its stem's (or its prompt's) cache rows. The
+    values equal those of a full forward pass of each prompt + answer, up to floating-point rounding
+    (attention sums run in another order).
     """
     prompts: dict[tuple, int] = {}
     group, answers, answer_labels = [], [], []
@@ -211,44 +288,54 @@ def _shared_prompt_stats(model: torch.nn.Module, samples: Sequence[dict], device
         group.append(prompts.setdefault(tuple(prompt.tolist()), len(prompts)))
         answers.append(answer)
         answer_labels.append(labels)
-    prompt_ids = [torch.tensor(p, dtype=torch.long) for p in prompts]
-    first_logits, cache, p_mask = prefill_prompts(model, prompt_ids, device)
+    first_logits, cache, p_mask = prefill_prompts(model, [torch.tensor(p, dtype=torch.long) for p in prompts], device)
     if not _plain_dynamic_cache(cache):
         return None  # e.g. sliding-window layers: run whole rows instead
-    layers = [(layer.keys, layer.values) for layer in cache.layers]
-    prompt_lengths = p_mask.sum(-1)
+    prompt_rows = _CachedRows(cache, p_mask, first_logits)
+    stems = [0] * len(samples)
+    if share_answer_prefixes:
+        # only tokens that are their own labels can be shared (a stem's targets are its tokens)
+        tokens = [a.tolist() if torch.equal(a, lab) else [] for a, lab in zip(answers, answer_labels)]
+        stems = answer_stems(tokens, group)
     result: list[Any] = [None] * len(samples)
-    order = sorted(range(len(samples)), key=lambda i: len(answers[i]), reverse=True)
-    for chunk in _chunks(order, rows_per_forward):
-        rows = torch.tensor([group[i] for i in chunk], device=device)
-        a_ids = pad_sequences([answers[i] if len(answers[i]) else torch.zeros(1, dtype=torch.long) for i in chunk],
-                              0, "right").to(device)
-        a_labels = pad_sequences([answer_labels[i] if len(answers[i]) else torch.full((1,), IGNORE_INDEX)
-                                  for i in chunk], IGNORE_INDEX, "right").to(device)
-        logits = first_logits[rows].unsqueeze(1)
-        if a_ids.shape[1] > 1:
-            a_mask = pad_sequences([torch.ones(max(len(answers[i]), 1), dtype=torch.long) for i in chunk], 0,
-                                   "right").to(device)
-            positions = prompt_lengths[rows].unsqueeze(-1) + torch.arange(a_ids.shape[1], device=device)
-            rows_cache = DynamicCache()
-            for layer_index, (keys, values) in enumerate(layers):
-                rows_cache.update(keys[rows], values[rows], layer_index)
-            rest = model(input_ids=a_ids, attention_mask=torch.cat([p_mask[rows], a_mask], dim=-1),
-                         position_ids=positions, past_key_values=rows_cache, use_cache=True).logits
-            logits = torch.cat([logits, rest[:, :-1]], dim=1)  # the last answer position predicts nothing
-        for i, stats in zip(chunk, _row_stats(logits, a_labels)):
-            result[i] = stats
+    direct = [i for i, n in enumerate(stems) if n == 0]
+    for i, stats in zip(direct, _score_after(model, prompt_rows, [group[i] for i in direct],
+                                             [answers[i] for i in direct], [answer_labels[i] for i in direct],
+                                             rows_per_forward, device)):
+        result[i] = stats
+    distinct: dict[tuple, int] = {}
+    stem_of = {i: distinct.setdefault((group[i], tuple(answers[i][:n].tolist())), len(distinct))
+               for i, n in enumerate(stems) if n}
+    keys = sorted(distinct, key=lambda k: len(k[1]), reverse=True)
+    for stem_chunk in _chunks(keys, rows_per_forward):
+        parents = torch.tensor([g for g, _ in stem_chunk], device=device)
+        stem_ids = [torch.tensor(t, dtype=torch.long) for _, t in stem_chunk]
+        logits, mask, stem_cache = prompt_rows.run_after(model, parents, stem_ids)
+        lengths = torch.tensor([len(t) for t in stem_ids], device=device)
+        stem_rows = _CachedRows(stem_cache, mask, logits[torch.arange(len(stem_ids), device=device), lengths - 1])
+        stem_logits = torch.cat([first_logits[parents].unsqueeze(1), logits[:, :-1]], dim=1)
+        stem_stats = _row_stats(stem_logits, pad_sequences(stem_ids, IGNORE_INDEX, "right").to(device))
+        local = {distinct[k]: n for n, k in enumerate(stem_chunk)}
+        members = [i for i, s in stem_of.items() if s in local]
+        rests = _score_after(model, stem_rows, [local[stem_of[i]] for i in members],
+                             [answers[i][stems[i]:] for i in members], [answer_labels[i][stems[i]:] for i in members],
+                             rows_per_forward, device)
+        for i, rest in zip(members, rests):
+            head = stem_stats[local[stem_of[i]]]
+            result[i] = tuple(np.concatenate([a, b]) for a, b in zip(head, rest))
     return result
 
 
 @torch.inference_mode()
 def token_stats_passes(model: torch.nn.Module, datasets: Sequence[Any], tokenizer: Any, batch_size: int = 32,
-                       share_prompts: bool = True) -> list[dict[int, list[TokenStats]]]:
+                       share_prompts: bool = True, share_answer_prefixes: bool = True
+                       ) -> list[dict[int, list[TokenStats]]]:
     """``token_stats_pass`` of several datasets over the same questions (one per answer column) at once.
 
     Questions are taken ``batch_size`` at a time (sorted by length); all their answers, in every
     dataset, are scored together, so with ``share_prompts`` question ``i`` runs once for its true,
-    paraphrased and perturbed answers. A forward pass holds at most ``batch_size`` rows. Returns one
+    paraphrased and perturbed answers, and with ``share_answer_prefixes`` the leading tokens its answers
+    share run once too (``_shared_prompt_stats``). A forward pass holds at most ``batch_size`` rows. Returns one
     result per dataset, in order. The datasets must have the same number of items (the same rows).
     """
     sizes = {len(d) for d in datasets}
@@ -270,7 +357,7 @@ def token_stats_passes(model: torch.nn.Module, datasets: Sequence[Any], tokenize
                     owners.append((d, i))
         stats = None
         if share_prompts and len({tuple(_split_prompt(s)[0].tolist()) for s in samples}) < len(samples):
-            stats = _shared_prompt_stats(model, samples, device, batch_size)
+            stats = _shared_prompt_stats(model, samples, device, batch_size, share_answer_prefixes)
         if stats is None:
             stats = _whole_row_stats(model, samples, collate, device, batch_size)
         for (d, index), (token_logp, mean_logp, std_logp, match) in zip(owners, stats):
@@ -284,7 +371,7 @@ def token_stats_passes(model: torch.nn.Module, datasets: Sequence[Any], tokenize
 
 
 def token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, batch_size: int = 32,
-                     share_prompts: bool = True) -> dict[int, list[TokenStats]]:
+                     share_prompts: bool = True, share_answer_prefixes: bool = True) -> dict[int, list[TokenStats]]:
     """Per dataset index, one ``TokenStats`` per answer (several for perturbed-answer lists).
 
     A forward pass holds at most ``batch_size`` (question, answer) rows. With ``share_prompts``
@@ -292,7 +379,8 @@ def token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, batch
     to one question) runs each prompt once (``_shared_prompt_stats``); otherwise every row is run
     whole (``answer_logits``). Both give the same statistics.
     """
-    return token_stats_passes(model, [dataset], tokenizer, batch_size=batch_size, share_prompts=share_prompts)[0]
+    return token_stats_passes(model, [dataset], tokenizer, batch_size=batch_size, share_prompts=share_prompts,
+                              share_answer_prefixes=share_answer_prefixes)[0]
 
 
 #: Generation-config fields that change greedy decoding beyond "take the argmax"; a model whose
@@ -357,6 +445,26 @@ class _PreallocatedLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._rebuffer(self._buffers[0].shape[-2], rows=indices)
 
+    def join(self, rows: torch.Tensor, columns: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+             width: int, capacity: int) -> None:
+        """Keep ``rows`` of this layer at positions ``columns`` only, and append the rows of ``keys`` / ``values``.
+
+        Both parts are right-aligned in ``width`` positions, the shorter one left-padded with zeros
+        (masked positions, but finite: attention multiplies them by a zero weight); the new buffers hold
+        ``capacity`` positions.
+        """
+        new_buffers = []
+        for old, new in zip(self._buffers, (keys, values)):
+            kept = old[:, :, :self._length].index_select(0, rows).index_select(2, columns)
+            buffer = new.new_empty(len(rows) + new.shape[0], new.shape[1], capacity, new.shape[3])
+            for part, block in ((kept, buffer[:len(rows)]), (new, buffer[len(rows):])):
+                pad = width - part.shape[2]
+                block[:, :, :pad] = 0
+                block[:, :, pad:width] = part
+            new_buffers.append(buffer)
+        self._buffers, self._length = new_buffers, width
+        self._set_views()
+
 
 def _preallocate(cache: Any, capacity: int) -> None:
     """Swap the plain ``DynamicLayer`` s of ``cache`` for ``_PreallocatedLayer`` s (others, e.g. sliding, stay)."""
@@ -366,8 +474,32 @@ def _preallocate(cache: Any, capacity: int) -> None:
             layers[index] = _PreallocatedLayer(layer.keys, layer.values, capacity)
 
 
+def _takes_new_rows(cache: Any) -> bool:
+    """Whether rows can join ``cache`` while it decodes: every layer is a ``_PreallocatedLayer``."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is _PreallocatedLayer for layer in layers)
+
+
+def _join_rows(cache: Any, mask: torch.Tensor, rows: torch.Tensor, new_cache: Any, new_mask: torch.Tensor,
+               room: int) -> torch.Tensor:
+    """Rows ``rows`` of ``(cache, mask)`` followed by every row of ``(new_cache, new_mask)``, in ``cache``.
+
+    Positions none of the kept rows attends to (those of the rows that left, padding) are dropped,
+    then both parts are right-aligned, the shorter one left-padded with masked positions: a row's
+    tokens keep their order and their position ids, so its attention is unchanged. Returns the
+    joined attention mask; the buffers hold ``room`` more positions.
+    """
+    kept_mask = mask.index_select(0, rows)
+    columns = kept_mask.any(0).nonzero().squeeze(-1)
+    kept_mask = kept_mask.index_select(1, columns)
+    width = max(kept_mask.shape[1], new_mask.shape[1])
+    for layer, new_layer in zip(cache.layers, new_cache.layers):
+        layer.join(rows, columns, new_layer.keys, new_layer.values, width, width + room)
+    return torch.cat([F.pad(kept_mask, (width - kept_mask.shape[1], 0)), F.pad(new_mask, (width - new_mask.shape[1], 0))])
+
+
 def greedy_decode(model: torch.nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int,
-                  stop_ids: Sequence[int], min_finished_fraction: float = 1 / 16
+                  stop_ids: Sequence[int], min_finished_fraction: float = 1 / 16, max_rows: int | None = None
                   ) -> list[list[int]]:
     """Greedy continuation of token-id prompts with a KV cache; finished rows leave the batch.
 
@@ -378,38 +510,65 @@ def greedy_decode(model: torch.nn.Module, prompts: Sequence[torch.Tensor], max_n
     finished (the few finished rows computed meanwhile are discarded). The cache is preallocated for
     ``max_new_tokens`` (``_PreallocatedLayer``); the prompts' common leading tokens run once
     (``prefill_prompts``).
+
+    ``max_rows`` (default: all prompts) bounds the rows decoded at once. The prompts wait in order;
+    whenever ``min_finished_fraction`` of ``max_rows`` rows have finished, waiting prompts take their
+    places (prefilled together, then joined to the running cache: ``_join_rows``), so the batch stays
+    full instead of running a long tail of a few rows. A model whose cache cannot take new rows (e.g.
+    sliding-window layers) decodes ``max_rows`` prompts at a time instead. Every row's tokens are
+    those of decoding it alone, up to floating-point rounding.
     """
-    rows = len(prompts)
-    results: list[list[int]] = [[] for _ in range(rows)]
-    if max_new_tokens <= 0 or rows == 0:
+    count = len(prompts)
+    results: list[list[int]] = [[] for _ in range(count)]
+    if max_new_tokens <= 0 or count == 0:
         return results
+    max_rows = count if max_rows is None else max(1, min(int(max_rows), count))
     device = _device(model)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    last_logits, cache, attention_mask = prefill_prompts(model, prompts, device)
-    _preallocate(cache, attention_mask.shape[1] + max_new_tokens)
-    token = last_logits.argmax(-1)
-    active = list(range(rows))  # batch row -> result row; None once that row has stopped
-    next_position = attention_mask.sum(-1)
-    for step in range(max_new_tokens):
-        stopped = torch.isin(token, stop).tolist()
-        for batch_row, (row, t) in enumerate(zip(active, token.tolist())):
+    waiting = list(range(count))[::-1]  # popped from the end: prompts in the order given
+    active: list[int | None] = []  # batch row -> result row; None once that row has stopped
+    cache = attention_mask = token = next_position = None
+
+    def record(batch_rows: range, tokens: torch.Tensor) -> None:
+        stopped = torch.isin(tokens, stop).tolist()
+        for batch_row, t, is_stop in zip(batch_rows, tokens.tolist(), stopped):
+            row = active[batch_row]
             if row is not None:
                 results[row].append(t)
-                if stopped[batch_row]:
+                if is_stop or len(results[row]) == max_new_tokens:
                     active[batch_row] = None
-        finished = sum(row is None for row in active)
-        if step == max_new_tokens - 1 or finished == len(active):
+
+    while True:
+        kept = [b for b, row in enumerate(active) if row is not None]
+        finished = len(active) - len(kept)
+        joinable = not kept or _takes_new_rows(cache)
+        if waiting and joinable and (not kept or finished >= max(1.0, min_finished_fraction * max_rows)):
+            new_rows = [waiting.pop() for _ in range(min(len(waiting), max_rows - len(kept)))]
+            last_logits, new_cache, new_mask = prefill_prompts(model, [prompts[r] for r in new_rows], device)
+            new_token, new_position = last_logits.argmax(-1), new_mask.sum(-1)
+            if kept:
+                keep = torch.tensor(kept, device=device)
+                attention_mask = _join_rows(cache, attention_mask, keep, new_cache, new_mask, max_new_tokens)
+                token, next_position = torch.cat([token[keep], new_token]), torch.cat([next_position[keep], new_position])
+            else:
+                cache, attention_mask, token, next_position = new_cache, new_mask, new_token, new_position
+                _preallocate(cache, attention_mask.shape[1] + max_new_tokens)
+            active = [active[b] for b in kept] + new_rows
+            record(range(len(kept), len(active)), new_token)
+            continue  # the new rows may have stopped at once
+        if not kept:
             break
         if finished and finished >= min_finished_fraction * len(active):
-            keep = torch.tensor([i for i, row in enumerate(active) if row is not None], device=token.device)
+            keep = torch.tensor(kept, device=device)
             cache.batch_select_indices(keep)
-            active = [active[i] for i in keep.tolist()]
+            active = [active[b] for b in kept]
             token, attention_mask, next_position = token[keep], attention_mask[keep], next_position[keep]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], dim=-1)
         out = model(input_ids=token.unsqueeze(-1), attention_mask=attention_mask,
                     position_ids=next_position.unsqueeze(-1), past_key_values=cache, use_cache=True)
         next_position = next_position + 1
         token = out.logits[:, -1].argmax(-1)
+        record(range(len(active)), token)
     return results
 
 
@@ -533,14 +692,16 @@ def _generation_records(dataset: Any, tokenizer: Any, indices: Sequence[int], ne
 @torch.inference_mode()
 def generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, template_args: Any = None,
                     batch_size: int | str = 32, max_new_tokens: int = 200,
-                    stop_strings: Sequence[str] = ()) -> dict[int, dict]:
+                    stop_strings: Sequence[str] = (), refill: bool = True) -> dict[int, dict]:
     """Greedy continuation of each prompt, cut at the end-of-answer token or a stop string.
 
     Returns per index ``{"input": question, "ground_truth": answer, "generation": text}`` (the first
     answer of a list). Prompts are sorted by length and left-padded, ``batch_size`` at a time (a
     number, or ``"auto"``: ``generation_rows``); ``greedy_decode`` drops each sequence from the batch
-    once it emits its end token (``model.generate`` is used instead when the model's generation
-    config asks for logit processors such as a repetition penalty).
+    once it emits its end token and, with ``refill`` (default), lets waiting prompts take the places
+    of finished rows, so the batch stays full; ``refill=False`` decodes ``batch_size`` prompts at a
+    time, each batch to its end (same tokens). ``model.generate`` is used instead when the model's
+    generation config asks for logit processors such as a repetition penalty.
     """
     stop_strings, stop_ids = _stop_criteria(tokenizer, template_args, stop_strings)
     use_plain_greedy = _plain_greedy_ok(model)
@@ -548,6 +709,10 @@ def generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, templa
     prompts = _generation_prompts(dataset)
     ordered = sorted(prompts, key=lambda i: len(prompts[i]), reverse=True)
     batch_size = generation_rows(batch_size, model, len(prompts[ordered[0]]) if ordered else 0, max_new_tokens)
+    if use_plain_greedy and refill and ordered:
+        new_tokens = greedy_decode(model, [prompts[i] for i in ordered], max_new_tokens, stop_ids, max_rows=batch_size)
+        out.update(_generation_records(dataset, tokenizer, ordered, new_tokens, stop_strings))
+        return gather_dicts(out)
     for chunk in _chunks(ordered, batch_size):
         chunk_prompts = [prompts[i] for i in chunk]
         if use_plain_greedy:
