@@ -173,6 +173,8 @@ class PassRecorder:
                 rec["forward_calls"] = self.forward_calls - f0
                 if "batch_size" in k:
                     rec["batch_size"] = k["batch_size"]
+                if kind == "token_stats":
+                    rec["vocab_moments"] = k.get("vocab_moments", True)
             self.passes.append(rec)
             if self.on_pass_end:
                 self.on_pass_end()

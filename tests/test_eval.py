@@ -211,3 +211,48 @@ def test_code_version_runs_git_once_per_process(monkeypatch):
     assert len(calls) == 2, calls
     assert base.code_version() == base.code_version()
     base.code_version.cache_clear()
+
+
+def test_vocabulary_moments_only_for_the_datasets_min_k_plus_plus_reads(tofu_dir, tmp_path, monkeypatch):
+    """Speed knob: the Min-K%++ mean/std over the vocabulary are computed only where a metric declaring
+    ``vocab_moments`` reads them; every value equals that of a run computing them everywhere."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from conftest import MODEL_CACHE, REPO
+    from evals import passes
+    from evals.base import Evaluator
+    from model import get_model
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        cfg = compose(config_name="eval.yaml", overrides=[
+            "model=tiny-random-llama", f"paths.tofu={tofu_dir}", f"paths.model_cache_dir={MODEL_CACHE}"])
+    bench = OmegaConf.to_container(cfg.eval.tofu, resolve=True)
+    metrics = bench["metrics"]
+    bench["metrics"] = {"mia_min_k_plus_plus": metrics["mia_min_k_plus_plus"],
+                        "retain_Q_A_Prob": metrics["model_utility"]["pre_compute"]["retain_Q_A_Prob"]}
+    model, tok = get_model(cfg.model)
+    real = passes.token_stats_passes
+
+    def run(out, force_moments):
+        calls = []
+
+        def spy(model, datasets, tokenizer, batch_size=32, vocab_moments=True, **kwargs):
+            result = real(model, datasets, tokenizer, batch_size=batch_size,
+                          vocab_moments=vocab_moments or force_moments, **kwargs)
+            calls.append((len(datasets[0]), vocab_moments or force_moments,
+                          all(s.mean_logp is None for r in result for v in r.values() for s in v)))
+            return result
+
+        monkeypatch.setattr(passes, "token_stats_passes", spy)
+        Evaluator(bench, tokenizer=tok, template_args=cfg.model.template_args, root_cfg=cfg).evaluate(model, out)
+        return calls, _load(out / "TOFU_EVAL.json")
+
+    calls, logs = run(tmp_path / "skip", False)
+    retain_rows = len(logs["retain_Q_A_Prob"]["value_by_index"])
+    # forget and holdout with the moments (Min-K%++ reads them); the retain answers without
+    assert sorted(calls) == sorted([(8, True, False), (8, True, False), (retain_rows, False, True)]), calls
+    forced_calls, forced = run(tmp_path / "all", True)
+    assert all(moments for _, moments, _ in forced_calls)
+    for name in bench["metrics"]:
+        assert logs[name] == forced[name], name

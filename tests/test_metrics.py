@@ -457,3 +457,15 @@ def test_hm_aggregate():
     assert res["agg_value"] is None and res["inputs"]["e"] is None and "no value for e" in res["note"]
     with pytest.raises(ValueError, match="'n'"):
         run("hm_aggregate", pre_compute={"n": {"agg_value": -0.1}})
+
+
+def test_min_k_plus_plus_needs_the_vocabulary_moments():
+    from evals.metrics import TokenStats, get_metric
+
+    spec = get_metric("mia_min_k_plus_plus")
+    assert "vocab_moments" in spec.needs
+    bare = TokenStats(logp=[-1.0, -2.0, -0.5], mean_logp=None, std_logp=None, argmax_match=[True, False, True])
+    with pytest.raises(ValueError, match="vocab_moments"):
+        spec.fn(token_stats={"forget": {0: [bare]}, "holdout": {0: [bare]}})
+    with pytest.raises(ValueError, match="both mean_logp and std_logp"):
+        TokenStats(logp=[-1.0], mean_logp=[-1.0], std_logp=None, argmax_match=[True])

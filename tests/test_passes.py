@@ -322,3 +322,12 @@ def test_shared_answer_prefixes_give_the_statistics_of_whole_rows():
             for a, b in zip(got[:3], want[:3]):
                 np.testing.assert_allclose(a, b, atol=1e-4)
             assert np.array_equal(got[3], want[3])
+
+
+def test_answer_token_stats_without_the_vocabulary_moments():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(70, 50), torch.randint(0, 50, (70,))
+    full = answer_token_stats(logits, targets, chunk_rows=32)
+    logp, mean, std, match = answer_token_stats(logits, targets, chunk_rows=32, moments=False)
+    assert mean is None and std is None
+    assert torch.equal(logp, full[0]) and torch.equal(match, full[3])

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import subprocess
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -179,6 +180,7 @@ class Evaluator:
         self._datasets: dict[str, Any] = {}
         self._resolved_specs: dict[str, dict] = {}  # dataset spec -> resolved config (resolving copies root_cfg)
         self._token_stats_plan: dict[str, dict[str, Any]] = {}
+        self._moment_datasets: set[str] = set()  # dataset keys a metric needing vocab_moments reads
 
     def _validate(self, name: str, mcfg: Mapping) -> None:
         spec = get_metric(mcfg.get("handler"))
@@ -347,13 +349,15 @@ class Evaluator:
         return sizes, warnings
 
     # ----- passes ----------------------------------------------------------------------------------
-    def _token_stats(self, model: torch.nn.Module, datasets: list, batch_size: int) -> list[dict]:
-        """Teacher-forced statistics of each dataset: together (``passes.token_stats_passes``), or one
-        plain pass each (``passes=plain``)."""
+    def _token_stats(self, model: torch.nn.Module, datasets: list, batch_size: int,
+                     vocab_moments: bool = True) -> list[dict]:
+        """Teacher-forced statistics of each dataset: together (``passes.token_stats_passes``; the
+        vocabulary mean and std only with ``vocab_moments``), or one plain pass each (``passes=plain``)."""
         if self.passes_mode == "plain":
             return [passes.plain_token_stats_pass(model, d, self.tokenizer, batch_size=batch_size, compat=self.compat)
                     for d in datasets]
-        return passes.token_stats_passes(model, datasets, self.tokenizer, batch_size=batch_size)
+        return passes.token_stats_passes(model, datasets, self.tokenizer, batch_size=batch_size,
+                                         vocab_moments=vocab_moments)
 
     def _run_pass(self, kind: str, spec: Any, mcfg: Mapping, model: torch.nn.Module, cache: dict) -> Any:
         dataset = self._dataset(spec)
@@ -379,7 +383,11 @@ class Evaluator:
                 group = {k: s for k, s in self._token_stats_plan.get(self._dataset_key(spec, True), {}).items()
                          if (kind, k) not in cache and len(self._dataset(s)) == len(dataset)}
                 group[key[1]] = spec
-                results = self._token_stats(model, [self._dataset(s) for s in group.values()], batch_size)
+                planned = {k for g in self._token_stats_plan.values() for k in g}
+                # the Min-K%++ moments unless no metric reads them from any dataset of the group
+                moments = any(k in self._moment_datasets or k not in planned for k in group)
+                results = self._token_stats(model, [self._dataset(s) for s in group.values()], batch_size,
+                                            vocab_moments=moments)
                 for dataset_key, result in zip(group, results):
                     cache[(kind, dataset_key)] = result
         elif kind == "reference_token_stats":
@@ -454,6 +462,8 @@ class Evaluator:
             cache[key] = results[name]  # reused from an earlier EVAL file
             return cache[key]
         spec = get_metric(mcfg["handler"])
+        log.info("%s: computing %s (%s)", self.name, name, spec.name)
+        started = time.perf_counter()
         kwargs: dict[str, Any] = self._inputs(mcfg, spec.needs, model, cache)
         if "pre_compute" in spec.needs:
             kwargs["pre_compute"] = {
@@ -462,10 +472,11 @@ class Evaluator:
             }
         if "reference_logs" in spec.needs:
             kwargs["reference_logs"] = self._reference_logs(mcfg)
-        log.info("%s: computing %s (%s)", self.name, name, spec.name)
         if "compat" in inspect.signature(spec.fn).parameters:
             kwargs["compat"] = self.compat
         cache[key] = spec.fn(**kwargs, **self._options(mcfg))
+        # the time of the passes this metric was the first to need, and of its pre-compute metrics
+        log.info("%s: %s done in %.1f s", self.name, name, time.perf_counter() - started)
         return cache[key]
 
     def fingerprint(self, name: str, model_id: str) -> str:
@@ -513,6 +524,9 @@ class Evaluator:
         model.eval()
         cache: dict = {}
         self._token_stats_plan = self._plan_token_stats(to_compute)
+        self._moment_datasets = {self._dataset_key(spec) for _, mcfg in self._metric_configs(to_compute)
+                                 if "vocab_moments" in get_metric(mcfg.get("handler")).needs
+                                 for spec in (mcfg.get("datasets") or {}).values()}
         try:
             for name, mcfg in self.metrics_cfg.items():
                 results[name] = self._compute(name, mcfg, model, results, cache)

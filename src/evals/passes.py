@@ -61,12 +61,13 @@ def answer_logits(model: torch.nn.Module, batch: dict, device: torch.device) -> 
 
 
 def answer_token_stats(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: int | None = None,
-                       rows: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+                       rows: torch.Tensor | None = None, moments: bool = True) -> tuple[torch.Tensor | None, ...]:
     """Per answer token: ``(log p(target), E_p[log p], std_p[log p], argmax == target)`` from ``[N, V]`` logits.
 
     ``log p = logits - logsumexp(logits)``; the mean and standard deviation of ``log p(v)`` under
-    ``v ~ p`` are those of Min-K%++ (Zhang et al. 2024, arXiv:2404.02936). ``rows`` (optional) selects
-    the rows of ``logits`` to score, ``targets`` having one entry per selected row.
+    ``v ~ p`` are those of Min-K%++ (Zhang et al. 2024, arXiv:2404.02936); ``moments=False`` skips them
+    (None in their places). ``rows`` (optional) selects the rows of ``logits`` to score, ``targets``
+    having one entry per selected row.
 
     The rows are processed ``chunk_rows`` at a time (default: 32 on a CPU, where a ``[32, V]`` block
     stays in the cache across the passes below, 1024 elsewhere). With ``z`` the logits minus their
@@ -99,16 +100,18 @@ def answer_token_stats(logits: torch.Tensor, targets: torch.Tensor, chunk_rows: 
         weights = shifted.exp()
         total = weights.sum(-1)
         log_total = total.log()
-        mean_shifted = torch.linalg.vecdot(weights, shifted) / total
-        deviation_sq = shifted.sub_(mean_shifted.unsqueeze(-1)).square_()
-        variance = torch.linalg.vecdot(weights, deviation_sq) / total
-        values = (target_shifted - log_total, mean_shifted - log_total, variance.sqrt(), match)
+        values = [target_shifted - log_total, None, None, match]
+        if moments:
+            mean_shifted = torch.linalg.vecdot(weights, shifted) / total
+            deviation_sq = shifted.sub_(mean_shifted.unsqueeze(-1)).square_()
+            variance = torch.linalg.vecdot(weights, deviation_sq) / total
+            values[1:3] = mean_shifted - log_total, variance.sqrt()
         for out, value in zip(parts, values):
             out.append(value)
     if not parts[0]:
         empty = logits.new_zeros(0, dtype=torch.float32)
-        return empty, empty, empty, torch.zeros(0, dtype=torch.bool)
-    return tuple(torch.cat(p) for p in parts)
+        return empty, empty if moments else None, empty if moments else None, torch.zeros(0, dtype=torch.bool)
+    return tuple(None if p[0] is None else torch.cat(p) for p in parts)
 
 
 def _split_prompt(sample: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,16 +126,22 @@ def _split_prompt(sample: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 RowStats = tuple  # (logp, mean_logp, std_logp, argmax_match) numpy arrays of one sample's answer tokens
 
 
-def _row_stats(logits: torch.Tensor, labels: torch.Tensor) -> list[RowStats]:
+def _row_stats(logits: torch.Tensor, labels: torch.Tensor, moments: bool = True) -> list[RowStats]:
     """``answer_token_stats`` of every row of ``(logits [R, L, V], labels [R, L])``, split per row."""
     mask = labels != IGNORE_INDEX
     rows = mask.flatten().nonzero().squeeze(-1)
-    arrays = [t.cpu().numpy() for t in answer_token_stats(logits.flatten(0, 1), labels[mask], rows=rows)]
+    arrays = [None if t is None else t.cpu().numpy()
+              for t in answer_token_stats(logits.flatten(0, 1), labels[mask], rows=rows, moments=moments)]
     out, offset = [], 0
     for n in mask.sum(-1).tolist():
-        out.append(tuple(a[offset:offset + n] for a in arrays))
+        out.append(tuple(None if a is None else a[offset:offset + n] for a in arrays))
         offset += n
     return out
+
+
+def _join_stats(head: RowStats, tail: RowStats) -> RowStats:
+    """The statistics of a row's first tokens followed by those of the rest."""
+    return tuple(None if a is None else np.concatenate([a, b]) for a, b in zip(head, tail))
 
 
 def _chunks(order: Sequence[int], size: int) -> list[Sequence[int]]:
@@ -140,13 +149,13 @@ def _chunks(order: Sequence[int], size: int) -> list[Sequence[int]]:
 
 
 def _whole_row_stats(model: torch.nn.Module, samples: Sequence[dict], collate: Any, device: torch.device,
-                     rows_per_forward: int) -> list[RowStats]:
+                     rows_per_forward: int, moments: bool = True) -> list[RowStats]:
     """Statistics of each sample from full forward passes of length-sorted chunks of rows."""
     result: list[Any] = [None] * len(samples)
     order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]), reverse=True)
     for chunk in _chunks(order, rows_per_forward):
         logits, labels = answer_logits(model, collate([samples[i] for i in chunk]), device)
-        for i, stats in zip(chunk, _row_stats(logits, labels)):
+        for i, stats in zip(chunk, _row_stats(logits, labels, moments)):
             result[i] = stats
     return result
 
@@ -248,7 +257,8 @@ class _CachedRows:
 
 
 def _score_after(model: torch.nn.Module, parent: _CachedRows, parents: Sequence[int], answers: Sequence[torch.Tensor],
-                 labels: Sequence[torch.Tensor], rows_per_forward: int, device: torch.device) -> list[RowStats]:
+                 labels: Sequence[torch.Tensor], rows_per_forward: int, device: torch.device,
+                 moments: bool = True) -> list[RowStats]:
     """Statistics of each answer run after its parent cached row, in length-sorted chunks of rows.
 
     The first answer token's prediction is the parent's last logit; an answer's last token predicts
@@ -263,13 +273,14 @@ def _score_after(model: torch.nn.Module, parent: _CachedRows, parents: Sequence[
         if targets.shape[1] > 1:
             rest, _, _ = parent.run_after(model, rows, [answers[i][:-1] for i in chunk])
             logits = torch.cat([logits, rest[:, :targets.shape[1] - 1]], dim=1)
-        for i, stats in zip(chunk, _row_stats(logits, targets)):
+        for i, stats in zip(chunk, _row_stats(logits, targets, moments)):
             result[i] = stats
     return result
 
 
 def _shared_prompt_stats(model: torch.nn.Module, samples: Sequence[dict], device: torch.device,
-                         rows_per_forward: int, share_answer_prefixes: bool = True) -> list[RowStats] | None:
+                         rows_per_forward: int, share_answer_prefixes: bool = True, moments: bool = True
+                         ) -> list[RowStats] | None:
     """Statistics of each sample with every distinct prompt run once (None: the model's cache cannot be split).
 
     The distinct prompts run together with a KV cache (``prefill_prompts``: their common leading
@@ -301,7 +312,7 @@ def _shared_prompt_stats(model: torch.nn.Module, samples: Sequence[dict], device
     direct = [i for i, n in enumerate(stems) if n == 0]
     for i, stats in zip(direct, _score_after(model, prompt_rows, [group[i] for i in direct],
                                              [answers[i] for i in direct], [answer_labels[i] for i in direct],
-                                             rows_per_forward, device)):
+                                             rows_per_forward, device, moments)):
         result[i] = stats
     distinct: dict[tuple, int] = {}
     stem_of = {i: distinct.setdefault((group[i], tuple(answers[i][:n].tolist())), len(distinct))
@@ -314,21 +325,20 @@ def _shared_prompt_stats(model: torch.nn.Module, samples: Sequence[dict], device
         lengths = torch.tensor([len(t) for t in stem_ids], device=device)
         stem_rows = _CachedRows(stem_cache, mask, logits[torch.arange(len(stem_ids), device=device), lengths - 1])
         stem_logits = torch.cat([first_logits[parents].unsqueeze(1), logits[:, :-1]], dim=1)
-        stem_stats = _row_stats(stem_logits, pad_sequences(stem_ids, IGNORE_INDEX, "right").to(device))
+        stem_stats = _row_stats(stem_logits, pad_sequences(stem_ids, IGNORE_INDEX, "right").to(device), moments)
         local = {distinct[k]: n for n, k in enumerate(stem_chunk)}
         members = [i for i, s in stem_of.items() if s in local]
         rests = _score_after(model, stem_rows, [local[stem_of[i]] for i in members],
                              [answers[i][stems[i]:] for i in members], [answer_labels[i][stems[i]:] for i in members],
-                             rows_per_forward, device)
+                             rows_per_forward, device, moments)
         for i, rest in zip(members, rests):
-            head = stem_stats[local[stem_of[i]]]
-            result[i] = tuple(np.concatenate([a, b]) for a, b in zip(head, rest))
+            result[i] = _join_stats(stem_stats[local[stem_of[i]]], rest)
     return result
 
 
 @torch.inference_mode()
 def token_stats_passes(model: torch.nn.Module, datasets: Sequence[Any], tokenizer: Any, batch_size: int = 32,
-                       share_prompts: bool = True, share_answer_prefixes: bool = True
+                       share_prompts: bool = True, share_answer_prefixes: bool = True, vocab_moments: bool = True
                        ) -> list[dict[int, list[TokenStats]]]:
     """``token_stats_pass`` of several datasets over the same questions (one per answer column) at once.
 
@@ -337,6 +347,7 @@ def token_stats_passes(model: torch.nn.Module, datasets: Sequence[Any], tokenize
     paraphrased and perturbed answers, and with ``share_answer_prefixes`` the leading tokens its answers
     share run once too (``_shared_prompt_stats``). A forward pass holds at most ``batch_size`` rows. Returns one
     result per dataset, in order. The datasets must have the same number of items (the same rows).
+    ``vocab_moments=False`` leaves out the Min-K%++ mean and std (``TokenStats.mean_logp`` is None).
     """
     sizes = {len(d) for d in datasets}
     if len(sizes) != 1:
@@ -357,9 +368,9 @@ def token_stats_passes(model: torch.nn.Module, datasets: Sequence[Any], tokenize
                     owners.append((d, i))
         stats = None
         if share_prompts and len({tuple(_split_prompt(s)[0].tolist()) for s in samples}) < len(samples):
-            stats = _shared_prompt_stats(model, samples, device, batch_size, share_answer_prefixes)
+            stats = _shared_prompt_stats(model, samples, device, batch_size, share_answer_prefixes, vocab_moments)
         if stats is None:
-            stats = _whole_row_stats(model, samples, collate, device, batch_size)
+            stats = _whole_row_stats(model, samples, collate, device, batch_size, vocab_moments)
         for (d, index), (token_logp, mean_logp, std_logp, match) in zip(owners, stats):
             out = outs[d]
             position = len(out.get(index, []))  # rows of one item arrive in answer order
@@ -371,7 +382,8 @@ def token_stats_passes(model: torch.nn.Module, datasets: Sequence[Any], tokenize
 
 
 def token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, batch_size: int = 32,
-                     share_prompts: bool = True, share_answer_prefixes: bool = True) -> dict[int, list[TokenStats]]:
+                     share_prompts: bool = True, share_answer_prefixes: bool = True, vocab_moments: bool = True
+                     ) -> dict[int, list[TokenStats]]:
     """Per dataset index, one ``TokenStats`` per answer (several for perturbed-answer lists).
 
     A forward pass holds at most ``batch_size`` (question, answer) rows. With ``share_prompts``
@@ -380,7 +392,7 @@ def token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, batch
     whole (``answer_logits``). Both give the same statistics.
     """
     return token_stats_passes(model, [dataset], tokenizer, batch_size=batch_size, share_prompts=share_prompts,
-                              share_answer_prefixes=share_answer_prefixes)[0]
+                              share_answer_prefixes=share_answer_prefixes, vocab_moments=vocab_moments)[0]
 
 
 #: Generation-config fields that change greedy decoding beyond "take the argmax"; a model whose

@@ -24,8 +24,12 @@ from typing import Any
 import numpy as np
 
 ALLOWED_NEEDS: frozenset[str] = frozenset(
-    {"token_stats", "generations", "grad_norms", "reference_token_stats", "pre_compute", "reference_logs"}
+    {"token_stats", "vocab_moments", "generations", "grad_norms", "reference_token_stats", "pre_compute",
+     "reference_logs"}
 )
+#: ``vocab_moments`` (with ``token_stats``): the metric reads ``TokenStats.mean_logp`` / ``std_logp``, which the
+#: teacher-forced pass computes (two more sweeps over the vocabulary per answer token) only for the datasets
+#: such a metric reads.
 
 
 @dataclass(eq=False)
@@ -35,25 +39,31 @@ class TokenStats:
     ``logp[t]``: log p(answer token t); ``mean_logp[t]`` = E_{v~p}[log p(v)] and ``std_logp[t]`` =
     sqrt(Var_{v~p}[log p(v)]) of the model's next-token distribution at that position; ``argmax_match[t]``:
     the argmax prediction equals the answer token. ``answer_text`` is the ground-truth answer string.
+    ``mean_logp`` and ``std_logp`` are None when the pass skipped them (no metric reading the dataset
+    declared ``vocab_moments``).
     """
 
     logp: np.ndarray
-    mean_logp: np.ndarray
-    std_logp: np.ndarray
+    mean_logp: np.ndarray | None
+    std_logp: np.ndarray | None
     argmax_match: np.ndarray
     answer_text: str = ""
 
     def __post_init__(self) -> None:
         self.logp = np.asarray(self.logp, dtype=np.float64).reshape(-1)
-        self.mean_logp = np.asarray(self.mean_logp, dtype=np.float64).reshape(-1)
-        self.std_logp = np.asarray(self.std_logp, dtype=np.float64).reshape(-1)
+        if (self.mean_logp is None) != (self.std_logp is None):
+            raise ValueError("TokenStats: give both mean_logp and std_logp, or neither")
+        if self.mean_logp is not None:
+            self.mean_logp = np.asarray(self.mean_logp, dtype=np.float64).reshape(-1)
+            self.std_logp = np.asarray(self.std_logp, dtype=np.float64).reshape(-1)
         self.argmax_match = np.asarray(self.argmax_match, dtype=bool).reshape(-1)
-        lengths = {len(self.logp), len(self.mean_logp), len(self.std_logp), len(self.argmax_match)}
+        moments = () if self.mean_logp is None else (self.mean_logp, self.std_logp)
+        lengths = {len(a) for a in (self.logp, *moments, self.argmax_match)}
         if len(lengths) != 1:
             raise ValueError(
                 "TokenStats arrays must have one entry per answer token; got lengths "
-                f"logp={len(self.logp)}, mean_logp={len(self.mean_logp)}, std_logp={len(self.std_logp)}, "
-                f"argmax_match={len(self.argmax_match)}"
+                f"logp={len(self.logp)}, mean_logp={len(moments[0]) if moments else None}, "
+                f"std_logp={len(moments[1]) if moments else None}, argmax_match={len(self.argmax_match)}"
             )
 
     @property

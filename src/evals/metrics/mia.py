@@ -193,7 +193,7 @@ def mia_min_k_metric(*, token_stats=None, k: float = 0.4, **_: object) -> dict:
 
 
 @register_metric(
-    "mia_min_k_plus_plus", higher_is_better=None, needs=("token_stats",),
+    "mia_min_k_plus_plus", higher_is_better=None, needs=("token_stats", "vocab_moments"),
     description="MIA AUC with the Min-K%++ score (Zhang et al. 2024), EOS excluded; option k (0.4)",
 )
 def mia_min_k_plus_plus_metric(*, token_stats=None, k: float = 0.4, **_: object) -> dict:
@@ -201,6 +201,10 @@ def mia_min_k_plus_plus_metric(*, token_stats=None, k: float = 0.4, **_: object)
     sample with no token left is excluded."""
     if not 0.0 < float(k) <= 1.0:
         raise ValueError(f"mia_min_k_plus_plus: k must be in (0, 1]; got {k}")
+    for role, per_index in _roles(token_stats, "token_stats", "mia_min_k_plus_plus").items():
+        if any(ts.mean_logp is None for answers in per_index.values() for ts in answers):
+            raise ValueError(f"mia_min_k_plus_plus: the {role} statistics have no mean/std of log p over the "
+                             "vocabulary (computed only for datasets a metric declaring needs 'vocab_moments' reads)")
     return _attack_result(
         _score_first_answers(
             token_stats, "mia_min_k_plus_plus",
