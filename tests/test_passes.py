@@ -331,3 +331,13 @@ def test_answer_token_stats_without_the_vocabulary_moments():
     logp, mean, std, match = answer_token_stats(logits, targets, chunk_rows=32, moments=False)
     assert mean is None and std is None
     assert torch.equal(logp, full[0]) and torch.equal(match, full[3])
+
+
+def test_generation_pass_with_refilled_rows_equals_batch_by_batch(tofu_dir):
+    from evals.passes import generation_pass
+
+    model, tok = _tiny()
+    dataset = _dataset(tok, tofu_dir, "TOFU_QA_FORGET10_P")
+    runs = [generation_pass(model, dataset, tok, {"apply_chat_template": True}, batch_size=3, max_new_tokens=6,
+                            refill=refill) for refill in (False, True)]
+    assert runs[0] == runs[1] and len(runs[0]) == len(dataset)
