@@ -216,15 +216,7 @@ def answer_stems(answers: Sequence[Sequence[int]], groups: Sequence[int]) -> lis
     stems = [0] * len(answers)
     for members in by_group.values():
         for i in members:
-            best = 0
-            for j in members:
-                if j != i:
-                    n = 0
-                    for a, b in zip(answers[i], answers[j]):
-                        if a != b:
-                            break
-                        n += 1
-                    best = max(best, n)
+            best = max((common_prefix_length([answers[i], answers[j]]) for j in members if j != i), default=0)
             stems[i] = min(best, max(len(answers[i]) - 1, 0))
     return stems
 
@@ -722,14 +714,12 @@ def generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, templa
     prompts = _generation_prompts(dataset)
     ordered = sorted(prompts, key=lambda i: len(prompts[i]), reverse=True)
     batch_size = generation_rows(batch_size, model, len(prompts[ordered[0]]) if ordered else 0, max_new_tokens)
-    if use_plain_greedy and refill and ordered:
-        new_tokens = greedy_decode(model, [prompts[i] for i in ordered], max_new_tokens, stop_ids, max_rows=batch_size)
-        out.update(_generation_records(dataset, tokenizer, ordered, new_tokens, stop_strings))
-        return gather_dicts(out)
-    for chunk in _chunks(ordered, batch_size):
+    # with refill, one decoding loop over every prompt, at most batch_size rows at once
+    batches = [ordered] if use_plain_greedy and refill and ordered else _chunks(ordered, batch_size)
+    for chunk in batches:
         chunk_prompts = [prompts[i] for i in chunk]
         if use_plain_greedy:
-            new_tokens = greedy_decode(model, chunk_prompts, max_new_tokens, stop_ids)
+            new_tokens = greedy_decode(model, chunk_prompts, max_new_tokens, stop_ids, max_rows=batch_size)
         else:
             new_tokens = _generate(model, chunk_prompts, tokenizer, max_new_tokens, stop_ids)
         out.update(_generation_records(dataset, tokenizer, chunk, new_tokens, stop_strings))
