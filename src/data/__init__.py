@@ -14,13 +14,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from compat import compat_of, get_compat
 from data.collators import DataCollatorForSupervisedDataset, DataCollatorForSupervisedDatasetWithIndices
 from data.splits import check_eval_splits, forget_split_of, holdout_for, register_resolvers
+from data.text import CompletionDataset, ConcatenatedDataset, PretrainingDataset
 from data.tofu import QADataset, QAwithAlternateDataset, QAwithIdkDataset
 from data.unlearn import ForgetRetainDataset
 
@@ -45,6 +46,8 @@ register_resolvers()  # ${holdout_for:...} and ${forget_split_of:...} in the top
 _register_data(QADataset)
 _register_data(QAwithIdkDataset)
 _register_data(QAwithAlternateDataset)
+_register_data(PretrainingDataset)
+_register_data(CompletionDataset)
 _register_collator(DataCollatorForSupervisedDataset)
 _register_collator(DataCollatorForSupervisedDatasetWithIndices)
 
@@ -93,13 +96,20 @@ def dataset_config(name_or_cfg: str | Mapping, root_cfg: DictConfig | None = Non
 
 def build_dataset(name_or_cfg: str | Mapping, tokenizer: PreTrainedTokenizerBase, template_args: Any = None,
                   root_cfg: DictConfig | None = None, dataset_args: Mapping | None = None) -> Dataset:
-    """Instantiate one dataset; ``dataset_args`` (``data.dataset_args``) override every dataset's args."""
+    """Instantiate one dataset; ``dataset_args`` (``data.dataset_args``) override every dataset's args.
+
+    A dataset config's own ``args.template_args`` (e.g. plain ``Question:``/``Answer:`` tags for MUSE's
+    knowledge prompts) are merged over the model's ``template_args``: the template is a property of
+    the dataset where the benchmark fixes it."""
     cfg = dataset_config(name_or_cfg, root_cfg)
-    overrides = {k: v for k, v in dict(dataset_args or {}).items() if v is not None}
+    handler = DATASET_REGISTRY[cfg["handler"]]
+    overrides = {k: v for k, v in dict(dataset_args or {}).items() if v is not None and _accepts(handler, k)}
     args = {**cfg.get("args", {}), **overrides}
     if isinstance(template_args, DictConfig):
         template_args = OmegaConf.to_container(template_args, resolve=True)
-    handler = DATASET_REGISTRY[cfg["handler"]]
+    if args.get("template_args"):
+        template_args = {**(template_args or {}), **args.pop("template_args")}
+    args.pop("template_args", None)
     if _accepts(handler, "compat"):
         args.setdefault("compat", compat_of(root_cfg).name)
     return handler(tokenizer=tokenizer, template_args=template_args, name=cfg["name"], **args)
@@ -120,7 +130,14 @@ def get_data(data_cfg: DictConfig | Mapping, mode: str, tokenizer: PreTrainedTok
     built only with ``need_eval`` (the run evaluates: ``trainer.evaluates(cfg.trainer.args)``); otherwise
     ``"eval"`` is None and its file is never read.
     """
-    dataset_args = data_cfg.get("dataset_args") or {}
+    dataset_args = {k: v for k, v in dict(data_cfg.get("dataset_args") or {}).items() if v is not None}
+    specs = [s for role in ("train", "forget", "retain", "eval") if data_cfg.get(role) is not None
+             for s in (data_cfg.get(role) if isinstance(data_cfg.get(role), (list, ListConfig)) else [data_cfg.get(role)])]
+    handlers = {DATASET_REGISTRY[dataset_config(s, root_cfg)["handler"]] for s in specs}
+    unused = sorted(k for k in dataset_args if handlers and not any(_accepts(h, k) for h in handlers))
+    if unused:
+        raise ValueError(f"data.dataset_args {unused}: no dataset of this run ({', '.join(sorted(h.__name__ for h in handlers))}) "
+                         "takes that argument; see the dataset classes in src/data for their arguments")
     if not need_eval and data_cfg.get("eval") is not None:
         log.info("data.eval=%s not loaded: the run does not evaluate (trainer.args.eval_strategy is 'no')",
                  data_cfg.get("eval"))
@@ -129,6 +146,11 @@ def get_data(data_cfg: DictConfig | Mapping, mode: str, tokenizer: PreTrainedTok
         spec = data_cfg.get(role)
         if spec is None or (role == "eval" and not need_eval):
             return None
+        if isinstance(spec, (list, ListConfig)):  # data.train=[MUSE_forget,MUSE_retain]: one dataset after the other
+            if not spec:
+                raise ValueError(f"data.{role} is an empty list; give dataset names "
+                                 f"(valid: {', '.join(available_datasets())})")
+            return ConcatenatedDataset([build_dataset(s, tokenizer, template_args, root_cfg, dataset_args) for s in spec])
         return build_dataset(spec, tokenizer, template_args, root_cfg, dataset_args)
 
     if mode == "train":
@@ -162,5 +184,6 @@ def get_collator(collator_cfg: DictConfig | Mapping, tokenizer: PreTrainedTokeni
 
 
 __all__ = ["DATASET_REGISTRY", "COLLATOR_REGISTRY", "get_data", "get_collator", "build_dataset",
-           "dataset_config", "available_datasets", "QADataset", "QAwithIdkDataset",
+           "dataset_config", "available_datasets", "QADataset", "QAwithIdkDataset", "PretrainingDataset",
+           "CompletionDataset",
            "QAwithAlternateDataset", "ForgetRetainDataset", "check_eval_splits", "forget_split_of", "holdout_for"]

@@ -31,42 +31,52 @@ from data.utils import (
 log = logging.getLogger(__name__)
 
 
-def local_data_file(local_dir: str, hf_args: dict, name: str = "dataset", hint: str = "") -> Path:
-    """``<local_dir>/<hf_args.name>.json`` (or ``.jsonl``), or a FileNotFoundError naming the missing file,
-    the files the folder has, and ``hint`` (what to override instead)."""
-    config_name = hf_args.get("name")
-    if not config_name:
-        raise ValueError(f"{name}: hf_args.name is needed to find the local file in {local_dir}")
+def local_stem(args: dict) -> str | None:
+    """The name of a dataset's local file (without ``.json``): its ``local_name``, else its Hub config
+    name (``hf_args.name``: TOFU's ``forget10`` -> ``forget10.json``)."""
+    return args.get("local_name") or (args.get("hf_args") or {}).get("name")
+
+
+def local_data_file(local_dir: str, stem: str | None, name: str = "dataset", hint: str = "",
+                    local_dir_key: str = "paths.tofu") -> Path:
+    """``<local_dir>/<stem>.json`` (or ``.jsonl``), or a FileNotFoundError naming the missing file, the
+    setting that chose the folder (``local_dir_key``), the files the folder has, and ``hint`` (what to
+    override instead)."""
+    if not stem:
+        raise ValueError(f"{name}: local_name (or hf_args.name) is needed to find the local file in {local_dir}")
     folder = Path(local_dir)
-    candidates = [folder / f"{config_name}.json", folder / f"{config_name}.jsonl"]
+    candidates = [folder / f"{stem}.json", folder / f"{stem}.jsonl"]
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         present = sorted(p.name for p in folder.glob("*.json*")) if folder.is_dir() else []
         raise FileNotFoundError(
-            f"{name}: {candidates[0]} not found (paths.tofu={local_dir}). The folder must hold JSON-lines files "
-            f"named after the Hub configs; it has: {', '.join(present) or 'nothing (missing folder?)'}"
-            + (f". {hint}" if hint else "")
+            f"{name}: {candidates[0]} not found ({local_dir_key}={local_dir}). The folder must hold JSON-lines "
+            f"files named after the Hub configs; it has: "
+            f"{', '.join(present) or 'nothing (missing folder?)'}" + (f". {hint}" if hint else "")
         )
     return path
 
 
 def load_rows(hf_args: dict, local_dir: str | None, name: str = "dataset", fields: dict[str, str] | None = None,
-              lists: tuple[str, ...] = ()) -> datasets.Dataset:
-    """Rows of one dataset: ``<local_dir>/<hf_args.name>.json`` when ``local_dir`` is set, else the Hub.
+              lists: tuple[str, ...] = (), local_name: str | None = None,
+              local_dir_key: str = "paths.tofu") -> datasets.Dataset:
+    """Rows of one dataset: ``<local_dir>/<local_name or hf_args.name>.json`` when ``local_dir`` is set, else the Hub.
 
     ``local_dir`` is how ``paths.tofu=<folder>`` switches every TOFU config to local files named after
-    the Hub config (``forget10`` -> ``forget10.json``). A local file is first checked line by line
-    (``data.utils.check_rows_file``: UTF-8, one JSON object per line, the ``fields`` present), so a bad
-    file is a one-line DataFileError naming the file, the line and the field, not a pyarrow traceback.
+    the Hub config (``forget10`` -> ``forget10.json``); ``local_name`` names the file where the Hub
+    config name alone does not (MUSE: subset ``raw``, split ``forget`` -> ``raw_forget.json``). A local
+    file is first checked line by line (``data.utils.check_rows_file``: UTF-8, one JSON object per line,
+    the ``fields`` present), so a bad file is a one-line DataFileError naming the file, the line and the
+    field, not a pyarrow traceback.
     """
     if local_dir:
-        path = local_data_file(local_dir, hf_args, name)
+        path = local_data_file(local_dir, local_name or hf_args.get("name"), name, local_dir_key=local_dir_key)
         try:
             check_rows_file(path, fields or {}, lists)
         except DataFileError as e:
             raise DataFileError(f"{name}: {e}") from None
         try:
-            return datasets.load_dataset("json", data_files=str(path), split=hf_args.get("split", "train"))
+            return datasets.load_dataset("json", data_files=str(path), split="train")
         except Exception as e:  # pyarrow's and datasets' errors: a multi-line traceback otherwise
             first = (str(e).strip().splitlines() or [""])[0]
             raise DataFileError(f"{name}: {path}: could not be loaded as JSON lines ({type(e).__name__}: {first})") from e
@@ -84,14 +94,34 @@ class QADataset(Dataset):
         max_length: token budget of prompt + answer; answers are cut to fit, prompts never.
         local_dir: folder of JSON-lines files replacing the Hub (``paths.tofu``).
         name: the dataset's config name, used in messages.
+        local_name: the local file's name (without ``.json``) when it is not ``hf_args.name``.
+        local_dir_key: the setting that gives ``local_dir`` (``paths.tofu``), named in error messages.
+        fewshot: in-context examples placed before every question (MUSE's knowledge QA): ``{"hf_args":
+            ..., "local_name": ...}`` of a file of the same question and answer columns, read like the
+            main one (from ``local_dir`` when set); ``max_examples`` keeps the first ones only.
+        name: the dataset's config name, used in messages.
         compat: the run's ``compat`` mode (``compat.Compat``, or its name): ``open_unlearning`` prepares
             the samples as open-unlearning does (``tokenize_qa_like_open_unlearning``).
+
+    The evaluation passes read a dataset through ``prompt_text(i)``, ``answer_texts(i)``, ``lengths()``,
+    ``template`` (how prompts were built) and ``last_token_is_eos`` (True here: each answer ends with
+    the end-of-answer token, which the memorisation and Min-K% metrics leave out).
     """
+
+    last_token_is_eos = True
+
+    @staticmethod
+    def file_fields(args: dict) -> tuple[dict[str, str], tuple[str, ...]]:
+        """``({column: config key}, list columns)`` a local file of this dataset must have (checked before any pass)."""
+        question_key, answer_key = args.get("question_key", "question"), args.get("answer_key", "answer")
+        return {question_key: "question_key", answer_key: "answer_key"}, (answer_key,)
 
     def __init__(self, hf_args: dict, tokenizer: PreTrainedTokenizerBase, template_args: dict | None = None,
                  question_key: str = "question", answer_key: str = "answer", max_length: int = 512,
-                 local_dir: str | None = None, name: str = "QADataset", compat: Any = None):
+                 local_dir: str | None = None, name: str = "QADataset", compat: Any = None,
+                 local_name: str | None = None, fewshot: dict | None = None, local_dir_key: str = "paths.tofu"):
         self.name = name
+        self.local_dir_key = local_dir_key
         self.compat = get_compat(compat)
         max_length = check_number("max_length", max_length, integer=True, low=1, owner=name,
                                   hint="data.dataset_args.max_length, or the dataset config's args.max_length")
@@ -99,7 +129,8 @@ class QADataset(Dataset):
         self.template = PromptTemplate.from_config(template_args)
         extra = dict(getattr(self, "_extra_list_fields", {}))  # columns a subclass reads too (alternate_key)
         fields = {question_key: "question_key", answer_key: "answer_key", **extra}
-        self.rows = load_rows(dict(hf_args), local_dir, name, fields=fields, lists=(answer_key, *extra))
+        self.rows = load_rows(dict(hf_args), local_dir, name, fields=fields, lists=(answer_key, *extra),
+                              local_name=local_name, local_dir_key=local_dir_key)
         if len(self.rows) == 0:
             raise ValueError(f"{name}: dataset {dict(hf_args)} (paths.tofu={local_dir}) has no rows")
         for key, role in ((question_key, "question_key"), (answer_key, "answer_key")):
@@ -118,8 +149,10 @@ class QADataset(Dataset):
                 flat_q.append(q)
                 flat_a.append(ans)
                 owner.append(i)
+        self.fewshot = self._read_fewshot(fewshot, local_dir)
         tokenized = tokenize_qa_batch(tokenizer, self.template, flat_q, flat_a, max_length, row_ids=owner,
-                                      labels_cover_chat_tail=self.compat.labels_cover_chat_tail)
+                                      labels_cover_chat_tail=self.compat.labels_cover_chat_tail,
+                                      fewshot=self.fewshot)
         n_cut = sum(t.truncated for t in tokenized)
         if n_cut:
             log.warning("%s: %d of %d answers cut to max_length=%d", name, n_cut, len(tokenized), max_length)
@@ -127,12 +160,41 @@ class QADataset(Dataset):
         for i, tok in zip(owner, tokenized):
             self._samples[i].append(tok)
 
+    def _read_fewshot(self, fewshot: dict | None, local_dir: str | None) -> list[tuple[str, str]]:
+        """The in-context ``(question, answer)`` examples of the ``fewshot`` argument, or none."""
+        if not fewshot:
+            return []
+        unknown = sorted(set(fewshot) - {"hf_args", "local_name", "max_examples"})
+        if unknown or "hf_args" not in fewshot:
+            raise ValueError(f"{self.name}: fewshot={dict(fewshot)}; give hf_args (and optionally local_name, "
+                             f"max_examples){f'; unknown keys {unknown}' if unknown else ''}")
+        keys = {self.question_key: "question_key", self.answer_key: "answer_key"}
+        rows = load_rows(dict(fewshot["hf_args"]), local_dir, f"{self.name} (fewshot)", fields=keys,
+                         local_name=fewshot.get("local_name"), local_dir_key=self.local_dir_key)
+        examples = list(zip(rows[self.question_key], rows[self.answer_key]))
+        limit = fewshot.get("max_examples")
+        if limit is not None:
+            check_number("fewshot.max_examples", limit, integer=True, low=0, owner=self.name)
+            examples = examples[:limit]
+        if any(not isinstance(a, str) for _, a in examples):
+            raise ValueError(f"{self.name}: fewshot answers must be strings (column {self.answer_key!r})")
+        return examples
+
     def __len__(self) -> int:
         return len(self._samples)
 
     def __getitem__(self, index: int) -> Any:
         samples = [to_sample(t, index) for t in self._samples[index]]
         return samples if self.is_grouped else samples[0]
+
+    def prompt_text(self, index: int) -> str:
+        """The question of row ``index`` (what a generation record shows as its input)."""
+        return self.rows[index][self.question_key]
+
+    def answer_texts(self, index: int) -> list[str]:
+        """The answer(s) of row ``index``, one per sample, in sample order."""
+        answer = self.rows[index][self.answer_key]
+        return answer if isinstance(answer, list) else [answer]
 
     def lengths(self) -> list[int]:
         """Token length of each item (the longest answer of a group), for length-grouped sampling."""

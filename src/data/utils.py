@@ -57,10 +57,17 @@ class PromptTemplate:
         return cls(**args)
 
 
-def _chat_messages(template: PromptTemplate, question: str, answer: str | None = None) -> list[dict]:
+#: In-context examples placed before a question: ``(question, answer)`` pairs, in order.
+Fewshot = Sequence[tuple[str, str]]
+
+
+def _chat_messages(template: PromptTemplate, question: str, answer: str | None = None,
+                   fewshot: Fewshot = ()) -> list[dict]:
     messages = []
     if template.system_prompt is not None:
         messages.append({"role": "system", "content": template.system_prompt})
+    for example_question, example_answer in fewshot:
+        messages += [{"role": "user", "content": example_question}, {"role": "assistant", "content": example_answer}]
     messages.append({"role": "user", "content": question})
     if answer is not None:
         messages.append({"role": "assistant", "content": answer})
@@ -68,7 +75,7 @@ def _chat_messages(template: PromptTemplate, question: str, answer: str | None =
 
 
 def _render_chat(tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, question: str,
-                 answer: str | None = None) -> str:
+                 answer: str | None = None, fewshot: Fewshot = ()) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             "template_args.apply_chat_template is true but the tokenizer has no chat template; "
@@ -76,16 +83,24 @@ def _render_chat(tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, q
         )
     kwargs = {"date_string": template.date_string} if template.date_string is not None else {}
     return tokenizer.apply_chat_template(
-        _chat_messages(template, question, answer), tokenize=False,
+        _chat_messages(template, question, answer, fewshot), tokenize=False,
         add_generation_prompt=answer is None, **kwargs,
     )
 
 
-def format_prompt(tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, question: str) -> str:
-    """The prompt text that precedes the answer (generation starts right after it)."""
+def format_prompt(tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, question: str,
+                  fewshot: Fewshot = ()) -> str:
+    """The prompt text that precedes the answer (generation starts right after it).
+
+    ``fewshot`` examples come first: with a chat template as earlier user/assistant turns; with plain
+    tags each as ``<user_start_tag>q<user_end_tag><asst_start_tag>a<asst_end_tag>`` (MUSE's knowledge
+    prompts: ``Question: q\nAnswer: a\n\n`` per example, then ``Question: q\nAnswer: ``).
+    """
     if template.apply_chat_template:
-        return _render_chat(tokenizer, template, question)
-    return f"{template.user_start_tag}{question}{template.user_end_tag}{template.asst_start_tag}"
+        return _render_chat(tokenizer, template, question, fewshot=fewshot)
+    examples = "".join(f"{template.user_start_tag}{q}{template.user_end_tag}{template.asst_start_tag}{a}"
+                       f"{template.asst_end_tag}" for q, a in fewshot)
+    return f"{examples}{template.user_start_tag}{question}{template.user_end_tag}{template.asst_start_tag}"
 
 
 def answer_end_token_id(tokenizer: PreTrainedTokenizerBase, template: PromptTemplate) -> int:
@@ -122,6 +137,7 @@ def tokenize_qa_batch(
     max_length: int,
     row_ids: Sequence[Any] | None = None,
     labels_cover_chat_tail: bool = False,
+    fewshot: Fewshot = (),
 ) -> list[TokenizedQA]:
     """Tokenize (question, answer) pairs; labels are -100 on prompt tokens.
 
@@ -129,13 +145,17 @@ def tokenize_qa_batch(
     ``max_length``; a prompt that alone does not fit is an error, never a silent cut.
 
     ``labels_cover_chat_tail`` (``compat=open_unlearning``): ``tokenize_qa_like_open_unlearning``.
+    ``fewshot``: in-context examples before every question (``format_prompt``).
     """
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
+    if labels_cover_chat_tail and fewshot:
+        raise ValueError("compat=open_unlearning's tokenization has no in-context examples here; drop the dataset's "
+                         "fewshot or run without compat")
     if labels_cover_chat_tail:
         return [tokenize_qa_like_open_unlearning(tokenizer, template, q, a, max_length)
                 for q, a in zip(questions, answers)]
-    prompts = [format_prompt(tokenizer, template, q) for q in questions]
+    prompts = [format_prompt(tokenizer, template, q, fewshot) for q in questions]
     # Chat templates write their own BOS; plain prompts get the tokenizer's special tokens.
     prompt_ids = tokenizer(prompts, add_special_tokens=not template.apply_chat_template)["input_ids"]
     answer_ids = tokenizer(list(answers), add_special_tokens=False)["input_ids"]

@@ -29,7 +29,7 @@ import math
 import os
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,17 +37,40 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from compat import compat_of
-from data import build_dataset, dataset_config
-from data.tofu import local_data_file
+from data import DATASET_REGISTRY, build_dataset, dataset_config
+from data.tofu import local_data_file, local_stem
 from data.utils import DataFileError, check_rows_file
 from evals import passes
-from evals.metrics import get_metric
+from evals.metrics import allow_need, get_metric
 from trainer.utils import on_main_process
 
 log = logging.getLogger(__name__)
 
-PASS_NEEDS = ("token_stats", "generations", "grad_norms", "reference_token_stats")
-INPUT_NAMES = set(PASS_NEEDS) | {"pre_compute", "reference_logs"}
+#: The kinds of model pass a metric may need (its ``MetricSpec.needs``), each with the function that runs
+#: it: ``runner(evaluator, spec, metric config, model, cache) -> result``. A runner computes its result
+#: once per cache key (dataset, options) and stores it in ``cache``. ``register_pass`` adds a kind (a
+#: benchmark needing a new kind of pass registers it next to its evaluator class).
+PASS_RUNNERS: dict[str, Callable[..., Any]] = {}
+
+
+def register_pass(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator registering ``runner`` as the pass that supplies the metric input ``kind``."""
+    def decorator(runner: Callable[..., Any]) -> Callable[..., Any]:
+        if kind in PASS_RUNNERS:
+            raise ValueError(f"pass kind {kind!r} is already registered")
+        PASS_RUNNERS[kind] = runner
+        allow_need(kind)  # metrics may now declare it
+        return runner
+    return decorator
+
+
+def pass_needs() -> tuple[str, ...]:
+    """The registered pass kinds, in registration order."""
+    return tuple(PASS_RUNNERS)
+
+
+def _input_names() -> set[str]:
+    return set(pass_needs()) | {"pre_compute", "reference_logs"}
 CONTROL_KEYS = {"handler", "datasets", "pre_compute", "reference_logs", "access_key", "batch_size",
                 "generation_args", "reference_model"}
 #: ``passes`` of a benchmark config: the fast passes (shared prompts, custom decoder) or the plain reference.
@@ -185,7 +208,7 @@ class Evaluator:
     def _validate(self, name: str, mcfg: Mapping) -> None:
         spec = get_metric(mcfg.get("handler"))
         params = inspect.signature(spec.fn).parameters
-        valid = sorted(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in INPUT_NAMES)
+        valid = sorted(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in _input_names())
         unknown = sorted(set(self._options(mcfg)) - set(valid))
         if unknown:
             raise ValueError(f"metric {name}: option(s) {unknown} not understood by handler {spec.name}; "
@@ -194,10 +217,10 @@ class Evaluator:
             if "access_key" not in sub:
                 raise ValueError(f"metric {name}: pre_compute.{sub_name} needs an access_key")
             self._validate(sub_name, sub)
-        if any(n in spec.needs for n in PASS_NEEDS) and not mcfg.get("datasets"):
+        if any(n in spec.needs for n in pass_needs()) and not mcfg.get("datasets"):
             raise ValueError(f"metric {name}: handler {spec.name} reads data but no datasets are given")
         batch_size = mcfg.get("batch_size", 32)
-        generation_only = {n for n in spec.needs if n in PASS_NEEDS} == {"generations"}
+        generation_only = {n for n in spec.needs if n in pass_needs()} == {"generations"}
         if not (batch_size == "auto" and generation_only or _positive_int(batch_size)):
             raise ValueError(f"metric {name}: batch_size={batch_size!r}; give a positive number of rows"
                              + (" or 'auto'" if generation_only else " ('auto' is for generation metrics only)"))
@@ -222,10 +245,11 @@ class Evaluator:
         local = args.get("local_dir")
         files = []
         if local:
-            name = args.get("hf_args", {}).get("name")
-            for cand in (Path(local) / f"{name}.json", Path(local) / f"{name}.jsonl"):
-                if cand.is_file():
-                    files.append(f"{cand}:{cand.stat().st_size}:{int(cand.stat().st_mtime)}")
+            stems = [local_stem(args)] + ([local_stem(args["fewshot"])] if args.get("fewshot") else [])
+            for stem in stems:
+                for cand in (Path(local) / f"{stem}.json", Path(local) / f"{stem}.jsonl"):
+                    if cand.is_file():
+                        files.append(f"{cand}:{cand.stat().st_size}:{int(cand.stat().st_mtime)}")
         return _hash({"dataset": resolved, "files": files, "template": self.template_args})
 
     def _dataset(self, spec: Any) -> Any:
@@ -250,11 +274,12 @@ class Evaluator:
     def check_data_files(self, names: list[str] | None = None) -> None:
         """Everything the metrics ``names`` (default all) will read, checked before any model pass:
 
-        - every local data file (``paths.tofu``) exists (FileNotFoundError naming the file and the files
+        - every local data file (``paths.tofu``, ``paths.muse_news``) exists (FileNotFoundError naming the file and the files
           present; when the missing file is this benchmark's holdout split, which follows the forget
           split, forget10 -> holdout10, it says which holdout files the folder has and how to pick one,
-          ``holdout_split=...``), and reads as one JSON object per line with the question and answer
-          fields (DataFileError naming the file, the line and the field);
+          ``holdout_split=...``), and reads as one JSON object per line with the fields its dataset class
+          reads (``file_fields``: question and answer, or text; DataFileError naming the file, the line
+          and the field);
         - every reference EVAL file (``retain_logs_path``): ``check_reference_logs``.
         """
         checked = set()
@@ -276,10 +301,12 @@ class Evaluator:
                            "(the forget and holdout sets then differ in size, which the EVAL file's _meta records)"
                            if present else ""))
             what = f"{self.name} metric {metric} ({role})"
-            path = local_data_file(args["local_dir"], args.get("hf_args", {}), what, hint)
-            question_key, answer_key = args.get("question_key", "question"), args.get("answer_key", "answer")
+            handler = DATASET_REGISTRY[self._resolved_specs[self._spec_id(spec)]["handler"]]
+            fields, lists = handler.file_fields(args)
+            path = local_data_file(args["local_dir"], local_stem(args), what, hint,
+                                   local_dir_key=args.get("local_dir_key", "paths.tofu"))
             try:
-                check_rows_file(path, {question_key: "question_key", answer_key: "answer_key"}, (answer_key,))
+                check_rows_file(path, fields, lists)
             except DataFileError as e:
                 raise DataFileError(f"{what}: {e}") from None
         self.check_reference_logs(names)
@@ -359,57 +386,6 @@ class Evaluator:
         return passes.token_stats_passes(model, datasets, self.tokenizer, batch_size=batch_size,
                                          vocab_moments=vocab_moments)
 
-    def _run_pass(self, kind: str, spec: Any, mcfg: Mapping, model: torch.nn.Module, cache: dict) -> Any:
-        dataset = self._dataset(spec)
-        batch_size = mcfg.get("batch_size", 32)  # a positive int, or "auto" for generation metrics (_validate)
-        if kind == "generations":
-            gen_args = dict(mcfg.get("generation_args") or {})
-            key = (kind, self._dataset_key(spec), _hash(gen_args))
-            if key not in cache:
-                if self.passes_mode == "plain":
-                    gen_args["compat"] = self.compat
-                generate = passes.plain_generation_pass if self.passes_mode == "plain" else passes.generation_pass
-                cache[key] = generate(model, dataset, self.tokenizer, self.template_args, batch_size=batch_size,
-                                      **gen_args)
-        elif kind == "grad_norms":
-            key = (kind, self._dataset_key(spec))
-            if key not in cache:
-                cache[key] = passes.grad_norm_pass(model, dataset, self.tokenizer)
-        elif kind == "token_stats":
-            key = (kind, self._dataset_key(spec))
-            if key not in cache:
-                # Every planned pass over the same questions (true, paraphrased, perturbed answers) runs
-                # now, together: each question's prompt is computed once for all its answers.
-                group = {k: s for k, s in self._token_stats_plan.get(self._dataset_key(spec, True), {}).items()
-                         if (kind, k) not in cache and len(self._dataset(s)) == len(dataset)}
-                group[key[1]] = spec
-                planned = {k for g in self._token_stats_plan.values() for k in g}
-                # the Min-K%++ moments unless no metric reads them from any dataset of the group
-                moments = any(k in self._moment_datasets or k not in planned for k in group)
-                results = self._token_stats(model, [self._dataset(s) for s in group.values()], batch_size,
-                                            vocab_moments=moments)
-                for dataset_key, result in zip(group, results):
-                    cache[(kind, dataset_key)] = result
-        elif kind == "reference_token_stats":
-            ref_path = (mcfg.get("reference_model") or {}).get("pretrained_model_name_or_path")
-            if not ref_path:
-                raise ValueError("mia_reference needs reference_model.pretrained_model_name_or_path "
-                                 "(e.g. the retain model's folder)")
-            key = (kind, self._dataset_key(spec), ref_path)
-            if key not in cache:
-                ref_model = cache.get(("reference_model", ref_path))
-                if ref_model is None:
-                    from model import get_model
-
-                    ref_model, _ = get_model({"model_args": {**mcfg["reference_model"]},
-                                              "tokenizer_args": {"pretrained_model_name_or_path": ref_path}})
-                    ref_model.to(next(model.parameters()).device).eval()
-                    cache[("reference_model", ref_path)] = ref_model
-                cache[key] = self._token_stats(ref_model, [dataset], batch_size)[0]
-        else:
-            raise ValueError(f"unknown pass {kind}")
-        return cache[key]
-
     def _plan_token_stats(self, names: list[str]) -> dict[str, dict[str, Any]]:
         """The teacher-forced passes the metrics ``names`` will run: {questions key: {dataset key: spec}}."""
         plan: dict[str, dict[str, Any]] = {}
@@ -422,10 +398,11 @@ class Evaluator:
     def _inputs(self, mcfg: Mapping, needs: tuple, model: torch.nn.Module, cache: dict) -> dict:
         datasets = dict(mcfg.get("datasets") or {})
         inputs: dict[str, Any] = {}
-        for kind in PASS_NEEDS:
+        for kind in pass_needs():
             if kind not in needs:
                 continue
-            per_role = {role: self._run_pass(kind, spec, mcfg, model, cache) for role, spec in datasets.items()}
+            runner = PASS_RUNNERS[kind]
+            per_role = {role: runner(self, spec, mcfg, model, cache) for role, spec in datasets.items()}
             inputs[kind] = next(iter(per_role.values())) if len(per_role) == 1 else per_role
         return inputs
 
@@ -582,6 +559,72 @@ class Evaluator:
     def summary_names(self) -> list[str]:
         names = self.cfg.get("summary_metrics")
         return [n for n in names if n in self.metrics_cfg] if names else list(self.metrics_cfg)
+
+
+# ----- the registered passes -------------------------------------------------------------------------
+@register_pass("token_stats")
+def _token_stats_runner(ev: Evaluator, spec: Any, mcfg: Mapping, model: torch.nn.Module, cache: dict) -> Any:
+    """Teacher-forced statistics. Every planned pass over the same questions (true, paraphrased, perturbed
+    answers) runs at once, together: each question's prompt is computed once for all its answers."""
+    dataset = ev._dataset(spec)
+    key = ("token_stats", ev._dataset_key(spec))
+    if key not in cache:
+        group = {k: s for k, s in ev._token_stats_plan.get(ev._dataset_key(spec, True), {}).items()
+                 if ("token_stats", k) not in cache and len(ev._dataset(s)) == len(dataset)}
+        group[key[1]] = spec
+        planned = {k for g in ev._token_stats_plan.values() for k in g}
+        # the Min-K%++ moments unless no metric reads them from any dataset of the group
+        moments = any(k in ev._moment_datasets or k not in planned for k in group)
+        results = ev._token_stats(model, [ev._dataset(s) for s in group.values()], mcfg.get("batch_size", 32),
+                                  vocab_moments=moments)
+        for dataset_key, result in zip(group, results):
+            cache[("token_stats", dataset_key)] = result
+    return cache[key]
+
+
+@register_pass("generations")
+def _generations_runner(ev: Evaluator, spec: Any, mcfg: Mapping, model: torch.nn.Module, cache: dict) -> Any:
+    """Greedy generations (``generation_args``: ``max_new_tokens``, ``stop_strings``); ``batch_size`` may be ``auto``."""
+    gen_args = dict(mcfg.get("generation_args") or {})
+    key = ("generations", ev._dataset_key(spec), _hash(gen_args))
+    if key not in cache:
+        if ev.passes_mode == "plain":
+            gen_args["compat"] = ev.compat
+        generate = passes.plain_generation_pass if ev.passes_mode == "plain" else passes.generation_pass
+        cache[key] = generate(model, ev._dataset(spec), ev.tokenizer, ev.template_args,
+                              batch_size=mcfg.get("batch_size", 32), **gen_args)
+    return cache[key]
+
+
+@register_pass("grad_norms")
+def _grad_norms_runner(ev: Evaluator, spec: Any, mcfg: Mapping, model: torch.nn.Module, cache: dict) -> Any:
+    """Per-sample gradient norms (GradNorm attack)."""
+    key = ("grad_norms", ev._dataset_key(spec))
+    if key not in cache:
+        cache[key] = passes.grad_norm_pass(model, ev._dataset(spec), ev.tokenizer)
+    return cache[key]
+
+
+@register_pass("reference_token_stats")
+def _reference_token_stats_runner(ev: Evaluator, spec: Any, mcfg: Mapping, model: torch.nn.Module,
+                                  cache: dict) -> Any:
+    """Teacher-forced statistics of a reference model (``reference_model``, loaded once per path)."""
+    ref_path = (mcfg.get("reference_model") or {}).get("pretrained_model_name_or_path")
+    if not ref_path:
+        raise ValueError("mia_reference needs reference_model.pretrained_model_name_or_path "
+                         "(e.g. the retain model's folder)")
+    key = ("reference_token_stats", ev._dataset_key(spec), ref_path)
+    if key not in cache:
+        ref_model = cache.get(("reference_model", ref_path))
+        if ref_model is None:
+            from model import get_model
+
+            ref_model, _ = get_model({"model_args": {**mcfg["reference_model"]},
+                                      "tokenizer_args": {"pretrained_model_name_or_path": ref_path}})
+            ref_model.to(next(model.parameters()).device).eval()
+            cache[("reference_model", ref_path)] = ref_model
+        cache[key] = ev._token_stats(ref_model, [ev._dataset(spec)], mcfg.get("batch_size", 32))[0]
+    return cache[key]
 
 
 def format_summary(summaries: Mapping[str, Mapping[str, float | None]]) -> str:

@@ -39,8 +39,17 @@ log = logging.getLogger(__name__)
 
 
 def _answers(dataset: Any, index: int) -> list[str]:
-    answer = dataset.rows[index][dataset.answer_key]
-    return answer if isinstance(answer, list) else [answer]
+    """The answer texts of item ``index``, one per sample (the dataset's ``answer_texts``)."""
+    return dataset.answer_texts(index)
+
+
+def _ends_with_eos(dataset: Any) -> bool:
+    """Whether the dataset's samples end with an end-of-answer token (``last_token_is_eos``, checked)."""
+    value = getattr(dataset, "last_token_is_eos", None)
+    if not isinstance(value, bool):
+        raise TypeError(f"dataset {getattr(dataset, 'name', type(dataset).__name__)} has no boolean "
+                        "last_token_is_eos; every evaluation dataset must say whether its last token is an EOS")
+    return value
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -349,6 +358,7 @@ def token_stats_passes(model: torch.nn.Module, datasets: Sequence[Any], tokenize
     share_prompts = share_prompts and _runs_on_a_kv_cache(model)
     collate = DataCollatorForSupervisedDataset(tokenizer, padding_side="right")
     outs: list[dict[int, list[TokenStats]]] = [{} for _ in datasets]
+    eos = [_ends_with_eos(d) for d in datasets]
     by_length = sorted(rank_shard(range(sizes.pop())), key=lambda i: lengths[i], reverse=True)
     for batch_indices in _chunks(by_length, batch_size):
         samples, owners = [], []
@@ -368,7 +378,7 @@ def token_stats_passes(model: torch.nn.Module, datasets: Sequence[Any], tokenize
             position = len(out.get(index, []))  # rows of one item arrive in answer order
             out.setdefault(index, []).append(TokenStats(
                 logp=token_logp, mean_logp=mean_logp, std_logp=std_logp, argmax_match=match,
-                answer_text=_answers(datasets[d], index)[position],
+                answer_text=_answers(datasets[d], index)[position], ends_with_eos=eos[d],
             ))
     return [gather_dicts(out) for out in outs]
 
@@ -621,13 +631,21 @@ def generation_rows(batch_size: int | str, model: torch.nn.Module, longest_promp
     return max(1, min(AUTO_GENERATION_ROWS_MAX, rows))
 
 
-def _stop_criteria(tokenizer: Any, template_args: Any, stop_strings: Sequence[str],
+def _dataset_template(dataset: Any, template_args: Any) -> PromptTemplate | None:
+    """How the dataset's prompts were built: its own ``template`` (None for raw text), else ``template_args``."""
+    if hasattr(dataset, "template"):
+        return dataset.template
+    return PromptTemplate.from_config(template_args)
+
+
+def _stop_criteria(tokenizer: Any, template: PromptTemplate | None, stop_strings: Sequence[str],
                    compat: Compat = OURS) -> tuple[list[str], list[int]]:
     """``(stop strings, stop token ids)`` of a generation: the configured strings (plus, for a base model,
     the tag closing an answer, unless ``compat.generation_stops_at_eos_only``) and the end-of-answer and
-    EOS token ids."""
-    template = PromptTemplate.from_config(template_args)
+    EOS token ids. Raw text (``template`` None) stops at EOS and the configured strings only."""
     stop_strings = list(stop_strings)
+    if template is None:
+        return stop_strings, sorted({tokenizer.eos_token_id} - {None})
     if not template.apply_chat_template and template.asst_end_tag.strip(" ") and not compat.generation_stops_at_eos_only:
         stop_strings.append(template.asst_end_tag)  # base models: the tag that closes an answer
     stop_ids = sorted({answer_end_token_id(tokenizer, template), tokenizer.eos_token_id} - {None})
@@ -688,7 +706,7 @@ def _generation_records(dataset: Any, tokenizer: Any, indices: Sequence[int], ne
             record = {"input": prompt_text,
                       "ground_truth": decode(sample["input_ids"].tolist()).replace(prompt_text, "").strip()}
         else:
-            record = {"input": dataset.rows[i][dataset.question_key], "ground_truth": _answers(dataset, i)[0]}
+            record = {"input": dataset.prompt_text(i), "ground_truth": _answers(dataset, i)[0]}
         out[i] = {**record, "generation": text.strip()}
     return out
 
@@ -708,7 +726,7 @@ def generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, templa
     attention time, for 20 % fewer decoding steps). ``model.generate`` is used instead when the model's
     generation config asks for logit processors such as a repetition penalty.
     """
-    stop_strings, stop_ids = _stop_criteria(tokenizer, template_args, stop_strings)
+    stop_strings, stop_ids = _stop_criteria(tokenizer, _dataset_template(dataset, template_args), stop_strings)
     use_plain_greedy = _plain_greedy_ok(model)
     out: dict[int, dict] = {}
     prompts = _generation_prompts(dataset)
@@ -810,6 +828,7 @@ def plain_token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any,
     batches = _open_unlearning_batches(dataset, batch_size) if compat.float32_log_probs else \
         _chunks([(i, sample) for i in rank_shard(range(len(dataset))) for sample in _samples(dataset[i])], batch_size)
     out: dict[int, list[TokenStats]] = {}
+    eos = _ends_with_eos(dataset)
     for chunk in batches:
         batch = collate([sample for _, sample in chunk])
         logits = model(input_ids=batch["input_ids"].to(device),
@@ -827,7 +846,7 @@ def plain_token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any,
                 logp = -nll[row][scored].cpu().numpy()
             answers = out.setdefault(i, [])  # rows of one item come in answer order
             answers.append(TokenStats(logp=logp, mean_logp=mean, std_logp=std, argmax_match=match,
-                                      answer_text=_answers(dataset, i)[len(answers)]))
+                                      answer_text=_answers(dataset, i)[len(answers)], ends_with_eos=eos))
     return gather_dicts(out)
 
 
@@ -860,7 +879,7 @@ def plain_generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, 
     ``compat`` switches the mask, the stop strings and the texts as open-unlearning has them
     (``attention_mask_from_pad``, ``generation_stops_at_eos_only``, ``rouge_texts_from_tokens``).
     """
-    stop_strings, stop_ids = _stop_criteria(tokenizer, template_args, stop_strings, compat)
+    stop_strings, stop_ids = _stop_criteria(tokenizer, _dataset_template(dataset, template_args), stop_strings, compat)
     prompts = _generation_prompts(dataset)
     rows = PLAIN_AUTO_GENERATION_ROWS if batch_size == "auto" else generation_rows(batch_size, model, 0, 0)
     out: dict[int, dict] = {}

@@ -23,10 +23,15 @@ from typing import Any
 
 import numpy as np
 
-ALLOWED_NEEDS: frozenset[str] = frozenset(
-    {"token_stats", "vocab_moments", "generations", "grad_norms", "reference_token_stats", "pre_compute",
-     "reference_logs"}
-)
+#: What a metric may declare in ``needs``: the pass kinds (evals.base registers each with ``allow_need``)
+#: and the other inputs below.
+ALLOWED_NEEDS: set[str] = {"token_stats", "vocab_moments", "generations", "grad_norms", "reference_token_stats",
+                           "pre_compute", "reference_logs"}
+
+
+def allow_need(kind: str) -> None:
+    """Let metrics declare ``kind`` in their ``needs`` (a pass kind registered by ``evals.base.register_pass``)."""
+    ALLOWED_NEEDS.add(kind)
 #: ``vocab_moments`` (with ``token_stats``): the metric reads ``TokenStats.mean_logp`` / ``std_logp``, which the
 #: teacher-forced pass computes (two more sweeps over the vocabulary per answer token) only for the datasets
 #: such a metric reads.
@@ -34,9 +39,11 @@ ALLOWED_NEEDS: frozenset[str] = frozenset(
 
 @dataclass(eq=False)
 class TokenStats:
-    """Teacher-forced statistics of one answer, one entry per answer token (the LAST one is the EOS token).
+    """Teacher-forced statistics of one answer, one entry per scored answer token.
 
-    ``logp[t]``: log p(answer token t); ``mean_logp[t]`` = E_{v~p}[log p(v)] and ``std_logp[t]`` =
+    ``ends_with_eos``: the last entry is the end-of-answer (EOS) token (question-answer data), which the
+    memorisation and Min-K% metrics leave out (``content``); False for raw text (a MUSE chunk, a verbatim
+    continuation), where every token is content. ``logp[t]``: log p(answer token t); ``mean_logp[t]`` = E_{v~p}[log p(v)] and ``std_logp[t]`` =
     sqrt(Var_{v~p}[log p(v)]) of the model's next-token distribution at that position; ``argmax_match[t]``:
     the argmax prediction equals the answer token. ``answer_text`` is the ground-truth answer string.
     ``mean_logp`` and ``std_logp`` are None when the pass skipped them (no metric reading the dataset
@@ -48,6 +55,7 @@ class TokenStats:
     std_logp: np.ndarray | None
     argmax_match: np.ndarray
     answer_text: str = ""
+    ends_with_eos: bool = True
 
     def __post_init__(self) -> None:
         self.logp = np.asarray(self.logp, dtype=np.float64).reshape(-1)
@@ -68,8 +76,18 @@ class TokenStats:
 
     @property
     def num_tokens(self) -> int:
-        """T, the number of answer tokens including EOS."""
+        """T, the number of scored answer tokens (EOS included when ``ends_with_eos``)."""
         return len(self.logp)
+
+    @property
+    def content(self) -> slice:
+        """The entries of the answer's own tokens: all but the last (EOS) when ``ends_with_eos``, else all."""
+        return slice(0, self.num_tokens - 1 if self.ends_with_eos else self.num_tokens)
+
+    @property
+    def num_content_tokens(self) -> int:
+        """T' = T - 1 with an EOS at the end, T without."""
+        return max(self.num_tokens - 1, 0) if self.ends_with_eos else self.num_tokens
 
     def is_valid(self) -> bool:
         """False for a broken sample: no answer token, or a non-finite log-probability."""
@@ -231,6 +249,7 @@ from .utility import harmonic_mean  # noqa: E402
 
 __all__ = [
     "ALLOWED_NEEDS",
+    "allow_need",
     "METRIC_REGISTRY",
     "MetricSpec",
     "TokenStats",

@@ -1,8 +1,9 @@
 """Verbatim memorisation of answers under teacher forcing: exact memorisation and extraction strength.
 
-The compute functions score the answer tokens WITHOUT the final end-of-answer (EOS) token: of the T
-entries of ``TokenStats.argmax_match`` they use the first T - 1. The pure helpers score exactly the array
-they are given (pass it with EOS already removed). Higher = more memorised.
+The compute functions score the answer's content tokens (``TokenStats.content``): for question-answer
+data the first T - 1 of the T entries (the final end-of-answer token left out), for raw text (MUSE's
+verbatim continuations) all T. The pure helpers score exactly the array they are given. Higher = more
+memorised.
 """
 
 from __future__ import annotations
@@ -55,12 +56,12 @@ def _memorization(token_stats, helper: Callable[[np.ndarray], float], name: str)
     excluded: list = []
     for idx in _sorted_keys(token_stats):
         answers = list(token_stats[idx])
-        # T - 1 answer tokens without EOS must remain
-        if not answers or answers[0].num_tokens < 2:
+        # at least one content token (EOS left out) must remain
+        if not answers or answers[0].num_content_tokens < 1:
             value_by_index[str(idx)] = {"score": None}
             excluded.append(idx)
             continue
-        score = helper(answers[0].argmax_match[:-1])
+        score = helper(answers[0].argmax_match[answers[0].content])
         value_by_index[str(idx)] = {"score": score}
         values.append(score)
     return _result(_mean_or_none(values), value_by_index, excluded)
@@ -70,10 +71,10 @@ def _memorization(token_stats, helper: Callable[[np.ndarray], float], name: str)
     "exact_memorization",
     higher_is_better=None,
     needs=("token_stats",),
-    description="fraction of answer tokens (EOS excluded) predicted exactly by argmax (Tirumala et al. 2022)",
+    description="fraction of answer content tokens (a final EOS excluded) predicted exactly by argmax (Tirumala et al. 2022)",
 )
 def exact_memorization_metric(*, token_stats=None, **_: object) -> dict:
-    """Per index {"score": EM} of the first answer (EOS excluded); agg = mean. Higher = more memorised."""
+    """Per index {"score": EM} of the first answer's content tokens; agg = mean. Higher = more memorised."""
     return _memorization(token_stats, exact_memorization_score, "exact_memorization")
 
 
@@ -81,9 +82,9 @@ def exact_memorization_metric(*, token_stats=None, **_: object) -> dict:
     "extraction_strength",
     higher_is_better=None,
     needs=("token_stats",),
-    description="1 - (shortest prefix fraction after which the answer is predicted verbatim), EOS excluded",
+    description="1 - (shortest prefix fraction after which the answer is predicted verbatim), a final EOS excluded",
 )
 def extraction_strength_metric(*, token_stats=None, compat: Compat = OURS, **_: object) -> dict:
-    """Per index {"score": ES} of the first answer (EOS excluded); agg = mean. Higher = more memorised."""
+    """Per index {"score": ES} of the first answer's content tokens; agg = mean. Higher = more memorised."""
     floor = compat.extraction_strength_floor
     return _memorization(token_stats, lambda m: extraction_strength_score(m, floor), "extraction_strength")

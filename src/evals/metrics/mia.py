@@ -178,27 +178,28 @@ def mia_zlib_metric(*, token_stats=None, **_: object) -> dict:
 
 @register_metric(
     "mia_min_k", higher_is_better=None, needs=("token_stats",),
-    description="MIA AUC with the Min-K% Prob score (Shi et al. 2024), EOS excluded; option k (0.4)",
+    description="MIA AUC with the Min-K% Prob score (Shi et al. 2024), a final EOS excluded; option k (0.4)",
 )
 def mia_min_k_metric(*, token_stats=None, k: float = 0.4, **_: object) -> dict:
-    """Score = min_k_score of the first T - 1 log-probs (EOS excluded); T < 2 is excluded."""
+    """Score = min_k_score of the content tokens' log-probs (``TokenStats.content``: a final EOS left out, every
+    token of raw text); a sample with no content token is excluded."""
     if not 0.0 < float(k) <= 1.0:
         raise ValueError(f"mia_min_k: k must be in (0, 1]; got {k}")
     return _attack_result(
         _score_first_answers(
             token_stats, "mia_min_k",
-            lambda ts, _key: min_k_score(ts.logp[:-1], float(k)) if ts.num_tokens > 1 else None,
+            lambda ts, _key: min_k_score(ts.logp[ts.content], float(k)) if ts.num_content_tokens else None,
         )
     )
 
 
 @register_metric(
     "mia_min_k_plus_plus", higher_is_better=None, needs=("token_stats", "vocab_moments"),
-    description="MIA AUC with the Min-K%++ score (Zhang et al. 2024), EOS excluded; option k (0.4)",
+    description="MIA AUC with the Min-K%++ score (Zhang et al. 2024), a final EOS excluded; option k (0.4)",
 )
 def mia_min_k_plus_plus_metric(*, token_stats=None, k: float = 0.4, **_: object) -> dict:
-    """Score = min_k_plus_plus_score of the first T - 1 tokens; tokens with std <= 1e-12 are skipped and a
-    sample with no token left is excluded."""
+    """Score = min_k_plus_plus_score of the content tokens (a final EOS left out); tokens with std <= 1e-12
+    are skipped and a sample with no token left is excluded."""
     if not 0.0 < float(k) <= 1.0:
         raise ValueError(f"mia_min_k_plus_plus: k must be in (0, 1]; got {k}")
     for role, per_index in _roles(token_stats, "token_stats", "mia_min_k_plus_plus").items():
@@ -209,8 +210,9 @@ def mia_min_k_plus_plus_metric(*, token_stats=None, k: float = 0.4, **_: object)
         _score_first_answers(
             token_stats, "mia_min_k_plus_plus",
             lambda ts, _key: (
-                min_k_plus_plus_score(ts.logp[:-1], ts.mean_logp[:-1], ts.std_logp[:-1], float(k))
-                if ts.num_tokens > 1 else None
+                min_k_plus_plus_score(ts.logp[ts.content], ts.mean_logp[ts.content], ts.std_logp[ts.content],
+                                      float(k))
+                if ts.num_content_tokens else None
             ),
         )
     )

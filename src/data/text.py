@@ -1,0 +1,231 @@
+"""Raw-text datasets: a corpus cut into fixed-size chunks, and prefix -> continuation pairs (MUSE, WMDP).
+
+No chat template and no end-of-answer token: the text is the model's input as it is.
+
+- ``PretrainingDataset``: the rows of a text column joined into one document, tokenised once and cut
+  into ``max_length``-token chunks; the loss covers every token (MUSE's forget/retain corpora, WMDP's
+  corpora). Fine-tuning the MUSE target models and unlearning on MUSE both read it.
+- ``CompletionDataset``: one sample per row, ``prefix + continuation``; the labels cover the
+  continuation only (MUSE's verbatim-memorisation prompts, and with no prefix column the whole text:
+  MUSE's membership-inference chunks).
+
+Both follow the evaluation contract of ``data.tofu.QADataset`` (``prompt_text``, ``answer_texts``,
+``lengths``, ``template``, ``last_token_is_eos``), so every pass and metric reads them unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from checks import check_number
+from data.tofu import load_rows
+from data.utils import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+
+def leading_special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The token ids the tokenizer puts before a text with ``add_special_tokens=True`` (Llama's BOS; none for
+    GPT-2-style tokenizers such as SmolLM2's)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(special) - len(plain) + 1):
+        if special[start:start + len(plain)] == plain:
+            return list(special[:start])
+    return []
+
+
+def _sample(input_ids: list[int], labels: list[int], index: int) -> dict[str, Any]:
+    ids = torch.tensor(input_ids, dtype=torch.long)
+    return {"input_ids": ids, "labels": torch.tensor(labels, dtype=torch.long), "attention_mask": torch.ones_like(ids),
+            "index": index}
+
+
+class _TextDataset(Dataset):
+    """What both raw-text datasets share: the evaluation contract and the row loading."""
+
+    last_token_is_eos = False
+    template = None  # raw text: generation stops at EOS only, no prompt tags
+
+    def __init__(self, name: str, compat: Any = None) -> None:
+        self.name = name
+        if compat not in (None, "ours"):
+            log.info("%s: compat=%s has no effect on raw-text datasets", name, compat)
+        self._samples: list[tuple[list[int], list[int]]] = []
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        input_ids, labels = self._samples[index]
+        return _sample(input_ids, labels, index)
+
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids, _ in self._samples]
+
+
+class PretrainingDataset(_TextDataset):
+    """A text corpus in ``max_length``-token chunks, the loss on every token.
+
+    The rows of ``text_key`` are joined with ``separator`` and tokenised ONCE (no special tokens); chunk
+    ``k`` holds tokens ``[k * max_length, (k + 1) * max_length)``, so the last chunk holds the remainder
+    and there is no empty chunk when the length divides evenly (``ceil(n / max_length)`` chunks). Each
+    chunk is preceded by the special tokens the tokenizer puts before a text (Llama's BOS; none for
+    SmolLM2), as a document start, and unlabelled. Labels are the chunk's tokens themselves (the first
+    one is predicted by nothing when there is no BOS; the loss's shift drops it).
+
+    Args:
+        hf_args: ``datasets.load_dataset`` arguments (Hub), e.g. ``{path: muse-bench/MUSE-News, name: raw,
+            split: forget}``.
+        text_key: the column holding the text.
+        max_length: tokens per chunk (BOS not counted).
+        separator: text placed between two rows before tokenising.
+        local_dir, local_name: read ``<local_dir>/<local_name>.json`` instead of the Hub; ``local_dir_key``
+            names the setting that gives ``local_dir`` (``paths.muse_news``) in error messages.
+    """
+
+    @staticmethod
+    def file_fields(args: dict) -> tuple[dict[str, str], tuple[str, ...]]:
+        return {args.get("text_key", "text"): "text_key"}, ()
+
+    def __init__(self, hf_args: dict, tokenizer: PreTrainedTokenizerBase, template_args: Any = None,
+                 text_key: str = "text", max_length: int = 2048, separator: str = "\n\n",
+                 local_dir: str | None = None, local_name: str | None = None, name: str = "PretrainingDataset",
+                 compat: Any = None, local_dir_key: str = "paths.tofu") -> None:
+        super().__init__(name, compat)
+        self.max_length = check_number("max_length", max_length, integer=True, low=1, owner=name,
+                                       hint="data.dataset_args.max_length, or the dataset config's args.max_length")
+        rows = load_rows(dict(hf_args), local_dir, name, fields={text_key: "text_key"}, local_name=local_name,
+                         local_dir_key=local_dir_key)
+        if len(rows) == 0:
+            raise ValueError(f"{name}: dataset {dict(hf_args)} (local_dir={local_dir}) has no rows")
+        if text_key not in rows.column_names:
+            raise KeyError(f"{name}: text_key={text_key!r} is not a column of {dict(hf_args)}; columns: "
+                           f"{rows.column_names}")
+        self.tokenizer = tokenizer
+        tokens = tokenizer(separator.join(rows[text_key]), add_special_tokens=False, verbose=False)["input_ids"]
+        if not tokens:
+            raise ValueError(f"{name}: the text of {dict(hf_args)} is empty: nothing to train or score")
+        start = leading_special_tokens(tokenizer)
+        for offset in range(0, len(tokens), self.max_length):
+            chunk = tokens[offset:offset + self.max_length]
+            self._samples.append((start + chunk, [IGNORE_INDEX] * len(start) + chunk))
+        self.num_tokens = len(tokens)
+
+    def prompt_text(self, index: int) -> str:
+        return ""
+
+    def answer_texts(self, index: int) -> list[str]:
+        """The chunk's text (decoded on demand: zlib sizes and generation records read it, training never does)."""
+        input_ids, labels = self._samples[index]
+        return [self.tokenizer.decode([t for t in labels if t != IGNORE_INDEX])]
+
+
+class CompletionDataset(_TextDataset):
+    """``prefix + continuation`` per row; the labels cover the continuation (at most ``max_length`` tokens).
+
+    The whole text (``prefix``, a space when ``insert_space``, the continuation) is tokenised at once,
+    after the tokenizer's leading special tokens; the prompt is the tokens that end within the prefix,
+    so it is an exact token prefix of the sample. ``prefix_key: null`` (or a column the rows lack) gives an
+    empty prefix: the whole text is scored (MUSE's membership chunks). A slow tokenizer (no offsets)
+    tokenises the prefix and the continuation separately instead.
+
+    Args:
+        hf_args: ``datasets.load_dataset`` arguments (Hub).
+        prefix_key: the column of the prompt, or null.
+        text_key: the column of the continuation.
+        max_length: continuation tokens kept (the rest is cut, with a warning count).
+        insert_space: put a space between prefix and continuation (MUSE's verbatim prompts).
+        local_dir, local_name: read ``<local_dir>/<local_name>.json`` instead of the Hub.
+    """
+
+    @staticmethod
+    def file_fields(args: dict) -> tuple[dict[str, str], tuple[str, ...]]:
+        fields = {args.get("text_key", "text"): "text_key"}
+        if args.get("prefix_key"):
+            fields[args["prefix_key"]] = "prefix_key"
+        return fields, ()
+
+    def __init__(self, hf_args: dict, tokenizer: PreTrainedTokenizerBase, template_args: Any = None,
+                 prefix_key: str | None = "prompt", text_key: str = "text", max_length: int = 2048,
+                 insert_space: bool = False, local_dir: str | None = None, local_name: str | None = None,
+                 name: str = "CompletionDataset", compat: Any = None, local_dir_key: str = "paths.tofu") -> None:
+        super().__init__(name, compat)
+        self.max_length = check_number("max_length", max_length, integer=True, low=1, owner=name,
+                                       hint="data.dataset_args.max_length, or the dataset config's args.max_length")
+        fields = {text_key: "text_key", **({prefix_key: "prefix_key"} if prefix_key else {})}
+        rows = load_rows(dict(hf_args), local_dir, name, fields=fields, local_name=local_name,
+                         local_dir_key=local_dir_key)
+        if len(rows) == 0:
+            raise ValueError(f"{name}: dataset {dict(hf_args)} (local_dir={local_dir}) has no rows")
+        self.prefixes = list(rows[prefix_key]) if prefix_key else [""] * len(rows)
+        self.texts = list(rows[text_key])
+        self.tokenizer = tokenizer
+        joiner = " " if insert_space else ""
+        start = leading_special_tokens(tokenizer)
+        cut = 0
+        self._cut_texts: dict[int, str] = {}
+        for i, (prefix, text) in enumerate(zip(self.prefixes, self.texts)):
+            prompt, continuation = self._split_tokens(prefix, joiner + text)
+            if len(continuation) > self.max_length:
+                continuation = continuation[:self.max_length]
+                self._cut_texts[i] = tokenizer.decode(continuation).removeprefix(joiner)
+                cut += 1
+            if not continuation:
+                raise ValueError(f"{name}: row {i} has an empty continuation ({text_key}={text!r})")
+            self._samples.append((start + prompt + continuation,
+                                  [IGNORE_INDEX] * (len(start) + len(prompt)) + continuation))
+        if cut:
+            log.info("%s: %d of %d continuations cut to max_length=%d tokens", name, cut, len(self.texts), max_length)
+
+    def _split_tokens(self, prefix: str, continuation: str) -> tuple[list[int], list[int]]:
+        """``(prompt ids, continuation ids)`` of ``prefix + continuation`` tokenised together."""
+        if not prefix:
+            return [], self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        if not getattr(self.tokenizer, "is_fast", False):
+            return (self.tokenizer(prefix, add_special_tokens=False)["input_ids"],
+                    self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
+        encoded = self.tokenizer(prefix + continuation, add_special_tokens=False, return_offsets_mapping=True)
+        ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+        boundary = next((k for k, (_, end) in enumerate(offsets) if end > len(prefix)), len(ids))
+        return ids[:boundary], ids[boundary:]
+
+    def prompt_text(self, index: int) -> str:
+        return self.prefixes[index]
+
+    def answer_texts(self, index: int) -> list[str]:
+        """The continuation the labels cover: the row's text, or its first ``max_length`` tokens decoded when cut."""
+        return [self._cut_texts.get(index, self.texts[index])]
+
+
+class ConcatenatedDataset(Dataset):
+    """Several datasets one after the other (``data.train=[MUSE_forget,MUSE_retain]``: a MUSE target model's
+    corpus); item ``i`` keeps its sample but its ``index`` becomes ``i``, so indices stay unique."""
+
+    def __init__(self, parts: list[Dataset]) -> None:
+        self.parts = parts
+        self.name = "+".join(getattr(p, "name", type(p).__name__) for p in parts)
+        self._starts = [0]
+        for part in parts:
+            self._starts.append(self._starts[-1] + len(part))
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, index: int) -> Any:
+        if not 0 <= index < len(self):
+            raise IndexError(f"{self.name}: index {index} out of range (size {len(self)})")
+        part = next(k for k in range(len(self.parts)) if index < self._starts[k + 1])
+        item = self.parts[part][index - self._starts[part]]
+        return {**item, "index": index} if isinstance(item, dict) and "index" in item else item
+
+    def lengths(self) -> list[int]:
+        return [n for part in self.parts for n in part.lengths()]
+
+
+__all__ = ["PretrainingDataset", "CompletionDataset", "ConcatenatedDataset", "leading_special_tokens"]
