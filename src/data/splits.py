@@ -25,8 +25,11 @@ from omegaconf import DictConfig, OmegaConf
 _FORGET = re.compile(r"^forget(\d+)(?:_|$)")
 
 
-def holdout_for(forget_split: str) -> str:
-    """The holdout split of the same size as ``forget_split``: ``forgetNN`` -> ``holdoutNN``."""
+def holdout_for(forget_split: str | None) -> str | None:
+    """The holdout split of the same size as ``forget_split``: ``forgetNN`` -> ``holdoutNN``; None for None
+    (the run's data is no TOFU forget split: MUSE, WMDP)."""
+    if forget_split is None:
+        return None
     match = _FORGET.match(str(forget_split))
     if match is None or match.end() != len(str(forget_split)):
         raise ValueError(f"forget_split={forget_split!r} is not a TOFU forget split (forget01, forget05, forget10, ...); "
@@ -81,10 +84,32 @@ def check_eval_splits(cfg: DictConfig) -> None:
                 f"data.forget) or set forget_split={unlearned}")
 
 
+#: MUSE's two corpora (``data_split=News|Books``: Hub datasets muse-bench/MUSE-News and MUSE-Books).
+MUSE_CORPORA = ("News", "Books")
+
+
+def muse_corpus(name: str) -> str:
+    """``name`` if it is a MUSE corpus, else a ValueError listing them (``data_split=news`` is a typo too)."""
+    if name not in MUSE_CORPORA:
+        raise ValueError(f"data_split={name!r} is not a MUSE corpus; valid: {', '.join(MUSE_CORPORA)}")
+    return name
+
+
+def dataset_names(spec: object) -> str:
+    """A dataset name, or several joined with ``+`` (``data.train=[MUSE_forget,MUSE_retain]`` in a task name)."""
+    if isinstance(spec, (list, tuple)) or OmegaConf.is_list(spec):
+        return "+".join(str(s) for s in spec)
+    return str(spec)
+
+
 def register_resolvers() -> None:
-    """``${holdout_for:<forget split>}`` and ``${forget_split_of:<dataset>}`` for the configs."""
+    """``${holdout_for:<forget split>}``, ``${forget_split_of:<dataset>}``, ``${muse_corpus:<name>}`` and
+    ``${lower:<text>}`` for the configs."""
     OmegaConf.register_new_resolver("holdout_for", holdout_for, replace=True)
     OmegaConf.register_new_resolver("forget_split_of", forget_split_of, replace=True)
+    OmegaConf.register_new_resolver("muse_corpus", muse_corpus, replace=True)
+    OmegaConf.register_new_resolver("lower", lambda text: str(text).lower(), replace=True)
+    OmegaConf.register_new_resolver("dataset_names", dataset_names, replace=True)
 
 
-__all__ = ["holdout_for", "forget_split_of", "check_eval_splits", "register_resolvers"]
+__all__ = ["holdout_for", "forget_split_of", "check_eval_splits", "register_resolvers", "muse_corpus", "MUSE_CORPORA"]

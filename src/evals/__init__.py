@@ -33,9 +33,14 @@ def get_evaluators(eval_cfgs: DictConfig | Mapping | None, **kwargs: Any) -> dic
 
 
 from evals.base import Evaluator, format_summary  # noqa: E402
+from evals.lm_eval import LMEvalEvaluator  # noqa: E402  (imports lm-eval, an optional extra, only when built)
+from evals.muse import MUSEEvaluator  # noqa: E402
 from evals.tofu import TOFUEvaluator  # noqa: E402
 
 _register_evaluator(Evaluator)
 _register_evaluator(TOFUEvaluator)
+_register_evaluator(LMEvalEvaluator)
+_register_evaluator(MUSEEvaluator)
 
-__all__ = ["EVALUATOR_REGISTRY", "_register_evaluator", "get_evaluators", "Evaluator", "TOFUEvaluator", "format_summary"]
+__all__ = ["EVALUATOR_REGISTRY", "_register_evaluator", "get_evaluators", "Evaluator", "TOFUEvaluator",
+           "LMEvalEvaluator", "MUSEEvaluator", "format_summary"]

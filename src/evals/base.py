@@ -159,13 +159,36 @@ def _finite_or_none(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+class FirstRows:
+    """The first ``n`` items of an evaluation dataset (``limit``); everything else is the dataset's own."""
+
+    def __init__(self, dataset: Any, n: int) -> None:
+        self.dataset, self.n = dataset, min(n, len(dataset))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> Any:
+        if not 0 <= index < self.n:
+            raise IndexError(f"index {index} beyond the first {self.n} rows (limit)")
+        return self.dataset[index]
+
+    def lengths(self) -> list[int]:
+        return list(self.dataset.lengths())[:self.n]
+
+    def __getattr__(self, name: str) -> Any:  # prompt_text, answer_texts, template, last_token_is_eos, name
+        return getattr(self.dataset, name)
+
+
 class Evaluator:
     """Runs the metrics of one benchmark config (see module docstring).
 
     Args:
         cfg: the benchmark config (``eval.<bench>``): ``metrics``, ``name`` (file prefix, e.g. TOFU),
             ``output_dir``, ``overwrite``, ``summary_metrics`` (headline list; default all), ``passes``
-            (``fast``, the default, or ``plain``: the reference passes of ``evals.passes``, no speed tricks).
+            (``fast``, the default, or ``plain``: the reference passes of ``evals.passes``, no speed tricks),
+            ``limit`` (null, or the number of leading rows of every dataset to score: a quick look whose
+            numbers are not the benchmark's; recorded in ``_meta`` and the fingerprints).
         tokenizer: the model's tokenizer.
         template_args: the model config's prompt settings.
         root_cfg: the run's full config, to resolve dataset specs (``${paths.tofu}``).
@@ -178,6 +201,10 @@ class Evaluator:
         self.passes_mode = self.cfg.get("passes", "fast")
         if self.passes_mode not in PASS_MODES:
             raise ValueError(f"evaluator {self.name}: passes={self.passes_mode!r}; valid: {', '.join(PASS_MODES)}")
+        self.limit = self.cfg.get("limit")
+        if self.limit is not None and not _positive_int(self.limit):
+            raise ValueError(f"evaluator {self.name}: limit={self.limit!r}; give a positive number of rows per "
+                             "dataset, or null for every row")
         self.metrics_cfg: dict = dict(self.cfg.get("metrics") or {})
         if not self.metrics_cfg:
             raise ValueError(f"evaluator {self.name}: no metrics configured")
@@ -255,7 +282,8 @@ class Evaluator:
     def _dataset(self, spec: Any) -> Any:
         key = self._dataset_key(spec)
         if key not in self._datasets:
-            self._datasets[key] = build_dataset(spec, self.tokenizer, self.template_args, root_cfg=self.root_cfg)
+            dataset = build_dataset(spec, self.tokenizer, self.template_args, root_cfg=self.root_cfg)
+            self._datasets[key] = dataset if self.limit is None else FirstRows(dataset, self.limit)
         return self._datasets[key]
 
     def _metric_configs(self, names: list[str] | None = None) -> list[tuple[str, Mapping]]:
@@ -468,7 +496,7 @@ class Evaluator:
 
         return _hash({"metric": with_data(self.metrics_cfg[name]), "model": model_fingerprint(model_id),
                       "template": self.template_args, "code": code_version(), "passes": self.passes_mode,
-                      "compat": self.compat.name})
+                      "compat": self.compat.name, "limit": self.limit})
 
     # ----- entry point -----------------------------------------------------------------------------
     def evaluate(self, model: torch.nn.Module, output_dir: str | os.PathLike | None = None, trainer: Any = None,
@@ -521,6 +549,7 @@ class Evaluator:
             payload["_meta"] = {
                 "model": model_id, "code_version": code_version(), "evaluator": self.name, "passes": self.passes_mode,
                 "compat": self.compat.name,
+                "limit": self.limit,
                 "splits": {k: self.cfg.get(k) for k in ("forget_split", "holdout_split", "retain_logs_path")
                            if k in self.cfg},
                 "split_sizes": split_sizes,

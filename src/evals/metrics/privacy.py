@@ -101,16 +101,19 @@ def ks_test_metric(*, pre_compute=None, reference_logs=None, **_: object) -> dic
     "privleak", higher_is_better=None, needs=("pre_compute", "reference_logs"),
     description="MUSE PrivLeak: relative gap (%) of the Min-K% MIA AUC to the retain model's; 0 is best, < 0 leaks more",
 )
-def privleak_metric(*, pre_compute=None, reference_logs=None, ref_value: float = 0.5, **_: object) -> dict:
+def privleak_metric(*, pre_compute=None, reference_logs=None, ref_value: float = 0.5,
+                    ref_value_source: str | None = None, **_: object) -> dict:
     """pre_compute["forget"]: this model's mia_min_k result (agg_value = AUC); reference_logs["retain"]: the
-    retain model's, or None (then AUC_ref = ``ref_value`` and a note says so)."""
+    retain model's, or None (then AUC_ref = ``ref_value``, and a note says so, naming ``ref_value_source``
+    when given: MUSE's published retrained-model AUC of the corpus)."""
     forget = _pre_compute_entry(pre_compute, "forget", "privleak")
     auc = forget.get("agg_value")
     retain = _reference(reference_logs)
     note = None
     if retain is None or retain.get("agg_value") is None:
         ref_auc = float(ref_value)
-        note = f"no retain model MIA result: reference AUC set to ref_value={ref_auc}"
+        note = f"no retain model MIA result: reference AUC set to ref_value={ref_auc}" + (
+            f" ({ref_value_source})" if ref_value_source else "")
     else:
         ref_auc = float(retain["agg_value"])
     if auc is None:

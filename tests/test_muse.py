@@ -1,0 +1,313 @@
+"""MUSE: raw-text datasets, few-shot knowledge prompts, scoring every token of raw text, the benchmark end to end."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import REPO, run_cli
+from data import build_dataset, dataset_config
+from data.text import CompletionDataset, ConcatenatedDataset, PretrainingDataset, leading_special_tokens
+from data.utils import IGNORE_INDEX, PromptTemplate, format_prompt
+from evals.metrics import TokenStats, get_metric
+
+SHARED_MUSE = REPO.parent / "shared" / "data" / "muse_news"
+PLAIN_TAGS = {"apply_chat_template": False, "user_start_tag": "Question: ", "user_end_tag": "\n",
+              "asst_start_tag": "Answer: ", "asst_end_tag": "\n\n"}
+
+
+@pytest.fixture(scope="module")
+def muse_dir() -> Path:
+    if not SHARED_MUSE.is_dir():
+        pytest.skip(f"MUSE-News copy not found at {SHARED_MUSE} (only present on the project's machines)")
+    return SHARED_MUSE
+
+
+def _write_rows(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture()
+def bos_tokenizer(smollm2_tokenizer):
+    """The SmolLM2 tokenizer made to put a BOS token before every text (as Llama's does)."""
+    from tokenizers.processors import TemplateProcessing
+
+    tok = copy.deepcopy(smollm2_tokenizer)
+    bos = tok.convert_tokens_to_ids("<|im_start|>")
+    tok._tokenizer.post_processor = TemplateProcessing(single="<|im_start|> $A", pair="<|im_start|> $A $B",
+                                                       special_tokens=[("<|im_start|>", bos)])
+    assert tok("a", add_special_tokens=True)["input_ids"][0] == bos
+    return tok, bos
+
+
+# ----- PretrainingDataset ------------------------------------------------------------------------------------
+def test_pretraining_chunks_hold_every_token_once(smollm2_tokenizer, tmp_path):
+    rows = [{"text": f"Article {i}: " + "the quick brown fox jumps over the lazy dog. " * (3 + i)} for i in range(5)]
+    _write_rows(tmp_path / "corpus.json", rows)
+    expected = smollm2_tokenizer("\n\n".join(r["text"] for r in rows), add_special_tokens=False)["input_ids"]
+    assert leading_special_tokens(smollm2_tokenizer) == []  # SmolLM2 adds no BOS
+    data = PretrainingDataset({"name": "corpus"}, smollm2_tokenizer, text_key="text", max_length=50,
+                              local_dir=str(tmp_path))
+    sizes = [len(data[i]["input_ids"]) for i in range(len(data))]
+    assert len(data) == math.ceil(len(expected) / 50) and sizes[:-1] == [50] * (len(data) - 1)
+    assert sizes[-1] == len(expected) - 50 * (len(data) - 1) > 0
+    assert sum((data[i]["input_ids"].tolist() for i in range(len(data))), []) == expected  # tokenised once, in order
+    assert all(torch.equal(data[i]["labels"], data[i]["input_ids"]) for i in range(len(data)))  # loss on every token
+    assert data.lengths() == sizes and data.last_token_is_eos is False and data.template is None
+    assert data.answer_texts(0)[0] == smollm2_tokenizer.decode(expected[:50])
+
+    # a length that divides evenly: no empty last chunk
+    even = PretrainingDataset({"name": "corpus"}, smollm2_tokenizer, max_length=len(expected) // 2
+                              if len(expected) % 2 == 0 else len(expected), local_dir=str(tmp_path))
+    assert all(len(even[i]["input_ids"]) > 0 for i in range(len(even)))
+    assert sum(len(even[i]["input_ids"]) for i in range(len(even))) == len(expected)
+    assert len(even) == (2 if len(expected) % 2 == 0 else 1)
+
+
+def test_pretraining_chunks_start_with_the_tokenizers_bos(bos_tokenizer, tmp_path):
+    tok, bos = bos_tokenizer
+    _write_rows(tmp_path / "corpus.json", [{"text": "one two three four five six seven eight nine ten " * 4}])
+    data = PretrainingDataset({"name": "corpus"}, tok, max_length=16, local_dir=str(tmp_path))
+    content = tok("one two three four five six seven eight nine ten " * 4, add_special_tokens=False)["input_ids"]
+    for i in range(len(data)):
+        sample = data[i]
+        assert sample["input_ids"][0] == bos and sample["labels"][0] == IGNORE_INDEX
+        assert sample["labels"][1:].tolist() == content[16 * i:16 * (i + 1)]  # max_length counts content only
+
+
+def test_pretraining_rejects_bad_input(smollm2_tokenizer, tmp_path):
+    _write_rows(tmp_path / "corpus.json", [{"body": "x"}])
+    with pytest.raises(ValueError, match=r"no 'text' field \(text_key='text'\)"):
+        PretrainingDataset({"name": "corpus"}, smollm2_tokenizer, local_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="max_length=0"):
+        PretrainingDataset({"name": "corpus"}, smollm2_tokenizer, text_key="body", max_length=0,
+                           local_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"paths.muse_news="):
+        PretrainingDataset({"name": "raw"}, smollm2_tokenizer, local_name="raw_forget", local_dir=str(tmp_path),
+                           local_dir_key="paths.muse_news")
+
+
+def test_concatenated_datasets_renumber_their_items(smollm2_tokenizer, tmp_path):
+    _write_rows(tmp_path / "a.json", [{"text": "alpha beta gamma " * 20}])
+    _write_rows(tmp_path / "b.json", [{"text": "delta epsilon " * 20}])
+    a = PretrainingDataset({"name": "a"}, smollm2_tokenizer, max_length=16, local_dir=str(tmp_path))
+    b = PretrainingDataset({"name": "b"}, smollm2_tokenizer, max_length=16, local_dir=str(tmp_path))
+    both = ConcatenatedDataset([a, b])
+    assert len(both) == len(a) + len(b) and both.lengths() == a.lengths() + b.lengths()
+    assert [both[i]["index"] for i in range(len(both))] == list(range(len(both)))
+    assert torch.equal(both[len(a)]["input_ids"], b[0]["input_ids"])
+    with pytest.raises(IndexError):
+        both[len(both)]
+
+
+# ----- CompletionDataset -------------------------------------------------------------------------------------
+def test_completion_masks_the_prefix(smollm2_tokenizer, tmp_path):
+    rows = [{"prompt": "The minister said on Tuesday that", "gt": "the budget would be cut by ten percent."},
+            {"prompt": "Fans queued outside", "gt": "the stadium for hours before the match."}]
+    _write_rows(tmp_path / "verbmem.json", rows)
+    data = CompletionDataset({"name": "verbmem"}, smollm2_tokenizer, prefix_key="prompt", text_key="gt",
+                             insert_space=True, local_dir=str(tmp_path))
+    for i, row in enumerate(rows):
+        sample = data[i]
+        whole = smollm2_tokenizer(row["prompt"] + " " + row["gt"], add_special_tokens=False)["input_ids"]
+        assert sample["input_ids"].tolist() == whole  # one tokenisation: the prompt is an exact token prefix
+        prompt_len = int((sample["labels"] == IGNORE_INDEX).sum())
+        assert smollm2_tokenizer.decode(whole[:prompt_len]) == row["prompt"]
+        assert sample["labels"][prompt_len:].tolist() == whole[prompt_len:]
+        assert smollm2_tokenizer.decode(whole[prompt_len:]) == " " + row["gt"]
+        assert data.prompt_text(i) == row["prompt"] and data.answer_texts(i) == [row["gt"]]
+
+    cut = CompletionDataset({"name": "verbmem"}, smollm2_tokenizer, prefix_key="prompt", text_key="gt",
+                            insert_space=True, max_length=3, local_dir=str(tmp_path))
+    sample = cut[0]
+    kept = sample["labels"][sample["labels"] != IGNORE_INDEX].tolist()
+    assert len(kept) == 3 and cut.answer_texts(0) == [smollm2_tokenizer.decode(kept).removeprefix(" ")]
+
+    # no prefix column: every token is text (MUSE's membership chunks)
+    _write_rows(tmp_path / "chunks.json", [{"text": r["gt"]} for r in rows])
+    whole = CompletionDataset({"name": "chunks"}, smollm2_tokenizer, prefix_key=None, local_dir=str(tmp_path))
+    assert torch.equal(whole[0]["labels"], whole[0]["input_ids"]) and whole.prompt_text(0) == ""
+
+
+# ----- knowledge prompts -------------------------------------------------------------------------------------
+def test_knowmem_prompt_golden(muse_dir, smollm2_tokenizer):
+    """MUSE's knowledge prompt: the 10 in-context examples as "Question: q\\nAnswer: a\\n\\n", then the question."""
+    root = OmegaConf.create({"paths": {"muse_news": str(muse_dir)}})
+    data = build_dataset("MUSE_forget_knowmem", smollm2_tokenizer, PLAIN_TAGS, root_cfg=root)
+    icl = [json.loads(line) for line in (muse_dir / "knowmem_forget_qa_icl.json").read_text().splitlines()]
+    first = json.loads((muse_dir / "knowmem_forget_qa.json").read_text().splitlines()[0])
+    assert len(icl) == 10 and data.fewshot == [(r["question"], r["answer"]) for r in icl]
+    prompt = format_prompt(smollm2_tokenizer, PromptTemplate(**PLAIN_TAGS), first["question"], data.fewshot)
+    assert prompt.startswith("Question: How much total prize money are Mark Selby and Kyren Wilson set to share for "
+                             "making maximum breaks at the Crucible?\nAnswer: £55,000\n\nQuestion: What disciplinary "
+                             "measure was imposed on Nahel last September?\nAnswer: \"disciplinary measure\"\n\n")
+    assert prompt.endswith(f"\n\nQuestion: {first['question']}\nAnswer: ")
+    assert prompt.count("Question: ") == 11 and prompt.count("\n\n") == 10
+    sample = data[0]
+    prompt_len = int((sample["labels"] == IGNORE_INDEX).sum())
+    assert smollm2_tokenizer.decode(sample["input_ids"][:prompt_len]) == prompt
+    assert data.prompt_text(0) == first["question"] and data.answer_texts(0) == [first["answer"]]
+
+
+def test_knowmem_generation_stops_at_muse_stop_strings(smollm2_tokenizer):
+    from evals.passes import _generation_records, _stop_criteria
+
+    cfg = _compose(["eval=muse"])
+    gen = cfg.eval.muse.metrics.forget_knowmem_ROUGE.generation_args
+    assert gen.max_new_tokens == 32 and list(gen.stop_strings) == ["\n\n", "\nQuestion", "Question:"]
+    stop_strings, stop_ids = _stop_criteria(smollm2_tokenizer, PromptTemplate(**PLAIN_TAGS), gen.stop_strings)
+    assert stop_strings[:3] == ["\n\n", "\nQuestion", "Question:"] and smollm2_tokenizer.eos_token_id in stop_ids
+
+    class Rows:
+        def prompt_text(self, i):
+            return "q"
+
+        def answer_texts(self, i):
+            return ["Sarah Bentley"]
+
+    texts = ["Sarah Bentley\nQuestion: who else?", " 97%\n\nQuestion: next", "Trademark laws Question: more"]
+    tokens = [smollm2_tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    records = _generation_records(Rows(), smollm2_tokenizer, [0, 1, 2], tokens, stop_strings)
+    assert [records[i]["generation"] for i in range(3)] == ["Sarah Bentley", "97%", "Trademark laws"]
+    # raw text (no template) stops at EOS only
+    assert _stop_criteria(smollm2_tokenizer, None, []) == ([], [smollm2_tokenizer.eos_token_id])
+
+
+# ----- every token of raw text counts ----------------------------------------------------------------------
+def test_min_k_and_memorisation_score_every_token_of_raw_text():
+    logp = [-1.0, -2.0, -3.0, -4.0, -5.0]
+    match = [True, False, True, True, True]
+
+    def stats(eos: bool) -> dict:
+        ts = TokenStats(logp=logp, mean_logp=None, std_logp=None, argmax_match=match, answer_text="x",
+                        ends_with_eos=eos)
+        return {"forget": {0: [ts]}, "holdout": {0: [ts]}}
+
+    min_k = get_metric("mia_min_k").fn
+    raw, qa = min_k(token_stats=stats(False), k=0.4), min_k(token_stats=stats(True), k=0.4)
+    # raw: n = int(0.4 * 5) = 2 lowest of all 5 -> (5 + 4) / 2; QA: the EOS (-5) left out, n = int(0.4 * 4) = 1 -> 4
+    assert raw["forget"]["value_by_index"]["0"]["score"] == pytest.approx(4.5)
+    assert qa["forget"]["value_by_index"]["0"]["score"] == pytest.approx(4.0)
+    em = get_metric("exact_memorization").fn
+    assert em(token_stats=stats(False)["forget"])["agg_value"] == pytest.approx(4 / 5)
+    assert em(token_stats=stats(True)["forget"])["agg_value"] == pytest.approx(3 / 4)
+    es = get_metric("extraction_strength").fn  # last wrong at position 1: k = 2 of T'
+    assert es(token_stats=stats(False)["forget"])["agg_value"] == pytest.approx(1 - 2 / 5)
+    assert es(token_stats=stats(True)["forget"])["agg_value"] == pytest.approx(1 - 2 / 4)
+
+
+def test_token_stats_of_a_raw_chunk_cover_every_predicted_token(smollm2_tokenizer, tmp_path):
+    from evals.passes import plain_token_stats_pass, token_stats_pass
+    from model import get_model
+
+    _write_rows(tmp_path / "chunks.json", [{"text": "a short news chunk about the weather in Leeds"},
+                                          {"text": "another chunk, this one about football and rain"}])
+    data = CompletionDataset({"name": "chunks"}, smollm2_tokenizer, prefix_key=None, local_dir=str(tmp_path))
+    cfg = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "tiny-random-llama.yaml"))
+    cfg["cache_dir"] = str(REPO / ".cache" / "models")
+    model, _ = get_model(cfg)
+    fast, plain = token_stats_pass(model, data, smollm2_tokenizer), plain_token_stats_pass(model, data, smollm2_tokenizer)
+    for i in range(2):
+        n = len(data[i]["input_ids"])
+        assert fast[i][0].num_tokens == n - 1 == fast[i][0].num_content_tokens  # all but the first (nothing predicts it)
+        assert fast[i][0].ends_with_eos is False and plain[i][0].ends_with_eos is False
+        np.testing.assert_allclose(fast[i][0].logp, plain[i][0].logp, atol=1e-4)
+
+
+# ----- configs ---------------------------------------------------------------------------------------------------
+def _compose(overrides: list[str], config: str = "eval.yaml"):
+    with initialize_config_dir(str(REPO / "configs"), version_base=None):
+        return compose(config, overrides=overrides)
+
+
+def test_muse_configs_follow_data_split_and_paths(muse_dir):
+    cfg = _compose(["eval=muse", f"paths.muse_news={muse_dir}"])
+    forget = dataset_config("MUSE_forget", cfg)["args"]
+    assert forget["hf_args"] == {"path": "muse-bench/MUSE-News", "name": "raw", "split": "forget"}
+    assert forget["local_dir"] == str(muse_dir) and forget["local_name"] == "raw_forget"
+    assert dataset_config("MUSE_retain", cfg)["args"]["local_name"] == "privleak_retain2"  # the local stand-in
+    assert OmegaConf.to_container(cfg.eval.muse, resolve=True)["metrics"]["privleak"]["ref_value"] == 0.5228
+
+    books = _compose(["eval=muse", f"paths.muse_news={muse_dir}", "+data_split=Books"])
+    args = dataset_config("MUSE_forget_knowmem", books)["args"]
+    assert args["hf_args"]["path"] == "muse-bench/MUSE-Books" and args["local_dir"] is None  # no local Books copy
+    assert args["fewshot"]["hf_args"]["path"] == "muse-bench/MUSE-Books"
+    assert OmegaConf.to_container(books.eval.muse, resolve=True)["metrics"]["privleak"]["ref_value"] == 0.4607
+    bad = _compose(["eval=muse", "+data_split=news"])
+    with pytest.raises(Exception, match="data_split='news' is not a MUSE corpus; valid: News, Books"):
+        OmegaConf.to_container(bad.eval.muse, resolve=True)
+
+
+# ----- the benchmark end to end --------------------------------------------------------------------------------
+def test_muse_eval_end_to_end(muse_dir, tmp_path):
+    out = tmp_path / "muse"
+    args = ["src/eval.py", "--config-name=eval.yaml", "eval=muse", "model=tiny-random-llama",
+            f"paths.muse_news={muse_dir}", f"paths.output_dir={out}", "eval.muse.limit=6",
+            "eval.muse.metrics.forget_verbmem_ROUGE.generation_args.max_new_tokens=16"]
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr[-4000:]
+    logs = json.loads((out / "MUSE_EVAL.json").read_text())
+    summary = json.loads((out / "MUSE_SUMMARY.json").read_text())
+    expected = ["forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "privleak",
+                "extraction_strength", "exact_memorization", "mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus"]
+    assert list(summary) == expected and all(summary[m] is not None for m in expected)
+    assert logs["_meta"]["limit"] == 6 and logs["_meta"]["split_sizes"] == {"forget": 6, "holdout": 6}
+    assert set(logs["forget_knowmem_ROUGE"]["value_by_index"]) == {str(i) for i in range(6)}
+    verbmem = logs["forget_verbmem_ROUGE"]["value_by_index"]["0"]
+    first = json.loads((muse_dir / "verbmem_forget.json").read_text().splitlines()[0])
+    assert verbmem["input"] == first["prompt"] and first["gt"].startswith(verbmem["ground_truth"][:200])
+    assert "rougeL_f1" in verbmem
+    privleak = logs["privleak"]
+    assert privleak["ref_auc"] == 0.5228 and "published" in privleak["note"]
+    assert privleak["agg_value"] == pytest.approx(((1 - privleak["auc"]) - 0.4772) / 0.4772 * 100)
+    assert "muse summary" in result.stdout
+
+    # against its own logs: the reference AUC is this model's, so privleak is 0; nothing else recomputed
+    again = run_cli([*args, f"retain_logs_path={out / 'MUSE_EVAL.json'}"])
+    assert again.returncode == 0, again.stderr[-4000:]
+    second = json.loads((out / "MUSE_SUMMARY.json").read_text())
+    assert second["privleak"] == pytest.approx(0.0) and second["mia_min_k"] == summary["mia_min_k"]
+    assert "reusing 9 metric(s)" in again.stdout + again.stderr
+
+
+# ----- fine-tuning and unlearning on the MUSE corpora ------------------------------------------------------
+TRAIN_FAST = ["model=tiny-random-llama", "trainer.args.max_steps=2", "trainer.args.per_device_train_batch_size=2",
+              "trainer.args.gradient_accumulation_steps=1", "trainer.args.logging_steps=1",
+              "trainer.args.disable_tqdm=true", "data.dataset_args.max_length=64"]
+
+
+def _log(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_target_model_trains_on_both_corpora(muse_dir, tmp_path):
+    """data.train=[MUSE_forget,MUSE_retain]: the corpora one after the other, in 64-token chunks."""
+    out = tmp_path / "target"
+    result = run_cli(["src/train.py", "--config-name=train.yaml", "data.train=[MUSE_forget,MUSE_retain]",
+                      f"paths.muse_news={muse_dir}", f"paths.output_dir={out}", *TRAIN_FAST])
+    assert result.returncode == 0, result.stderr[-4000:]
+    losses = [r["loss"] for r in _log(out) if "loss" in r]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert (out / "model.safetensors").is_file()
+    cfg = _compose(["data.train=[MUSE_forget,MUSE_retain]"], "train.yaml")
+    assert cfg.task_name == "finetune_MUSE_forget+MUSE_retain"
+
+
+def test_rmu_two_steps_on_muse_chunks(muse_dir, tmp_path):
+    out = tmp_path / "rmu"
+    result = run_cli(["src/train.py", "--config-name=unlearn.yaml", "trainer=RMU", "trainer.method_args.layer_id=1",
+                      "data.forget=MUSE_forget", "data.retain=MUSE_retain", "data.eval=null",
+                      f"paths.muse_news={muse_dir}", f"paths.output_dir={out}", *TRAIN_FAST])
+    assert result.returncode == 0, result.stderr[-4000:]
+    steps = [r for r in _log(out) if "loss" in r]
+    assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
+    assert (out / "model.safetensors").is_file()
