@@ -152,6 +152,14 @@ def _read_previous(eval_path: Path) -> dict:
         return json.load(f)
 
 
+def evaluated_model_id(model: torch.nn.Module, trainer: Any = None) -> str:
+    """What an EVAL file records as the model when the caller gives no id: ``<run folder>@step<N>`` during
+    training, else the model's own path (``config._name_or_path``) or ``in-memory model``."""
+    if trainer is not None:
+        return f"{trainer.args.output_dir}@step{trainer.state.global_step}"
+    return getattr(getattr(model, "config", None), "_name_or_path", "") or "in-memory model"
+
+
 def _finite_or_none(value: Any) -> float | None:
     if value is None:
         return None
@@ -505,9 +513,7 @@ class Evaluator:
         output_dir = Path(output_dir or self.cfg.get("output_dir") or ".")
         overwrite = bool(self.cfg.get("overwrite", False) if overwrite is None else overwrite)
         if model_id is None:
-            model_id = getattr(getattr(model, "config", None), "_name_or_path", "") or "in-memory model"
-            if trainer is not None:
-                model_id = f"{trainer.args.output_dir}@step{trainer.state.global_step}"
+            model_id = evaluated_model_id(model, trainer)
         eval_path = output_dir / f"{self.name}_EVAL.json"
         summary_path = output_dir / f"{self.name}_SUMMARY.json"
         fingerprints = {name: self.fingerprint(name, model_id) for name in self.metrics_cfg}

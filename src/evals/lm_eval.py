@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from evals.base import code_version, model_fingerprint, write_json_atomic
+from evals.base import code_version, evaluated_model_id, model_fingerprint, write_json_atomic
 from trainer.utils import on_main_process
 
 log = logging.getLogger(__name__)
@@ -641,9 +641,7 @@ class LMEvalEvaluator:
         output_dir = Path(output_dir or self.cfg.get("output_dir") or ".")
         overwrite = bool(self.cfg.get("overwrite", False) if overwrite is None else overwrite)
         if model_id is None:
-            model_id = getattr(getattr(model, "config", None), "_name_or_path", "") or "in-memory model"
-            if trainer is not None:
-                model_id = f"{trainer.args.output_dir}@step{trainer.state.global_step}"
+            model_id = evaluated_model_id(model, trainer)
         tokenizer = self.tokenizer if self.tokenizer is not None else getattr(trainer, "processing_class", None)
         if tokenizer is None:
             raise ValueError(f"evaluator {self.name}: no tokenizer (build it with get_evaluators(..., tokenizer=...))")
