@@ -72,6 +72,9 @@ def _start_folder(folder: RunFolder, resume) -> tuple[Path, Path | None]:
 def run(cfg: DictConfig) -> Path:
     """Train as the config says and return the output folder (see ``run_folder`` for its safety rules)."""
     check_mode(cfg)
+    if cfg.get("sequence"):
+        raise ValueError("sequence=... unlearns folds one after another: run it with src/sequential.py "
+                         "--config-name=unlearn.yaml (src/train.py runs one unlearning run)")
     get_compat(cfg.get("compat"))  # a bad value fails before any work
     # cpu=True without a GPU: otherwise the process group of a multi-process CPU run (torchrun) is not
     # set up until the Trainer's accelerator does it, and every process would take itself for the main one.

@@ -71,6 +71,25 @@ def test_every_dataset_config_resolves(name):
     assert cfg["args"]["hf_args"]["path"] == "locuslab/TOFU" and cfg["args"]["hf_args"]["name"]
 
 
+@pytest.mark.parametrize("sequence", sorted(p.stem for p in (CONFIGS / "sequence").glob("*.yaml")))
+def test_every_sequence_config_composes(sequence):
+    """A sequence composes with unlearn.yaml, passes its checks, and gives each fold its data, folder and start model."""
+    from sequential import base_config, check_sequence, fold_config
+
+    cfg, _ = _compose("unlearn.yaml", [f"sequence={sequence}", "eval=muse", "model.model_args.pretrained_model_name_or_path=/m"])
+    seq = check_sequence(cfg)
+    base = base_config(cfg, seq)
+    assert base.data.forget == seq["forget"] and base.task_name == f"GradDiff_{seq['forget']}"
+    fold = fold_config(base, 3, "/prev" if seq["start_from"] == "previous" else None)
+    resolved = OmegaConf.to_container(fold, resolve=True)
+    assert resolved["paths"]["output_dir"] == f"saves/unlearn/GradDiff_{seq['forget']}/fold_3"
+    assert resolved["model"]["model_args"]["pretrained_model_name_or_path"] == \
+        {"previous": "/prev", "target": "/m"}[seq["start_from"]]
+    forget = dataset_config(resolved["data"]["forget"], fold)
+    assert forget["args"]["hf_args"]["split"] == "forget_3" and forget["args"]["local_fold"]["index"] == 3
+    assert forget["args"]["local_fold"]["nested"] == (sequence == "muse_scal")
+
+
 @pytest.mark.parametrize("name", COLLATORS)
 def test_every_collator_config_builds(name, smollm2_tokenizer):
     assert callable(get_collator(OmegaConf.load(CONFIGS / "collator" / f"{name}.yaml"), smollm2_tokenizer))

@@ -311,3 +311,84 @@ def test_rmu_two_steps_on_muse_chunks(muse_dir, tmp_path):
     steps = [r for r in _log(out) if "loss" in r]
     assert len(steps) == 2 and all(math.isfinite(r["loss"]) for r in steps)
     assert (out / "model.safetensors").is_file()
+
+
+# ----- scalability / sustainability: folds unlearned in turn (src/sequential.py) ----------------------------
+def test_fold_rows_by_hand():
+    from data.text import fold_rows
+
+    # 10 rows in 4 parts: boundaries floor(10 j / 4) = 2, 5, 7, 10
+    assert [list(fold_rows(10, k, 4, nested=False)) for k in (1, 2, 3, 4)] == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]]
+    assert [len(fold_rows(10, k, 4, nested=True)) for k in (1, 2, 3, 4)] == [2, 5, 7, 10]
+    with pytest.raises(ValueError, match=r"local_fold.index=5; must be an integer in \[1, 4\]"):
+        fold_rows(10, 5, 4, nested=False)
+    with pytest.raises(ValueError, match="local_fold.count=4 folds of 3 rows"):
+        fold_rows(3, 1, 4, nested=False)
+
+
+def test_muse_fold_datasets_cut_raw_forget(muse_dir, smollm2_tokenizer):
+    """Locally, sust folds are disjoint quarters of raw_forget and scal folds nested ones; the Hub split follows fold."""
+    texts = [json.loads(line)["text"] for line in (muse_dir / "raw_forget.json").read_text().splitlines()]
+    quarter = [range(k * len(texts) // 4, (k + 1) * len(texts) // 4) for k in range(4)]
+
+    def fold_tokens(name: str, fold: int) -> tuple[int, dict]:
+        root = _compose(["eval=muse", f"paths.muse_news={muse_dir}", f"+fold={fold}"])
+        cfg = dataset_config(name, root)
+        ds = build_dataset(name, smollm2_tokenizer, root_cfg=root, dataset_args={"max_length": 4096})
+        return ds.num_tokens, cfg
+
+    def tokens_of(rows) -> int:
+        return len(smollm2_tokenizer("\n\n".join(texts[i] for i in rows), add_special_tokens=False)["input_ids"])
+
+    sust2, cfg = fold_tokens("MUSE_forget_sust", 2)
+    assert cfg["args"]["hf_args"] == {"path": "muse-bench/MUSE-News", "name": "sust", "split": "forget_2"}
+    assert sust2 == tokens_of(quarter[1])
+    scal2, cfg = fold_tokens("MUSE_forget_scal", 2)
+    assert cfg["args"]["hf_args"]["split"] == "forget_2" and scal2 == tokens_of([*quarter[0], *quarter[1]])
+
+
+SEQUENCE = ["src/sequential.py", "--config-name=unlearn.yaml", "sequence=muse_sust", "sequence.folds=[1,2]",
+            "trainer=GradDiff", "data.retain=MUSE_retain", "data.eval=null", "eval=muse", "eval.muse.limit=3",
+            "eval.muse.metrics.forget_verbmem_ROUGE.generation_args.max_new_tokens=8",
+            "trainer.args.learning_rate=1e-2", *TRAIN_FAST]
+
+
+def test_sequential_driver_runs_two_folds(muse_dir, tmp_path):
+    out = tmp_path / "sust"
+    args = [*SEQUENCE, f"paths.muse_news={muse_dir}", f"paths.output_dir={out}"]
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr[-4000:]
+    table = json.loads((out / "SEQUENCE_SUMMARY.json").read_text())
+    assert table["sequence"] == {"forget": "MUSE_forget_sust", "folds": [1, 2], "start_from": "previous",
+                                 "evaluate_start": True}
+    rows = table["rows"]
+    assert [(r["stage"], r["steps"]) for r in rows] == [("start", 0), ("fold_1", 2), ("fold_2", 2)]
+    for row, folder in zip(rows, ["start", "fold_1", "fold_2"]):
+        summary = json.loads((out / "eval" / folder / "MUSE_SUMMARY.json").read_text())
+        assert {k: row[k] for k in summary} == summary
+    assert rows[2]["exact_memorization"] != rows[0]["exact_memorization"]  # the folds did change the model
+    # each fold is a run of its own fold, fold 2 starting from fold 1's model
+    first, second = (OmegaConf.load(out / f"fold_{k}" / "config.yaml") for k in (1, 2))
+    assert (first.fold, second.fold) == (1, 2) and first.data.forget == second.data.forget == "MUSE_forget_sust"
+    assert first.model.model_args.pretrained_model_name_or_path is None  # the original (random-init) model
+    assert second.model.model_args.pretrained_model_name_or_path == str(out / "fold_1")
+    markdown = (out / "SEQUENCE_SUMMARY.md").read_text()
+    assert markdown.startswith("| stage | steps | forget_verbmem_ROUGE |") and "| fold_2 | 2 |" in markdown
+
+    # run again: both folds are finished runs of the same config (not retrained), the evaluations are cached
+    weights = (out / "fold_2" / "model.safetensors").stat().st_mtime_ns
+    again = run_cli(args)
+    assert again.returncode == 0, again.stderr[-4000:]
+    log = again.stdout + again.stderr
+    assert log.count("reusing the finished run") == 2 and "reusing 10 metric(s)" in log
+    assert (out / "fold_2" / "model.safetensors").stat().st_mtime_ns == weights
+    assert json.loads((out / "SEQUENCE_SUMMARY.json").read_text())["rows"] == rows
+
+
+def test_sequential_driver_refuses_bad_settings(muse_dir, tmp_path):
+    bad = run_cli([*SEQUENCE, "sequence.start_from=first", f"paths.muse_news={muse_dir}",
+                   f"paths.output_dir={tmp_path / 'x'}"])
+    assert bad.returncode != 0 and "sequence.start_from='first'; valid: previous, target" in bad.stderr
+    assert not (tmp_path / "x").exists()
+    direct = run_cli(["src/train.py", "--config-name=unlearn.yaml", "sequence=muse_scal", "model=tiny-random-llama"])
+    assert direct.returncode != 0 and "run it with src/sequential.py" in direct.stderr

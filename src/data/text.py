@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from checks import check_number
+from checks import check_bool, check_number
 from data.tofu import load_rows
 from data.utils import IGNORE_INDEX
 
@@ -38,6 +38,22 @@ def leading_special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
         if special[start:start + len(plain)] == plain:
             return list(special[:start])
     return []
+
+
+def fold_rows(num_rows: int, index: int, count: int, nested: bool) -> range:
+    """Rows of fold ``index`` (1-based) of ``count`` contiguous, near-equal parts of ``num_rows`` rows.
+
+    Part ``j`` holds rows ``[floor((j - 1) n / count), floor(j n / count))``. ``nested=False``: part
+    ``index`` alone (disjoint folds, MUSE's sustainability sets); ``nested=True``: parts 1..``index``
+    (each fold contains the previous one, MUSE's scalability sets).
+    """
+    count = check_number("local_fold.count", count, integer=True, low=1)
+    index = check_number("local_fold.index", index, integer=True, low=1, high=count)
+    if count > num_rows:
+        raise ValueError(f"local_fold.count={count} folds of {num_rows} rows would leave empty folds; "
+                         f"use at most {num_rows}")
+    start = 0 if nested else (index - 1) * num_rows // count
+    return range(start, index * num_rows // count)
 
 
 def _sample(input_ids: list[int], labels: list[int], index: int) -> dict[str, Any]:
@@ -87,6 +103,9 @@ class PretrainingDataset(_TextDataset):
         separator: text placed between two rows before tokenising.
         local_dir, local_name: read ``<local_dir>/<local_name>.json`` instead of the Hub; ``local_dir_key``
             names the setting that gives ``local_dir`` (``paths.muse_news``) in error messages.
+        local_fold: ``{index, count, nested}``: from a local file, keep only the rows of that fold
+            (``fold_rows``), the stand-in for fold splits the Hub has and the local copy has not (MUSE's
+            ``scal``/``sust`` subsets). Ignored when reading the Hub.
     """
 
     @staticmethod
@@ -96,7 +115,7 @@ class PretrainingDataset(_TextDataset):
     def __init__(self, hf_args: dict, tokenizer: PreTrainedTokenizerBase, template_args: Any = None,
                  text_key: str = "text", max_length: int = 2048, separator: str = "\n\n",
                  local_dir: str | None = None, local_name: str | None = None, name: str = "PretrainingDataset",
-                 compat: Any = None, local_dir_key: str = "paths.tofu") -> None:
+                 compat: Any = None, local_dir_key: str = "paths.tofu", local_fold: dict | None = None) -> None:
         super().__init__(name, compat)
         self.max_length = check_number("max_length", max_length, integer=True, low=1, owner=name,
                                        hint="data.dataset_args.max_length, or the dataset config's args.max_length")
@@ -107,6 +126,16 @@ class PretrainingDataset(_TextDataset):
         if text_key not in rows.column_names:
             raise KeyError(f"{name}: text_key={text_key!r} is not a column of {dict(hf_args)}; columns: "
                            f"{rows.column_names}")
+        if local_fold is not None and local_dir:
+            unknown = set(local_fold) - {"index", "count", "nested"}
+            if unknown:
+                raise ValueError(f"{name}: local_fold has unknown keys {sorted(unknown)}; valid: index, count, nested")
+            try:
+                picked = fold_rows(len(rows), local_fold.get("index"), local_fold.get("count"),
+                                   check_bool("local_fold.nested", local_fold.get("nested", False)))
+            except ValueError as e:
+                raise type(e)(f"{name}: {e}") from None
+            rows = rows.select(picked)
         self.tokenizer = tokenizer
         tokens = tokenizer(separator.join(rows[text_key]), add_special_tokens=False, verbose=False)["input_ids"]
         if not tokens:
