@@ -61,8 +61,11 @@ def test_seed_quick_start_overrides_compose():
 
 @pytest.mark.parametrize("name", available_datasets())
 def test_every_dataset_config_resolves(name):
-    root = OmegaConf.create({"paths": {"tofu": "/data/tofu", "muse_news": "/data/muse"}, "seed": 3})
+    root = OmegaConf.create({"paths": {"tofu": "/data/tofu", "muse_news": "/data/muse", "wmdp": "/data/wmdp"}, "seed": 3})
     cfg = dataset_config(name, root)
+    if name.startswith("WMDP_"):
+        assert cfg["args"]["local_dir"] == "/data/wmdp" and cfg["args"]["local_name"] and cfg["args"]["hf_args"]["path"]
+        return
     if name.startswith("MUSE_"):
         assert cfg["args"]["local_dir"] == "/data/muse" and cfg["args"]["local_name"]
         assert cfg["args"]["hf_args"]["path"] == "muse-bench/MUSE-News" and cfg["args"]["hf_args"]["split"]

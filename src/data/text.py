@@ -22,11 +22,13 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from checks import check_bool, check_number
+from checks import check_bool, check_choice, check_number
 from data.tofu import load_rows
 from data.utils import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
+
+CHUNKING = ("concatenate", "per_row")
 
 
 def leading_special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -86,21 +88,27 @@ class _TextDataset(Dataset):
 
 
 class PretrainingDataset(_TextDataset):
-    """A text corpus in ``max_length``-token chunks, the loss on every token.
+    """A text corpus in ``max_length``-token samples, the loss on every token.
 
-    The rows of ``text_key`` are joined with ``separator`` and tokenised ONCE (no special tokens); chunk
-    ``k`` holds tokens ``[k * max_length, (k + 1) * max_length)``, so the last chunk holds the remainder
-    and there is no empty chunk when the length divides evenly (``ceil(n / max_length)`` chunks). Each
-    chunk is preceded by the special tokens the tokenizer puts before a text (Llama's BOS; none for
-    SmolLM2), as a document start, and unlabelled. Labels are the chunk's tokens themselves (the first
-    one is predicted by nothing when there is no BOS; the loss's shift drops it).
+    ``chunking: concatenate`` (MUSE): the rows of ``text_key`` are joined with ``separator`` and tokenised
+    ONCE (no special tokens); chunk ``k`` holds tokens ``[k * max_length, (k + 1) * max_length)``, so the
+    last chunk holds the remainder and there is no empty chunk when the length divides evenly
+    (``ceil(n / max_length)`` chunks). ``chunking: per_row`` (RMU's WMDP corpora): each row is one
+    sample, its first ``max_length`` tokens (the rest of a longer document is not used).
+
+    Each sample is preceded by the special tokens the tokenizer puts before a text (Llama's BOS; none
+    for SmolLM2), as a document start, and unlabelled. Labels are the sample's tokens themselves (the
+    first one is predicted by nothing when there is no BOS; the loss's shift drops it).
 
     Args:
         hf_args: ``datasets.load_dataset`` arguments (Hub), e.g. ``{path: muse-bench/MUSE-News, name: raw,
             split: forget}``.
         text_key: the column holding the text.
-        max_length: tokens per chunk (BOS not counted).
-        separator: text placed between two rows before tokenising.
+        max_length: tokens per sample (BOS not counted).
+        separator: text placed between two rows before tokenising (``concatenate``).
+        chunking: ``concatenate`` or ``per_row`` (above).
+        min_len_chars: rows whose text has at most this many characters are dropped before anything else
+            (RMU's ``min_len``: 50 for the WMDP corpora); 0 keeps every row.
         local_dir, local_name: read ``<local_dir>/<local_name>.json`` instead of the Hub; ``local_dir_key``
             names the setting that gives ``local_dir`` (``paths.muse_news``) in error messages.
         local_fold: ``{index, count, nested}``: from a local file, keep only the rows of that fold
@@ -115,10 +123,13 @@ class PretrainingDataset(_TextDataset):
     def __init__(self, hf_args: dict, tokenizer: PreTrainedTokenizerBase, template_args: Any = None,
                  text_key: str = "text", max_length: int = 2048, separator: str = "\n\n",
                  local_dir: str | None = None, local_name: str | None = None, name: str = "PretrainingDataset",
-                 compat: Any = None, local_dir_key: str = "paths.tofu", local_fold: dict | None = None) -> None:
+                 compat: Any = None, local_dir_key: str = "paths.tofu", local_fold: dict | None = None,
+                 chunking: str = "concatenate", min_len_chars: int = 0) -> None:
         super().__init__(name, compat)
         self.max_length = check_number("max_length", max_length, integer=True, low=1, owner=name,
                                        hint="data.dataset_args.max_length, or the dataset config's args.max_length")
+        check_choice("chunking", chunking, CHUNKING, owner=name)
+        check_number("min_len_chars", min_len_chars, integer=True, low=0, owner=name)
         rows = load_rows(dict(hf_args), local_dir, name, fields={text_key: "text_key"}, local_name=local_name,
                          local_dir_key=local_dir_key)
         if len(rows) == 0:
@@ -137,14 +148,21 @@ class PretrainingDataset(_TextDataset):
                 raise type(e)(f"{name}: {e}") from None
             rows = rows.select(picked)
         self.tokenizer = tokenizer
-        tokens = tokenizer(separator.join(rows[text_key]), add_special_tokens=False, verbose=False)["input_ids"]
-        if not tokens:
-            raise ValueError(f"{name}: the text of {dict(hf_args)} is empty: nothing to train or score")
+        texts = [t for t in rows[text_key] if len(t) > min_len_chars]
+        if chunking == "concatenate":
+            tokens = tokenizer(separator.join(texts), add_special_tokens=False, verbose=False)["input_ids"]
+            pieces = [tokens[offset:offset + self.max_length] for offset in range(0, len(tokens), self.max_length)]
+        else:
+            encoded = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_length,
+                                verbose=False)["input_ids"] if texts else []
+            pieces = [ids for ids in encoded if ids]
+        if not pieces:
+            kept = f" ({len(texts)} of {len(rows)} rows longer than min_len_chars={min_len_chars})" if min_len_chars else ""
+            raise ValueError(f"{name}: the text of {dict(hf_args)} is empty{kept}: nothing to train or score")
         start = leading_special_tokens(tokenizer)
-        for offset in range(0, len(tokens), self.max_length):
-            chunk = tokens[offset:offset + self.max_length]
-            self._samples.append((start + chunk, [IGNORE_INDEX] * len(start) + chunk))
-        self.num_tokens = len(tokens)
+        for piece in pieces:
+            self._samples.append((start + piece, [IGNORE_INDEX] * len(start) + piece))
+        self.num_tokens = sum(len(p) for p in pieces)
 
     def prompt_text(self, index: int) -> str:
         return ""
