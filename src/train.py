@@ -25,12 +25,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hydra  # noqa: E402
 import torch  # noqa: E402
 from accelerate import PartialState  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from compat import get_compat  # noqa: E402
 from data import check_eval_splits, get_collator, get_data  # noqa: E402
 from evals import get_evaluators  # noqa: E402
+from evals.lm_eval import task_data_files  # noqa: E402
 from model import get_model  # noqa: E402
 from run_folder import RunFolder  # noqa: E402
 from trainer import check_mode, evaluates, load_trainer  # noqa: E402
@@ -46,13 +47,23 @@ def write_run_files(cfg: DictConfig, trainer, folder: Path) -> None:
             f.write(json.dumps(entry) + "\n")
 
 
+#: ``paths.<key>`` settings naming a folder of local benchmark data.
+DATA_FOLDERS = ("tofu", "muse_news", "muse_books", "wmdp")
+
+
 def run_inputs(cfg: DictConfig) -> list[str]:
-    """Paths the run reads (model, tokenizer, data folder, EVAL files): the output folder must not hold them."""
+    """Paths the run reads (model, tokenizer, data folders, EVAL files, lm-eval task folders and data files):
+    the output folder must not hold them."""
     found = [cfg.model.model_args.get("pretrained_model_name_or_path"),
-             cfg.model.get("tokenizer_args", {}).get("pretrained_model_name_or_path"), cfg.paths.get("tofu"),
-             cfg.get("retain_logs_path")]
+             cfg.model.get("tokenizer_args", {}).get("pretrained_model_name_or_path"),
+             *(cfg.paths.get(key) for key in DATA_FOLDERS), cfg.get("retain_logs_path")]
     for bench in (cfg.get("eval") or {}).values():
         found += [bench.get("retain_logs_path"), bench.get("reference_model_path")]
+        include = bench.get("include_path")
+        found += list(include) if isinstance(include, (list, ListConfig)) else [include]
+        for task_cfg in (bench.get("task_overrides") or {}).values():
+            if isinstance(task_cfg, (dict, DictConfig)):
+                found += task_data_files(task_cfg)
     return [str(p) for p in found if p]
 
 

@@ -56,6 +56,20 @@ def test_the_output_may_not_hold_what_the_run_reads(tmp_path):
     RunFolder(tmp_path / "elsewhere", inputs=[str(data), "HuggingFaceTB/SmolLM2-135M-Instruct"]).start()
 
 
+def test_run_inputs_list_every_data_folder_and_lm_eval_file():
+    from hydra import compose, initialize_config_dir
+
+    import train
+    from conftest import REPO
+
+    overrides = ["eval=lm_eval", "paths.tofu=/d/tofu", "paths.muse_news=/d/muse", "paths.wmdp=/d/wmdp",
+                 "eval.lm_eval.include_path=[/d/tasks]",
+                 "+eval.lm_eval.task_overrides.wmdp_bio={dataset_path: json, dataset_kwargs: {data_files: {test: /d/bio.jsonl}}}"]
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        cfg = compose("unlearn.yaml", overrides=overrides)
+    assert set(train.run_inputs(cfg)) >= {"/d/tofu", "/d/muse", "/d/wmdp", "/d/tasks", "/d/bio.jsonl"}
+
+
 def test_a_second_run_to_the_same_output_fails_at_once(tmp_path):
     out = tmp_path / "out"
     first = RunFolder(out)

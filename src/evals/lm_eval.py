@@ -208,7 +208,7 @@ def _reached_configs(name: str, index: Mapping, inherited: dict | None = None, o
     return out
 
 
-def _data_files(cfg: Mapping) -> list[str]:
+def task_data_files(cfg: Mapping) -> list[str]:
     """The local files a task config reads: ``dataset_kwargs.data_files`` (a path, a list, or a split -> path(s)
     mapping), plus ``dataset_path`` when it names a local file or folder."""
     kwargs = cfg.get("dataset_kwargs") or {}
@@ -248,7 +248,7 @@ def _file_stats(path: str) -> list[str]:
 def _reads_hub(cfg: Mapping) -> str | None:
     """The Hub dataset a task config reads (``path`` or ``path/name``), or None for local data."""
     path = cfg.get("dataset_path")
-    if not isinstance(path, str) or path in FILE_BUILDERS or _data_files(cfg):
+    if not isinstance(path, str) or path in FILE_BUILDERS or task_data_files(cfg):
         return None
     name = cfg.get("dataset_name")
     return f"{path} ({name})" if name else path
@@ -466,7 +466,7 @@ class LMEvalEvaluator:
                 raise ValueError(f"evaluator {self.name}: task {name} reports {', '.join(map(str, offered))}, not "
                                  f"metric={spec['metric']}")
             for sub, cfg in configs.items():
-                for path in _data_files(cfg):
+                for path in task_data_files(cfg):
                     expanded = os.path.expanduser(path)
                     if not (glob.glob(expanded, recursive=True) if glob.has_magic(expanded) else os.path.exists(expanded)):
                         raise FileNotFoundError(f"evaluator {self.name}: task {sub}{f' (of {name})' if sub != name else ''} "
@@ -502,7 +502,7 @@ class LMEvalEvaluator:
 
     def fingerprint(self, name: str, model_id: str, prep: SimpleNamespace) -> str:
         configs = prep.configs[name]
-        files = sorted({s for cfg in configs.values() for p in _data_files(cfg) for s in _file_stats(p)})
+        files = sorted({s for cfg in configs.values() for p in task_data_files(cfg) for s in _file_stats(p)})
         return _hash({"task": self.tasks[name], "configs": configs, "files": files, "code_files": self._code_files(),
                       "settings": self._settings(), "model": model_fingerprint(model_id), "code": code_version(),
                       "lm_eval": _installed_version()})
