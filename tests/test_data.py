@@ -403,7 +403,7 @@ def test_every_dataset_builds_from_local_folder(data_tok, data_tofu_dir, data_ro
     for name in names:
         if name.endswith("_ALT"):  # needs <split>_alternate.json from scripts/generate_alternates.py (test_methods_pref)
             continue
-        if name.startswith("MUSE_"):  # MUSE's local folder is paths.muse_news (tests/test_muse.py)
+        if name.startswith(("MUSE_", "WMDP_")):  # other benchmarks: paths.muse_news / paths.wmdp (test_muse.py, test_wmdp.py)
             continue
         ds = build_dataset(name, data_tok, root_cfg=data_root_cfg)
         assert len(ds) > 0, name
