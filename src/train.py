@@ -99,7 +99,7 @@ def run(cfg: DictConfig) -> Path:
     try:
         model, tokenizer = get_model(cfg.model)
         data = get_data(cfg.data, cfg.mode, tokenizer, cfg.model.get("template_args"), root_cfg=cfg,
-                        seed=cfg.seed, rank=state.process_index, need_eval=evaluates(cfg.trainer.get("args")))
+                        seed=cfg.seed, need_eval=evaluates(cfg.trainer.get("args")))
         collator = get_collator(cfg.collator, tokenizer, compat=cfg.get("compat"))
         evaluators = get_evaluators(cfg.get("eval"), tokenizer=tokenizer,
                                     template_args=cfg.model.get("template_args"), root_cfg=cfg)

@@ -359,17 +359,18 @@ def _partners(ds: ForgetRetainDataset) -> list[int]:
 
 def test_forget_retain_pairing():
     forget, retain = list(range(50)), [f"r{j}" for j in range(1000)]
-    a = ForgetRetainDataset(forget, retain, seed=3, rank=0)
+    a = ForgetRetainDataset(forget, retain, seed=3)
     assert len(a) == 50
     assert [a[i]["forget"] for i in range(50)] == forget
     assert all(p in retain for p in _partners(a))
     assert len(set(_partners(a))) > 25  # draws, not a constant
-    assert _partners(a) == _partners(ForgetRetainDataset(forget, retain, seed=3, rank=0))
+    assert _partners(a) == _partners(ForgetRetainDataset(forget, retain, seed=3))
     assert _partners(a) == _partners(a)  # stable within an epoch
 
-    other_rank = _partners(ForgetRetainDataset(forget, retain, seed=3, rank=1))
-    assert sum(x != y for x, y in zip(_partners(a), other_rank)) > 40
-    other_seed = _partners(ForgetRetainDataset(forget, retain, seed=4, rank=0))
+    # a sample's partner depends on (seed, epoch, index) only: two ranks reading different samples draw
+    # different partners, and a sample has the same partner whatever the number of processes
+    assert len(set(_partners(a)[0::2]) & set(_partners(a)[1::2])) < 10
+    other_seed = _partners(ForgetRetainDataset(forget, retain, seed=4))
     assert sum(x != y for x, y in zip(_partners(a), other_seed)) > 40
 
     epoch0 = _partners(a)
@@ -478,12 +479,12 @@ def test_wrong_answer_key(data_tok, data_root_cfg):
 def test_get_data_modes(data_tok, data_root_cfg):
     data_cfg = OmegaConf.create({"forget": "TOFU_QA_FORGET10", "retain": "TOFU_QA_RETAIN90",
                                  "eval": None, "dataset_args": {"max_length": 64}})
-    out = get_data(data_cfg, "unlearn", data_tok, root_cfg=data_root_cfg, seed=5, rank=1)
+    out = get_data(data_cfg, "unlearn", data_tok, root_cfg=data_root_cfg, seed=5)
     train = out["train"]
     assert isinstance(train, ForgetRetainDataset)
     assert len(train) == len(out["forget"]) == 3
     assert len(out["retain"]) == 27
-    assert (train.seed, train.rank) == (5, 1)
+    assert train.seed == 5
     assert out["eval"] is None
     item = train[0]
     assert set(item) == {"forget", "retain"}

@@ -121,7 +121,7 @@ def _accepts(cls: type, name: str) -> bool:
 
 
 def get_data(data_cfg: DictConfig | Mapping, mode: str, tokenizer: PreTrainedTokenizerBase, template_args: Any = None,
-             root_cfg: DictConfig | None = None, seed: int = 0, rank: int = 0,
+             root_cfg: DictConfig | None = None, seed: int = 0,
              need_eval: bool = True) -> dict[str, Dataset | None]:
     """Datasets of a run: ``{"train": ..., "eval": ...}`` (plus ``forget``/``retain`` in unlearn mode).
 
@@ -161,7 +161,7 @@ def get_data(data_cfg: DictConfig | Mapping, mode: str, tokenizer: PreTrainedTok
         if data_cfg.get("forget") is None:
             raise ValueError(f"data.forget is required to unlearn; valid names: {', '.join(available_datasets())}")
         forget, retain = build("forget"), build("retain")
-        paired = ForgetRetainDataset(forget, retain, seed=seed, rank=rank,
+        paired = ForgetRetainDataset(forget, retain, seed=seed,
                                      retain_from_global_rng=compat_of(root_cfg).retain_partners_from_global_rng,
                                      retain_pairing=data_cfg.get("retain_pairing") or "random")
         return {"train": paired, "eval": build("eval"),

@@ -13,9 +13,11 @@ RETAIN_PAIRINGS = ("random", "length_matched")
 class ForgetRetainDataset(Dataset):
     """Item ``i`` is ``{"forget": forget[i], "retain": retain[j]}`` with ``j`` drawn at random.
 
-    The draw is a pure function of (seed, rank, epoch, i): runs are reproducible, each epoch pairs a
-    forget sample with fresh retain samples, and with several processes every rank draws different
-    retain samples (seeding all ranks alike would make them train on the same retain batches).
+    The draw is a pure function of (seed, epoch, i), never of the process: runs are reproducible, each
+    epoch pairs a forget sample with fresh retain samples, and a forget sample gets the same partner
+    whatever the number of processes. Ranks still draw different retain samples, because they read
+    different forget samples (seeding each rank's draws alike, as a per-rank generator seeded with the
+    seed alone would, would make them train on the same retain batches).
 
     ``retain_pairing="length_matched"`` (``data.retain_pairing``) draws ``j`` among the retain samples
     of about the same length rank: with the forget samples ranked by token length ``r = 0..F-1`` and
@@ -29,14 +31,13 @@ class ForgetRetainDataset(Dataset):
         forget: the forget dataset (its length is the epoch length).
         retain: the retain dataset, or None for methods that use no retain term.
         seed: base seed of the draws.
-        rank: process index in distributed runs.
         retain_pairing: ``random`` (default) or ``length_matched``.
         retain_from_global_rng: ``compat.retain_partners_from_global_rng``: ``j`` is drawn when the item is
             read, with ``torch.randint`` from torch's global generator, as open-unlearning draws it (the
             pairs then depend on everything else that uses that generator, and are the same on every rank).
     """
 
-    def __init__(self, forget: Dataset, retain: Dataset | None = None, seed: int = 0, rank: int = 0,
+    def __init__(self, forget: Dataset, retain: Dataset | None = None, seed: int = 0,
                  retain_pairing: str = "random", retain_from_global_rng: bool = False):
         if len(forget) == 0:
             raise ValueError("the forget set is empty: nothing to unlearn")
@@ -45,7 +46,7 @@ class ForgetRetainDataset(Dataset):
         if retain_pairing not in RETAIN_PAIRINGS:
             raise ValueError(f"retain_pairing={retain_pairing!r}; valid: {', '.join(RETAIN_PAIRINGS)}")
         self.forget, self.retain = forget, retain
-        self.seed, self.rank, self.epoch = seed, rank, 0
+        self.seed, self.epoch = seed, 0
         self.retain_from_global_rng = retain_from_global_rng
         self._retain_by_length: list[int] = []
         self._retain_slices: list[tuple[int, int]] = []
@@ -71,7 +72,8 @@ class ForgetRetainDataset(Dataset):
     def retain_index(self, index: int) -> int:
         if self.retain_from_global_rng:
             return int(torch.randint(0, len(self.retain), (1,)).item())
-        rng = random.Random(f"{self.seed}-{self.rank}-{self.epoch}-{index}")
+        # "-0-" stands where the process index once was: the draws of earlier single-process runs are kept
+        rng = random.Random(f"{self.seed}-0-{self.epoch}-{index}")
         if not self._retain_slices:
             return rng.randrange(len(self.retain))
         start, stop = self._retain_slices[index]

@@ -16,7 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from compat import OURS, Compat, get_compat
 from trainer.answer_nll import answer_token_nll, check_nll_impl, resolve_pack_rows
-from trainer.losses import token_mean
+from trainer.losses import token_mean, tokens_counted_over_processes
 from trainer.packing import check_pack_rows
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,10 @@ class FinetuneTrainer(Trainer):
         return {name: float(value) for name, value in self._last_terms.items()}
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Token means over the tokens of every process: the step's gradient does not depend on how many
+        # processes share the batch (trainer.losses.tokens_counted_over_processes).
+        with tokens_counted_over_processes(self.accelerator.num_processes):
+            loss = super().training_step(model, inputs, num_items_in_batch)
         self._unchecked_losses.append((self.state.global_step + 1, loss.detach(), dict(self._last_terms)))
         if len(self._unchecked_losses) >= MAX_UNCHECKED_LOSSES:
             self.check_finite_losses()

@@ -8,10 +8,50 @@ i+1). Every function computes in float32 whatever the model's dtype.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+
+#: Set by ``tokens_counted_over_processes`` while a training step runs on several processes.
+_PROCESS_COUNT: contextvars.ContextVar[int | None] = contextvars.ContextVar("token_average_processes", default=None)
+
+
+@contextlib.contextmanager
+def tokens_counted_over_processes(num_processes: int) -> Iterator[None]:
+    """Within the block, ``token_average`` divides by the token count of every process together.
+
+    Data-parallel training averages the gradients of the processes. A per-process token mean
+    ``S_r / T_r`` would then give ``mean_r (S_r / T_r)``, which is not the ``sum_r S_r / sum_r T_r`` one
+    process computes from the same rows (the processes' answers differ in length). With the global
+    count ``T = sum_r T_r`` (one ``all_reduce`` per term) and the factor ``num_processes`` that undoes
+    the gradient averaging, each process contributes ``num_processes * S_r / T`` and the averaged
+    gradient is exactly the one-process one. Used by ``FinetuneTrainer.training_step``.
+    """
+    token = _PROCESS_COUNT.set(num_processes if num_processes > 1 else None)
+    try:
+        yield
+    finally:
+        _PROCESS_COUNT.reset(token)
+
+
+def token_average(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """``total / count`` (``count`` at least 1): a sum over a batch's tokens divided by their number.
+
+    Every token-mean loss term goes through it; inside ``tokens_counted_over_processes`` the count is
+    that of all processes and the result is scaled by their number (see there).
+    """
+    processes = _PROCESS_COUNT.get()
+    count = count.detach().float()
+    if processes is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        count = count.clone()
+        torch.distributed.all_reduce(count)
+        return total * processes / count.clamp(min=1)
+    return total / count.clamp(min=1)
 
 
 def per_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +83,7 @@ def per_sample_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 
 def token_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """``sum_i S_i / sum_i T_i``: the mean NLL over all answer tokens of the batch."""
-    return total.sum() / count.sum().clamp(min=1)
+    return token_average(total.sum(), count.sum())
 
 
 def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -66,7 +106,7 @@ def answer_kl(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tens
     logp = F.log_softmax(logits[:, :-1, :].float(), dim=-1)[mask]
     ref_logp = F.log_softmax(ref_logits[:, :-1, :].float(), dim=-1)[mask]
     kl = F.kl_div(logp, ref_logp, reduction="none", log_target=True).sum(dim=-1)
-    return kl.sum() / mask.sum().clamp(min=1)
+    return token_average(kl.sum(), mask.sum())
 
 
 def gradient_ascent_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -154,7 +194,7 @@ def token_weighted_ascent(nll: torch.Tensor, mask: torch.Tensor, weights) -> tor
     with torch.no_grad():
         w = weights(torch.exp(-nll))
     # torch.where, not boolean indexing: a mask index makes the host wait for the device (a sync per step)
-    return -torch.where(mask, w * nll, 0.0).sum() / mask.sum().clamp(min=1)
+    return -token_average(torch.where(mask, w * nll, 0.0).sum(), mask.sum())
 
 
 def logit_margin_flattening_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -168,7 +208,7 @@ def logit_margin_flattening_loss(logits: torch.Tensor, labels: torch.Tensor) -> 
     z = logits[:, :-1, :].float()
     mask = labels[:, 1:] != IGNORE_INDEX
     margin = z.max(dim=-1).values - z.mean(dim=-1)
-    return torch.where(mask, margin**2, 0.0).sum() / mask.sum().clamp(min=1)
+    return token_average(torch.where(mask, margin**2, 0.0).sum(), mask.sum())
 
 
 def lagrangian_loss(forget_loss: torch.Tensor, retain_loss: torch.Tensor, dual: float | torch.Tensor,
@@ -195,7 +235,7 @@ def masked_token_mse(hidden: torch.Tensor, target: torch.Tensor, mask: torch.Ten
     """
     mask = mask.bool()
     per_token = (hidden.float() - target.float()).pow(2).mean(dim=-1)
-    return per_token[mask].sum() / mask.sum().clamp(min=1)
+    return token_average(per_token[mask].sum(), mask.sum())
 
 
 def undial_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, beta: float) -> torch.Tensor:
@@ -214,7 +254,7 @@ def undial_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Te
     target_logits = ref_logits[:, :-1, :].float()[mask].detach()
     target_logits = target_logits - beta * F.one_hot(labels[:, 1:][mask], target_logits.size(-1)).float()
     q = F.softmax(target_logits, dim=-1)
-    return -(q * logp).sum(dim=-1).sum() / mask.sum().clamp(min=1)
+    return -token_average((q * logp).sum(dim=-1).sum(), mask.sum())
 
 
 def ceu_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_first_n_answer_tokens: int = 0) -> torch.Tensor:
@@ -237,4 +277,4 @@ def ceu_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_first_n_answer_t
     target_logits[torch.arange(target.numel(), device=z.device), target] = float("-inf")
     q = F.softmax(target_logits, dim=-1)
     logp = F.log_softmax(z, dim=-1)
-    return -(q * logp).sum(dim=-1).sum() / mask.sum().clamp(min=1)
+    return -token_average((q * logp).sum(dim=-1).sum(), mask.sum())
