@@ -33,9 +33,10 @@ from data import check_eval_splits, get_collator, get_data  # noqa: E402
 from evals import get_evaluators  # noqa: E402
 from evals.lm_eval import task_data_files  # noqa: E402
 from model import get_model  # noqa: E402
+from model.peft import is_peft_model, peft_settings, save_merged  # noqa: E402
 from run_folder import RunFolder  # noqa: E402
 from trainer import check_mode, evaluates, load_trainer  # noqa: E402
-from trainer.utils import on_main_process  # noqa: E402
+from trainer.utils import on_main_process, unwrap_parallel  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -112,6 +113,9 @@ def run(cfg: DictConfig) -> Path:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         trainer.save_model(str(staging))
         if state.is_main_process:
+            policy = unwrap_parallel(trainer.model)
+            if is_peft_model(policy) and (peft_settings(cfg.model.get("peft")) or {}).get("merge"):
+                log.info("merged model (base + adapters) saved to %s", save_merged(policy, tokenizer, staging))
             write_run_files(cfg, trainer, staging)
             folder.finish({"mode": cfg.mode, "task_name": cfg.task_name, "steps": trainer.state.global_step})
             log.info("saved to %s", folder.output_dir)

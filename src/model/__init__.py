@@ -38,6 +38,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from model.peft import adapter_base, apply_peft, is_adapter_folder, load_adapter_folder, peft_settings  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "model"
@@ -261,16 +263,28 @@ def get_model(model_cfg: DictConfig | dict) -> tuple[PreTrainedModel, PreTrained
     if model_path is not None and looks_like_local_path(str(model_path)) and \
             not os.path.exists(os.path.expanduser(str(model_path))):
         raise _missing_path_error(str(model_path), "model_args")  # before the tokenizer, which often follows it
+    peft = peft_settings(cfg.get("peft"))  # a bad model.peft fails before any loading
     tokenizer = get_tokenizer(tokenizer_args, fallback, cache_dir)
+    adapter = model_path is not None and is_adapter_folder(str(model_path))
+    if adapter:  # a LoRA run's output: its base model, then the adapter merged in
+        log.info("model_args.pretrained_model_name_or_path=%s is an adapter folder: loading its base model", model_path)
+        model_path = adapter_base(str(model_path))
     if model_path is None:
         if not cfg.get("random_init"):
-            raise ValueError("model_args.pretrained_model_name_or_path is null and no random_init is given")
+            raise ValueError("model_args.pretrained_model_name_or_path is null and no random_init is given" if not adapter
+                             else f"the adapter in {model_args['pretrained_model_name_or_path']} records no base model "
+                                  "(it was trained on a random-weight model): use the model config that built it")
         model = build_random_model(cfg["random_init"], tokenizer, model_args.get("dtype"),
                                    model_args.get("attn_implementation"))
     else:
-        model = _from_pretrained(AutoModelForCausalLM, model_args, fallback, cache_dir, "model_args")
+        model = _from_pretrained(AutoModelForCausalLM, {**model_args, "pretrained_model_name_or_path": model_path},
+                                 fallback, cache_dir, "model_args")
+    if adapter:
+        model = load_adapter_folder(model, model_args["pretrained_model_name_or_path"])
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    if peft is not None:
+        model = apply_peft(model, peft)
     return model, tokenizer
 
 

@@ -116,6 +116,8 @@ def _output_layer_problem(model: torch.nn.Module, fsdp: bool = False) -> str | N
     get_output_layer = getattr(unwrap(model), "get_output_embeddings", None)
     if get_output_layer is None or get_output_layer() is None:
         return "needs the model's output layer (get_output_embeddings() is None)"
+    if hasattr(get_output_layer(), "base_layer"):
+        return "applies the output layer's weight on its own, but LoRA adapters sit on it (model.peft.target_modules)"
     return None
 
 

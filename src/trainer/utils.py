@@ -20,13 +20,15 @@ from typing import Any
 
 import torch
 
+from model.peft import AdapterDisabled, is_peft_model
+
 
 class _StopForward(Exception):
     """Raised by the capture hook once the wanted layer has run (never escapes ``hidden_states_at``)."""
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside distributed / compiled wrappers (``.module``, ``._orig_mod``)."""
+def unwrap_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside distributed / compiled wrappers (``.module``, ``._orig_mod``) only."""
     while True:
         inner = getattr(model, "module", None)
         if not isinstance(inner, torch.nn.Module):
@@ -34,6 +36,20 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         if not isinstance(inner, torch.nn.Module):
             return model
         model = inner
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model inside distributed / compiled wrappers (``.module``, ``._orig_mod``), a PEFT
+    ``PeftModel`` and an ``AdapterDisabled`` view: the model whose layers, config and output layer the
+    helpers read (LoRA's layers sit inside it, so reading them sees the adapters too)."""
+    while True:
+        model = unwrap_parallel(model)
+        if isinstance(model, AdapterDisabled):
+            model = model.peft_model
+        elif is_peft_model(model):
+            model = model.get_base_model()
+        else:
+            return model
 
 
 @functools.cache
@@ -75,7 +91,7 @@ def hidden_states_at(model: torch.nn.Module, layer_index: int, **inputs: Any) ->
     """
     check_layer_index(model, layer_index, "layer_index")
     layer = decoder_layers(model)[layer_index]
-    stop_early = unwrap(model) is model
+    stop_early = unwrap_parallel(model) is model
     captured: list[torch.Tensor] = []
 
     def hook(module, args, output):

@@ -31,6 +31,7 @@ from transformers import PreTrainedModel, TrainerCallback
 
 from checks import check_bool, check_choice, check_number
 from data.collators import concat_batches
+from model.peft import AdapterDisabled, is_peft_model
 from trainer.answer_nll import answer_span_logits
 from trainer.base import FinetuneTrainer
 from trainer.losses import answer_kl, sequence_nll
@@ -178,12 +179,17 @@ class UnlearningTrainer(FinetuneTrainer):
     def _make_reference_model(self) -> PreTrainedModel:
         """A frozen copy of the model as it is before unlearning, loaded once.
 
-        It is prepared by the Trainer's accelerator as the policy is (``evaluation_mode``: no
+        Under LoRA (``model.peft``) it is the policy itself with its adapters switched off
+        (``model.peft.AdapterDisabled``): no second copy. Otherwise it is prepared by the Trainer's
+        accelerator as the policy is (``evaluation_mode``: no
         distributed wrapper), so it runs with the same mixed-precision autocast: with float32
         weights and ``bf16: true`` the policy's forward runs under bf16 autocast, and a reference
         left in float32 would make every log-ratio ``S_ref - S`` non-zero at step 0.
         """
-        ref = copy.deepcopy(self.accelerator.unwrap_model(self.model))
+        policy = self.accelerator.unwrap_model(self.model)
+        if is_peft_model(policy):  # LoRA: the base weights never train, so the model without adapters is the reference
+            return AdapterDisabled(policy)
+        ref = copy.deepcopy(policy)
         ref.eval()
         ref.requires_grad_(False)
         return self.accelerator.prepare_model(ref.to(self.args.device), evaluation_mode=True)

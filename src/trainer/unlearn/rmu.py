@@ -7,10 +7,11 @@ from typing import Any
 
 import torch
 
+from model.peft import is_peft_model
 from trainer.answer_nll import model_inputs
 from trainer.losses import IGNORE_INDEX, masked_token_mse
 from trainer.unlearn.base import UnlearningTrainer
-from trainer.utils import check_layer_index, decoder_layers, hidden_states_at, unwrap
+from trainer.utils import check_layer_index, decoder_layers, hidden_states_at, unwrap, unwrap_parallel
 
 TOKEN_MASKS = ("all", "answer")
 
@@ -69,6 +70,27 @@ class RMU(UnlearningTrainer):
         self.steering_coeff = self.check_arg("steering_coeff", steering_coeff, low=0, low_open=True)
         self.alpha = self.check_arg("alpha", alpha, low=0)
         self.check_arg("seed", seed, integer=True, low=0)
+        if is_peft_model(unwrap_parallel(model)):
+            # LoRA: the adapters are what trains; choose them with model.peft (target_modules, layers_to_transform)
+            if trainable_params is not None:
+                raise ValueError("RMU: trainer.method_args.trainable_params is set, but with model.peft the adapters are "
+                                 "what RMU trains; choose them with model.peft.target_modules (e.g. [down_proj]) and "
+                                 "model.peft.layers_to_transform (e.g. [5, 6, 7])")
+            self.layer_id, self.token_mask, self.trainable_params = layer_id, token_mask, []
+            self._check_trained_layers({n for n, p in unwrap_parallel(model).named_parameters() if p.requires_grad},
+                                       len(decoder_layers(model)), "model.peft adapters")
+        else:
+            self._init_trainable(model, layer_id, token_mask, trainable_params)
+
+        config = unwrap(model).config
+        hidden_size = (config.get_text_config() if hasattr(config, "get_text_config") else config).hidden_size
+        generator = torch.Generator().manual_seed(seed)
+        u = torch.rand(hidden_size, generator=generator)
+        self.control_vec = self.steering_coeff * u / u.norm()
+        super().__init__(*args, **kwargs)
+
+    def _init_trainable(self, model: torch.nn.Module, layer_id: int, token_mask: str,
+                        trainable_params: list[str] | str | None) -> None:
         if trainable_params is None:
             trainable_params = default_trainable_params(layer_id)
         elif isinstance(trainable_params, str):
@@ -80,12 +102,11 @@ class RMU(UnlearningTrainer):
         self.token_mask, self.trainable_params = token_mask, list(trainable_params)
         self._freeze_all_but_trainable(unwrap(model))
 
-        config = unwrap(model).config
-        hidden_size = (config.get_text_config() if hasattr(config, "get_text_config") else config).hidden_size
-        generator = torch.Generator().manual_seed(seed)
-        u = torch.rand(hidden_size, generator=generator)
-        self.control_vec = self.steering_coeff * u / u.norm()
-        super().__init__(*args, **kwargs)
+    def _check_trained_layers(self, chosen: set[str], n_layers: int, what: str) -> None:
+        after = sorted(n for n in chosen if (m := re.search(r"layers\.(\d+)\.", n)) and int(m.group(1)) > self.layer_id)
+        if after:
+            raise ValueError(f"{what} select parameters after layer_id={self.layer_id} (of {n_layers} "
+                             f"layers), which RMU's loss does not reach: {after[:4]}")
 
     def _freeze_all_but_trainable(self, model: torch.nn.Module) -> None:
         try:
@@ -99,11 +120,7 @@ class RMU(UnlearningTrainer):
             examples = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
             raise ValueError(f"trainable_params={self.trainable_params} match no parameter of the model "
                              f"(patterns must match the whole name); parameter names look like: {examples}")
-        n_layers = len(decoder_layers(model))
-        after = sorted(n for n in chosen if (m := re.search(r"layers\.(\d+)\.", n)) and int(m.group(1)) > self.layer_id)
-        if after:
-            raise ValueError(f"trainable_params select parameters after layer_id={self.layer_id} (of {n_layers} "
-                             f"layers), which RMU's loss does not reach: {after[:4]}")
+        self._check_trained_layers(chosen, len(decoder_layers(model)), "trainable_params")
         for name, param in model.named_parameters():
             param.requires_grad_(name in chosen)
 

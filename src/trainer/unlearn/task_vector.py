@@ -8,7 +8,9 @@ from typing import Any
 
 import torch
 
+from model.peft import is_peft_model, merged_name
 from trainer.unlearn.base import UnlearningTrainer
+from trainer.utils import unwrap_parallel
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +23,8 @@ class TaskVector(UnlearningTrainer):
     ``tau = theta_ft - theta_target`` is subtracted from the weights taken before training, in place,
     so the saved model is the unlearned one. The task-vector norm ``||tau||_2`` is logged as
     ``task_vector_norm``. No retain term and no reference model (the target is kept as a CPU copy of
-    the parameters). Checkpoints and evaluations *during* training see the fine-tuned model, not the
+    the parameters). With LoRA (``model.peft``) the adapters are merged into the base weights first,
+    so ``tau = B A s``, and the saved result is the whole negated model. Checkpoints and evaluations *during* training see the fine-tuned model, not the
     negated one.
 
     Args (``trainer.method_args``):
@@ -43,8 +46,19 @@ class TaskVector(UnlearningTrainer):
         return dict(self.accelerator.unwrap_model(self.model).named_parameters())
 
     def train(self, *args: Any, **kwargs: Any):
-        target = {name: p.detach().to("cpu", copy=True) for name, p in self._parameters().items()}
+        policy = unwrap_parallel(self.accelerator.unwrap_model(self.model))
+        if not is_peft_model(policy):
+            target = {name: p.detach().to("cpu", copy=True) for name, p in self._parameters().items()}
+            result = super().train(*args, **kwargs)
+            self.negate_task_vector(target)
+            return result
+        # LoRA: the base weights are theta_target (they never train); theta_ft is base + B A s, so the adapters are
+        # merged first and the arithmetic runs on the merged weights. (Negating A and B would not negate the
+        # update: (-B)(-A) = BA.) The result is a plain model, saved whole.
+        target = {merged_name(name): p.detach().to("cpu", copy=True)
+                  for name, p in policy.get_base_model().named_parameters() if "lora_" not in name}
         result = super().train(*args, **kwargs)
+        self.model = self.model_wrapped = policy.merge_and_unload()
         self.negate_task_vector(target)
         return result
 
