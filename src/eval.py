@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hydra  # noqa: E402
 import torch  # noqa: E402
+from accelerate import PartialState  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
@@ -39,16 +40,19 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     set_seed(check_number("seed", cfg.get("seed", 0), integer=True, low=0))
     if not cfg.get("eval"):
         raise ValueError("no benchmark selected: add eval=tofu")
+    # Under torchrun / accelerate launch every process holds the model on its own device and takes a strided
+    # share of every pass; the results are gathered and process 0 writes the files (the same files as one process).
+    state = PartialState(cpu=not torch.cuda.is_available())
     model, tokenizer = get_model(cfg.model)
-    if torch.cuda.is_available():
-        model = model.cuda()
+    model = model.to(state.device)
     evaluators = get_evaluators(cfg.eval, tokenizer=tokenizer, template_args=cfg.model.get("template_args"),
                                 root_cfg=cfg)
     summaries = {}
     for name, evaluator in evaluators.items():
         summaries[name] = evaluator.evaluate(model, output_dir=cfg.paths.output_dir, model_id=model_identity(cfg.model))
-        print(f"\n{name} summary ({cfg.paths.output_dir}):")
-        print(format_summary({cfg.task_name: summaries[name]}))
+        if state.is_main_process:
+            print(f"\n{name} summary ({cfg.paths.output_dir}):")
+            print(format_summary({cfg.task_name: summaries[name]}))
     return summaries
 
 

@@ -48,3 +48,41 @@ def test_two_processes_of_batch_one_equal_one_process_of_batch_two(tofu_dir, tmp
             assert b[key] == pytest.approx(a[key], abs=1e-5), (key, a, b)
     weights_one, weights_two = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
     assert max((weights_one[k] - weights_two[k]).abs().max().item() for k in weights_one) < 1e-4
+
+
+def _same(a, b, where: str = "") -> None:
+    """Equal structures, numbers within float rounding (the batches differ, so the padding does)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-9, nan_ok=True), where
+    else:
+        assert a == b, where
+
+
+def test_distributed_evaluation_equals_one_process(tofu_dir, tmp_path):
+    """src/eval.py on 2 processes: every pass split between them, gathered once, the same EVAL file as one process."""
+    short = [f"eval.tofu.metrics.model_utility.pre_compute.{p}_Q_A_ROUGE.generation_args.max_new_tokens=8"
+             for p in ("retain", "ra", "wf")]
+    args = ["src/eval.py", "--config-name=eval.yaml", "model=tiny-random-llama", "eval=tofu", f"paths.tofu={tofu_dir}",
+            "forget_split=forget10", "holdout_split=holdout01",
+            "eval.tofu.metrics.forget_Q_A_ROUGE.generation_args.max_new_tokens=8", *short]
+    one = run_cli([*args, f"paths.output_dir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr[-4000:]
+    two = run_cli([*TWO_PROCESSES, *args, f"paths.output_dir={tmp_path / 'two'}"])
+    assert two.returncode == 0, two.stderr[-4000:]
+    assert two.stdout.count("tofu summary") == 1  # printed by process 0 only
+    single = json.loads((tmp_path / "one" / "TOFU_EVAL.json").read_text())
+    double = json.loads((tmp_path / "two" / "TOFU_EVAL.json").read_text())
+    for meta in (single, double):
+        for volatile in ("timestamp", "code_version"):
+            meta["_meta"].pop(volatile)
+    _same(single, double)
+    _same(json.loads((tmp_path / "one" / "TOFU_SUMMARY.json").read_text()),
+          json.loads((tmp_path / "two" / "TOFU_SUMMARY.json").read_text()))
