@@ -86,3 +86,16 @@ def test_distributed_evaluation_equals_one_process(tofu_dir, tmp_path):
     _same(single, double)
     _same(json.loads((tmp_path / "one" / "TOFU_SUMMARY.json").read_text()),
           json.loads((tmp_path / "two" / "TOFU_SUMMARY.json").read_text()))
+
+
+def test_fsdp2_sharded_reference_passes_stay_in_lockstep(tmp_path):
+    """Uneven shards (3 and 2 samples) through an FSDP2-sharded model: padded to the same number of forward
+    passes (a sharded forward is collective), the same NLLs as the whole model; RMU's layer capture runs the
+    sharded forward to the end instead of stopping it early."""
+    result = run_cli([*TWO_PROCESSES, "tests/fsdp2_worker.py", str(tmp_path)], timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
+    assert sorted(line["rank"] for line in lines) == [0, 1]
+    for line in lines:
+        assert line["fsdp2"] and line["cached"] == 5
+        assert line["max_nll_diff"] < 1e-4 and line["max_hidden_diff"] < 1e-5

@@ -107,15 +107,27 @@ class ReferenceNLLCache:
             return None
         return torch.tensor(values, dtype=torch.float32, device=batch["input_ids"].device)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: FSDP2 keeps buffers from its forward that training then updates
     def fill(self, model: torch.nn.Module, samples: Sequence[dict], collate: Callable[[list], dict],
-             batch_size: int, device: torch.device | str) -> None:
-        """Compute ``S_ref`` of ``samples`` with ``model``, batches of ``batch_size`` sorted by length."""
+             batch_size: int, device: torch.device | str, num_batches: int | None = None,
+             store_padding: bool = False) -> None:
+        """Compute ``S_ref`` of ``samples`` with ``model``, batches of ``batch_size`` sorted by length.
+
+        ``num_batches`` (a sharded model, whose forward is a collective call): run exactly that many
+        forward passes, the extra ones on the last batch again, their results not stored (unless
+        ``store_padding``), so that every process makes the same number of calls."""
         order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]), reverse=True)
-        for start in range(0, len(order), batch_size):
+        starts = list(range(0, len(order), batch_size))
+        total = len(starts) if num_batches is None else num_batches
+        if total < len(starts):
+            raise ValueError(f"num_batches={num_batches} is fewer than the {len(starts)} batches of {len(samples)} samples")
+        for step in range(total):
+            start = starts[min(step, len(starts) - 1)]
             batch = collate([samples[i] for i in order[start:start + batch_size]])
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            self.store(batch, sequence_nll(*answer_span_logits(model, batch))[0])
+            nll = sequence_nll(*answer_span_logits(model, batch))[0]
+            if step < len(starts) or store_padding:
+                self.store(batch, nll)
 
 
 __all__ = ["ReferenceNLLCache", "sample_key", "batch_keys", "add_sample_keys", "KeyedCollator", "leaf_samples"]

@@ -38,6 +38,15 @@ def unwrap_parallel(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
+def is_fsdp2_module(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is sharded by FSDP2 (``fully_shard`` changes the module's class in place, no wrapper)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed support
+        return False
+    return isinstance(unwrap_parallel(model), FSDPModule) or isinstance(model, FSDPModule)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside distributed / compiled wrappers (``.module``, ``._orig_mod``), a PEFT
     ``PeftModel`` and an ``AdapterDisabled`` view: the model whose layers, config and output layer the
@@ -85,13 +94,13 @@ def hidden_states_at(model: torch.nn.Module, layer_index: int, **inputs: Any) ->
 
     ``inputs`` are the model's forward keyword arguments (``input_ids``, ``attention_mask``...).
 
-    A model wrapped for distributed training (DistributedDataParallel, FSDP...) is run to the end with
-    the hook only capturing: stopping it early would skip the wrapper's post-forward bookkeeping, and
-    the gradients would then silently not be synchronised across processes.
+    A model wrapped for distributed training (DistributedDataParallel) or sharded by FSDP2 is run to the
+    end with the hook only capturing: stopping it early would skip the wrapper's post-forward
+    bookkeeping (gradient synchronisation, FSDP's resharding), silently or with a hang.
     """
     check_layer_index(model, layer_index, "layer_index")
     layer = decoder_layers(model)[layer_index]
-    stop_early = unwrap_parallel(model) is model
+    stop_early = unwrap_parallel(model) is model and not is_fsdp2_module(model)
     captured: list[torch.Tensor] = []
 
     def hook(module, args, output):

@@ -189,10 +189,29 @@ class UnlearningTrainer(FinetuneTrainer):
         policy = self.accelerator.unwrap_model(self.model)
         if is_peft_model(policy):  # LoRA: the base weights never train, so the model without adapters is the reference
             return AdapterDisabled(policy)
+        if self.is_fsdp_enabled:
+            return self._sharded_reference_model(policy)
+        if self.is_deepspeed_enabled:
+            raise ValueError(f"{type(self).__name__} needs a frozen reference model, which is not built under DeepSpeed "
+                             "yet: use configs/accelerate/fsdp.yaml (the reference is sharded as the policy), or LoRA "
+                             "(peft=lora: the reference is the model with its adapters off)")
         ref = copy.deepcopy(policy)
         ref.eval()
         ref.requires_grad_(False)
         return self.accelerator.prepare_model(ref.to(self.args.device), evaluation_mode=True)
+
+    def _sharded_reference_model(self, policy: torch.nn.Module) -> torch.nn.Module:
+        """The reference under FSDP2: a copy of the (not yet sharded) policy, sharded with the run's own FSDP
+        settings (``accelerate``'s ``fsdp2_prepare_model``), so each process holds its shard only."""
+        if not self.accelerator.is_fsdp2:
+            raise ValueError(f"{type(self).__name__} needs a frozen reference model, which is sharded with FSDP2 only: "
+                             "set fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp.yaml)")
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        ref = copy.deepcopy(policy)
+        ref.eval()
+        ref.requires_grad_(False)
+        return fsdp2_prepare_model(self.accelerator, ref)
 
     def _reference(self) -> torch.nn.Module:
         if self.ref_model is None:
@@ -229,7 +248,15 @@ class UnlearningTrainer(FinetuneTrainer):
         cache = ReferenceNLLCache()
         # An inference pass: batches of the evaluation size (no activations kept for a backward pass).
         batch_size = max(self.args.per_device_eval_batch_size, self.args.per_device_train_batch_size)
-        cache.fill(self.ref_model, samples, self.data_collator, batch_size, self.args.device)
+        num_batches = None
+        if self.is_fsdp_enabled:  # a sharded forward is collective: every process runs as many batches
+            if not samples:  # fewer forget items than processes: this one scores a real sample again (same value)
+                samples = leaf_samples(forget[0])
+            count = torch.tensor(-(-len(samples) // batch_size), device=self.args.device)
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+            num_batches = int(count)
+        cache.fill(self.ref_model, samples, self.data_collator, batch_size, self.args.device, num_batches=num_batches,
+                   store_padding=False)
         cache.values = gather_dicts(cache.values)
         log.info("%s: reference NLL of %d forget samples precomputed", type(self).__name__, len(cache))
         return cache

@@ -34,6 +34,10 @@ class TaskVector(UnlearningTrainer):
     def __init__(self, *args: Any, scale: float = 1.0, **kwargs: Any):
         self.scale = self.check_arg("scale", scale, low=0, low_open=True)
         super().__init__(*args, **kwargs)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ValueError("TaskVector subtracts whole weight tensors after training, which FSDP and DeepSpeed keep "
+                             "sharded over the processes: run it on one process or with DDP "
+                             "(configs/accelerate/ddp.yaml), or with LoRA (peft=lora) to fit a large model")
 
     def compute_loss(self, model, inputs, return_outputs=False):
         forget = inputs["forget"]
