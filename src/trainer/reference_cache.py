@@ -119,6 +119,8 @@ class ReferenceNLLCache:
         order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]), reverse=True)
         starts = list(range(0, len(order), batch_size))
         total = len(starts) if num_batches is None else num_batches
+        if total and not starts:
+            raise ValueError(f"num_batches={num_batches} forward passes asked for, but there are no samples to run")
         if total < len(starts):
             raise ValueError(f"num_batches={num_batches} is fewer than the {len(starts)} batches of {len(samples)} samples")
         for step in range(total):

@@ -249,7 +249,8 @@ class UnlearningTrainer(FinetuneTrainer):
         # An inference pass: batches of the evaluation size (no activations kept for a backward pass).
         batch_size = max(self.args.per_device_eval_batch_size, self.args.per_device_train_batch_size)
         num_batches = None
-        if self.is_fsdp_enabled:  # a sharded forward is collective: every process runs as many batches
+        if self.is_fsdp_enabled and torch.distributed.is_initialized():  # a sharded forward is collective:
+            # every process runs as many batches
             if not samples:  # fewer forget items than processes: this one scores a real sample again (same value)
                 samples = leaf_samples(forget[0])
             count = torch.tensor(-(-len(samples) // batch_size), device=self.args.device)
