@@ -35,7 +35,7 @@ from evals.lm_eval import task_data_files  # noqa: E402
 from model import get_model  # noqa: E402
 from model.peft import is_peft_model, peft_settings, save_merged  # noqa: E402
 from run_folder import RunFolder  # noqa: E402
-from trainer import check_mode, evaluates, load_trainer  # noqa: E402
+from trainer import build_training_args, check_mode, evaluates, load_trainer  # noqa: E402
 from trainer.utils import on_main_process, unwrap_parallel  # noqa: E402
 
 log = logging.getLogger("train")
@@ -98,6 +98,11 @@ def run(cfg: DictConfig) -> Path:
     staging, checkpoint = _start_folder(folder, resume)
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if state.is_main_process else None
     try:
+        trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+        trainer_cfg["args"].pop("resume_from_checkpoint", None)  # the checkpoint goes to train() below
+        # Before the model: launched with a DeepSpeed ZeRO-3 config, the arguments register DeepSpeed's config,
+        # and from_pretrained then creates the model already partitioned over the processes (zero.Init).
+        training_args = build_training_args(trainer_cfg["args"], str(staging))
         model, tokenizer = get_model(cfg.model)
         data = get_data(cfg.data, cfg.mode, tokenizer, cfg.model.get("template_args"), root_cfg=cfg,
                         seed=cfg.seed, need_eval=evaluates(cfg.trainer.get("args")))
@@ -106,10 +111,9 @@ def run(cfg: DictConfig) -> Path:
                                     template_args=cfg.model.get("template_args"), root_cfg=cfg)
         for evaluator in evaluators.values():
             evaluator.check_data_files()  # before training, not at its first evaluation
-        trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-        trainer_cfg["args"].pop("resume_from_checkpoint", None)  # the checkpoint goes to train() below
         trainer = load_trainer(trainer_cfg, model, data["train"], data["eval"], tokenizer, collator,
-                               output_dir=str(staging), evaluators=evaluators, compat=cfg.get("compat"))
+                               output_dir=str(staging), evaluators=evaluators, compat=cfg.get("compat"),
+                               training_args=training_args)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         trainer.save_model(str(staging))
         if state.is_main_process:

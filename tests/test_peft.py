@@ -178,3 +178,20 @@ def test_every_method_runs_with_lora(method, forget, tofu_dir, tmp_path):
                                    "trainer.args.max_steps=1"])
     assert len(steps) == 1 and math.isfinite(steps[0]["loss"])
     assert all("lora_" in k for k in load_file(str(out / "adapter_model.safetensors")))
+
+
+def test_qlora_settings_and_where_they_are_refused():
+    """peft=qlora: LoRA's keys plus a 4-bit BitsAndBytesConfig; on a machine without CUDA it is refused before loading."""
+    from model.peft import _load_peft_file, quantization_config
+
+    raw = OmegaConf.to_container(_load_peft_file("qlora"))
+    assert raw["r"] == 8 and raw["quantization"]["bnb_4bit_quant_type"] == "nf4"
+    assert OmegaConf.to_container(_cfg(["peft=qlora"]).model.peft) == {**raw, "target_modules": list(TARGETS)}
+    config = quantization_config(raw)
+    assert config.load_in_4bit and config.bnb_4bit_compute_dtype == torch.bfloat16
+    assert quantization_config(peft_settings("lora")) is None
+    with pytest.raises(ValueError, match="merging into a 4-bit base rounds"):
+        peft_settings({**raw, "merge": True})
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA GPU, and none is available: use peft=lora"):
+            peft_settings("qlora")

@@ -38,7 +38,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from model.peft import adapter_base, apply_peft, is_adapter_folder, load_adapter_folder, peft_settings  # noqa: E402
+from model.peft import (  # noqa: E402
+    adapter_base,
+    apply_peft,
+    is_adapter_folder,
+    load_adapter_folder,
+    peft_settings,
+    quantization_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +277,9 @@ def get_model(model_cfg: DictConfig | dict) -> tuple[PreTrainedModel, PreTrained
         log.info("model_args.pretrained_model_name_or_path=%s is an adapter folder: loading its base model", model_path)
         model_path = adapter_base(str(model_path))
     if model_path is None:
+        if peft and peft.get("quantization") is not None:
+            raise ValueError("model.peft.quantization (QLoRA) quantizes pretrained weights; this model config builds "
+                             "random weights (random_init): use peft=lora")
         if not cfg.get("random_init"):
             raise ValueError("model_args.pretrained_model_name_or_path is null and no random_init is given" if not adapter
                              else f"the adapter in {model_args['pretrained_model_name_or_path']} records no base model "
@@ -277,7 +287,9 @@ def get_model(model_cfg: DictConfig | dict) -> tuple[PreTrainedModel, PreTrained
         model = build_random_model(cfg["random_init"], tokenizer, model_args.get("dtype"),
                                    model_args.get("attn_implementation"))
     else:
-        model = _from_pretrained(AutoModelForCausalLM, {**model_args, "pretrained_model_name_or_path": model_path},
+        quantized = quantization_config(peft)  # QLoRA: the base loads in 4 bits
+        extra = {"quantization_config": quantized} if quantized is not None else {}
+        model = _from_pretrained(AutoModelForCausalLM, {**model_args, "pretrained_model_name_or_path": model_path, **extra},
                                  fallback, cache_dir, "model_args")
     if adapter:
         model = load_adapter_folder(model, model_args["pretrained_model_name_or_path"])

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 PEFT_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "peft"
 ADAPTER_CONFIG = "adapter_config.json"
 #: Our keys of ``model.peft``; every other key goes to ``peft.LoraConfig``.
-OWN_KEYS = ("method", "merge")
+OWN_KEYS = ("method", "merge", "quantization")
 METHODS = ("lora",)
 
 
@@ -36,16 +36,25 @@ def available_peft_configs() -> list[str]:
     return sorted(p.stem for p in PEFT_CONFIG_DIR.glob("*.yaml"))
 
 
+def _load_peft_file(name: str, seen: tuple[str, ...] = ()) -> Any:
+    """``configs/peft/<name>.yaml`` with its ``defaults`` (files of the same folder) merged first, as Hydra does."""
+    path = PEFT_CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"model.peft={name!r}: no configs/peft/{name}.yaml; valid: "
+                         f"{', '.join(available_peft_configs())} (or null)")
+    if name in seen:
+        raise ValueError(f"configs/peft/{name}.yaml includes itself through defaults: {' -> '.join(seen + (name,))}")
+    raw = OmegaConf.load(path)
+    bases = [b for b in raw.pop("defaults", []) if b != "_self_"]
+    return OmegaConf.merge(*[_load_peft_file(b, seen + (name,)) for b in bases], raw)
+
+
 def peft_settings(value: Any) -> dict[str, Any] | None:
     """``model.peft`` as a dict (None: no adapters). A string names a file of ``configs/peft``."""
     if value is None:
         return None
     if isinstance(value, str):
-        path = PEFT_CONFIG_DIR / f"{value}.yaml"
-        if not path.is_file():
-            raise ValueError(f"model.peft={value!r}: no configs/peft/{value}.yaml; valid: "
-                             f"{', '.join(available_peft_configs())} (or null)")
-        value = OmegaConf.load(path)
+        value = _load_peft_file(value)
     if not isinstance(value, dict):
         value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else dict(value)
     settings = dict(value)
@@ -59,7 +68,42 @@ def peft_settings(value: Any) -> dict[str, Any] | None:
     if unknown:
         raise ValueError(f"model.peft has keys that are not peft.LoraConfig fields: {unknown}; "
                          f"see peft.LoraConfig (r, lora_alpha, lora_dropout, target_modules, ...) and {list(OWN_KEYS)}")
+    if settings.get("quantization") is not None:
+        check_quantization(settings)
     return settings
+
+
+def check_quantization(settings: dict[str, Any]) -> None:
+    """QLoRA (``model.peft.quantization``: ``transformers.BitsAndBytesConfig`` arguments) is refused before any
+    loading where it cannot run: without a CUDA GPU or bitsandbytes, or with ``merge`` (merging into 4-bit
+    weights rounds the update away)."""
+    quantization = settings["quantization"]
+    if not isinstance(quantization, dict):
+        raise ValueError(f"model.peft.quantization={quantization!r}; give BitsAndBytesConfig arguments, e.g. "
+                         "{load_in_4bit: true, bnb_4bit_quant_type: nf4}, or null")
+    if settings.get("merge"):
+        raise ValueError("model.peft.merge=true with model.peft.quantization: merging into a 4-bit base rounds the "
+                         "adapters' update away; keep merge=false (the adapter folder loads on the full-precision base)")
+    if not torch.cuda.is_available():
+        raise ValueError("model.peft.quantization (QLoRA) loads the base model in 4 bits with bitsandbytes, which needs "
+                         "a CUDA GPU, and none is available: use peft=lora here")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError("model.peft.quantization (QLoRA) needs bitsandbytes: pip install -e \".[qlora]\"") from None
+
+
+def quantization_config(settings: dict[str, Any] | None) -> Any:
+    """``transformers.BitsAndBytesConfig`` of ``model.peft.quantization``, or None."""
+    if not settings or settings.get("quantization") is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    kwargs = dict(settings["quantization"])
+    for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
+        if isinstance(kwargs.get(key), str):
+            kwargs[key] = getattr(torch, kwargs[key])
+    return BitsAndBytesConfig(**kwargs)
 
 
 def lora_config(settings: dict[str, Any]) -> Any:
@@ -72,8 +116,10 @@ def lora_config(settings: dict[str, Any]) -> Any:
 
 def apply_peft(model: torch.nn.Module, settings: dict[str, Any]) -> torch.nn.Module:
     """``model`` with fresh LoRA adapters (``peft.get_peft_model``); only the adapter weights train."""
-    from peft import get_peft_model
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
+    if settings.get("quantization") is not None:  # QLoRA: norms in float32, input gradients for checkpointing
+        model = prepare_model_for_kbit_training(model)
     try:
         return get_peft_model(model, lora_config(settings))
     except ValueError as e:  # e.g. target modules that match nothing: peft's message names them
@@ -153,5 +199,5 @@ class AdapterDisabled(torch.nn.Module):
             yield
 
 
-__all__ = ["peft_settings", "apply_peft", "save_merged", "is_peft_model", "is_adapter_folder", "adapter_base", "load_adapter_folder",
+__all__ = ["peft_settings", "apply_peft", "save_merged", "quantization_config", "is_peft_model", "is_adapter_folder", "adapter_base", "load_adapter_folder",
            "base_model_of", "merged_name", "AdapterDisabled", "available_peft_configs"]

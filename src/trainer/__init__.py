@@ -237,9 +237,10 @@ def build_training_args(args: Mapping[str, Any], output_dir: str) -> TrainingArg
 def load_trainer(trainer_cfg: DictConfig | Mapping, model: torch.nn.Module, train_dataset: Any = None,
                  eval_dataset: Any = None, tokenizer: Any = None, data_collator: Any = None,
                  output_dir: str = "saves/tmp", evaluators: Mapping[str, Any] | None = None,
-                 compat: Any = None) -> FinetuneTrainer:
+                 compat: Any = None, training_args: TrainingArguments | None = None) -> FinetuneTrainer:
     """Build the trainer named by ``trainer.handler`` with ``trainer.args`` and ``trainer.method_args``;
-    ``compat`` is the run's root ``compat`` mode (``compat.get_compat``)."""
+    ``compat`` is the run's root ``compat`` mode (``compat.get_compat``). ``training_args``: the arguments
+    already built from ``trainer.args`` (``build_training_args``), e.g. before the model was loaded."""
     handler = trainer_cfg.get("handler")
     if handler not in TRAINER_REGISTRY:
         raise ValueError(f"unknown trainer handler {handler!r}; registered: {', '.join(sorted(TRAINER_REGISTRY))}")
@@ -249,7 +250,8 @@ def load_trainer(trainer_cfg: DictConfig | Mapping, model: torch.nn.Module, trai
     unknown = sorted(set(method_args) - set(valid))
     if unknown:
         raise ValueError(f"trainer.method_args {unknown} not accepted by {handler}; valid: {valid or 'none'}")
-    training_args = build_training_args(_container(trainer_cfg.get("args")), output_dir)
+    if training_args is None:
+        training_args = build_training_args(_container(trainer_cfg.get("args")), output_dir)
     check_metric_for_best_model(training_args, eval_dataset, evaluators)
     kwargs = dict(model=model, args=training_args,
                   train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,

@@ -10,7 +10,7 @@ import torch
 
 from model.peft import is_peft_model, merged_name
 from trainer.unlearn.base import UnlearningTrainer
-from trainer.utils import unwrap_parallel
+from trainer.utils import unwrap, unwrap_parallel
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,9 @@ class TaskVector(UnlearningTrainer):
 
     def train(self, *args: Any, **kwargs: Any):
         policy = unwrap_parallel(self.accelerator.unwrap_model(self.model))
+        if getattr(unwrap(policy), "is_loaded_in_4bit", False):
+            raise ValueError("TaskVector with a 4-bit base (model.peft.quantization): the task-vector arithmetic would "
+                             "round into 4-bit weights; use peft=lora")
         if not is_peft_model(policy):
             target = {name: p.detach().to("cpu", copy=True) for name, p in self._parameters().items()}
             result = super().train(*args, **kwargs)
