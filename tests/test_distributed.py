@@ -99,3 +99,40 @@ def test_fsdp2_sharded_reference_passes_stay_in_lockstep(tmp_path):
     for line in lines:
         assert line["fsdp2"] and line["cached"] == 5
         assert line["max_nll_diff"] < 1e-4 and line["max_hidden_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero3", "DEEPSPEED"),
+                                        ("deepspeed_zero3_offload", "DEEPSPEED")])
+def test_accelerate_configs_load(name, kind):
+    """Each launcher file is one accelerate reads, of the engine its name says, opening with its command."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from conftest import REPO
+
+    path = REPO / "configs" / "accelerate" / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type.name == kind
+    assert f"accelerate launch --config_file configs/accelerate/{name}.yaml src/train.py" in path.read_text()
+    if kind == "FSDP":
+        assert config.fsdp_config["fsdp_version"] == 2 and config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    if kind == "DEEPSPEED":
+        ds = config.deepspeed_config
+        assert ds["zero_stage"] == 3 and ds["zero3_init_flag"] and ds["zero3_save_16bit_model"]
+        assert (ds["offload_param_device"] == "cpu") == name.endswith("offload")
+
+
+def test_lora_npo_on_two_processes_equals_one(tofu_dir, tmp_path):
+    """LoRA under DDP: the reference (adapters off) and the adapters' updates match one process of the same batch."""
+    npo = [a if a != "trainer=GradDiff" else "trainer=NPO" for a in GRAD_DIFF if not a.startswith("trainer.method_args")]
+    args = [*npo, "peft=lora", f"paths.tofu={tofu_dir}", "trainer.args.max_steps=2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    result = run_cli([*args, "trainer.args.per_device_train_batch_size=2", f"paths.output_dir={one}"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    result = run_cli([*TWO_PROCESSES, *args, "trainer.args.per_device_train_batch_size=1", f"paths.output_dir={two}"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    for a, b in zip(_steps(one), _steps(two), strict=True):
+        for key in ("loss", "forget_loss", "retain_loss"):  # float32 rounding of terms near 14 and 25
+            assert b[key] == pytest.approx(a[key], rel=2e-6, abs=1e-5), (key, a, b)
+    adapters_one = load_file(str(one / "adapter_model.safetensors"))
+    adapters_two = load_file(str(two / "adapter_model.safetensors"))
+    assert max((adapters_one[k] - adapters_two[k]).abs().max().item() for k in adapters_one) < 1e-4
