@@ -91,7 +91,8 @@ def test_distributed_evaluation_equals_one_process(tofu_dir, tmp_path):
 def test_fsdp2_sharded_reference_passes_stay_in_lockstep(tmp_path):
     """Uneven shards (3 and 2 samples) through an FSDP2-sharded model: padded to the same number of forward
     passes (a sharded forward is collective), the same NLLs as the whole model; RMU's layer capture runs the
-    sharded forward to the end instead of stopping it early."""
+    sharded forward to the end instead of stopping it early; the evaluator's plain passes (statistics and
+    generate(synced_gpus=True)) stay in lockstep and give the whole model's results."""
     result = run_cli([*TWO_PROCESSES, "tests/fsdp2_worker.py", str(tmp_path)], timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     lines = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
@@ -99,6 +100,11 @@ def test_fsdp2_sharded_reference_passes_stay_in_lockstep(tmp_path):
     for line in lines:
         assert line["fsdp2"] and line["cached"] == 5
         assert line["max_nll_diff"] < 1e-4 and line["max_hidden_diff"] < 1e-5
+        # the evaluator's plain passes: every question once, the whole model's values, no hang
+        assert line["stats_items"] == line["texts_items"] == [0, 1, 2, 3, 4]
+        assert line["max_logp_diff"] < 1e-4 and line["same_generations"]
+        # the whole TOFU evaluator on the sharded model: every metric, the whole model's values
+        assert "forget_quality" in line["summary_keys"] and line["max_summary_diff"] < 1e-4
 
 
 @pytest.mark.parametrize("name, kind", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero3", "DEEPSPEED"),

@@ -42,7 +42,7 @@ from data.tofu import local_data_file, local_stem
 from data.utils import DataFileError, check_rows_file
 from evals import passes
 from evals.metrics import allow_need, get_metric
-from trainer.utils import on_main_process
+from trainer.utils import is_sharded, on_main_process
 
 log = logging.getLogger(__name__)
 
@@ -509,7 +509,18 @@ class Evaluator:
     # ----- entry point -----------------------------------------------------------------------------
     def evaluate(self, model: torch.nn.Module, output_dir: str | os.PathLike | None = None, trainer: Any = None,
                  model_id: str | None = None, overwrite: bool | None = None, **kwargs: Any) -> dict[str, float | None]:
-        """Compute every metric, write the EVAL and SUMMARY files, return the summary."""
+        """Compute every metric, write the EVAL and SUMMARY files, return the summary.
+
+        A model sharded over the processes (FSDP2, ZeRO-3: ``trainer.utils.is_sharded``) is evaluated with
+        the plain passes, which keep every process in the same sequence of forward calls (padding passes,
+        ``generate(synced_gpus=True)``); the fast passes' shared prompts and joined decoding rows would not."""
+        if self.passes_mode != "plain" and is_sharded(model):
+            log.info("%s: the model is sharded over the processes: plain passes, in lockstep", self.name)
+            self.passes_mode = "plain"
+            try:
+                return self.evaluate(model, output_dir, trainer, model_id, overwrite, **kwargs)
+            finally:
+                self.passes_mode = "fast"
         output_dir = Path(output_dir or self.cfg.get("output_dir") or ".")
         overwrite = bool(self.cfg.get("overwrite", False) if overwrite is None else overwrite)
         if model_id is None:
@@ -635,6 +646,9 @@ def _generations_runner(ev: Evaluator, spec: Any, mcfg: Mapping, model: torch.nn
 def _grad_norms_runner(ev: Evaluator, spec: Any, mcfg: Mapping, model: torch.nn.Module, cache: dict) -> Any:
     """Per-sample gradient norms (GradNorm attack)."""
     key = ("grad_norms", ev._dataset_key(spec))
+    if is_sharded(model):
+        raise ValueError(f"evaluator {ev.name}: gradient norms (mia_gradnorm) need whole weights, which this model "
+                         "has split over the processes (FSDP/ZeRO-3); evaluate it with src/eval.py instead")
     if key not in cache:
         cache[key] = passes.grad_norm_pass(model, ev._dataset(spec), ev.tokenizer)
     return cache[key]

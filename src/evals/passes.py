@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,7 @@ from data.collators import DataCollatorForSupervisedDataset, common_prefix_lengt
 from data.utils import IGNORE_INDEX, PromptTemplate, answer_end_token_id
 from evals.metrics import TokenStats
 from trainer.answer_nll import answer_span_logits
-from trainer.utils import forward_accepts, gather_dicts, rank_shard
+from trainer.utils import forward_accepts, gather_dicts, is_sharded, lockstep_total, rank_shard
 
 log = logging.getLogger(__name__)
 
@@ -672,8 +672,10 @@ def _generate(model: torch.nn.Module, prompts: Sequence[torch.Tensor], tokenizer
         attn = ids.ne(tokenizer.pad_token_id).long()
     else:
         attn = pad_sequences([torch.ones_like(p) for p in prompts], 0, "left").to(device)
+    # synced_gpus: with sharded weights every process keeps stepping until all have finished (a forward is collective)
     generated = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
-                               do_sample=False, eos_token_id=list(stop_ids), pad_token_id=tokenizer.pad_token_id)
+                               do_sample=False, eos_token_id=list(stop_ids), pad_token_id=tokenizer.pad_token_id,
+                               synced_gpus=is_sharded(model))
     stop = set(stop_ids)
     rows = []
     for row in generated[:, ids.shape[1]:].tolist():
@@ -805,7 +807,7 @@ def plain_token_stats(logits: torch.Tensor, targets: torch.Tensor,
     return token_logp, mean, std, logits.argmax(-1) == targets
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: a sharded model (FSDP2) keeps buffers from it that training then updates
 def plain_token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any,
                            batch_size: int = 32, compat: Compat = OURS) -> dict[int, list[TokenStats]]:
     """``token_stats_pass`` computed plainly: per dataset index, one ``TokenStats`` per answer.
@@ -829,10 +831,12 @@ def plain_token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any,
         _chunks([(i, sample) for i in rank_shard(range(len(dataset))) for sample in _samples(dataset[i])], batch_size)
     out: dict[int, list[TokenStats]] = {}
     eos = _ends_with_eos(dataset)
-    for chunk in batches:
+    for chunk, keep in _lockstep(batches, model, lambda: [(0, _samples(dataset[0])[0])]):
         batch = collate([sample for _, sample in chunk])
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device)).logits
+        if not keep:  # a padding pass of a sharded model: its result is not this process's
+            continue
         labels = batch["labels"].to(device)
         if compat.float32_log_probs:
             nll = F.cross_entropy(logits[:, :-1].float().transpose(-1, -2), labels[:, 1:], ignore_index=IGNORE_INDEX,
@@ -848,6 +852,19 @@ def plain_token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any,
             answers.append(TokenStats(logp=logp, mean_logp=mean, std_logp=std, argmax_match=match,
                                       answer_text=_answers(dataset, i)[len(answers)], ends_with_eos=eos))
     return gather_dicts(out)
+
+
+def _lockstep(batches: Sequence[Any], model: torch.nn.Module, dummy: Callable[[], Any]) -> Iterator[tuple[Any, bool]]:
+    """``(batch, keep)`` for each of this process's batches, then, for a sharded model (``is_sharded``), padding
+    passes (``keep`` False: the last batch again, or ``dummy()`` on a process with none) until every process
+    has run as many as the one with the most: each forward of a sharded model is a collective call."""
+    # agreed before the first batch: a count exchanged after them would meet another process's forward
+    total = lockstep_total(len(batches)) if is_sharded(model) else len(batches)
+    for batch in batches:
+        yield batch, True
+    filler = batches[-1] if batches else (dummy() if total else None)
+    for _ in range(total - len(batches)):
+        yield filler, False
 
 
 def _samples(item: Any) -> list[dict]:
@@ -866,7 +883,7 @@ def _open_unlearning_batches(dataset: Any, batch_size: int) -> list[list[tuple[i
     return batches
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def plain_generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, template_args: Any = None,
                           batch_size: int | str = 32, max_new_tokens: int = 200,
                           stop_strings: Sequence[str] = (), compat: Compat = OURS) -> dict[int, dict]:
@@ -883,11 +900,14 @@ def plain_generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, 
     prompts = _generation_prompts(dataset)
     rows = PLAIN_AUTO_GENERATION_ROWS if batch_size == "auto" else generation_rows(batch_size, model, 0, 0)
     out: dict[int, dict] = {}
-    for chunk in _chunks(list(prompts), rows):
-        new_tokens = _generate(model, [prompts[i] for i in chunk], tokenizer, max_new_tokens, stop_ids,
+    first = _split_prompt(_samples(dataset[0])[0])[0]
+    for chunk, keep in _lockstep(_chunks(list(prompts), rows), model, lambda: [None]):
+        chunk_prompts = [prompts[i] if i is not None else first for i in chunk]
+        new_tokens = _generate(model, chunk_prompts, tokenizer, max_new_tokens, stop_ids,
                                attention_mask_from_pad=compat.attention_mask_from_pad)
-        out.update(_generation_records(dataset, tokenizer, chunk, new_tokens, stop_strings,
-                                       texts_from_tokens=compat.rouge_texts_from_tokens))
+        if keep:
+            out.update(_generation_records(dataset, tokenizer, chunk, new_tokens, stop_strings,
+                                           texts_from_tokens=compat.rouge_texts_from_tokens))
     return gather_dicts(out)
 
 

@@ -62,12 +62,12 @@ class FinetuneTrainer(Trainer):
             args_obj.eval_strategy = strategy
         else:
             super().__init__(*args, **kwargs)
-        sharded = "FSDP" if getattr(self, "is_fsdp_enabled", False) else \
-            "DeepSpeed" if getattr(self, "is_deepspeed_enabled", False) else None
-        if sharded and self.evaluators and str(getattr(strategy, "value", strategy)) != "no":
-            raise ValueError(f"evaluation during training ({', '.join(self.evaluators)}) does not run under {sharded} yet: "
-                             "set trainer.args.eval_strategy=no and evaluate the saved model with src/eval.py, which "
-                             "splits its passes over several processes (accelerate launch ... src/eval.py)")
+        # Under FSDP the evaluators run the sharded model with their plain passes, in lockstep (Evaluator.evaluate).
+        if getattr(self, "is_deepspeed_enabled", False) and self.evaluators and \
+                str(getattr(strategy, "value", strategy)) != "no":
+            raise ValueError(f"evaluation during training ({', '.join(self.evaluators)}) does not run under DeepSpeed "
+                             "yet: use FSDP (configs/accelerate/fsdp.yaml), or set trainer.args.eval_strategy=no and "
+                             "evaluate the saved model with accelerate launch ... src/eval.py")
         check_nll_impl(nll_impl, self.model, fsdp=getattr(self, "is_fsdp_enabled", False))
         self.pack_rows = resolve_pack_rows(pack_rows, self.model, fsdp=getattr(self, "is_fsdp_enabled", False))
         if self.pack_rows:

@@ -47,6 +47,26 @@ def is_fsdp2_module(model: torch.nn.Module) -> bool:
     return isinstance(unwrap_parallel(model), FSDPModule) or isinstance(model, FSDPModule)
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s weights are split over the processes (FSDP2, or DeepSpeed ZeRO-3 partitioned
+    parameters), so that every forward pass is a collective call that all processes must make together."""
+    if is_fsdp2_module(model):
+        return True
+    return any(hasattr(p, "ds_id") for p in unwrap_parallel(model).parameters())
+
+
+def lockstep_total(count: int) -> int:
+    """The largest ``count`` over the processes (``count`` itself without a process group): how many
+    collective steps every process runs so that none waits for a call the others never make."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return count
+    total = torch.tensor(count, dtype=torch.long)
+    if torch.distributed.get_backend() == "nccl":
+        total = total.cuda()
+    torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.MAX)
+    return int(total)
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside distributed / compiled wrappers (``.module``, ``._orig_mod``), a PEFT
     ``PeftModel`` and an ``AdapterDisabled`` view: the model whose layers, config and output layer the
