@@ -50,6 +50,8 @@ def is_fsdp2_module(model: torch.nn.Module) -> bool:
 def is_sharded(model: torch.nn.Module) -> bool:
     """Whether ``model``'s weights are split over the processes (FSDP2, or DeepSpeed ZeRO-3 partitioned
     parameters), so that every forward pass is a collective call that all processes must make together."""
+    if not isinstance(model, torch.nn.Module):
+        return False
     if is_fsdp2_module(model):
         return True
     return any(hasattr(p, "ds_id") for p in unwrap_parallel(model).parameters())
