@@ -16,7 +16,6 @@ with ``peft.get_peft_model``; only the adapters are trained.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -158,11 +157,6 @@ def merged_name(name: str) -> str:
     return name.replace(".base_layer.", ".")
 
 
-def base_model_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside a ``PeftModel`` (the model itself otherwise)."""
-    return model.get_base_model() if is_peft_model(model) else model
-
-
 MERGED_FOLDER = "merged"
 
 
@@ -192,12 +186,6 @@ class AdapterDisabled(torch.nn.Module):
         with self.peft_model.disable_adapter():
             return self.peft_model(*args, **kwargs)
 
-    @contextlib.contextmanager
-    def disabled(self):
-        """The adapters switched off for a block that calls inner modules directly (``get_decoder()``)."""
-        with self.peft_model.disable_adapter():
-            yield
-
 
 __all__ = ["peft_settings", "apply_peft", "save_merged", "quantization_config", "is_peft_model", "is_adapter_folder", "adapter_base", "load_adapter_folder",
-           "base_model_of", "merged_name", "AdapterDisabled", "available_peft_configs"]
+           "merged_name", "AdapterDisabled", "available_peft_configs"]

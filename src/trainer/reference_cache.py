@@ -109,13 +109,12 @@ class ReferenceNLLCache:
 
     @torch.no_grad()  # not inference_mode: FSDP2 keeps buffers from its forward that training then updates
     def fill(self, model: torch.nn.Module, samples: Sequence[dict], collate: Callable[[list], dict],
-             batch_size: int, device: torch.device | str, num_batches: int | None = None,
-             store_padding: bool = False) -> None:
+             batch_size: int, device: torch.device | str, num_batches: int | None = None) -> None:
         """Compute ``S_ref`` of ``samples`` with ``model``, batches of ``batch_size`` sorted by length.
 
         ``num_batches`` (a sharded model, whose forward is a collective call): run exactly that many
-        forward passes, the extra ones on the last batch again, their results not stored (unless
-        ``store_padding``), so that every process makes the same number of calls."""
+        forward passes, the extra ones on the last batch again, their results not stored, so that every
+        process makes the same number of calls."""
         order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]), reverse=True)
         starts = list(range(0, len(order), batch_size))
         total = len(starts) if num_batches is None else num_batches
@@ -128,7 +127,7 @@ class ReferenceNLLCache:
             batch = collate([samples[i] for i in order[start:start + batch_size]])
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             nll = sequence_nll(*answer_span_logits(model, batch))[0]
-            if step < len(starts) or store_padding:
+            if step < len(starts):
                 self.store(batch, nll)
 
 

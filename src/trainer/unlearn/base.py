@@ -36,7 +36,7 @@ from trainer.answer_nll import answer_span_logits
 from trainer.base import FinetuneTrainer
 from trainer.losses import answer_kl, sequence_nll
 from trainer.reference_cache import KeyedCollator, ReferenceNLLCache, leaf_samples
-from trainer.utils import gather_dicts, rank_shard
+from trainer.utils import gather_dicts, lockstep_total, rank_shard
 
 log = logging.getLogger(__name__)
 
@@ -249,15 +249,11 @@ class UnlearningTrainer(FinetuneTrainer):
         # An inference pass: batches of the evaluation size (no activations kept for a backward pass).
         batch_size = max(self.args.per_device_eval_batch_size, self.args.per_device_train_batch_size)
         num_batches = None
-        if self.is_fsdp_enabled and torch.distributed.is_initialized():  # a sharded forward is collective:
-            # every process runs as many batches
+        if self.is_fsdp_enabled:  # a sharded forward is collective: every process runs as many batches
             if not samples:  # fewer forget items than processes: this one scores a real sample again (same value)
                 samples = leaf_samples(forget[0])
-            count = torch.tensor(-(-len(samples) // batch_size), device=self.args.device)
-            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
-            num_batches = int(count)
-        cache.fill(self.ref_model, samples, self.data_collator, batch_size, self.args.device, num_batches=num_batches,
-                   store_padding=False)
+            num_batches = lockstep_total(-(-len(samples) // batch_size))
+        cache.fill(self.ref_model, samples, self.data_collator, batch_size, self.args.device, num_batches=num_batches)
         cache.values = gather_dicts(cache.values)
         log.info("%s: reference NLL of %d forget samples precomputed", type(self).__name__, len(cache))
         return cache
