@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SLOW_STAMP := $(VENV)/.installed-slow
 # Nothing here may reach the Hugging Face Hub: weights and data come from local files.
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
@@ -29,10 +30,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q
 
-test-slow: $(STAMP)
+# The slow tests also run DeepSpeed ZeRO-3 on 2 CPU processes: its pinned extra is installed for them.
+$(SLOW_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e ".[deepspeed]"
+	touch $(SLOW_STAMP)
+
+test-slow: $(SLOW_STAMP)
 	$(PY) -m pytest -m slow -q
 
-test-all: $(STAMP)
+test-all: $(SLOW_STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -160,9 +160,9 @@ def test_check_nll_impl_errors(monkeypatch):
     with pytest.raises(ValueError, match=r"final_logit_softcapping=30.0.*use nll_impl=logits"):
         check_nll_impl("chunked", capped)
     check_nll_impl("logits", capped)
-    with pytest.raises(ValueError, match=r"FSDP keeps its weight sharded; use nll_impl=logits with FSDP"):
-        check_nll_impl("chunked", _tiny_llama(), fsdp=True)
-    check_nll_impl("logits", _tiny_llama(), fsdp=True)
+    with pytest.raises(ValueError, match=r"FSDP and ZeRO-3 keep its weight sharded; use nll_impl=logits with FSDP or DeepSpeed"):
+        check_nll_impl("chunked", _tiny_llama(), sharded=True)
+    check_nll_impl("logits", _tiny_llama(), sharded=True)
 
     def version_of(found):
         def version(name):

@@ -119,6 +119,7 @@ def test_good_hyperparameters_at_their_bounds_are_accepted(tmp_path):
     ({"learning_rate": NAN}, r"trainer.args.learning_rate=nan; must be a finite number >= 0"),
     ({"per_device_train_batch_size": 0}, r"trainer.args.per_device_train_batch_size=0"),
     ({"num_train_epochs": 0}, r"trainer.args.num_train_epochs=0; must be a finite number > 0 \(or set trainer.args.max_steps > 0\)"),
+    ({"deepspeed": "no/such/zero3.json"}, r"trainer.args.deepspeed=.no/such/zero3.json. is not a file: give a DeepSpeed JSON"),
 ])
 def test_bad_training_args_are_refused_by_name(tmp_path, args, message):
     with pytest.raises(ValueError, match=message):

@@ -19,12 +19,14 @@ fallback to another model.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +237,27 @@ def get_tokenizer(tokenizer_args: dict, fallback: dict | None = None, cache_dir:
     return tokenizer
 
 
+@contextlib.contextmanager
+def _whole_under_zero3() -> Iterator[None]:
+    """Build the model whole even when a DeepSpeed ZeRO-3 config is active.
+
+    Under ZeRO-3, ``from_config`` creates the weights partitioned and uninitialised (``zero.Init`` with
+    ``no_init_weights``: ``from_pretrained`` fills them), so a random-weight model would have no weights
+    at all and not the seeded ones. A random model is a small test model: built whole, seeded as anywhere
+    else, it is partitioned by the DeepSpeed engine when training starts.
+    """
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        yield
+        return
+    # marks zero.Init as entered, so from_config skips it
+    from transformers.modeling_utils import set_zero3_state
+
+    with set_zero3_state():
+        yield
+
+
 def build_random_model(random_init: dict, tokenizer: PreTrainedTokenizerBase, dtype: Any = None,
                        attn_implementation: str | None = None) -> PreTrainedModel:
     """A randomly initialised model of a given architecture (seeded), sized to the tokenizer's vocabulary."""
@@ -248,7 +271,7 @@ def build_random_model(random_init: dict, tokenizer: PreTrainedTokenizerBase, dt
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
     fork_devices: list = []
-    with torch.random.fork_rng(devices=fork_devices):
+    with torch.random.fork_rng(devices=fork_devices), _whole_under_zero3():
         torch.manual_seed(int(random_init.get("seed", 0)))
         model = AutoModelForCausalLM.from_config(config)
     if dtype not in (None, "auto"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -231,7 +232,25 @@ def build_training_args(args: Mapping[str, Any], output_dir: str) -> TrainingArg
     unknown = sorted(set(args) - valid)
     if unknown:
         raise ValueError(f"unknown trainer.args {unknown}; see transformers.TrainingArguments for valid names")
-    return TrainingArguments(**args)
+    if args.get("deepspeed") is not None and isinstance(args["deepspeed"], str) and not os.path.isfile(args["deepspeed"]):
+        raise ValueError(f"trainer.args.deepspeed={args['deepspeed']!r} is not a file: give a DeepSpeed JSON config "
+                         "(e.g. configs/deepspeed/zero3.json) or launch with configs/accelerate/deepspeed_zero3.yaml")
+    training_args = TrainingArguments(**args)
+    if training_args.deepspeed and not torch.cuda.is_available():
+        _start_deepspeed_comm_on_cpu()
+    return training_args
+
+
+def _start_deepspeed_comm_on_cpu() -> None:
+    """DeepSpeed's own communication layer over the process group that the CPU run already has (gloo).
+
+    On GPUs accelerate starts it with the process group; a CPU run (torchrun, ``use_cpu``) gets a plain
+    gloo group, and ZeRO-3's ``zero.Init`` would otherwise count a world of one process.
+    """
+    import deepspeed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="gloo")
 
 
 def load_trainer(trainer_cfg: DictConfig | Mapping, model: torch.nn.Module, train_dataset: Any = None,

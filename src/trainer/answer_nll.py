@@ -101,13 +101,13 @@ CHUNK_LOGITS = {"cpu": 1 << 24, "cuda": 1 << 26}
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 
-FSDP_NOTE = " with FSDP (DDP and one device work)"
+SHARDED_NOTE = " with FSDP or DeepSpeed ZeRO-3 (DDP, ZeRO-1/2 and one device work)"
 
 
-def _output_layer_problem(model: torch.nn.Module, fsdp: bool = False) -> str | None:
+def _output_layer_problem(model: torch.nn.Module, sharded: bool = False) -> str | None:
     """Why the output layer cannot be applied to hidden states outside the model's forward (None: it can)."""
-    if fsdp:
-        return "applies the output layer outside the model's forward, where FSDP keeps its weight sharded"
+    if sharded:
+        return "applies the output layer outside the model's forward, where FSDP and ZeRO-3 keep its weight sharded"
     config = getattr(unwrap(model), "config", None)
     for name in _LOGIT_TRANSFORMS:
         value = getattr(config, name, None)
@@ -121,18 +121,18 @@ def _output_layer_problem(model: torch.nn.Module, fsdp: bool = False) -> str | N
     return None
 
 
-def check_nll_impl(impl: str, model: torch.nn.Module | None = None, fsdp: bool = False) -> None:
+def check_nll_impl(impl: str, model: torch.nn.Module | None = None, sharded: bool = False) -> None:
     """ValueError naming the problem when ``impl`` cannot compute the NLLs of ``model`` here.
 
-    ``fsdp``: the model is sharded with FSDP, whose output-layer weight is only whole inside the
-    model's forward, where ``chunked`` and ``liger`` cannot reach it.
+    ``sharded``: the model's weights are split over the processes (FSDP, DeepSpeed ZeRO-3), so the
+    output-layer weight is only whole inside the model's forward, where ``chunked`` and ``liger`` cannot reach it.
     """
     check_choice("trainer.method_args.nll_impl", impl, NLL_IMPLS)
     if impl == "logits" or model is None:
         return
-    problem = _output_layer_problem(model, fsdp)
+    problem = _output_layer_problem(model, sharded)
     if problem:
-        raise ValueError(f"nll_impl={impl!r} {problem}; use nll_impl=logits{FSDP_NOTE if fsdp else ''}")
+        raise ValueError(f"nll_impl={impl!r} {problem}; use nll_impl=logits{SHARDED_NOTE if sharded else ''}")
     output_layer = unwrap(model).get_output_embeddings()
     if impl == "chunked" and getattr(output_layer, "bias", None) is not None:
         raise ValueError("nll_impl='chunked' handles an output layer without bias, this model's has one; "
@@ -151,16 +151,17 @@ def check_nll_impl(impl: str, model: torch.nn.Module | None = None, fsdp: bool =
                              "use nll_impl=chunked on this machine")
 
 
-def resolve_pack_rows(value: Any, model: torch.nn.Module, fsdp: bool = False) -> bool:
+def resolve_pack_rows(value: Any, model: torch.nn.Module, sharded: bool = False) -> bool:
     """Whether the trainer packs rows (``trainer.method_args.pack_rows``: true, false or auto; see
     ``trainer.packing``). ``true`` on a model that cannot be packed is an error naming why; ``auto``
     then stays off."""
     check_pack_rows(value, model)
     if not packs_rows(value, model):
         return False
-    problem = _output_layer_problem(model, fsdp)
+    problem = _output_layer_problem(model, sharded)
     if value is True and problem:
-        raise ValueError(f"pack_rows=true {problem}; set trainer.method_args.pack_rows=false{FSDP_NOTE if fsdp else ''}")
+        raise ValueError(f"pack_rows=true {problem}; set trainer.method_args.pack_rows=false"
+                         f"{SHARDED_NOTE if sharded else ''}")
     return problem is None
 
 

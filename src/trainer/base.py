@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
@@ -18,6 +19,7 @@ from compat import OURS, Compat, get_compat
 from trainer.answer_nll import answer_token_nll, check_nll_impl, resolve_pack_rows
 from trainer.losses import token_mean, tokens_counted_over_processes
 from trainer.packing import check_pack_rows
+from trainer.utils import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +64,12 @@ class FinetuneTrainer(Trainer):
             args_obj.eval_strategy = strategy
         else:
             super().__init__(*args, **kwargs)
-        # Under FSDP the evaluators run the sharded model with their plain passes, in lockstep (Evaluator.evaluate).
-        if getattr(self, "is_deepspeed_enabled", False) and self.evaluators and \
-                str(getattr(strategy, "value", strategy)) != "no":
-            raise ValueError(f"evaluation during training ({', '.join(self.evaluators)}) does not run under DeepSpeed "
-                             "yet: use FSDP (configs/accelerate/fsdp.yaml), or set trainer.args.eval_strategy=no and "
-                             "evaluate the saved model with accelerate launch ... src/eval.py")
-        check_nll_impl(nll_impl, self.model, fsdp=getattr(self, "is_fsdp_enabled", False))
-        self.pack_rows = resolve_pack_rows(pack_rows, self.model, fsdp=getattr(self, "is_fsdp_enabled", False))
+        # Under FSDP and ZeRO-3 the evaluators run the sharded model with their plain passes, in lockstep
+        # (Evaluator.evaluate).
+        sharded = getattr(self, "is_fsdp_enabled", False) or is_sharded(self.model) or (
+            getattr(self, "is_deepspeed_enabled", False) and is_deepspeed_zero3_enabled())
+        check_nll_impl(nll_impl, self.model, sharded=sharded)
+        self.pack_rows = resolve_pack_rows(pack_rows, self.model, sharded=sharded)
         if self.pack_rows:
             log.info("pack_rows: answer NLLs from packed rows (common prompt prefix once, no padding)")
         # Our losses are per-batch means; the Trainer divides them by the accumulation steps.

@@ -116,13 +116,14 @@ def hidden_states_at(model: torch.nn.Module, layer_index: int, **inputs: Any) ->
 
     ``inputs`` are the model's forward keyword arguments (``input_ids``, ``attention_mask``...).
 
-    A model wrapped for distributed training (DistributedDataParallel) or sharded by FSDP2 is run to the
-    end with the hook only capturing: stopping it early would skip the wrapper's post-forward
-    bookkeeping (gradient synchronisation, FSDP's resharding), silently or with a hang.
+    A model wrapped for distributed training (DistributedDataParallel, a DeepSpeed engine) or sharded
+    (FSDP2, ZeRO-3) is run to the end with the hook only capturing: stopping it early would skip the
+    wrapper's post-forward bookkeeping (gradient synchronisation, FSDP's resharding, ZeRO-3's release of
+    gathered weights), silently or with a hang.
     """
     check_layer_index(model, layer_index, "layer_index")
     layer = decoder_layers(model)[layer_index]
-    stop_early = unwrap_parallel(model) is model and not is_fsdp2_module(model)
+    stop_early = unwrap_parallel(model) is model and not is_sharded(model)
     captured: list[torch.Tensor] = []
 
     def hook(module, args, output):

@@ -36,7 +36,7 @@ from trainer.answer_nll import answer_span_logits
 from trainer.base import FinetuneTrainer
 from trainer.losses import answer_kl, sequence_nll
 from trainer.reference_cache import KeyedCollator, ReferenceNLLCache, leaf_samples
-from trainer.utils import gather_dicts, lockstep_total, rank_shard
+from trainer.utils import gather_dicts, is_sharded, lockstep_total, rank_shard
 
 log = logging.getLogger(__name__)
 
@@ -192,9 +192,7 @@ class UnlearningTrainer(FinetuneTrainer):
         if self.is_fsdp_enabled:
             return self._sharded_reference_model(policy)
         if self.is_deepspeed_enabled:
-            raise ValueError(f"{type(self).__name__} needs a frozen reference model, which is not built under DeepSpeed "
-                             "yet: use configs/accelerate/fsdp.yaml (the reference is sharded as the policy), or LoRA "
-                             "(peft=lora: the reference is the model with its adapters off)")
+            return self._deepspeed_reference_model(policy)
         ref = copy.deepcopy(policy)
         ref.eval()
         ref.requires_grad_(False)
@@ -212,6 +210,45 @@ class UnlearningTrainer(FinetuneTrainer):
         ref.eval()
         ref.requires_grad_(False)
         return fsdp2_prepare_model(self.accelerator, ref)
+
+    def _deepspeed_reference_model(self, policy: torch.nn.Module) -> torch.nn.Module:
+        """The reference under DeepSpeed: an inference engine (``deepspeed.initialize`` without an optimizer)
+        built from the run's own DeepSpeed config, so it runs in the policy's precision.
+
+        Under ZeRO-3 a pretrained policy is already partitioned (``zero.Init``): the reference is created
+        partitioned the same way and each process copies its own partition of every weight, so no process
+        ever holds a whole model. Otherwise (ZeRO-1/2, or a small random-weight model built whole) the
+        reference is a copy of the policy (stage 0 for the engine: partitioning optimizer state means
+        nothing without an optimizer).
+        """
+        import deepspeed
+
+        config = {key: value for key, value in copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config).items()
+                  if key not in ("optimizer", "scheduler")}
+        if is_sharded(policy):
+            weights = list(policy.parameters())
+            # transformers creates it under zero.Init with the run's DeepSpeed config (and skips initialising
+            # partitioned weights, which the copy below overwrites anyway)
+            ref = type(policy)._from_config(policy.config, dtype=weights[0].ds_tensor.dtype)
+            copies = list(ref.parameters())
+            if len(copies) != len(weights) or any(c.ds_tensor.shape != w.ds_tensor.shape for c, w in zip(copies, weights)):
+                raise RuntimeError(f"the ZeRO-3 reference of {type(policy).__name__} is not partitioned as the policy "
+                                   "is (was the policy changed after it was loaded?)")
+            with torch.no_grad():
+                for mine, theirs in zip(copies, weights):
+                    mine.ds_tensor.copy_(theirs.ds_tensor)
+                ours = dict(ref.named_buffers())
+                for name, buffer in policy.named_buffers():
+                    ours[name].copy_(buffer)
+            log.info("reference model: a ZeRO-3 copy holding this process's partition of each weight")
+        else:
+            ref = copy.deepcopy(policy)
+            config["zero_optimization"] = {"stage": 0}
+        ref.eval()
+        ref.requires_grad_(False)
+        engine, *_ = deepspeed.initialize(model=ref, config=config)
+        engine.eval()
+        return engine
 
     def _reference(self) -> torch.nn.Module:
         if self.ref_model is None:
@@ -249,7 +286,7 @@ class UnlearningTrainer(FinetuneTrainer):
         # An inference pass: batches of the evaluation size (no activations kept for a backward pass).
         batch_size = max(self.args.per_device_eval_batch_size, self.args.per_device_train_batch_size)
         num_batches = None
-        if self.is_fsdp_enabled:  # a sharded forward is collective: every process runs as many batches
+        if is_sharded(self.ref_model):  # a sharded forward is collective: every process runs as many batches
             if not samples:  # fewer forget items than processes: this one scores a real sample again (same value)
                 samples = leaf_samples(forget[0])
             num_batches = lockstep_total(-(-len(samples) // batch_size))
