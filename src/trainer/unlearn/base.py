@@ -40,6 +40,13 @@ from trainer.utils import gather_dicts, is_sharded, lockstep_total, rank_shard
 
 log = logging.getLogger(__name__)
 
+
+def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in evaluation mode with no parameter requiring gradients (a reference model)."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
 RETAIN_LOSS_TYPES = ("NLL", "KL")
 
 
@@ -193,9 +200,7 @@ class UnlearningTrainer(FinetuneTrainer):
             return self._sharded_reference_model(policy)
         if self.is_deepspeed_enabled:
             return self._deepspeed_reference_model(policy)
-        ref = copy.deepcopy(policy)
-        ref.eval()
-        ref.requires_grad_(False)
+        ref = _frozen(copy.deepcopy(policy))
         return self.accelerator.prepare_model(ref.to(self.args.device), evaluation_mode=True)
 
     def _sharded_reference_model(self, policy: torch.nn.Module) -> torch.nn.Module:
@@ -206,10 +211,7 @@ class UnlearningTrainer(FinetuneTrainer):
                              "set fsdp_version: 2 in the accelerate config (configs/accelerate/fsdp.yaml)")
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
-        ref = copy.deepcopy(policy)
-        ref.eval()
-        ref.requires_grad_(False)
-        return fsdp2_prepare_model(self.accelerator, ref)
+        return fsdp2_prepare_model(self.accelerator, _frozen(copy.deepcopy(policy)))
 
     def _deepspeed_reference_model(self, policy: torch.nn.Module) -> torch.nn.Module:
         """The reference under DeepSpeed: an inference engine (``deepspeed.initialize`` without an optimizer)
@@ -244,9 +246,7 @@ class UnlearningTrainer(FinetuneTrainer):
         else:
             ref = copy.deepcopy(policy)
             config["zero_optimization"] = {"stage": 0}
-        ref.eval()
-        ref.requires_grad_(False)
-        engine, *_ = deepspeed.initialize(model=ref, config=config)
+        engine, *_ = deepspeed.initialize(model=_frozen(ref), config=config)
         engine.eval()
         return engine
 
