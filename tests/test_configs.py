@@ -107,3 +107,75 @@ def test_every_config_opens_with_a_comment():
 def test_every_registered_trainer_has_a_config():
     handlers = {OmegaConf.load(CONFIGS / "trainer" / f"{t}.yaml").get("handler") for t in TRAINERS}
     assert set(TRAINER_REGISTRY) <= handlers
+
+
+EXPERIMENTS = sorted(str(p.relative_to(CONFIGS / "experiment").with_suffix("")) for p in (CONFIGS / "experiment").rglob("*.yaml"))
+#: The top-level config each kind of experiment is run with (its folder: unlearn/, finetune/, eval/).
+EXPERIMENT_TOP = {"unlearn": "unlearn.yaml", "finetune": "train.yaml", "eval": "eval.yaml"}
+
+
+def _experiment_overrides(experiment: str, every: bool) -> tuple[str, list[list[str]]]:
+    """The top-level config of ``experiment`` and the overrides to compose it with: every trainer its mode runs
+    and every model config (``every``), or its own settings plus one other trainer and one other model."""
+    from trainer import UnlearningTrainer
+
+    top = EXPERIMENT_TOP[experiment.split("/")[0]]
+    trainers: list[str] = []
+    if top == "unlearn.yaml":
+        trainers = [t for t in TRAINERS if issubclass(
+            TRAINER_REGISTRY[OmegaConf.load(CONFIGS / "trainer" / f"{t}.yaml").handler], UnlearningTrainer)]
+    elif top == "train.yaml":
+        trainers = ["finetune"]
+    models = available_model_configs()
+    if not every:
+        trainers, models = [t for t in trainers if t in ("NPO", "finetune")], ["tiny-random-llama"]
+    base = [f"experiment={experiment}"]
+    return top, [base] + [[*base, f"trainer={t}"] for t in trainers] + [[*base, f"model={m}"] for m in models]
+
+
+def _check_experiment(experiment: str, every: bool) -> None:
+    from data import check_eval_splits
+    from trainer import check_mode
+
+    top, overrides = _experiment_overrides(experiment, every)
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        for override in overrides:
+            cfg = compose(config_name=top, overrides=override)
+            resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+            if top == "eval.yaml":
+                assert resolved["eval"], override
+                continue
+            check_mode(cfg)
+            check_eval_splits(cfg)
+            if resolved.get("eval"):  # the result is evaluated at the end of the run
+                assert resolved["trainer"]["args"]["do_eval"] is True, override
+            if override[-1].startswith("trainer="):
+                chosen = OmegaConf.load(CONFIGS / "trainer" / f"{override[-1].split('=')[1]}.yaml").handler
+                assert resolved["trainer"]["handler"] == chosen, override
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    """Each experiment composes, resolves and passes the run's checks, with another trainer and model too."""
+    _check_experiment(experiment, every=False)
+
+
+@pytest.mark.slow  # ~70 s: a few hundred compositions
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_with_every_trainer_and_model(experiment):
+    _check_experiment(experiment, every=True)
+
+
+def test_tofu_experiment_follows_the_splits_given():
+    _, r = _compose("unlearn.yaml", ["experiment=unlearn/tofu/default", "trainer=NPO", "forget_split=forget05",
+                                     "retain_split=retain95"])
+    assert (r["data"]["forget"], r["data"]["retain"], r["holdout_split"]) == ("TOFU_QA_FORGET05", "TOFU_QA_RETAIN95",
+                                                                             "holdout05")
+    assert r["eval"]["tofu"]["forget_split"] == "forget05" and r["trainer"]["handler"] == "NPO"
+    args = r["trainer"]["args"]
+    assert (args["learning_rate"], args["weight_decay"], args["num_train_epochs"], args["warmup_steps"]) == \
+        (1e-5, 0.01, 10, 0.1)
+    assert args["per_device_train_batch_size"] * args["gradient_accumulation_steps"] == 32
+    assert r["paths"]["output_dir"] == "./saves/unlearn/tofu_NPO_forget05"
+    _, idk = _compose("unlearn.yaml", ["experiment=unlearn/tofu/idk", "forget_split=forget01", "retain_split=retain99"])
+    assert (idk["trainer"]["handler"], idk["data"]["forget"]) == ("DPO", "TOFU_QA_FORGET01_IDK")

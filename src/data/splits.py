@@ -109,6 +109,8 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("forget_split_of", forget_split_of, replace=True)
     OmegaConf.register_new_resolver("muse_corpus", muse_corpus, replace=True)
     OmegaConf.register_new_resolver("lower", lambda text: str(text).lower(), replace=True)
+    # experiment configs name datasets after their splits: TOFU_QA_${upper:${forget_split}}
+    OmegaConf.register_new_resolver("upper", lambda text: str(text).upper(), replace=True)
     OmegaConf.register_new_resolver("dataset_names", dataset_names, replace=True)
 
 
