@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -31,11 +32,14 @@ from transformers import set_seed  # noqa: E402
 from compat import get_compat  # noqa: E402
 from data import check_eval_splits, get_collator, get_data  # noqa: E402
 from evals import get_evaluators  # noqa: E402
+from evals.base import write_json_atomic  # noqa: E402
 from evals.lm_eval import task_data_files  # noqa: E402
 from model import get_model  # noqa: E402
 from model.peft import is_peft_model, peft_settings, save_merged  # noqa: E402
 from run_folder import RunFolder  # noqa: E402
+from sweep import read_final_summaries, run_job, sweep_objective, write_job_status  # noqa: E402
 from trainer import build_training_args, check_mode, evaluates, load_trainer  # noqa: E402
+from trainer.base import BEST_CHECKPOINT_FILE, RESULT_EVALS_DIR  # noqa: E402
 from trainer.utils import on_main_process, unwrap_parallel  # noqa: E402
 
 log = logging.getLogger("train")
@@ -116,10 +120,18 @@ def run(cfg: DictConfig) -> Path:
                                training_args=training_args)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         trainer.save_model(str(staging))
+        if evaluators and training_args.do_eval:  # every process: the evaluation runs in lockstep
+            trainer.evaluate_result(str(staging / RESULT_EVALS_DIR))
         if state.is_main_process:
             policy = unwrap_parallel(trainer.model)
             if is_peft_model(policy) and (peft_settings(cfg.model.get("peft")) or {}).get("merge"):
                 log.info("merged model (base + adapters) saved to %s", save_merged(policy, tokenizer, staging))
+            best = trainer.best_checkpoint_record()
+            if best is not None:
+                write_json_atomic(staging / BEST_CHECKPOINT_FILE, best)
+                if best["step"] is None:
+                    log.warning("no evaluation passed %s: the result is the last model",
+                                best["constraint"] or f"a finite {best['metric']}")
             write_run_files(cfg, trainer, staging)
             folder.finish({"mode": cfg.mode, "task_name": cfg.task_name, "steps": trainer.state.global_step})
             log.info("saved to %s", folder.output_dir)
@@ -139,10 +151,28 @@ def run(cfg: DictConfig) -> Path:
     return Path(cfg.paths.output_dir)
 
 
+def objective_of(cfg: DictConfig, output_dir: Path) -> float | list[float] | None:
+    """``cfg.objective`` of the finished run (``sweep.sweep_objective``), None when no metric is named."""
+    objective = cfg.get("objective") or {}
+    if not objective.get("metrics"):
+        return None
+    names = {bench: bench_cfg.get("name", bench) for bench, bench_cfg in (cfg.get("eval") or {}).items()}
+    return sweep_objective(read_final_summaries(output_dir, names), list(objective.metrics),
+                           objective.get("constraint"))
+
+
 @hydra.main(version_base=None, config_path="../configs", config_name="train.yaml")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | list[float] | None:
+    """One run; inside a sweep (-m) a failed combination is recorded and the sweep goes on (``sweep.run_job``).
+    Returns the run's ``objective`` to an optimising sweeper."""
     torch.set_float32_matmul_precision("high")
-    run(cfg)
+    output_dir = run_job(run, cfg)
+    if output_dir is None:  # failed inside a sweep
+        metrics = (cfg.get("objective") or {}).get("metrics")
+        return None if not metrics else math.nan if len(metrics) == 1 else [math.nan] * len(metrics)
+    objective = objective_of(cfg, output_dir) if PartialState().is_main_process else None
+    write_job_status("finished", str(output_dir), objective=objective)
+    return objective
 
 
 if __name__ == "__main__":

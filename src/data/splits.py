@@ -112,6 +112,14 @@ def register_resolvers() -> None:
     # experiment configs name datasets after their splits: TOFU_QA_${upper:${forget_split}}
     OmegaConf.register_new_resolver("upper", lambda text: str(text).upper(), replace=True)
     OmegaConf.register_new_resolver("dataset_names", dataset_names, replace=True)
+    # the last part of paths.output_dir: "/<swept values>" inside a multirun job, else "" (src/sweep.py)
+    OmegaConf.register_new_resolver("sweep_subdir", _sweep_subdir, replace=True)
+
+
+def _sweep_subdir() -> str:
+    from sweep import sweep_subdir
+
+    return sweep_subdir()
 
 
 __all__ = ["holdout_for", "forget_split_of", "check_eval_splits", "register_resolvers", "muse_corpus", "MUSE_CORPORA"]

@@ -72,7 +72,9 @@ def pass_needs() -> tuple[str, ...]:
 def _input_names() -> set[str]:
     return set(pass_needs()) | {"pre_compute", "reference_logs"}
 CONTROL_KEYS = {"handler", "datasets", "pre_compute", "reference_logs", "access_key", "batch_size",
-                "generation_args", "reference_model"}
+                "generation_args", "reference_model", "higher_is_better"}
+#: Metric-config keys that do not change a metric's value (left out of its fingerprint).
+PRESENTATION_KEYS = ("higher_is_better",)
 #: ``passes`` of a benchmark config: the fast passes (shared prompts, custom decoder) or the plain reference.
 PASS_MODES = ("fast", "plain")
 
@@ -242,6 +244,12 @@ class Evaluator:
 
     def _validate(self, name: str, mcfg: Mapping) -> None:
         spec = get_metric(mcfg.get("handler"))
+        direction = mcfg.get("higher_is_better")
+        if direction is not None and (not isinstance(direction, bool) or
+                                      spec.higher_is_better not in (None, direction)):
+            raise ValueError(f"metric {name}: higher_is_better={direction!r}; give true, false or null"
+                             + (f" (handler {spec.name} is registered with higher_is_better={spec.higher_is_better})"
+                                if isinstance(direction, bool) else ""))
         params = inspect.signature(spec.fn).parameters
         valid = sorted(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in _input_names())
         unknown = sorted(set(self._options(mcfg)) - set(valid))
@@ -494,7 +502,7 @@ class Evaluator:
 
     def fingerprint(self, name: str, model_id: str) -> str:
         def with_data(mcfg: Mapping) -> dict:
-            out = dict(mcfg)
+            out = {k: v for k, v in mcfg.items() if k not in PRESENTATION_KEYS}
             out["datasets"] = {role: self._dataset_key(spec) for role, spec in (mcfg.get("datasets") or {}).items()}
             out["reference_files"] = {
                 ref_name: _file_digest(ref.get("path")) for ref_name, ref in (mcfg.get("reference_logs") or {}).items()
@@ -574,6 +582,7 @@ class Evaluator:
                 "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "fingerprints": fingerprints,
                 "config_hash": _hash(self.metrics_cfg),
+                "higher_is_better": self.directions(),
             }
             write_json_atomic(eval_path, payload)
             write_json_atomic(summary_path, summary)
@@ -601,6 +610,17 @@ class Evaluator:
             if name not in payload and name in computed:
                 payload[name] = computed[name]
         return payload
+
+    def directions(self) -> dict[str, bool | None]:
+        """For each summary metric, whether a larger value is better (more forgetting, or more utility kept):
+        its config's ``higher_is_better``, else its handler's registered direction; None where neither says,
+        e.g. privleak and the MIA AUCs, whose goal is the retain model's value."""
+        directions = {}
+        for name in self.summary_names():
+            mcfg = self.metrics_cfg[name]
+            given = mcfg.get("higher_is_better")
+            directions[name] = given if given is not None else get_metric(mcfg.get("handler")).higher_is_better
+        return directions
 
     def summary_names(self) -> list[str]:
         names = self.cfg.get("summary_metrics")

@@ -7,9 +7,11 @@ To add an unlearning method: subclass ``trainer.unlearn.base.UnlearningTrainer``
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +22,7 @@ from transformers import TrainingArguments
 from checks import BadValueError, check_number
 from compat import get_compat
 from trainer.base import FinetuneTrainer
+from trainer.selection import MetricConstraint, parse_constraint, resolve_metric_key
 from trainer.unlearn.altpo import AltPO
 from trainer.unlearn.base import UnlearningTrainer
 from trainer.unlearn.ceu import CEU
@@ -141,36 +144,51 @@ def evaluates(trainer_args: Mapping[str, Any] | None) -> bool:
     return str(getattr(strategy, "value", strategy)) != "no" or bool(trainer_args.get("eval_on_start"))
 
 
-def check_metric_for_best_model(args: TrainingArguments, eval_dataset: Any,
-                                evaluators: Mapping[str, Any] | None) -> None:
-    """ValueError when ``trainer.args.metric_for_best_model`` names a metric no evaluation produces.
+def check_metric_for_best_model(args: TrainingArguments, eval_dataset: Any, evaluators: Mapping[str, Any] | None,
+                                constraint: str | None = None,
+                                greater_is_better_given: bool = True) -> MetricConstraint | None:
+    """Resolve ``trainer.args.metric_for_best_model`` (in ``args``) and ``trainer.best_model_constraint``
+    to keys an evaluation of this run logs; BadValueError naming a metric no evaluation produces.
 
     An evaluation yields ``eval_loss`` (with ``data.eval``) and ``eval_<bench>_<metric>`` for each summary
-    metric of each evaluator (``FinetuneTrainer.evaluate``); as in transformers, a name without the
-    ``eval_`` prefix gets it (``loss`` is ``eval_loss``).
+    metric of each evaluator (``FinetuneTrainer.evaluate``); a name may leave out ``eval_`` (``loss``) and
+    the benchmark (``model_utility``), see ``selection.resolve_metric_key``. Without an explicit
+    ``greater_is_better`` (``greater_is_better_given=False``), the direction is the metric's own
+    (``Evaluator.directions``: model_utility up, forget_Q_A_Prob down) where it has one. Returns the parsed
+    constraint, or None.
     """
     name = args.metric_for_best_model
     if name is None:
-        return
-    key = name if name.startswith("eval_") else f"eval_{name}"
+        if constraint:
+            raise BadValueError(f"trainer.best_model_constraint={constraint!r} needs trainer.args.metric_for_best_model "
+                                "(the metric to optimise among the evaluations that pass it)")
+        return None
     valid = ["eval_loss"] if eval_dataset is not None else []
+    open_prefixes, directions = [], {}
     for bench, evaluator in (evaluators or {}).items():
         summary_names = getattr(evaluator, "summary_names", None)
         if summary_names is None:  # an evaluator without a fixed list: any name of its prefix
-            if key.startswith(f"eval_{bench}_"):
-                return
+            open_prefixes.append(f"eval_{bench}_")
             continue
-        valid += [f"eval_{bench}_{metric}" for metric in summary_names()]
-    if key in valid:
-        return
+        valid += [(f"eval_{bench}_{metric}", bench) for metric in summary_names()]
+        own = getattr(evaluator, "directions", None)
+        directions.update({f"eval_{bench}_{metric}": d for metric, d in (own() if own else {}).items()})
     notes = []
     if eval_dataset is None:
         notes.append("eval_loss needs data.eval and trainer.args.eval_strategy other than 'no'")
     if not evaluators:
         notes.append("eval_<bench>_<metric> needs an evaluator, e.g. eval=tofu")
-    default = " (the default of load_best_model_at_end)" if name == "loss" and args.load_best_model_at_end else ""
-    raise BadValueError(f"trainer.args.metric_for_best_model={name!r}{default}: no evaluation of this run produces "
-                        f"{key!r}; valid: {', '.join(valid) or 'none'}" + (f" ({'; '.join(notes)})" if notes else ""))
+    if name == "loss" and args.load_best_model_at_end:
+        notes.insert(0, "loss is the default of load_best_model_at_end")
+    args.metric_for_best_model = resolve_metric_key(name, valid, open_prefixes, notes=notes,
+                                                    setting="trainer.args.metric_for_best_model")
+    if not greater_is_better_given and directions.get(args.metric_for_best_model) is not None:
+        args.greater_is_better = directions[args.metric_for_best_model]
+    if not constraint:
+        return None
+    parsed = parse_constraint(constraint)
+    key = resolve_metric_key(parsed.metric, valid, open_prefixes, notes=notes, setting="trainer.best_model_constraint")
+    return dataclasses.replace(parsed, key=key)
 
 
 def check_mode(cfg: DictConfig | Mapping) -> None:
@@ -215,6 +233,10 @@ def build_training_args(args: Mapping[str, Any], output_dir: str) -> TrainingArg
     args["output_dir"] = output_dir
     args["remove_unused_columns"] = False
     args.setdefault("report_to", "none")
+    if args.get("disable_tqdm") is None:  # bars on a terminal only: a log file or CI gets no line per update
+        args["disable_tqdm"] = not sys.stderr.isatty()
+    if args.get("greater_is_better") is None:
+        args.pop("greater_is_better", None)  # transformers' default, then the metric's direction (load_trainer)
     if not torch.cuda.is_available():
         if args.get("bf16") or args.get("fp16") or args.get("bf16_full_eval") or args.get("fp16_full_eval"):
             log.warning("no GPU: training in the model's own dtype on the CPU (bf16/fp16 mixed precision turned off)")
@@ -271,10 +293,14 @@ def load_trainer(trainer_cfg: DictConfig | Mapping, model: torch.nn.Module, trai
         raise ValueError(f"trainer.method_args {unknown} not accepted by {handler}; valid: {valid or 'none'}")
     if training_args is None:
         training_args = build_training_args(_container(trainer_cfg.get("args")), output_dir)
-    check_metric_for_best_model(training_args, eval_dataset, evaluators)
+    raw_args = trainer_cfg.get("args") or {}
+    constraint = check_metric_for_best_model(training_args, eval_dataset, evaluators,
+                                             constraint=trainer_cfg.get("best_model_constraint"),
+                                             greater_is_better_given=raw_args.get("greater_is_better") is not None)
     kwargs = dict(model=model, args=training_args,
                   train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
-                  data_collator=data_collator, evaluators=evaluators, compat=get_compat(compat))
+                  data_collator=data_collator, evaluators=evaluators, compat=get_compat(compat),
+                  best_model_constraint=constraint)
     return cls(**kwargs, **method_args)
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections import defaultdict
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from transformers import Trainer
-from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.integrations import TensorBoardCallback, is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
@@ -19,6 +20,7 @@ from compat import OURS, Compat, get_compat
 from trainer.answer_nll import answer_token_nll, check_nll_impl, resolve_pack_rows
 from trainer.losses import token_mean, tokens_counted_over_processes
 from trainer.packing import check_pack_rows
+from trainer.selection import MetricConstraint
 from trainer.utils import is_sharded
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,12 @@ log = logging.getLogger(__name__)
 MAX_UNCHECKED_LOSSES = 64
 #: A checkpoint's file with the method's own state (``FinetuneTrainer.method_state``).
 METHOD_STATE_FILE = "method_state.json"
+#: In the run folder: one line per evaluation during training (step, epoch, evaluator, its summary).
+EVAL_HISTORY_FILE = "eval_history.jsonl"
+#: In the run folder, with ``metric_for_best_model``: which evaluation was the best and whether it is the result.
+BEST_CHECKPOINT_FILE = "best_checkpoint.json"
+#: The folder (in the run folder) of the evaluation of the run's result (``FinetuneTrainer.evaluate_result``).
+RESULT_EVALS_DIR = "evals"
 
 
 class FinetuneTrainer(Trainer):
@@ -48,10 +56,12 @@ class FinetuneTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, evaluators: Mapping[str, Any] | None = None, nll_impl: str = "logits",
-                 pack_rows: bool | str = False, compat: Compat = OURS, **kwargs: Any):
+                 pack_rows: bool | str = False, compat: Compat = OURS,
+                 best_model_constraint: MetricConstraint | None = None, **kwargs: Any):
         check_nll_impl(nll_impl)  # the name, before the Trainer's set-up; the model's needs below
         check_pack_rows(pack_rows)
         self.nll_impl = nll_impl
+        self.best_model_constraint = best_model_constraint
         self.compat = get_compat(compat)  # the run's root `compat` (methods read its switches)
         self.evaluators = dict(evaluators or {})
         args_obj = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
@@ -212,6 +222,8 @@ class FinetuneTrainer(Trainer):
             if os.path.isfile(state_file):
                 with open(state_file, encoding="utf-8") as f:
                     self.load_method_state(json.load(f))
+            if self.args.should_save:
+                self._drop_history_after(_checkpoint_step(str(path)))
         try:
             output = super().train(resume_from_checkpoint, *args, **kwargs)
         except BaseException:
@@ -256,11 +268,13 @@ class FinetuneTrainer(Trainer):
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    def _run_evaluators(self, metric_key_prefix: str) -> dict[str, float]:
-        """Every evaluator on the current model, into ``<output_dir>/checkpoint-<step>/evals``; logs and
-        returns their numeric summary values as ``<prefix>_<evaluator>_<metric>``."""
+    def _run_evaluators(self, metric_key_prefix: str, out_dir: str | None = None,
+                        history: bool = True) -> dict[str, float]:
+        """Every evaluator on the current model, into ``out_dir`` (default
+        ``<output_dir>/checkpoint-<step>/evals``); logs and returns their numeric summary values as
+        ``<prefix>_<evaluator>_<metric>``, and (``history``) appends each summary to ``eval_history.jsonl``."""
         metrics: dict[str, float] = {}
-        out_dir = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}", "evals")
+        out_dir = out_dir or os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}", "evals")
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
@@ -270,8 +284,82 @@ class FinetuneTrainer(Trainer):
                 for key, value in (summary or {}).items():
                     if isinstance(value, (int, float)):
                         metrics[f"{metric_key_prefix}_{name}_{key}"] = float(value)
+                if history and self.args.should_save:
+                    self._append_history({"step": self.state.global_step, "epoch": self.state.epoch,
+                                          "evaluator": name, "name": getattr(evaluator, "name", name),
+                                          "summary": summary or {}})
         finally:
             model.train(was_training)
         if metrics:
             self.log(dict(metrics))  # a copy: Trainer.log adds "epoch" to the dict it is given
         return metrics
+
+    # ----- evaluation history, best checkpoint, the result's evaluation -----------------------------
+    def _append_history(self, entry: dict[str, Any]) -> None:
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, EVAL_HISTORY_FILE), "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def _drop_history_after(self, step: int) -> None:
+        """A resumed run evaluates the steps after its checkpoint again: their old lines go."""
+        path = os.path.join(self.args.output_dir, EVAL_HISTORY_FILE)
+        if not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
+
+    def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
+        """transformers' choice of the best evaluation, restricted to those passing ``best_model_constraint``;
+        an evaluation without the metric (a summary value that could not be computed) is not a candidate."""
+        constraint = self.best_model_constraint
+        if constraint is not None and not constraint.holds(metrics):
+            log.info("step %d: %s=%s fails the best-checkpoint constraint %s: not a candidate", self.state.global_step,
+                     constraint.key, metrics.get(constraint.key), constraint)
+            return False
+        if self.args.metric_for_best_model not in metrics:
+            log.warning("step %d: no %s in this evaluation (not computed): not a best-checkpoint candidate",
+                        self.state.global_step, self.args.metric_for_best_model)
+            return False
+        return super()._determine_best_metric(metrics, trial)
+
+    def best_checkpoint_record(self) -> dict[str, Any] | None:
+        """What ``best_checkpoint.json`` says after training (None without ``metric_for_best_model``): the
+        metric, its direction, the constraint, the best step and value (null when no evaluation qualified),
+        and whether that checkpoint is the run's result (``load_best_model_at_end``)."""
+        if self.args.metric_for_best_model is None:
+            return None
+        best = self.state.best_model_checkpoint
+        step = self.state.best_global_step if best else None
+        return {"metric": self.args.metric_for_best_model, "greater_is_better": self.args.greater_is_better,
+                "constraint": str(self.best_model_constraint) if self.best_model_constraint else None,
+                "step": step, "value": self.state.best_metric if best else None,
+                "checkpoint": os.path.basename(best) if best else None,
+                "is_result": bool(best) and self.args.load_best_model_at_end}
+
+    def evaluate_result(self, out_dir: str) -> dict[str, float]:
+        """Evaluate the model the run ends with (the best checkpoint under ``load_best_model_at_end``) into
+        ``out_dir``, logged as ``final_<evaluator>_<metric>``. The best checkpoint's own evaluation files are
+        copied instead of computed again (same weights, same numbers)."""
+        record = self.best_checkpoint_record()
+        source = os.path.join(self.state.best_model_checkpoint or "", "evals")
+        if record and record["is_result"] and os.path.isdir(source):
+            if self.args.should_save:
+                shutil.copytree(source, out_dir, dirs_exist_ok=True)
+            log.info("the result is the best checkpoint (%s): its evaluation copied to %s", record["checkpoint"], out_dir)
+            return {}
+        metrics = self._run_evaluators("final", out_dir=out_dir, history=False)
+        for callback in self.callback_handler.callbacks:  # training ended: its writer reopened for these scalars
+            if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
+                callback.tb_writer.close()
+                callback.tb_writer = None
+        return metrics
+
+
+def _checkpoint_step(path: str) -> int:
+    """The global step of a ``checkpoint-<step>`` folder (from its trainer state)."""
+    with open(os.path.join(path, "trainer_state.json"), encoding="utf-8") as f:
+        return int(json.load(f)["global_step"])

@@ -1,0 +1,153 @@
+"""Runs at scale: the best checkpoint under a constraint, the evaluation history, the final evaluation,
+sweeps (Hydra multirun) and what a run returns to an optimising sweeper."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli, train_in_process
+from sweep import job_folder_name, sweep_objective
+from trainer.selection import parse_constraint, resolve_metric_key
+
+# ----- pure pieces ----------------------------------------------------------------------------------
+
+
+def test_constraint_parses_and_holds():
+    c = parse_constraint("forget_quality >= 0.05")
+    assert (c.metric, c.comparison, c.threshold) == ("forget_quality", ">=", 0.05)
+    assert c.holds({"forget_quality": 0.05}) and not c.holds({"forget_quality": 0.049})
+    assert not c.holds({}) and not c.holds({"forget_quality": math.nan})  # missing / not computed: fails
+    assert parse_constraint("tofu.privleak<-1e-1").holds({"tofu.privleak": -0.2})
+    for bad in ("forget_quality => 0.05", "forget_quality >= high", ">= 0.05", "forget_quality"):
+        with pytest.raises(ValueError, match="<metric> <op> <number>"):
+            parse_constraint(bad)
+
+
+def test_metric_names_resolve_to_logged_keys():
+    valid = ["eval_loss", ("eval_tofu_model_utility", "tofu"), ("eval_tofu_forget_quality", "tofu"),
+             ("eval_muse_privleak", "muse"), ("eval_tofu_privleak", "tofu")]
+    assert resolve_metric_key("loss", valid, setting="s") == "eval_loss"
+    assert resolve_metric_key("model_utility", valid, setting="s") == "eval_tofu_model_utility"
+    assert resolve_metric_key("tofu_forget_quality", valid, setting="s") == "eval_tofu_forget_quality"
+    assert resolve_metric_key("eval_lm_eval_mmlu_acc", valid, ["eval_lm_eval_"], setting="s") == "eval_lm_eval_mmlu_acc"
+    with pytest.raises(ValueError, match="ambiguous: it could be eval_muse_privleak, eval_tofu_privleak"):
+        resolve_metric_key("privleak", valid, setting="s")
+    with pytest.raises(ValueError, match=r"s='utility': no evaluation of this run produces 'eval_utility'; valid: eval_loss"):
+        resolve_metric_key("utility", valid, setting="s")
+
+
+def test_sweep_folder_names_show_the_swept_values():
+    overrides = ["experiment=unlearn/tofu/default", "trainer=NPO", "trainer.args.learning_rate=1e-05",
+                 "trainer.method_args.alpha=0.5", "paths.tofu=/data/tofu"]
+    swept = {"trainer.args.learning_rate", "trainer.method_args.alpha"}
+    assert job_folder_name(overrides, swept) == "trainer.args.learning_rate=1e-05,trainer.method_args.alpha=0.5"
+    # nothing known of the sweep: every override but those choosing what it is about
+    assert job_folder_name(overrides, None) == "trainer.args.learning_rate=1e-05,trainer.method_args.alpha=0.5"
+    assert job_folder_name(["data.dataset_args.max_length=64", "+x=a/b"], {"+x", "x"}) == "x=a_b"
+
+
+def test_sweep_objective_with_a_constraint_and_a_pareto_front():
+    summaries = {"tofu": {"model_utility": 0.42, "forget_quality": 0.1, "privleak": None}}
+    assert sweep_objective(summaries, ["tofu.model_utility"]) == 0.42
+    assert sweep_objective(summaries, ["model_utility"], "forget_quality >= 0.05") == 0.42
+    assert math.isnan(sweep_objective(summaries, ["model_utility"], "tofu.forget_quality >= 0.5"))
+    assert sweep_objective(summaries, ["model_utility", "forget_quality"]) == [0.42, 0.1]
+    assert math.isnan(sweep_objective(summaries, ["privleak"]))  # not computed: a failed trial, not a made-up value
+    with pytest.raises(ValueError, match=r"'forget_qualty' is not in the run's final evaluation; valid: tofu.model_utility"):
+        sweep_objective(summaries, ["forget_qualty"])
+
+
+# ----- the best checkpoint, end to end --------------------------------------------------------------
+class ScriptedBench:
+    """An evaluator whose summary at step s is the s-th entry of each script (and writes its files)."""
+
+    name = "TOFU"
+    utility = [0.5, 0.9, 0.8, 0.7]
+    quality = [0.1, 0.01, 0.2, 0.06]
+
+    def summary_names(self):
+        return ["model_utility", "forget_quality"]
+
+    def directions(self):
+        return {"model_utility": True, "forget_quality": True}
+
+    def check_data_files(self):
+        pass
+
+    def evaluate(self, model, output_dir, trainer=None, **kwargs):
+        from pathlib import Path
+
+        step = trainer.state.global_step
+        summary = {"model_utility": self.utility[step - 1], "forget_quality": self.quality[step - 1]}
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "TOFU_SUMMARY.json").write_text(json.dumps({**summary, "step": step}))
+        return summary
+
+
+def test_best_checkpoint_obeys_the_constraint_and_becomes_the_result(tofu_dir, tmp_path, monkeypatch):
+    """Step 2 has the best utility but fails forget_quality >= 0.05: the result is step 3 (the best that
+    passes), kept despite save_total_limit=1, its evaluation copied as the run's; every evaluation is in
+    the history."""
+    import train
+
+    monkeypatch.setattr(train, "get_evaluators", lambda *a, **k: {"tofu": ScriptedBench()})
+    out = tmp_path / "run"
+    train_in_process(out, [
+        "model=tiny-random-llama", "trainer=GradDiff", f"paths.tofu={tofu_dir}", "data.eval=null",
+        "trainer.args.max_steps=4", "trainer.args.per_device_train_batch_size=2", "trainer.args.gradient_accumulation_steps=1",
+        "trainer.args.learning_rate=1e-3", "trainer.args.eval_strategy=steps", "trainer.args.eval_steps=1",
+        "trainer.args.save_strategy=steps", "trainer.args.save_steps=1", "trainer.args.save_total_limit=1",
+        "trainer.args.load_best_model_at_end=true", "trainer.args.metric_for_best_model=model_utility",
+        "trainer.best_model_constraint='forget_quality >= 0.05'", "trainer.args.report_to=none"])
+    best = json.loads((out / "best_checkpoint.json").read_text())
+    assert best == {"metric": "eval_tofu_model_utility", "greater_is_better": True,
+                    "constraint": "forget_quality >= 0.05", "step": 3, "value": 0.8, "checkpoint": "checkpoint-3",
+                    "is_result": True}
+    assert (out / "checkpoint-3").is_dir()
+    result, kept = load_file(str(out / "model.safetensors")), load_file(str(out / "checkpoint-3" / "model.safetensors"))
+    assert all(torch.equal(result[k], kept[k]) for k in result)
+    assert json.loads((out / "evals" / "TOFU_SUMMARY.json").read_text())["step"] == 3
+    history = [json.loads(line) for line in (out / "eval_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    assert [h["summary"]["model_utility"] for h in history] == ScriptedBench.utility
+
+
+def test_constraint_without_metric_and_unknown_constraint_metric_are_errors(tofu_dir, tmp_path, monkeypatch):
+    import train
+
+    monkeypatch.setattr(train, "get_evaluators", lambda *a, **k: {"tofu": ScriptedBench()})
+    common = ["model=tiny-random-llama", f"paths.tofu={tofu_dir}", "data.eval=null", "trainer.args.max_steps=1",
+              "trainer.args.eval_strategy=steps", "trainer.args.eval_steps=1", "trainer.args.report_to=none"]
+    with pytest.raises(ValueError, match="needs trainer.args.metric_for_best_model"):
+        train_in_process(tmp_path / "a", [*common, "trainer.best_model_constraint='forget_quality >= 0.05'"])
+    with pytest.raises(ValueError, match=r"best_model_constraint='forget_qualty'.*valid: eval_tofu_model_utility"):
+        train_in_process(tmp_path / "b", [*common, "trainer.args.metric_for_best_model=model_utility",
+                                          "trainer.best_model_constraint='forget_qualty > 0'"])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ----- sweeps ---------------------------------------------------------------------------------------
+def test_multirun_puts_each_combination_in_its_folder_and_lists_failures(tofu_dir, tmp_path):
+    """Two combinations, one with an invalid learning rate: the other still finishes into a folder named
+    by its swept value; the summary lists both and the exit status says one failed."""
+    result = run_cli(["src/train.py", "-m", "--config-name=unlearn.yaml", "model=tiny-random-llama", "trainer=GradDiff",
+                      f"paths.tofu={tofu_dir}", f"paths.root_dir={tmp_path}", "data.eval=null", "trainer.args.max_steps=1",
+                      "trainer.args.per_device_train_batch_size=2", "trainer.args.gradient_accumulation_steps=1",
+                      "trainer.args.report_to=none", "trainer.args.learning_rate=-1,1e-4"])
+    assert result.returncode == 1, result.stderr[-3000:]
+    task = tmp_path / "saves" / "unlearn" / "GradDiff_TOFU_QA_FORGET10"
+    finished = task / "trainer.args.learning_rate=0.0001"
+    assert (finished / "run_complete.json").is_file() and (finished / "model.safetensors").is_file()
+    assert not (task / "trainer.args.learning_rate=-1").exists()
+    summary_file = next((tmp_path / "saves" / "logs" / "unlearn" / "multirun").glob("*/sweep_summary.json"))
+    records = json.loads(summary_file.read_text())
+    assert [(r["swept"], r["status"]) for r in records] == [("trainer.args.learning_rate=-1", "failed"),
+                                                            ("trainer.args.learning_rate=0.0001", "finished")]
+    assert "learning_rate=-1; must be a finite number >= 0" in records[0]["error"]
+    assert records[1]["output_dir"] == str(finished)
+    assert "1 of 2 combination(s) failed" in result.stdout + result.stderr
