@@ -10,7 +10,8 @@
   (a Hydra callback, configs/hydra/default.yaml) lists every combination with its folder or error,
   writes ``sweep_summary.json`` into the sweep's log folder, and exits with an error if any failed.
 - ``objective`` (top-level config) is what a run returns to a sweeper that optimises (the Optuna
-  sweeper): values of its final evaluation, optionally subject to a constraint (``sweep_objective``).
+  sweeper): values of its final evaluation, optionally subject to a constraint (``sweep_objective``);
+  a failed run, or one that misses the constraint, returns the worst value (-inf when maximising).
 """
 
 from __future__ import annotations
@@ -124,27 +125,57 @@ def _lookup(summaries: Mapping[str, Mapping[str, Any]], name: str) -> float | No
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def worst_values(directions: Sequence[str]) -> list[float]:
+    """The value no trial can be worse than, per objective: -inf when maximising, +inf when minimising.
+
+    What a run that failed, or missed the constraint, returns: never the optimum, and a value every
+    sampler takes (Optuna refuses NaN, and the sweeper then stops)."""
+    bad = [d for d in directions if d not in ("maximize", "minimize")]
+    if bad:
+        raise BadValueError(f"sweeper direction {bad[0]!r}; valid: maximize, minimize")
+    return [-math.inf if d == "maximize" else math.inf for d in directions]
+
+
+def sweeper_directions(n_metrics: int) -> list[str]:
+    """``hydra.sweeper.direction`` of the running sweep (one per objective), else maximize for each."""
+    direction = None
+    try:
+        direction = OmegaConf.select(HydraConfig.get(), "sweeper.direction")
+    except ValueError:
+        pass
+    if direction is None:
+        return ["maximize"] * n_metrics
+    directions = [str(direction)] * n_metrics if isinstance(direction, str) else [str(d) for d in direction]
+    if len(directions) != n_metrics:
+        raise BadValueError(f"hydra.sweeper.direction has {len(directions)} entries but objective.metrics names "
+                            f"{n_metrics}: give one direction per metric")
+    return directions
+
+
 def sweep_objective(summaries: Mapping[str, Mapping[str, Any]], metrics: Sequence[str],
-                    constraint: str | None = None) -> float | list[float]:
+                    constraint: str | None = None, directions: Sequence[str] | None = None) -> float | list[float]:
     """The value(s) a run returns to an optimising sweeper (Optuna): each of ``metrics`` from the run's
     final evaluation ``{bench: summary}``; one metric gives a float, several a list (a Pareto front).
 
-    A metric that could not be computed is NaN (the sweeper records a failed trial). With ``constraint``
-    (``"forget_quality >= 0.05"``) a run that fails it returns NaN too: it is never the optimum, however
-    good its metric.
+    A metric that could not be computed, or a run that fails ``constraint`` (``"forget_quality >= 0.05"``),
+    gives the worst value of each objective (``worst_values`` for ``directions``, default maximize): such a
+    run is never the optimum, however good its metric.
     """
     from trainer.selection import parse_constraint
 
     if not metrics:
         raise BadValueError("objective.metrics is empty: name the metric(s) to optimise, e.g. [tofu.model_utility]")
+    worst = worst_values(list(directions) if directions is not None else ["maximize"] * len(metrics))
+    if len(worst) != len(metrics):
+        raise BadValueError(f"{len(worst)} direction(s) for {len(metrics)} objective metric(s)")
     values = [_lookup(summaries, m) for m in metrics]
-    values = [math.nan if v is None else v for v in values]
+    values = [w if v is None or not math.isfinite(v) else v for v, w in zip(values, worst)]
     if constraint:
         parsed = parse_constraint(constraint)
         value = _lookup(summaries, parsed.metric)
         if not parsed.holds({parsed.metric: value} if value is not None else {}):
             log.info("objective: %s=%s fails %s: the run is not a candidate", parsed.metric, value, parsed)
-            values = [math.nan] * len(values)
+            values = worst
     return values[0] if len(values) == 1 else values
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import sys
@@ -37,7 +36,14 @@ from evals.lm_eval import task_data_files  # noqa: E402
 from model import get_model  # noqa: E402
 from model.peft import is_peft_model, peft_settings, save_merged  # noqa: E402
 from run_folder import RunFolder  # noqa: E402
-from sweep import read_final_summaries, run_job, sweep_objective, write_job_status  # noqa: E402
+from sweep import (  # noqa: E402
+    read_final_summaries,
+    run_job,
+    sweep_objective,
+    sweeper_directions,
+    worst_values,
+    write_job_status,
+)
 from trainer import build_training_args, check_mode, evaluates, load_trainer  # noqa: E402
 from trainer.base import BEST_CHECKPOINT_FILE, RESULT_EVALS_DIR  # noqa: E402
 from trainer.utils import on_main_process, unwrap_parallel  # noqa: E402
@@ -157,8 +163,9 @@ def objective_of(cfg: DictConfig, output_dir: Path) -> float | list[float] | Non
     if not objective.get("metrics"):
         return None
     names = {bench: bench_cfg.get("name", bench) for bench, bench_cfg in (cfg.get("eval") or {}).items()}
-    return sweep_objective(read_final_summaries(output_dir, names), list(objective.metrics),
-                           objective.get("constraint"))
+    metrics = list(objective.metrics)
+    return sweep_objective(read_final_summaries(output_dir, names), metrics, objective.get("constraint"),
+                           sweeper_directions(len(metrics)))
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="train.yaml")
@@ -167,9 +174,12 @@ def main(cfg: DictConfig) -> float | list[float] | None:
     Returns the run's ``objective`` to an optimising sweeper."""
     torch.set_float32_matmul_precision("high")
     output_dir = run_job(run, cfg)
-    if output_dir is None:  # failed inside a sweep
+    if output_dir is None:  # failed inside a sweep: the worst value, so that an optimising sweeper goes on
         metrics = (cfg.get("objective") or {}).get("metrics")
-        return None if not metrics else math.nan if len(metrics) == 1 else [math.nan] * len(metrics)
+        if not metrics:
+            return None
+        worst = worst_values(sweeper_directions(len(metrics)))
+        return worst[0] if len(worst) == 1 else worst
     objective = objective_of(cfg, output_dir) if PartialState().is_main_process else None
     write_job_status("finished", str(output_dir), objective=objective)
     return objective

@@ -111,7 +111,7 @@ def test_every_registered_trainer_has_a_config():
 
 EXPERIMENTS = sorted(str(p.relative_to(CONFIGS / "experiment").with_suffix("")) for p in (CONFIGS / "experiment").rglob("*.yaml"))
 #: The top-level config each kind of experiment is run with (its folder: unlearn/, finetune/, eval/).
-EXPERIMENT_TOP = {"unlearn": "unlearn.yaml", "finetune": "train.yaml", "eval": "eval.yaml"}
+EXPERIMENT_TOP = {"unlearn": "unlearn.yaml", "finetune": "train.yaml", "eval": "eval.yaml", "sweep": "unlearn.yaml"}
 
 
 def _experiment_overrides(experiment: str, every: bool) -> tuple[str, list[list[str]]]:
@@ -137,6 +137,8 @@ def _check_experiment(experiment: str, every: bool) -> None:
     from data import check_eval_splits
     from trainer import check_mode
 
+    if experiment.startswith("sweep/"):  # hydra/sweeper=optuna comes with the plugin
+        pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the sweep extra: pip install -e '.[sweep]'")
     top, overrides = _experiment_overrides(experiment, every)
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
         for override in overrides:

@@ -55,9 +55,13 @@ def test_sweep_objective_with_a_constraint_and_a_pareto_front():
     summaries = {"tofu": {"model_utility": 0.42, "forget_quality": 0.1, "privleak": None}}
     assert sweep_objective(summaries, ["tofu.model_utility"]) == 0.42
     assert sweep_objective(summaries, ["model_utility"], "forget_quality >= 0.05") == 0.42
-    assert math.isnan(sweep_objective(summaries, ["model_utility"], "tofu.forget_quality >= 0.5"))
+    # a miss is the worst value of the direction (Optuna refuses NaN), never the optimum
+    assert sweep_objective(summaries, ["model_utility"], "tofu.forget_quality >= 0.5") == -math.inf
+    assert sweep_objective(summaries, ["model_utility"], "forget_quality >= 0.5", ["minimize"]) == math.inf
     assert sweep_objective(summaries, ["model_utility", "forget_quality"]) == [0.42, 0.1]
-    assert math.isnan(sweep_objective(summaries, ["privleak"]))  # not computed: a failed trial, not a made-up value
+    assert sweep_objective(summaries, ["privleak"]) == -math.inf  # not computed: no made-up value
+    with pytest.raises(ValueError, match="sweeper direction 'max'; valid: maximize, minimize"):
+        sweep_objective(summaries, ["model_utility"], directions=["max"])
     with pytest.raises(ValueError, match=r"'forget_qualty' is not in the run's final evaluation; valid: tofu.model_utility"):
         sweep_objective(summaries, ["forget_qualty"])
 
@@ -151,3 +155,36 @@ def test_multirun_puts_each_combination_in_its_folder_and_lists_failures(tofu_di
     assert "learning_rate=-1; must be a finite number >= 0" in records[0]["error"]
     assert records[1]["output_dir"] == str(finished)
     assert "1 of 2 combination(s) failed" in result.stdout + result.stderr
+
+
+@pytest.mark.slow  # ~45 s: two trials (make test-slow installs the sweep extra)
+def test_optuna_sweep_returns_the_final_evaluation(tofu_dir, tmp_path):
+    """experiment=sweep/tofu_optuna_pareto for 2 trials on a 2-layer model: each trial's returned objective
+    is its final TOFU evaluation, and the study writes its Pareto front."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the sweep extra: pip install -e '.[sweep]'")
+    result = run_cli(["src/train.py", "-m", "--config-name=unlearn.yaml", "experiment=sweep/tofu_optuna_pareto",
+                      "model=tiny-random-llama", "model.model_args.pretrained_model_name_or_path=null",
+                      f"paths.tofu={tofu_dir}", f"paths.root_dir={tmp_path}", "trainer.args.max_steps=1",
+                      "trainer.args.per_device_train_batch_size=2", "trainer.args.gradient_accumulation_steps=1",
+                      "trainer.args.report_to=none", "objective.metrics=[tofu.model_utility,tofu.forget_Q_A_Prob]",
+                      "hydra.sweeper.direction=[maximize,minimize]", "hydra.sweeper.n_trials=2",
+                      "eval.tofu.metrics.forget_Q_A_ROUGE.generation_args.max_new_tokens=4"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = next((tmp_path / "saves" / "logs" / "unlearn" / "multirun").iterdir())
+    records = json.loads((sweep_dir / "sweep_summary.json").read_text())
+    assert [r["status"] for r in records] == ["finished", "finished"]
+    for record in records:
+        summary = json.loads((tmp_path / record["output_dir"] / "evals" / "TOFU_SUMMARY.json").read_text())
+        assert record["objective"] == [summary["model_utility"], summary["forget_Q_A_Prob"]]
+        assert "trainer.args.learning_rate=" in record["output_dir"]  # named by the sampled values
+    assert "solutions:" in (sweep_dir / "optimization_results.yaml").read_text()  # the Pareto front
+
+
+def test_submitit_launcher_composes_for_slurm():
+    """The documented cluster command composes (the cluster extra installs the launcher plugin)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the cluster extra: pip install -e '.[cluster]'")
+    result = run_cli(["src/train.py", "-m", "--config-name=unlearn.yaml", "experiment=unlearn/tofu/default",
+                      "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=1",
+                      "hydra.launcher.timeout_min=600", "--cfg", "hydra"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "SlurmLauncher" in result.stdout and "partition: gpu" in result.stdout
