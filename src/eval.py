@@ -4,8 +4,8 @@
         model.model_args.pretrained_model_name_or_path=<model folder> eval=tofu forget_split=forget10 \
         retain_logs_path=<retain model's TOFU_EVAL.json or null> paths.tofu=<folder>
 
-Writes ``<paths.output_dir>/TOFU_EVAL.json`` (every metric, per-sample values) and ``TOFU_SUMMARY.json``
-(headline numbers), and prints the summary as a table.
+Writes ``<paths.output_dir>/TOFU_EVAL.json`` (every metric, per-sample values), ``TOFU_SUMMARY.json``
+(headline numbers) and the resolved ``config.yaml``, and prints the summary as a table.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,6 +37,14 @@ def model_identity(model_cfg: DictConfig) -> str:
     return "random_init:" + json.dumps(recipe, sort_keys=True)
 
 
+def write_config_atomic(cfg: DictConfig, path: Path) -> None:
+    """The resolved config at ``path``, through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    OmegaConf.save(cfg, tmp, resolve=True)
+    os.replace(tmp, path)
+
+
 def run(cfg: DictConfig) -> dict[str, dict]:
     set_seed(check_number("seed", cfg.get("seed", 0), integer=True, low=0))
     if not cfg.get("eval"):
@@ -47,6 +56,8 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     model = model.to(state.device)
     evaluators = get_evaluators(cfg.eval, tokenizer=tokenizer, template_args=cfg.model.get("template_args"),
                                 root_cfg=cfg)
+    if state.is_main_process:  # what was evaluated and how, for src/report.py (written before the results)
+        write_config_atomic(cfg, Path(cfg.paths.output_dir) / "config.yaml")
     summaries = {}
     for name, evaluator in evaluators.items():
         summaries[name] = evaluator.evaluate(model, output_dir=cfg.paths.output_dir, model_id=model_identity(cfg.model))

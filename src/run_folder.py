@@ -46,6 +46,12 @@ log = logging.getLogger(__name__)
 #: Written last into a finished run's folder; with ``config.yaml`` it marks a folder we may replace.
 COMPLETION_MARKER = "run_complete.json"
 RUN_CONFIG = "config.yaml"
+#: The rest of a finished run's layout (read by src/report.py): the trainer's log history, one line per
+#: evaluation during training, the best checkpoint's record, and the folder of the result's evaluation.
+TRAIN_LOG_FILE = "train_log.jsonl"
+EVAL_HISTORY_FILE = "eval_history.jsonl"
+BEST_CHECKPOINT_FILE = "best_checkpoint.json"
+RESULT_EVALS_DIR = "evals"
 #: What a Hugging Face checkpoint folder needs for an exact resume (optimizer, schedule, RNG, state).
 RESUMABLE_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 

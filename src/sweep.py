@@ -33,6 +33,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from checks import BadValueError
+from run_folder import RESULT_EVALS_DIR
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def read_final_summaries(run_dir: Path, evaluator_names: Mapping[str, str]) -> d
     """``{bench: summary}`` of a finished run's final evaluation (``<run>/evals/<NAME>_SUMMARY.json``)."""
     out = {}
     for bench, name in evaluator_names.items():
-        path = Path(run_dir) / "evals" / f"{name}_SUMMARY.json"
+        path = Path(run_dir) / RESULT_EVALS_DIR / f"{name}_SUMMARY.json"
         if path.is_file():
             out[bench] = json.loads(path.read_text())
     return out

@@ -35,7 +35,7 @@ from evals.base import write_json_atomic  # noqa: E402
 from evals.lm_eval import task_data_files  # noqa: E402
 from model import get_model  # noqa: E402
 from model.peft import is_peft_model, peft_settings, save_merged  # noqa: E402
-from run_folder import RunFolder  # noqa: E402
+from run_folder import BEST_CHECKPOINT_FILE, RESULT_EVALS_DIR, TRAIN_LOG_FILE, RunFolder  # noqa: E402
 from sweep import (  # noqa: E402
     read_final_summaries,
     run_job,
@@ -45,7 +45,6 @@ from sweep import (  # noqa: E402
     write_job_status,
 )
 from trainer import build_training_args, check_mode, evaluates, load_trainer  # noqa: E402
-from trainer.base import BEST_CHECKPOINT_FILE, RESULT_EVALS_DIR  # noqa: E402
 from trainer.utils import on_main_process, unwrap_parallel  # noqa: E402
 
 log = logging.getLogger("train")
@@ -53,7 +52,7 @@ log = logging.getLogger("train")
 
 def write_run_files(cfg: DictConfig, trainer, folder: Path) -> None:
     OmegaConf.save(cfg, folder / "config.yaml", resolve=True)
-    with open(folder / "train_log.jsonl", "w", encoding="utf-8") as f:
+    with open(folder / TRAIN_LOG_FILE, "w", encoding="utf-8") as f:
         for entry in trainer.state.log_history:
             f.write(json.dumps(entry) + "\n")
 

@@ -183,7 +183,7 @@ def test_optuna_sweep_returns_the_final_evaluation(tofu_dir, tmp_path):
 def test_submitit_launcher_composes_for_slurm():
     """The documented cluster command composes (the cluster extra installs the launcher plugin)."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the cluster extra: pip install -e '.[cluster]'")
-    result = run_cli(["src/train.py", "-m", "--config-name=unlearn.yaml", "experiment=unlearn/tofu/default",
+    result = run_cli(["src/train.py", "--config-name=unlearn.yaml", "experiment=unlearn/tofu/default",
                       "hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=1",
                       "hydra.launcher.timeout_min=600", "--cfg", "hydra"])
     assert result.returncode == 0, result.stderr[-3000:]

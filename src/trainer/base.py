@@ -17,6 +17,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from compat import OURS, Compat, get_compat
+from run_folder import EVAL_HISTORY_FILE
 from trainer.answer_nll import answer_token_nll, check_nll_impl, resolve_pack_rows
 from trainer.losses import token_mean, tokens_counted_over_processes
 from trainer.packing import check_pack_rows
@@ -29,12 +30,6 @@ log = logging.getLogger(__name__)
 MAX_UNCHECKED_LOSSES = 64
 #: A checkpoint's file with the method's own state (``FinetuneTrainer.method_state``).
 METHOD_STATE_FILE = "method_state.json"
-#: In the run folder: one line per evaluation during training (step, epoch, evaluator, its summary).
-EVAL_HISTORY_FILE = "eval_history.jsonl"
-#: In the run folder, with ``metric_for_best_model``: which evaluation was the best and whether it is the result.
-BEST_CHECKPOINT_FILE = "best_checkpoint.json"
-#: The folder (in the run folder) of the evaluation of the run's result (``FinetuneTrainer.evaluate_result``).
-RESULT_EVALS_DIR = "evals"
 
 
 class FinetuneTrainer(Trainer):
