@@ -30,9 +30,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q
 
-# The slow tests also run DeepSpeed ZeRO-3 on 2 CPU processes: its pinned extra is installed for them.
+# The slow tests also run DeepSpeed ZeRO-3 on 2 CPU processes, an Optuna sweep and the SLURM launcher's config
+# (their pinned extras), and render the report in headless Chromium (the Debian package, where apt-get may run).
 $(SLOW_STAMP): $(STAMP)
-	$(PY) -m pip install -q -c constraints.txt -e ".[deepspeed]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[deepspeed,sweep,cluster]"
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		apt-get install -y -q chromium >/dev/null; } || echo "chromium not installed: the report's browser test will skip"
 	touch $(SLOW_STAMP)
 
 test-slow: $(SLOW_STAMP)

@@ -26,6 +26,7 @@ from transformers import set_seed  # noqa: E402
 from checks import check_number  # noqa: E402
 from evals import format_summary, get_evaluators  # noqa: E402
 from model import get_model  # noqa: E402
+from progress import quiet_library_bars  # noqa: E402
 
 
 def model_identity(model_cfg: DictConfig) -> str:
@@ -47,6 +48,7 @@ def write_config_atomic(cfg: DictConfig, path: Path) -> None:
 
 def run(cfg: DictConfig) -> dict[str, dict]:
     set_seed(check_number("seed", cfg.get("seed", 0), integer=True, low=0))
+    quiet_library_bars()
     if not cfg.get("eval"):
         raise ValueError("no benchmark selected: add eval=tofu")
     # Under torchrun / accelerate launch every process holds the model on its own device and takes a strided

@@ -35,6 +35,7 @@ from evals.base import write_json_atomic  # noqa: E402
 from evals.lm_eval import task_data_files  # noqa: E402
 from model import get_model  # noqa: E402
 from model.peft import is_peft_model, peft_settings, save_merged  # noqa: E402
+from progress import quiet_library_bars  # noqa: E402
 from run_folder import BEST_CHECKPOINT_FILE, RESULT_EVALS_DIR, TRAIN_LOG_FILE, RunFolder  # noqa: E402
 from sweep import (  # noqa: E402
     read_final_summaries,
@@ -93,6 +94,7 @@ def _start_folder(folder: RunFolder, resume) -> tuple[Path, Path | None]:
 def run(cfg: DictConfig) -> Path:
     """Train as the config says and return the output folder (see ``run_folder`` for its safety rules)."""
     check_mode(cfg)
+    quiet_library_bars()
     if cfg.get("sequence"):
         raise ValueError("sequence=... unlearns folds one after another: run it with src/sequential.py "
                          "--config-name=unlearn.yaml (src/train.py runs one unlearning run)")

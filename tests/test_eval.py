@@ -45,6 +45,9 @@ def test_eval_writes_every_metric_and_reuses_them(tofu_dir, tmp_path):
     assert set(forget) == {str(i) for i in range(8)}
     assert {"input", "ground_truth", "generation", "rougeL_recall"} <= set(forget["0"])
     assert "forget_quality" in first.stdout and "model_utility" in first.stdout  # the printed table
+    # not a terminal: no progress bars (ours, transformers' weight loading, datasets' file reading)
+    assert "it/s]" not in first.stderr and "Loading weights" not in first.stderr and "%|" not in first.stderr
+    assert (out / "config.yaml").is_file()  # what was evaluated, for the report
     # every pre-compute metric at the top level under open-unlearning's names, with per-sample values
     pre_compute = ["forget_truth_ratio", "forget_Q_A_PARA_Prob", "forget_Q_A_PERT_Prob", "retain_Q_A_Prob",
                    "retain_Q_A_ROUGE", "retain_Truth_Ratio", "retain_Q_A_PARA_Prob", "retain_Q_A_PERT_Prob",

@@ -188,3 +188,46 @@ def test_submitit_launcher_composes_for_slurm():
                       "hydra.launcher.timeout_min=600", "--cfg", "hydra"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SlurmLauncher" in result.stdout and "partition: gpu" in result.stdout
+
+
+# ----- logging and progress -------------------------------------------------------------------------
+def test_tensorboard_gets_the_loss_terms_and_the_evaluation_metrics(tofu_dir, tmp_path, monkeypatch):
+    """report_to=tensorboard (the default): loss, each loss term and every evaluation metric are scalars of
+    their own in <output>/runs/; the final evaluation's too."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    import train
+
+    monkeypatch.setattr(train, "get_evaluators", lambda *a, **k: {"tofu": ScriptedBench()})
+    monkeypatch.setattr(ScriptedBench, "utility", [0.5, 0.6, 0.7])
+    monkeypatch.setattr(ScriptedBench, "quality", [0.1, 0.2, 0.3])
+    out = tmp_path / "run"
+    train_in_process(out, [
+        "model=tiny-random-llama", "trainer=GradDiff", f"paths.tofu={tofu_dir}", "data.eval=null",
+        "trainer.args.max_steps=2", "trainer.args.per_device_train_batch_size=2", "trainer.args.logging_steps=1",
+        "trainer.args.gradient_accumulation_steps=1", "trainer.args.eval_strategy=steps", "trainer.args.eval_steps=2"])
+    (events,) = list((out / "runs").rglob("events.out.tfevents.*"))
+    scalars = EventAccumulator(str(events.parent)).Reload().Tags()["scalars"]
+    assert {"train/loss", "train/forget_loss", "train/retain_loss", "eval/tofu_model_utility",
+            "eval/tofu_forget_quality"} <= set(scalars)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    # the last evaluation was at the last step: its files are the result's, not computed again
+    assert not any("final_tofu_model_utility" in e for e in log)
+    assert json.loads((out / "evals" / "TOFU_SUMMARY.json").read_text())["step"] == 2
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    import progress
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("UNLEARNING_PROGRESS", "1")
+    assert progress.progress_enabled() and not progress.progress(3, "x").disable
+    monkeypatch.setenv("UNLEARNING_PROGRESS", "0")
+    assert not progress.progress_enabled() and progress.progress(3, "x").disable
+    monkeypatch.delenv("UNLEARNING_PROGRESS")
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
+    assert not progress.progress_enabled()
+    monkeypatch.setenv("UNLEARNING_PROGRESS", "1")
+    monkeypatch.setenv("RANK", "1")  # another process than 0 never draws one
+    assert not progress.progress_enabled()
+    assert list(progress.progress_over(iter([1, 2]), "y")) == [1, 2]

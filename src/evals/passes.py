@@ -32,6 +32,7 @@ from compat import OURS, Compat
 from data.collators import DataCollatorForSupervisedDataset, common_prefix_length, pad_sequences
 from data.utils import IGNORE_INDEX, PromptTemplate, answer_end_token_id
 from evals.metrics import TokenStats
+from progress import progress, progress_over
 from trainer.answer_nll import answer_span_logits
 from trainer.utils import forward_accepts, gather_dicts, is_sharded, lockstep_total, rank_shard
 
@@ -360,7 +361,9 @@ def token_stats_passes(model: torch.nn.Module, datasets: Sequence[Any], tokenize
     outs: list[dict[int, list[TokenStats]]] = [{} for _ in datasets]
     eos = [_ends_with_eos(d) for d in datasets]
     by_length = sorted(rank_shard(range(sizes.pop())), key=lambda i: lengths[i], reverse=True)
+    bar = progress(len(by_length), f"log-probs {_name(datasets[0])}", unit="question")
     for batch_indices in _chunks(by_length, batch_size):
+        bar.update(len(batch_indices))
         samples, owners = [], []
         for i in batch_indices:
             for d, dataset in enumerate(datasets):
@@ -380,6 +383,7 @@ def token_stats_passes(model: torch.nn.Module, datasets: Sequence[Any], tokenize
                 logp=token_logp, mean_logp=mean_logp, std_logp=std_logp, argmax_match=match,
                 answer_text=_answers(datasets[d], index)[position], ends_with_eos=eos[d],
             ))
+    bar.close()
     return [gather_dicts(out) for out in outs]
 
 
@@ -736,13 +740,15 @@ def generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, templa
     batch_size = generation_rows(batch_size, model, len(prompts[ordered[0]]) if ordered else 0, max_new_tokens)
     # with refill, one decoding loop over every prompt, at most batch_size rows at once
     batches = [ordered] if use_plain_greedy and refill and ordered else _chunks(ordered, batch_size)
-    for chunk in batches:
-        chunk_prompts = [prompts[i] for i in chunk]
-        if use_plain_greedy:
-            new_tokens = greedy_decode(model, chunk_prompts, max_new_tokens, stop_ids, max_rows=batch_size)
-        else:
-            new_tokens = _generate(model, chunk_prompts, tokenizer, max_new_tokens, stop_ids)
-        out.update(_generation_records(dataset, tokenizer, chunk, new_tokens, stop_strings))
+    with progress(len(ordered), f"generate {_name(dataset)}", unit="sample") as bar:
+        for chunk in batches:
+            chunk_prompts = [prompts[i] for i in chunk]
+            if use_plain_greedy:
+                new_tokens = greedy_decode(model, chunk_prompts, max_new_tokens, stop_ids, max_rows=batch_size)
+            else:
+                new_tokens = _generate(model, chunk_prompts, tokenizer, max_new_tokens, stop_ids)
+            out.update(_generation_records(dataset, tokenizer, chunk, new_tokens, stop_strings))
+            bar.update(len(chunk))
     return gather_dicts(out)
 
 
@@ -764,7 +770,7 @@ def grad_norm_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any) -> dict
     out: dict[int, float] = {}
     try:
         with torch.enable_grad():
-            for i in rank_shard(range(len(dataset))):
+            for i in progress_over(rank_shard(range(len(dataset))), f"gradient norms {_name(dataset)}"):
                 item = dataset[i]
                 batch = collate([item[0] if isinstance(item, list) else item])
                 logits = model(input_ids=batch["input_ids"].to(device),
@@ -831,7 +837,8 @@ def plain_token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any,
         _chunks([(i, sample) for i in rank_shard(range(len(dataset))) for sample in _samples(dataset[i])], batch_size)
     out: dict[int, list[TokenStats]] = {}
     eos = _ends_with_eos(dataset)
-    for chunk, keep in _lockstep(batches, model, lambda: [(0, _samples(dataset[0])[0])]):
+    for chunk, keep in progress_over(_lockstep(batches, model, lambda: [(0, _samples(dataset[0])[0])]),
+                                     f"log-probs {_name(dataset)}", unit="batch"):
         batch = collate([sample for _, sample in chunk])
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device)).logits
@@ -865,6 +872,10 @@ def _lockstep(batches: Sequence[Any], model: torch.nn.Module, dummy: Callable[[]
     filler = batches[-1] if batches else (dummy() if total else None)
     for _ in range(total - len(batches)):
         yield filler, False
+
+
+def _name(dataset: Any) -> str:
+    return str(getattr(dataset, "name", "") or "")
 
 
 def _samples(item: Any) -> list[dict]:
@@ -901,7 +912,8 @@ def plain_generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, 
     rows = PLAIN_AUTO_GENERATION_ROWS if batch_size == "auto" else generation_rows(batch_size, model, 0, 0)
     out: dict[int, dict] = {}
     first = _split_prompt(_samples(dataset[0])[0])[0]
-    for chunk, keep in _lockstep(_chunks(list(prompts), rows), model, lambda: [None]):
+    for chunk, keep in progress_over(_lockstep(_chunks(list(prompts), rows), model, lambda: [None]),
+                                     f"generate {_name(dataset)}", unit="batch"):
         chunk_prompts = [prompts[i] if i is not None else first for i in chunk]
         new_tokens = _generate(model, chunk_prompts, tokenizer, max_new_tokens, stop_ids,
                                attention_mask_from_pad=compat.attention_mask_from_pad)

@@ -337,14 +337,20 @@ class FinetuneTrainer(Trainer):
 
     def evaluate_result(self, out_dir: str) -> dict[str, float]:
         """Evaluate the model the run ends with (the best checkpoint under ``load_best_model_at_end``) into
-        ``out_dir``, logged as ``final_<evaluator>_<metric>``. The best checkpoint's own evaluation files are
-        copied instead of computed again (same weights, same numbers)."""
+        ``out_dir``, logged as ``final_<evaluator>_<metric>``. When that model was already evaluated (the
+        best checkpoint, or an evaluation at the last step), its evaluation files are copied instead of
+        computed again (same weights, same numbers)."""
         record = self.best_checkpoint_record()
-        source = os.path.join(self.state.best_model_checkpoint or "", "evals")
-        if record and record["is_result"] and os.path.isdir(source):
+        if record and record["is_result"]:
+            source, which = os.path.join(self.state.best_model_checkpoint, "evals"), f"the best checkpoint ({record['checkpoint']})"
+        else:  # the last model: already evaluated if the last evaluation was at the last step
+            source, which = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}", "evals"), \
+                f"the model of the last evaluation (step {self.state.global_step})"
+        if os.path.isdir(source) and all(os.path.isfile(os.path.join(source, f"{getattr(e, 'name', n)}_SUMMARY.json"))
+                                         for n, e in self.evaluators.items()):
             if self.args.should_save:
                 shutil.copytree(source, out_dir, dirs_exist_ok=True)
-            log.info("the result is the best checkpoint (%s): its evaluation copied to %s", record["checkpoint"], out_dir)
+            log.info("the result is %s: its evaluation copied to %s", which, out_dir)
             return {}
         metrics = self._run_evaluators("final", out_dir=out_dir, history=False)
         for callback in self.callback_handler.callbacks:  # training ended: its writer reopened for these scalars

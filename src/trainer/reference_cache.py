@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from progress import progress_over
 from trainer.answer_nll import answer_span_logits
 from trainer.losses import sequence_nll
 
@@ -122,7 +123,7 @@ class ReferenceNLLCache:
             raise ValueError(f"num_batches={num_batches} forward passes asked for, but there are no samples to run")
         if total < len(starts):
             raise ValueError(f"num_batches={num_batches} is fewer than the {len(starts)} batches of {len(samples)} samples")
-        for step in range(total):
+        for step in progress_over(range(total), "reference log-probs", unit="batch"):
             start = starts[min(step, len(starts) - 1)]
             batch = collate([samples[i] for i in order[start:start + batch_size]])
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
