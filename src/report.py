@@ -820,12 +820,18 @@ def _points_figure(runs: Sequence[Run], out_dir: Path, key: str, title: str, cap
 
 def trajectories(runs: Sequence[Run]) -> dict[str, list[tuple[str, list[float], list[float]]]]:
     """Per headline metric, ``(run name, steps, values)`` of each run evaluated during training: from
-    ``eval_history.jsonl``, else from the ``eval_<bench>_<metric>`` entries of the trainer log."""
+    ``eval_history.jsonl``, else from the ``eval_<bench>_<metric>`` entries of the trainer log. Where the
+    run's target model is known and the run was not evaluated at step 0, the target's value is step 0 (the
+    model unlearning started from)."""
     out: dict[str, list[tuple[str, list[float], list[float]]]] = {}
     for run in runs:
         series = _history_series(run) or _train_log_series(run)
+        target = target_for(run, runs) if series and run.role == "run" else None
         for metric in TRAJECTORY_METRICS:
             points = sorted(series.get(metric, []))
+            start = target.metric(metric) if target is not None and points and points[0][0] > 0 else None
+            if start is not None:
+                points.insert(0, (0.0, start))
             if points:
                 out.setdefault(metric, []).append((run.name, [s for s, _ in points], [v for _, v in points]))
     return {m: out[m] for m in TRAJECTORY_METRICS if m in out}

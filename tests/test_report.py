@@ -433,3 +433,13 @@ def test_html_in_headless_chromium(made, tmp_path):
         assert len(order) == 3 and values == sorted(values)
     # sample 1 lost the most probability (0.95 -> 0.02) in both runs
     assert re.findall(r'<tr data-index="(\d+)"', tables[0][1])[0] == "1"
+
+
+def test_trajectories_start_at_the_target_model(made):
+    """A run evaluated from step 4 on starts its trajectory at step 0 with its target model's value."""
+    runs = report.find_runs([made.root / "saves"])
+    report.assign_roles(runs)
+    series = report.trajectories(runs)
+    (name, steps, values), = [s for s in series["model_utility"] if s[0] == "GradDiff_ga_a1"]
+    assert steps == [0.0, 4, 8]
+    assert values[0] == SUMMARIES["target"]["model_utility"] and values[1:] == [0.6 - 0.04, 0.6 - 0.08]
