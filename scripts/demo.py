@@ -30,7 +30,9 @@ sys.path.insert(0, str(REPO / "src"))
 MODEL = "SmolLM2-135M-Instruct"
 # An empty system prompt instead of SmolLM2's default one: ~17 fewer tokens per sample (a faster demo).
 SYSTEM_PROMPT = "model.template_args.system_prompt=''"
-COMMON = [SYSTEM_PROMPT, "trainer.args.per_device_train_batch_size=8", "trainer.args.gradient_accumulation_steps=1",
+# Warnings and the trainer's loss lines only: the per-metric timing lines of the evaluations are left out.
+QUIET = "hydra.job_logging.root.level=WARNING"
+COMMON = [SYSTEM_PROMPT, QUIET, "trainer.args.per_device_train_batch_size=8", "trainer.args.gradient_accumulation_steps=1",
           "trainer.args.logging_steps=2"]
 # Answers of at most 48 new tokens in the ROUGE metrics (the generated answers are short).
 SHORT_GENERATION = [
@@ -67,7 +69,7 @@ def evaluate(out: Path, name: str, model_dir: Path, retain_logs: Path | None) ->
         sys.executable, str(REPO / "src" / "eval.py"), "--config-name=eval.yaml", f"model={MODEL}",
         f"model.model_args.pretrained_model_name_or_path={model_dir}", "eval=tofu", "forget_split=forget10",
         f"retain_logs_path={retain_logs or 'null'}", f"paths.tofu={out / 'data'}", f"paths.log_dir={out / 'logs'}",
-        f"paths.output_dir={eval_dir}", f"task_name=demo_{name}", SYSTEM_PROMPT, *SHORT_GENERATION], quiet=True)
+        f"paths.output_dir={eval_dir}", f"task_name=demo_{name}", SYSTEM_PROMPT, QUIET, *SHORT_GENERATION], quiet=True)
     return json.loads((eval_dir / "TOFU_SUMMARY.json").read_text())
 
 

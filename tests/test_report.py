@@ -443,3 +443,28 @@ def test_trajectories_start_at_the_target_model(made):
     (name, steps, values), = [s for s in series["model_utility"] if s[0] == "GradDiff_ga_a1"]
     assert steps == [0.0, 4, 8]
     assert values[0] == SUMMARIES["target"]["model_utility"] and values[1:] == [0.6 - 0.04, 0.6 - 0.08]
+
+
+def test_report_of_two_real_runs(tofu_dir, tmp_path, capsys):
+    """Two GradDiff runs of src/train.py (alpha 0.5 and 1, evaluated on TOFU at the end): the report's table
+    holds exactly the numbers of their SUMMARY files, and alpha is a column."""
+    from conftest import train_in_process
+
+    short = ["eval.tofu.metrics.forget_Q_A_ROUGE.generation_args.max_new_tokens=4",
+             *[f"eval.tofu.metrics.model_utility.pre_compute.{p}_Q_A_ROUGE.generation_args.max_new_tokens=4"
+               for p in ("retain", "ra", "wf")]]
+    for alpha in ("0.5", "1.0"):
+        train_in_process(tmp_path / "saves" / f"alpha{alpha}", [
+            "model=tiny-random-llama", "trainer=GradDiff", f"trainer.method_args.alpha={alpha}", f"paths.tofu={tofu_dir}",
+            "data.eval=null", "eval=tofu", "eval.tofu.limit=4", "trainer.args.max_steps=1", "trainer.args.report_to=none",
+            "trainer.args.per_device_train_batch_size=2", "trainer.args.gradient_accumulation_steps=1",
+            f"task_name=GradDiff_alpha{alpha}", *short])
+    assert report.main([str(tmp_path / "saves"), "--out", str(tmp_path / "report")]) == 0
+    rows = {r["name"]: r for r in _read_csv(tmp_path / "report")}
+    assert set(rows) == {"GradDiff_alpha0.5", "GradDiff_alpha1.0"}
+    for alpha in ("0.5", "1.0"):
+        row = rows[f"GradDiff_alpha{alpha}"]
+        summary = json.loads((tmp_path / "saves" / f"alpha{alpha}" / "evals" / "TOFU_SUMMARY.json").read_text())
+        assert float(row["alpha"]) == float(alpha) and row["method"] == "GradDiff"
+        for metric, value in summary.items():
+            assert (row[metric] == "") if value is None else float(row[metric]) == value, metric

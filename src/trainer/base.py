@@ -310,6 +310,8 @@ class FinetuneTrainer(Trainer):
     def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
         """transformers' choice of the best evaluation, restricted to those passing ``best_model_constraint``;
         an evaluation without the metric (a summary value that could not be computed) is not a candidate."""
+        if self.args.metric_for_best_model is None:  # transformers asks after every evaluation
+            return False
         constraint = self.best_model_constraint
         if constraint is not None and not constraint.holds(metrics):
             log.info("step %d: %s=%s fails the best-checkpoint constraint %s: not a candidate", self.state.global_step,
