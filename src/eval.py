@@ -5,7 +5,9 @@
         retain_logs_path=<retain model's TOFU_EVAL.json or null> paths.tofu=<folder>
 
 Writes ``<paths.output_dir>/TOFU_EVAL.json`` (every metric, per-sample values), ``TOFU_SUMMARY.json``
-(headline numbers) and the resolved ``config.yaml``, and prints the summary as a table.
+(headline numbers) and the resolved ``config.yaml``, and prints the summary as a table. With
+``attack=quantize`` (or ``attack=[quantize,relearn,rephrase]``) the forget metrics are evaluated again under
+each attack and added as ``<metric>@<attack>``, with ``TOFU_ROBUSTNESS.json`` (src/attacks/).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from accelerate import PartialState  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
+from attacks import format_robustness, get_attacks, merge_into_files, robustness_summary, run_attacks  # noqa: E402
 from checks import check_number  # noqa: E402
 from evals import format_summary, get_evaluators  # noqa: E402
 from model import get_model  # noqa: E402
@@ -51,6 +54,7 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     quiet_library_bars()
     if not cfg.get("eval"):
         raise ValueError("no benchmark selected: add eval=tofu")
+    attacks = get_attacks(OmegaConf.to_container(cfg.attack, resolve=True) if cfg.get("attack") else None)
     # Under torchrun / accelerate launch every process holds the model on its own device and takes a strided
     # share of every pass; the results are gathered and process 0 writes the files (the same files as one process).
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -62,10 +66,27 @@ def run(cfg: DictConfig) -> dict[str, dict]:
         write_config_atomic(cfg, Path(cfg.paths.output_dir) / "config.yaml")
     summaries = {}
     for name, evaluator in evaluators.items():
-        summaries[name] = evaluator.evaluate(model, output_dir=cfg.paths.output_dir, model_id=model_identity(cfg.model))
+        model_id = model_identity(cfg.model)
+        summaries[name] = evaluator.evaluate(model, output_dir=cfg.paths.output_dir, model_id=model_id)
+        robustness = None
+        if attacks:  # every process: the attacked evaluations are sharded like the clean one
+            if not hasattr(evaluator, "metrics_cfg"):
+                raise ValueError(f"attack=...: eval.{name} ({type(evaluator).__name__}) has no per-metric configs to "
+                                 "attack; attacks run on eval=tofu and eval=muse")
+            attacked, baselines = run_attacks(attacks, evaluator, model, model_id, tokenizer, cfg)
+            if state.is_main_process:
+                out_dir = Path(cfg.paths.output_dir)
+                clean = json.loads((out_dir / f"{evaluator.name}_EVAL.json").read_text())
+                retain_path = evaluator.cfg.get("retain_logs_path")
+                retain = json.loads(Path(retain_path).read_text()) if retain_path else None
+                robustness = robustness_summary(clean, attacked, baselines, retain)
+                summaries[name] = merge_into_files(out_dir, evaluator.name, attacked, robustness)
         if state.is_main_process:
             print(f"\n{name} summary ({cfg.paths.output_dir}):")
             print(format_summary({cfg.task_name: summaries[name]}))
+            if robustness:
+                print(f"\n{name} under attack (clean, attacked, the retain model):")
+                print(format_robustness(robustness))
     return summaries
 
 

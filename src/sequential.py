@@ -94,6 +94,7 @@ def base_config(cfg: DictConfig, seq: dict[str, Any]) -> DictConfig:
     base.task_name = str(base.task_name)
     base.paths.output_dir = str(base.paths.output_dir)
     base.sequence = None
+    base.trainer.args.do_eval = False  # each fold is evaluated below, by src/eval.py, into <output>/eval/fold_<k>
     return base
 
 

@@ -1,0 +1,107 @@
+"""Relearning attack: fine-tune a copy of the model for a few steps on related data, then evaluate again
+(Hu et al. 2024, "Jogging the Memory of Unlearned LLMs Through Targeted Relearning Attacks",
+arXiv:2406.13356; Lynch et al. 2024, arXiv:2402.16835; Deeb & Roger 2024, arXiv:2410.08827).
+
+Knowledge that was only hidden comes back after a few dozen steps on a fraction of the forget set (or
+its paraphrases, or other questions about the same entities); knowledge that is gone has to be learned
+again. So the same relearning is applied to the retain model (``baseline_model_path``, which never saw
+the forget set) as the baseline: "how fast it comes back" is the comparison of the two.
+
+The copy is trained with AdamW (no weight decay, constant learning rate) on the mean answer-token NLL,
+every weight trainable; batches are drawn from a seeded permutation of the relearning set.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from checks import BadValueError, check_number
+from data.collators import DataCollatorForSupervisedDataset
+from progress import progress_over
+from trainer.answer_nll import answer_token_nll
+from trainer.losses import token_mean
+
+log = logging.getLogger(__name__)
+
+
+def relearning_rows(size: int, fraction: float, seed: int) -> list[int]:
+    """The rows of a dataset of ``size`` rows relearned on: the first ``ceil(fraction * size)`` of a seeded
+    permutation (at least one)."""
+    check_number("attack.relearn.fraction", fraction, low=0, low_open=True, high=1)
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(int(seed))).tolist()
+    return sorted(order[:max(1, math.ceil(fraction * size))])
+
+
+def relearned_copy(model: torch.nn.Module, dataset: Any, tokenizer: Any, steps: int, learning_rate: float,
+                   batch_size: int, seed: int = 0) -> torch.nn.Module:
+    """A copy of ``model`` after ``steps`` AdamW steps on ``dataset`` (every weight trainable); ``model`` untouched."""
+    steps = check_number("attack.relearn.steps", steps, integer=True, low=1)
+    batch_size = check_number("attack.relearn.batch_size", batch_size, integer=True, low=1)
+    check_number("attack.relearn.learning_rate", learning_rate, low=0, low_open=True)
+    if len(dataset) == 0:
+        raise BadValueError("attack.relearn: the relearning set is empty")
+    attacked = copy.deepcopy(model)
+    params = [p for p in attacked.parameters() if p.is_floating_point()]
+    for p in params:
+        p.requires_grad_(True)
+    attacked.train()
+    optimizer = torch.optim.AdamW(params, lr=float(learning_rate), weight_decay=0.0)
+    collate = DataCollatorForSupervisedDataset(tokenizer)
+    device = next(attacked.parameters()).device
+    generator = torch.Generator().manual_seed(int(seed))
+    order: list[int] = []
+    for step in progress_over(range(steps), "relearning", unit="step"):
+        if len(order) < batch_size:
+            order += torch.randperm(len(dataset), generator=generator).tolist()
+        rows, order = order[:batch_size], order[batch_size:]
+        batch = collate([_first(dataset[i]) for i in rows])
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        nll, mask = answer_token_nll(attacked, batch)
+        loss = token_mean(nll.sum(-1), mask.sum(-1))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"attack.relearn: non-finite loss at step {step + 1}; lower attack.relearn.learning_rate")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    attacked.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return attacked
+
+
+def _first(item: Any) -> dict:
+    return item[0] if isinstance(item, list) else item
+
+
+def relearning_set(cfg: Mapping[str, Any], tokenizer: Any, template_args: Any, root_cfg: Any) -> Any:
+    """The rows relearned on: ``attack.relearn.data`` (a dataset config name) cut to ``fraction`` of its rows."""
+    from torch.utils.data import Subset
+
+    from data import build_dataset
+
+    name = cfg.get("data")
+    if not name:
+        raise BadValueError("attack.relearn.data is not set: name a dataset config (e.g. TOFU_QA_FORGET10)")
+    dataset = build_dataset(name, tokenizer, template_args=template_args, root_cfg=root_cfg,
+                            dataset_args=cfg.get("dataset_args") or {})
+    rows = relearning_rows(len(dataset), float(cfg.get("fraction", 0.5)), int(cfg.get("seed", 0)))
+    log.info("relearn: %d of %d rows of %s, %d steps", len(rows), len(dataset), name, cfg.get("steps"))
+    return Subset(dataset, rows)
+
+
+def relearn(model: torch.nn.Module, cfg: Mapping[str, Any], tokenizer: Any, template_args: Any,
+            root_cfg: Any) -> torch.nn.Module:
+    """The attacked model of ``attack.relearn``."""
+    dataset = relearning_set(cfg, tokenizer, template_args, root_cfg)
+    return relearned_copy(model, dataset, tokenizer, cfg.get("steps", 30), cfg.get("learning_rate", 1e-5),
+                          cfg.get("batch_size", 4), int(cfg.get("seed", 0)))
+
+
+def suffix(cfg: Mapping[str, Any]) -> str:
+    return "relearn"
