@@ -97,7 +97,7 @@ def test_open_unlearning_batches_take_items_then_answer_positions():
 def test_eval_in_compat_mode_end_to_end(tofu_dir, tmp_path):
     out = tmp_path / "compat"
     result = run_cli(["src/eval.py", "--config-name=eval.yaml", "model=tiny-random-llama", f"paths.tofu={tofu_dir}",
-                      f"paths.output_dir={out}", "compat=open_unlearning", *SHORT])
+                      f"paths.output_dir={out}", "compat=open_unlearning", "eval.tofu.limit=4", *SHORT])
     assert result.returncode == 0, result.stderr[-4000:]
     logs = json.loads((out / "TOFU_EVAL.json").read_text())
     assert logs["_meta"]["compat"] == "open_unlearning" and logs["_meta"]["passes"] == "plain"
@@ -110,7 +110,7 @@ def test_eval_in_compat_mode_end_to_end(tofu_dir, tmp_path):
         assert math.isfinite(logs[name]["agg_value"]), name
     # the same evaluation without compat: another fingerprint, so nothing is reused across modes
     again = run_cli(["src/eval.py", "--config-name=eval.yaml", "model=tiny-random-llama", f"paths.tofu={tofu_dir}",
-                     f"paths.output_dir={out}", *SHORT])
+                     f"paths.output_dir={out}", "eval.tofu.limit=4", *SHORT])
     assert again.returncode == 0, again.stderr[-4000:]
     assert "reusing" not in again.stdout + again.stderr
     assert json.loads((out / "TOFU_EVAL.json").read_text())["_meta"]["compat"] is None
