@@ -45,6 +45,7 @@ from run_folder import TRAIN_LOG_FILE as TRAIN_LOG
 log = logging.getLogger("report")
 
 SUMMARY_SUFFIX = "_SUMMARY.json"
+ROBUSTNESS_SUFFIX = "_ROBUSTNESS.json"  # attacks.ROBUSTNESS_SUFFIX (not imported: it pulls in torch)
 EVAL_SUFFIX = "_EVAL.json"
 
 #: ``trainer.method_args`` entries that change how a method is computed, not what it computes.
@@ -104,6 +105,8 @@ class Run:
     train_log: list[dict[str, Any]] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
+    #: ``<NAME>_ROBUSTNESS.json`` of an evaluation with attacks (src/attacks/), by evaluator name
+    robustness: dict[str, dict[str, Any]] = field(default_factory=dict)
     name: str = ""
     role: str = "run"
     _eval_cache: dict[str, dict | None] = field(default_factory=dict, repr=False, compare=False)
@@ -273,6 +276,7 @@ def load_run(path: Path, kind: str) -> Run:
     eval_dir = path / RESULT_EVALS_DIR if kind == "train" else path
     summaries: dict[str, dict[str, float | None]] = {}
     eval_paths: dict[str, Path] = {}
+    robustness: dict[str, dict[str, Any]] = {}
     if eval_dir.is_dir():
         for file in sorted(eval_dir.iterdir()):
             if file.name.endswith(SUMMARY_SUFFIX) and file.is_file():
@@ -281,13 +285,17 @@ def load_run(path: Path, kind: str) -> Run:
                     summaries[file.name[: -len(SUMMARY_SUFFIX)]] = summary
             elif file.name.endswith(EVAL_SUFFIX) and file.is_file():
                 eval_paths[file.name[: -len(EVAL_SUFFIX)]] = file
+            elif file.name.endswith(ROBUSTNESS_SUFFIX) and file.is_file():
+                found = _read_json(file)
+                if isinstance(found, dict):
+                    robustness[file.name[: -len(ROBUSTNESS_SUFFIX)]] = found
     best = _read_json(path / BEST_CHECKPOINT) if kind == "train" else None
     task_name = config.get("task_name")
     return Run(
         path=path, kind=kind, config=config, summaries=summaries, eval_paths=eval_paths,
         train_log=_read_jsonl(path / TRAIN_LOG) if kind == "train" else [],
         history=_read_jsonl(path / EVAL_HISTORY) if kind == "train" else [],
-        best=best if isinstance(best, dict) else None,
+        best=best if isinstance(best, dict) else None, robustness=robustness,
         name=str(task_name) if task_name else path.name,
     )
 
@@ -953,6 +961,53 @@ def plot_loss_terms(per_run: Sequence[tuple[str, Mapping[str, tuple[Sequence[flo
     return _save_figure(fig, path)
 
 
+def robustness_bars(runs: Sequence[Run]) -> dict[str, list[tuple[str, dict[str, float | None], float | None]]]:
+    """Per attacked metric, ``(run name, {"clean": v, "@<attack>": v, ...}, retain model's value)`` of every run
+    evaluated with attacks (its ``<NAME>_ROBUSTNESS.json``)."""
+    out: dict[str, list[tuple[str, dict[str, float | None], float | None]]] = {}
+    for run in runs:
+        for bench, table in run.robustness.items():
+            for metric, row in table.items():
+                if not isinstance(row, Mapping):
+                    continue
+                values = {"clean": _as_number(row.get("clean"))}
+                values.update({f"@{tag}": _as_number(v) for tag, v in (row.get("attacked") or {}).items()})
+                label = metric if len(run.robustness) == 1 else f"{bench}.{metric}"
+                out.setdefault(label, []).append((run.name, values, _as_number(row.get("retain"))))
+    return out
+
+
+def plot_robustness(bars: Mapping[str, Sequence[tuple[str, Mapping[str, float | None], float | None]]],
+                    path: Path) -> Path:
+    """One panel per metric: for each run a group of bars, its clean value then each attacked one; the retain
+    model's value dashed."""
+    plt = _pyplot()
+    metrics = list(bars)
+    ncols = min(3, len(metrics))
+    nrows = math.ceil(len(metrics) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 3.4 * nrows), squeeze=False)
+    for ax in axes.flat[len(metrics):]:
+        ax.set_visible(False)
+    for ax, metric in zip(axes.flat, metrics):
+        rows = bars[metric]
+        kinds = list(dict.fromkeys(k for _, values, _ in rows for k in values))
+        width = 0.8 / max(len(kinds), 1)
+        for k, kind in enumerate(kinds):
+            heights = [values.get(kind) for _, values, _ in rows]
+            ax.bar([i + k * width for i in range(len(rows))], [h if h is not None else 0.0 for h in heights],
+                   width, label=_plain(kind))
+        retain = [r for _, _, r in rows if r is not None]
+        if retain:
+            ax.axhline(retain[0], linestyle="--", color="grey", linewidth=1, label="retain")
+        ax.set_xticks([i + width * (len(kinds) - 1) / 2 for i in range(len(rows))])
+        ax.set_xticklabels([_plain(name) for name, _, _ in rows], fontsize=7, rotation=15)
+        ax.set_title(_plain(metric), fontsize=10)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
 CAPTIONS = {
     "forget_quality_vs_model_utility": (
         "Each point is one model: to the right, more utility kept; up, forget quality (a p-value on a log "
@@ -964,6 +1019,10 @@ CAPTIONS = {
     "trajectories": (
         "Each panel follows one metric over the unlearning steps, one line per run; the dashed line is the "
         "retain model's value, the level that ideal unlearning would reach and hold."),
+    "robustness": (
+        "Each panel is one forget metric: per run its clean value and its value under each attack "
+        "(quantization, relearning, rephrasing); the dashed line is the retain model's clean value. A bar "
+        "that jumps back towards the target's level means the knowledge was hidden, not removed."),
     "loss_terms": (
         "Each panel is one run: the total loss and each of the method's loss terms at every logged step; a "
         "term that keeps falling without levelling off often comes with a collapse of model utility."),
@@ -1008,6 +1067,12 @@ def make_figures(runs: Sequence[Run], out_dir: Path) -> list[Figure]:
     else:
         fig.notes.append("Loss terms per step: skipped, no run has training steps in train_log.jsonl.")
     figures.append(fig)
+
+    bars = robustness_bars(runs)
+    if bars:  # only when some evaluation ran attacks (no note otherwise: attacks are optional)
+        fig = Figure("robustness", "Forget metrics under attack", CAPTIONS["robustness"])
+        fig.path = plot_robustness(bars, out_dir / "robustness.png")
+        figures.append(fig)
     return figures
 
 

@@ -171,6 +171,17 @@ def test_eval_with_every_attack_writes_every_attacked_metric(tofu_dir, tmp_path)
     after = load_file(str(model_dir / "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
 
+    # the report shows the attacked metrics in its table and plots them next to the clean ones
+    import csv
+
+    import report
+
+    assert report.main([str(out), "--out", str(tmp_path / "report")]) == 0
+    assert (tmp_path / "report" / "robustness.png").read_bytes().startswith(b"\x89PNG")
+    with open(tmp_path / "report" / "report.csv", encoding="utf-8") as f:
+        (table_row,) = list(csv.DictReader(f))
+    assert float(table_row["forget_Q_A_Prob@quant4"]) == summary["forget_Q_A_Prob@quant4"]
+
 
 def _tiny_at(folder):
     import os
