@@ -30,6 +30,7 @@ from checks import check_number  # noqa: E402
 from evals import format_summary, get_evaluators  # noqa: E402
 from model import get_model  # noqa: E402
 from progress import quiet_library_bars  # noqa: E402
+from sweep import run_job, write_job_status  # noqa: E402
 
 
 def model_identity(model_cfg: DictConfig) -> str:
@@ -92,7 +93,9 @@ def run(cfg: DictConfig) -> dict[str, dict]:
 
 @hydra.main(version_base=None, config_path="../configs", config_name="eval.yaml")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    """One evaluation; inside a sweep (-m) a failed combination is recorded and the sweep goes on."""
+    if run_job(run, cfg) is not None:
+        write_job_status("finished", str(cfg.paths.output_dir))
 
 
 if __name__ == "__main__":

@@ -891,17 +891,23 @@ def retain_levels(runs: Sequence[Run], metrics: Iterable[str]) -> dict[str, list
     return out
 
 
+def _panel_grid(count: int, width: float, height: float) -> tuple[Any, list[Any]]:
+    """A figure of ``count`` panels, three to a row (the unused places of the last row hidden)."""
+    plt = _pyplot()
+    ncols = min(3, count)
+    nrows = math.ceil(count / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+    for ax in axes.flat[count:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:count])
+
+
 def plot_trajectories(series: Mapping[str, Sequence[tuple[str, Sequence[float], Sequence[float]]]],
                       levels: Mapping[str, Sequence[tuple[str, float]]], path: Path) -> Path:
     """One panel per metric, one line per run against the step, the retain model's value dashed."""
-    plt = _pyplot()
     metrics = list(series)
-    ncols = min(3, len(metrics))
-    nrows = math.ceil(len(metrics) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.4 * nrows), squeeze=False)
-    for ax in axes.flat[len(metrics):]:
-        ax.set_visible(False)
-    for ax, metric in zip(axes.flat, metrics):
+    fig, axes = _panel_grid(len(metrics), 4.6, 3.4)
+    for ax, metric in zip(axes, metrics):
         log_y = metric in LOG_AXIS_METRICS
         for name, steps, values in series[metric]:
             values = [max(v, FQ_FLOOR) for v in values] if log_y else list(values)
@@ -944,13 +950,8 @@ def loss_series(run: Run) -> dict[str, tuple[list[float], list[float]]]:
 def plot_loss_terms(per_run: Sequence[tuple[str, Mapping[str, tuple[Sequence[float], Sequence[float]]]]],
                     path: Path) -> Path:
     """A grid of panels, one per run, with ``loss`` and each loss term against the step."""
-    plt = _pyplot()
-    ncols = min(3, len(per_run))
-    nrows = math.ceil(len(per_run) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.2 * nrows), squeeze=False)
-    for ax in axes.flat[len(per_run):]:
-        ax.set_visible(False)
-    for ax, (name, terms) in zip(axes.flat, per_run):
+    fig, axes = _panel_grid(len(per_run), 4.6, 3.2)
+    for ax, (name, terms) in zip(axes, per_run):
         for term, (steps, values) in terms.items():
             ax.plot(steps, values, linewidth=1.4 if term == "loss" else 1.0, label=_plain(term))
         ax.set_title(_plain(name), fontsize=9)
@@ -981,14 +982,9 @@ def plot_robustness(bars: Mapping[str, Sequence[tuple[str, Mapping[str, float | 
                     path: Path) -> Path:
     """One panel per metric: for each run a group of bars, its clean value then each attacked one; the retain
     model's value dashed."""
-    plt = _pyplot()
     metrics = list(bars)
-    ncols = min(3, len(metrics))
-    nrows = math.ceil(len(metrics) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.8 * ncols, 3.4 * nrows), squeeze=False)
-    for ax in axes.flat[len(metrics):]:
-        ax.set_visible(False)
-    for ax, metric in zip(axes.flat, metrics):
+    fig, axes = _panel_grid(len(metrics), 4.8, 3.4)
+    for ax, metric in zip(axes, metrics):
         rows = bars[metric]
         kinds = list(dict.fromkeys(k for _, values, _ in rows for k in values))
         width = 0.8 / max(len(kinds), 1)
