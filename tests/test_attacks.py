@@ -133,6 +133,24 @@ def test_robustness_summary_and_table():
         get_attacks({"quantise": {}})
 
 
+def test_the_baseline_is_the_retain_model_its_evaluation_names(tmp_path):
+    from types import SimpleNamespace
+
+    from attacks import baseline_model
+
+    retain_dir = tmp_path / "retain"
+    retain_dir.mkdir()
+    logs = tmp_path / "TOFU_EVAL.json"
+    logs.write_text(json.dumps({"_meta": {"model": str(retain_dir)}}))
+    evaluator = SimpleNamespace(cfg={"retain_logs_path": str(logs)})
+    assert baseline_model({"baseline_model_path": "auto"}, evaluator) == str(retain_dir)
+    assert baseline_model({"baseline_model_path": "/given"}, evaluator) == "/given"
+    assert baseline_model({"baseline_model_path": None}, evaluator) is None
+    logs.write_text(json.dumps({"_meta": {"model": "org/hub-model"}}))  # not a local folder: no baseline
+    assert baseline_model({"baseline_model_path": "auto"}, evaluator) is None
+    assert baseline_model({"baseline_model_path": "auto"}, SimpleNamespace(cfg={"retain_logs_path": None})) is None
+
+
 SHORT = ["eval.tofu.metrics.forget_Q_A_ROUGE.generation_args.max_new_tokens=4",
          *[f"eval.tofu.metrics.model_utility.pre_compute.{p}_Q_A_ROUGE.generation_args.max_new_tokens=4"
            for p in ("retain", "ra", "wf")]]

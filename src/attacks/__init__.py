@@ -137,10 +137,29 @@ def run_attacks(attacks: list[tuple[AttackSpec, dict]], evaluator: Any, model: t
                                              f"{model_id}@{tag}")
         finally:
             del copy_
-        baseline_path = cfg.get("baseline_model_path")
+        baseline_path = baseline_model(cfg, evaluator)
         if baseline_path:
             baselines[tag] = _baseline(spec, cfg, evaluator, names, baseline_path, model, context)
     return attacked, baselines
+
+
+def baseline_model(cfg: Mapping[str, Any], evaluator: Any) -> str | None:
+    """The model an attack is also applied to as the baseline (``baseline_model_path``): a folder; ``auto`` =
+    the retain model, as its evaluation (``retain_logs_path``) records it in ``_meta.model``, when that is a
+    local folder; null or absent = none."""
+    path = cfg.get("baseline_model_path")
+    if path != "auto":
+        return path or None
+    retain_logs = evaluator.cfg.get("retain_logs_path")
+    if not retain_logs or not Path(retain_logs).is_file():
+        return None
+    recorded = (json.loads(Path(retain_logs).read_text()).get("_meta") or {}).get("model")
+    if recorded and Path(str(recorded)).is_dir():
+        log.info("attack %s: the retain model %s (from %s) is the baseline", cfg.get("handler"), recorded, retain_logs)
+        return str(recorded)
+    log.info("attack %s: no baseline (the retain model recorded in %s, %r, is not a local folder)",
+             cfg.get("handler"), retain_logs, recorded)
+    return None
 
 
 def _baseline(spec: AttackSpec, cfg: Mapping[str, Any], evaluator: Any, names: list[str], path: str,
@@ -216,4 +235,4 @@ def merge_into_files(output_dir: Path, name: str, attacked: Mapping[str, Mapping
 
 
 __all__ = ["ATTACK_REGISTRY", "get_attacks", "run_attacks", "robustness_summary", "format_robustness",
-           "merge_into_files", "attacked_metrics", "evaluate_metrics"]
+           "merge_into_files", "attacked_metrics", "evaluate_metrics", "baseline_model"]
