@@ -30,6 +30,7 @@ from checks import check_number  # noqa: E402
 from evals import format_summary, get_evaluators  # noqa: E402
 from model import get_model  # noqa: E402
 from progress import quiet_library_bars  # noqa: E402
+from run_folder import RUN_CONFIG, write_atomic  # noqa: E402
 from sweep import run_job, write_job_status  # noqa: E402
 
 
@@ -40,14 +41,6 @@ def model_identity(model_cfg: DictConfig) -> str:
         return str(path)
     recipe = OmegaConf.to_container(model_cfg.get("random_init"), resolve=True)
     return "random_init:" + json.dumps(recipe, sort_keys=True)
-
-
-def write_config_atomic(cfg: DictConfig, path: Path) -> None:
-    """The resolved config at ``path``, through a temporary file and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    OmegaConf.save(cfg, tmp, resolve=True)
-    os.replace(tmp, path)
 
 
 def run(cfg: DictConfig) -> dict[str, dict]:
@@ -64,7 +57,9 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     evaluators = get_evaluators(cfg.eval, tokenizer=tokenizer, template_args=cfg.model.get("template_args"),
                                 root_cfg=cfg)
     if state.is_main_process:  # what was evaluated and how, for src/report.py (written before the results)
-        write_config_atomic(cfg, Path(cfg.paths.output_dir) / "config.yaml")
+        out_dir = Path(cfg.paths.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(out_dir / RUN_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
     summaries = {}
     for name, evaluator in evaluators.items():
         model_id = model_identity(cfg.model)

@@ -28,7 +28,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ import yaml
 from run_folder import BEST_CHECKPOINT_FILE as BEST_CHECKPOINT
 from run_folder import COMPLETION_MARKER as RUN_MARKER
 from run_folder import EVAL_HISTORY_FILE as EVAL_HISTORY
-from run_folder import RESULT_EVALS_DIR, RUN_CONFIG
+from run_folder import RESULT_EVALS_DIR, RUN_CONFIG, write_atomic
 from run_folder import TRAIN_LOG_FILE as TRAIN_LOG
 
 log = logging.getLogger("report")
@@ -1435,23 +1434,6 @@ def render_html(report: Report) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------------------
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and one ``os.replace``."""
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

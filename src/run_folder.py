@@ -60,6 +60,24 @@ class OutputFolderError(RuntimeError):
     """The output folder cannot be used (it is not ours, a run is writing it, it holds an input...)."""
 
 
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and one ``os.replace``: a
+    reader sees the old file or the new one, never half of it (the temporary file goes on failure)."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def is_finished_run(folder: Path) -> bool:
     """Whether ``folder`` is a run of ours that finished: its resolved config and completion marker exist."""
     return (folder / RUN_CONFIG).is_file() and (folder / COMPLETION_MARKER).is_file()

@@ -33,7 +33,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from checks import BadValueError
-from run_folder import RESULT_EVALS_DIR
+from run_folder import RESULT_EVALS_DIR, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +202,7 @@ def write_job_status(status: str, output_dir: str | None, objective: Any = None,
     record = {"job": hydra_cfg.job.num, "swept": job_folder_name(overrides, _swept_keys(hydra_cfg)),
               "overrides": overrides, "status": status,
               "output_dir": output_dir, "objective": objective, "error": error}
-    tmp = folder / f".{JOB_STATUS_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, folder / JOB_STATUS_FILE)
+    write_atomic(folder / JOB_STATUS_FILE, json.dumps(record, indent=2, default=str))
 
 
 def run_job(run: Any, cfg: DictConfig) -> Path | None:
@@ -236,9 +234,7 @@ class SweepSummary(Callback):
         if not records:
             return
         records.sort(key=lambda r: r.get("job", 0))
-        tmp = sweep_dir / f".{SWEEP_SUMMARY_FILE}.tmp"
-        tmp.write_text(json.dumps(records, indent=2, default=str))
-        os.replace(tmp, sweep_dir / SWEEP_SUMMARY_FILE)
+        write_atomic(sweep_dir / SWEEP_SUMMARY_FILE, json.dumps(records, indent=2, default=str))
         lines = [f"sweep of {len(records)} combination(s) ({sweep_dir / SWEEP_SUMMARY_FILE}):"]
         for r in records:
             what = r["output_dir"] if r["status"] == "finished" else r["error"]

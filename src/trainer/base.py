@@ -8,6 +8,7 @@ import os
 import shutil
 from collections import defaultdict
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from compat import OURS, Compat, get_compat
-from run_folder import EVAL_HISTORY_FILE
+from run_folder import EVAL_HISTORY_FILE, write_atomic
 from trainer.answer_nll import answer_token_nll, check_nll_impl, resolve_pack_rows
 from trainer.losses import token_mean, tokens_counted_over_processes
 from trainer.packing import check_pack_rows
@@ -302,10 +303,7 @@ class FinetuneTrainer(Trainer):
             return
         with open(path, encoding="utf-8") as f:
             kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        write_atomic(Path(path), "".join(kept))
 
     def _determine_best_metric(self, metrics: dict[str, float], trial: Any) -> bool:
         """transformers' choice of the best evaluation, restricted to those passing ``best_model_constraint``;
