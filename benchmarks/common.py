@@ -128,13 +128,11 @@ def now_iso() -> str:
 
 
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    """``payload`` as JSON at ``path`` (anything else as its text), whole or not at all (``run_folder.write_atomic``)."""
+    from run_folder import write_atomic
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(path), json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def emit(payload: dict, out: str | None, stdout: Any = None) -> None:

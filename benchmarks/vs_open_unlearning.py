@@ -511,12 +511,8 @@ def _our_smollm2_folder() -> Path:
 
 
 def _write(result: dict, path: Path | None) -> None:
-    if path is None:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    if path is not None:
+        common.write_json_atomic(path, result)
 
 
 if __name__ == "__main__":

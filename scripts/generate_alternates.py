@@ -29,9 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -62,16 +60,10 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
 
 def write_rows_atomically(rows: list[dict[str, Any]], path: Path) -> None:
     """JSON lines to ``path`` via a temporary file in the same folder and a rename (never half-written)."""
+    from run_folder import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def load_model_config(name: str, model_path: str | None) -> Any:

@@ -25,12 +25,12 @@ from accelerate import PartialState  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-from attacks import format_robustness, get_attacks, merge_into_files, robustness_summary, run_attacks  # noqa: E402
+from attacks import format_robustness, get_attacks, robustness_summary, run_attacks  # noqa: E402
 from checks import check_number  # noqa: E402
-from evals import format_summary, get_evaluators  # noqa: E402
+from evals import EvalResult, format_summary, get_evaluators  # noqa: E402
 from model import get_model  # noqa: E402
 from progress import quiet_library_bars  # noqa: E402
-from run_folder import RUN_CONFIG, write_atomic  # noqa: E402
+from run_folder import RUN_CONFIG, robustness_file, write_atomic, write_json_atomic  # noqa: E402
 from sweep import run_job, write_job_status  # noqa: E402
 
 
@@ -43,7 +43,9 @@ def model_identity(model_cfg: DictConfig) -> str:
     return "random_init:" + json.dumps(recipe, sort_keys=True)
 
 
-def run(cfg: DictConfig) -> dict[str, dict]:
+def run(cfg: DictConfig) -> dict[str, EvalResult]:
+    """Evaluate the configured model on every benchmark of ``cfg.eval`` (and under ``cfg.attack``); each
+    result is saved once into ``paths.output_dir`` and returned."""
     set_seed(check_number("seed", cfg.get("seed", 0), integer=True, low=0))
     quiet_library_bars()
     if not cfg.get("eval"):
@@ -54,36 +56,43 @@ def run(cfg: DictConfig) -> dict[str, dict]:
     state = PartialState(cpu=not torch.cuda.is_available())
     model, tokenizer = get_model(cfg.model)
     model = model.to(state.device)
-    evaluators = get_evaluators(cfg.eval, tokenizer=tokenizer, template_args=cfg.model.get("template_args"),
-                                root_cfg=cfg)
+    template_args = cfg.model.get("template_args")
+    evaluators = get_evaluators(cfg.eval, tokenizer=tokenizer, template_args=template_args, root_cfg=cfg)
+    out_dir = Path(cfg.paths.output_dir)
     if state.is_main_process:  # what was evaluated and how, for src/report.py (written before the results)
-        out_dir = Path(cfg.paths.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(out_dir / RUN_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
-    summaries = {}
+    results: dict[str, EvalResult] = {}
+    model_id = model_identity(cfg.model)
     for name, evaluator in evaluators.items():
-        model_id = model_identity(cfg.model)
-        summaries[name] = evaluator.evaluate(model, output_dir=cfg.paths.output_dir, model_id=model_id)
+        # with attacks, the clean result is saved with the attacked metrics, once (or alone if an attack fails)
+        result = evaluator.evaluate(model, output_dir=out_dir, model_id=model_id, save=not attacks)
         robustness = None
         if attacks:  # every process: the attacked evaluations are sharded like the clean one
-            if not hasattr(evaluator, "metrics_cfg"):
-                raise ValueError(f"attack=...: eval.{name} ({type(evaluator).__name__}) has no per-metric configs to "
-                                 "attack; attacks run on eval=tofu and eval=muse")
-            attacked, baselines = run_attacks(attacks, evaluator, model, model_id, tokenizer, cfg)
+            try:
+                attacked, baselines = run_attacks(attacks, evaluator, model, model_id, tokenizer,
+                                                  evaluator.template_args, cfg, evaluator.cfg.get("retain_logs_path"))
+            except BaseException:
+                if state.is_main_process:
+                    result.save(out_dir)
+                    print(f"{name}: an attack failed; the clean evaluation is saved in {out_dir}", file=sys.stderr)
+                raise
+            retain_path = evaluator.cfg.get("retain_logs_path")
+            retain = EvalResult.from_eval_payload(evaluator.name, json.loads(Path(retain_path).read_text())) \
+                if retain_path else None
+            robustness = robustness_summary(result, attacked, baselines, retain)
+            result = result.with_attacked(attacked)
             if state.is_main_process:
-                out_dir = Path(cfg.paths.output_dir)
-                clean = json.loads((out_dir / f"{evaluator.name}_EVAL.json").read_text())
-                retain_path = evaluator.cfg.get("retain_logs_path")
-                retain = json.loads(Path(retain_path).read_text()) if retain_path else None
-                robustness = robustness_summary(clean, attacked, baselines, retain)
-                summaries[name] = merge_into_files(out_dir, evaluator.name, attacked, robustness)
+                result.save(out_dir)
+                write_json_atomic(robustness_file(out_dir, evaluator.name), robustness)
+        results[name] = result
         if state.is_main_process:
             print(f"\n{name} summary ({cfg.paths.output_dir}):")
-            print(format_summary({cfg.task_name: summaries[name]}))
+            print(format_summary({cfg.task_name: result.summary}))
             if robustness:
                 print(f"\n{name} under attack (clean, attacked, the retain model):")
                 print(format_robustness(robustness))
-    return summaries
+    return results
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="eval.yaml")

@@ -38,14 +38,17 @@ import yaml
 from run_folder import BEST_CHECKPOINT_FILE as BEST_CHECKPOINT
 from run_folder import COMPLETION_MARKER as RUN_MARKER
 from run_folder import EVAL_HISTORY_FILE as EVAL_HISTORY
-from run_folder import RESULT_EVALS_DIR, RUN_CONFIG, write_atomic
+from run_folder import (
+    EVAL_SUFFIX,
+    RESULT_EVALS_DIR,
+    ROBUSTNESS_SUFFIX,
+    RUN_CONFIG,
+    SUMMARY_SUFFIX,
+    write_atomic,
+)
 from run_folder import TRAIN_LOG_FILE as TRAIN_LOG
 
 log = logging.getLogger("report")
-
-SUMMARY_SUFFIX = "_SUMMARY.json"
-ROBUSTNESS_SUFFIX = "_ROBUSTNESS.json"  # attacks.ROBUSTNESS_SUFFIX (not imported: it pulls in torch)
-EVAL_SUFFIX = "_EVAL.json"
 
 #: ``trainer.method_args`` entries that change how a method is computed, not what it computes.
 IMPLEMENTATION_KNOBS = frozenset({"nll_impl", "pack_rows", "joint_forward", "precompute_ref_log_probs"})

@@ -36,10 +36,13 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +55,25 @@ TRAIN_LOG_FILE = "train_log.jsonl"
 EVAL_HISTORY_FILE = "eval_history.jsonl"
 BEST_CHECKPOINT_FILE = "best_checkpoint.json"
 RESULT_EVALS_DIR = "evals"
+#: A benchmark's result files in an evaluation folder: ``<NAME>_EVAL.json`` (every metric, per-sample values,
+#: ``_meta``), ``<NAME>_SUMMARY.json`` (headline numbers) and, under attack, ``<NAME>_ROBUSTNESS.json``.
+EVAL_SUFFIX = "_EVAL.json"
+SUMMARY_SUFFIX = "_SUMMARY.json"
+ROBUSTNESS_SUFFIX = "_ROBUSTNESS.json"
 #: What a Hugging Face checkpoint folder needs for an exact resume (optimizer, schedule, RNG, state).
 RESUMABLE_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+
+
+def eval_file(folder: Path, benchmark: str) -> Path:
+    return Path(folder) / f"{benchmark}{EVAL_SUFFIX}"
+
+
+def summary_file(folder: Path, benchmark: str) -> Path:
+    return Path(folder) / f"{benchmark}{SUMMARY_SUFFIX}"
+
+
+def robustness_file(folder: Path, benchmark: str) -> Path:
+    return Path(folder) / f"{benchmark}{ROBUSTNESS_SUFFIX}"
 
 
 class OutputFolderError(RuntimeError):
@@ -76,6 +96,22 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _json_default(value: Any) -> Any:
+    """Numbers and arrays of numpy and torch as plain JSON numbers and lists (torch only if already imported:
+    the report reads run folders without it)."""
+    torch = sys.modules.get("torch")
+    if isinstance(value, (np.ndarray, np.generic)) or torch is not None and isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def write_json_atomic(path: Path, payload: Any, indent: int | None = 2) -> None:
+    """``payload`` as JSON at ``path`` (its folder made if needed), through ``write_atomic``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(payload, indent=indent, default=_json_default, allow_nan=True))
 
 
 def is_finished_run(folder: Path) -> bool:
@@ -244,9 +280,7 @@ class RunFolder:
         assert self.staging is not None, "start() first"
         marker = {"finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   **(summary or {})}
-        tmp = self.staging / f".{COMPLETION_MARKER}.tmp"
-        tmp.write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, self.staging / COMPLETION_MARKER)
+        write_atomic(self.staging / COMPLETION_MARKER, json.dumps(marker, indent=2) + "\n")
         if self.output_dir.exists():
             if _exchange(self.staging, self.output_dir):
                 shutil.rmtree(self.staging)  # the earlier run, now at the staging path

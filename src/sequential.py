@@ -41,8 +41,7 @@ import eval as eval_script  # noqa: E402
 import train as train_script  # noqa: E402
 from checks import check_bool, check_choice, check_number  # noqa: E402
 from data import available_datasets  # noqa: E402
-from evals.base import write_json_atomic  # noqa: E402
-from run_folder import COMPLETION_MARKER, RUN_CONFIG, is_finished_run  # noqa: E402
+from run_folder import COMPLETION_MARKER, RUN_CONFIG, is_finished_run, write_atomic, write_json_atomic  # noqa: E402
 
 log = logging.getLogger("sequential")
 
@@ -165,10 +164,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def write_summary(output_dir: Path, seq: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """SEQUENCE_SUMMARY.json (settings and rows) and SEQUENCE_SUMMARY.md, each written whole (temp file + rename)."""
     write_json_atomic(output_dir / f"{SUMMARY_NAME}.json", {"sequence": seq, "rows": rows})
-    path = output_dir / f"{SUMMARY_NAME}.md"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(markdown_table(rows), encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(output_dir / f"{SUMMARY_NAME}.md", markdown_table(rows))
 
 
 def _free_memory() -> None:
@@ -186,7 +182,7 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     if seq.get("evaluate_start", True):
         start_cfg = eval_config(base, None, output_dir / "eval" / "start", "start")
-        summaries = eval_script.run(start_cfg)
+        summaries = {name: result.summary for name, result in eval_script.run(start_cfg).items()}
         rows.append(summary_row("start", None, str(original or "random_init"), 0, summaries))
         write_summary(output_dir, seq, rows)
         _free_memory()
@@ -201,7 +197,8 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
             log.info("fold %s: unlearning %s from %s", fold, seq["forget"], start_model or original or "random_init")
             train_script.run(run_cfg)
             _free_memory()
-        summaries = eval_script.run(eval_config(run_cfg, str(folder), output_dir / "eval" / f"fold_{fold}", "fold"))
+        results = eval_script.run(eval_config(run_cfg, str(folder), output_dir / "eval" / f"fold_{fold}", "fold"))
+        summaries = {name: result.summary for name, result in results.items()}
         rows.append(summary_row(f"fold_{fold}", fold, str(folder), _steps(folder), summaries))
         write_summary(output_dir, seq, rows)
         _free_memory()

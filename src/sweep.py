@@ -33,7 +33,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from checks import BadValueError
-from run_folder import RESULT_EVALS_DIR, write_atomic
+from run_folder import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -178,16 +178,6 @@ def sweep_objective(summaries: Mapping[str, Mapping[str, Any]], metrics: Sequenc
             log.info("objective: %s=%s fails %s: the run is not a candidate", parsed.metric, value, parsed)
             values = worst
     return values[0] if len(values) == 1 else values
-
-
-def read_final_summaries(run_dir: Path, evaluator_names: Mapping[str, str]) -> dict[str, dict]:
-    """``{bench: summary}`` of a finished run's final evaluation (``<run>/evals/<NAME>_SUMMARY.json``)."""
-    out = {}
-    for bench, name in evaluator_names.items():
-        path = Path(run_dir) / RESULT_EVALS_DIR / f"{name}_SUMMARY.json"
-        if path.is_file():
-            out[bench] = json.loads(path.read_text())
-    return out
 
 
 # ----- the record of each job and the summary at the end -----------------------------------------------

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -25,20 +26,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hydra  # noqa: E402
 import torch  # noqa: E402
 from accelerate import PartialState  # noqa: E402
-from omegaconf import DictConfig, ListConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from compat import get_compat  # noqa: E402
-from data import check_eval_splits, get_collator, get_data  # noqa: E402
-from evals import get_evaluators  # noqa: E402
-from evals.base import write_json_atomic  # noqa: E402
-from evals.lm_eval import task_data_files  # noqa: E402
+from data import check_eval_splits, data_input_paths, get_collator, get_data  # noqa: E402
+from evals import Benchmark, EvalResult, get_evaluators  # noqa: E402
 from model import get_model  # noqa: E402
 from model.peft import is_peft_model, peft_settings, save_merged  # noqa: E402
 from progress import quiet_library_bars  # noqa: E402
-from run_folder import BEST_CHECKPOINT_FILE, RESULT_EVALS_DIR, TRAIN_LOG_FILE, RunFolder  # noqa: E402
+from run_folder import BEST_CHECKPOINT_FILE, RESULT_EVALS_DIR, TRAIN_LOG_FILE, RunFolder, write_json_atomic  # noqa: E402
 from sweep import (  # noqa: E402
-    read_final_summaries,
     run_job,
     sweep_objective,
     sweeper_directions,
@@ -58,24 +56,25 @@ def write_run_files(cfg: DictConfig, trainer, folder: Path) -> None:
             f.write(json.dumps(entry) + "\n")
 
 
-#: ``paths.<key>`` settings naming a folder of local benchmark data.
-DATA_FOLDERS = ("tofu", "muse_news", "muse_books", "wmdp")
-
-
-def run_inputs(cfg: DictConfig) -> list[str]:
-    """Paths the run reads (model, tokenizer, data folders, EVAL files, lm-eval task folders and data files):
-    the output folder must not hold them."""
+def run_inputs(cfg: DictConfig, benchmarks: dict[str, Benchmark]) -> list[str]:
+    """Paths the run reads (model, tokenizer, the data folder of every dataset and benchmark, EVAL files, the
+    benchmarks' own inputs): the output folder must not hold them."""
     found = [cfg.model.model_args.get("pretrained_model_name_or_path"),
              cfg.model.get("tokenizer_args", {}).get("pretrained_model_name_or_path"),
-             *(cfg.paths.get(key) for key in DATA_FOLDERS), cfg.get("retain_logs_path")]
-    for bench in (cfg.get("eval") or {}).values():
-        found += [bench.get("retain_logs_path"), bench.get("reference_model_path")]
-        include = bench.get("include_path")
-        found += list(include) if isinstance(include, (list, ListConfig)) else [include]
-        for task_cfg in (bench.get("task_overrides") or {}).values():
-            if isinstance(task_cfg, (dict, DictConfig)):
-                found += task_data_files(task_cfg)
+             *(OmegaConf.select(cfg, bench.roles.data_folder_key) for bench in benchmarks.values()
+               if bench.roles.data_folder_key),
+             *data_input_paths(cfg.data, cfg), cfg.get("retain_logs_path")]
+    for bench in benchmarks.values():
+        found += bench.input_paths()
     return [str(p) for p in found if p]
+
+
+@dataclass
+class TrainRun:
+    """A finished run: its output folder and the evaluation of its result (``trainer.args.do_eval``)."""
+
+    output_dir: Path
+    evaluations: dict[str, EvalResult] = field(default_factory=dict)
 
 
 class Terminated(BaseException):
@@ -91,8 +90,9 @@ def _start_folder(folder: RunFolder, resume) -> tuple[Path, Path | None]:
     return on_main_process(lambda: folder.start(resume))
 
 
-def run(cfg: DictConfig) -> Path:
-    """Train as the config says and return the output folder (see ``run_folder`` for its safety rules)."""
+def run(cfg: DictConfig) -> TrainRun:
+    """Train as the config says; returns the output folder and the result's evaluations (see ``run_folder`` for
+    the folder's safety rules)."""
     check_mode(cfg)
     quiet_library_bars()
     if cfg.get("sequence"):
@@ -104,7 +104,9 @@ def run(cfg: DictConfig) -> Path:
     state = PartialState(cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     check_eval_splits(cfg)
-    folder = RunFolder(cfg.paths.output_dir, inputs=run_inputs(cfg))
+    # the benchmarks' configs checked, and their inputs known, before the output folder is taken
+    benchmarks = get_evaluators(cfg.get("eval"), template_args=cfg.model.get("template_args"), root_cfg=cfg)
+    folder = RunFolder(cfg.paths.output_dir, inputs=run_inputs(cfg, benchmarks))
     resume = cfg.trainer.get("args", {}).get("resume_from_checkpoint")
     staging, checkpoint = _start_folder(folder, resume)
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if state.is_main_process else None
@@ -121,14 +123,15 @@ def run(cfg: DictConfig) -> Path:
         evaluators = get_evaluators(cfg.get("eval"), tokenizer=tokenizer,
                                     template_args=cfg.model.get("template_args"), root_cfg=cfg)
         for evaluator in evaluators.values():
-            evaluator.check_data_files()  # before training, not at its first evaluation
+            evaluator.check_inputs()  # before training, not at its first evaluation
         trainer = load_trainer(trainer_cfg, model, data["train"], data["eval"], tokenizer, collator,
                                output_dir=str(staging), evaluators=evaluators, compat=cfg.get("compat"),
                                training_args=training_args)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         trainer.save_model(str(staging))
+        final: dict[str, EvalResult] = {}
         if evaluators and training_args.do_eval:  # every process: the evaluation runs in lockstep
-            trainer.evaluate_result(str(staging / RESULT_EVALS_DIR))
+            final = trainer.evaluate_result(str(staging / RESULT_EVALS_DIR))
         if state.is_main_process:
             policy = unwrap_parallel(trainer.model)
             if is_peft_model(policy) and (peft_settings(cfg.model.get("peft")) or {}).get("merge"):
@@ -155,18 +158,17 @@ def run(cfg: DictConfig) -> Path:
     finally:
         if previous_sigterm is not None:
             signal.signal(signal.SIGTERM, previous_sigterm)
-    return Path(cfg.paths.output_dir)
+    return TrainRun(Path(cfg.paths.output_dir), final)
 
 
-def objective_of(cfg: DictConfig, output_dir: Path) -> float | list[float] | None:
+def objective_of(cfg: DictConfig, finished: TrainRun) -> float | list[float] | None:
     """``cfg.objective`` of the finished run (``sweep.sweep_objective``), None when no metric is named."""
     objective = cfg.get("objective") or {}
     if not objective.get("metrics"):
         return None
-    names = {bench: bench_cfg.get("name", bench) for bench, bench_cfg in (cfg.get("eval") or {}).items()}
     metrics = list(objective.metrics)
-    return sweep_objective(read_final_summaries(output_dir, names), metrics, objective.get("constraint"),
-                           sweeper_directions(len(metrics)))
+    summaries = {bench: result.summary for bench, result in finished.evaluations.items()}
+    return sweep_objective(summaries, metrics, objective.get("constraint"), sweeper_directions(len(metrics)))
 
 
 @hydra.main(version_base=None, config_path="../configs", config_name="train.yaml")
@@ -174,15 +176,15 @@ def main(cfg: DictConfig) -> float | list[float] | None:
     """One run; inside a sweep (-m) a failed combination is recorded and the sweep goes on (``sweep.run_job``).
     Returns the run's ``objective`` to an optimising sweeper."""
     torch.set_float32_matmul_precision("high")
-    output_dir = run_job(run, cfg)
-    if output_dir is None:  # failed inside a sweep: the worst value, so that an optimising sweeper goes on
+    finished = run_job(run, cfg)
+    if finished is None:  # failed inside a sweep: the worst value, so that an optimising sweeper goes on
         metrics = (cfg.get("objective") or {}).get("metrics")
         if not metrics:
             return None
         worst = worst_values(sweeper_directions(len(metrics)))
         return worst[0] if len(worst) == 1 else worst
-    objective = objective_of(cfg, output_dir) if PartialState().is_main_process else None
-    write_job_status("finished", str(output_dir), objective=objective)
+    objective = objective_of(cfg, finished) if PartialState().is_main_process else None
+    write_job_status("finished", str(finished.output_dir), objective=objective)
     return objective
 
 

@@ -111,9 +111,34 @@ def train_in_process(out: Path, overrides: list[str], config_name: str = "unlear
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
         cfg = compose(config_name=config_name, overrides=[*overrides, f"paths.output_dir={out}",
                                                           f"paths.model_cache_dir={MODEL_CACHE}"])
-    assert train.run(cfg) == out
+    assert train.run(cfg).output_dir == out
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     return [e for e in log if "loss" in e]
+
+
+def stub_benchmark(summary: dict, directions: dict | None = None, on_evaluate=None):
+    """A ``Benchmark`` whose every evaluation returns ``summary`` (``on_evaluate(model, output_dir, model_id)``
+    is called first when given; it may return another summary); nothing is read or written."""
+    from evals import Benchmark, EvalResult
+
+    class StubBenchmark(Benchmark):
+        def evaluate(self, model, *, output_dir=None, model_id=None, overwrite=None, only=None, save=True):
+            values = (on_evaluate(model, output_dir, model_id) if on_evaluate else None) or summary
+            return EvalResult(self.name, {k: {"agg_value": v} for k, v in values.items()}, dict(values))
+
+        def summary_names(self):
+            return list(summary)
+
+        def directions(self):
+            return {name: (directions or {}).get(name) for name in summary}
+
+        def check_inputs(self, names=None):
+            pass
+
+        def input_paths(self):
+            return []
+
+    return StubBenchmark({"name": "TOFU"})
 
 
 # ----- hand-made models and batches for loss tests -------------------------------------------------

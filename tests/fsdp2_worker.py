@@ -41,7 +41,7 @@ def _tofu_summary(model, tokenizer, tofu: Path, out: Path) -> dict:
                                                *short])
     evaluator = get_evaluators(cfg.eval, tokenizer=tokenizer, template_args=cfg.model.get("template_args"),
                                root_cfg=cfg)["tofu"]
-    return evaluator.evaluate(model, output_dir=str(out), model_id="fsdp2-check")
+    return evaluator.evaluate(model, output_dir=str(out), model_id="fsdp2-check").summary
 
 
 def _evaluation_passes(folder: Path) -> dict:

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from attacks import format_robustness, get_attacks, robustness_summary
 from attacks.quantize import quantizable_linears, rtn_copy, rtn_quantize
 from attacks.relearn import relearned_copy, relearning_rows
-from attacks.rephrase import variant_setup, worst_case
+from attacks.rephrase import variant_inputs, worst_case
 from conftest import run_cli
 
 
@@ -106,24 +106,31 @@ def test_worst_case_is_the_per_sample_maximum_over_variants():
 
 
 def test_variants_change_one_thing_each():
+    from evals.base import with_question_key
+
+    assert variant_inputs("paraphrased_question", {"apply_chat_template": True}, {}) == (
+        "paraphrased_question", {"apply_chat_template": True})
+    assert variant_inputs("no_chat_template", {"apply_chat_template": True}, {}) == (
+        None, {"apply_chat_template": False})
+    assert variant_inputs("system_prompt", {"system_prompt": None}, {"system_prompt": "Be exact."}) == (
+        None, {"apply_chat_template": True, "system_prompt": "Be exact."})
+    # the benchmark asks its questions from the paraphrased column, its pre-compute metrics' datasets too
     metric = {"handler": "probability", "datasets": {"main": {"args": {"question_key": "question"}}},
               "pre_compute": {"p": {"handler": "probability", "datasets": {"main": {"args": {"question_key": "question"}}}}}}
-    metrics, template = variant_setup("paraphrased_question", {"m": metric}, {"apply_chat_template": True}, {})
-    assert metrics["m"]["datasets"]["main"]["args"]["question_key"] == "paraphrased_question"
-    assert metrics["m"]["pre_compute"]["p"]["datasets"]["main"]["args"]["question_key"] == "paraphrased_question"
+    varied = with_question_key(metric, "paraphrased_question")
+    assert varied["datasets"]["main"]["args"]["question_key"] == "paraphrased_question"
+    assert varied["pre_compute"]["p"]["datasets"]["main"]["args"]["question_key"] == "paraphrased_question"
     assert metric["datasets"]["main"]["args"]["question_key"] == "question"  # the given config is not changed
-    _, template = variant_setup("no_chat_template", {"m": metric}, {"apply_chat_template": True}, {})
-    assert template["apply_chat_template"] is False
-    _, template = variant_setup("system_prompt", {"m": metric}, {"system_prompt": None}, {"system_prompt": "Be exact."})
-    assert template == {"apply_chat_template": True, "system_prompt": "Be exact."}
 
 
 # ----- the summary and the command line -------------------------------------------------------------
 def test_robustness_summary_and_table():
-    clean = {"forget_Q_A_Prob": {"agg_value": 0.1}}
+    from evals.result import EvalResult
+
+    clean = EvalResult("TOFU", {"forget_Q_A_Prob": {"agg_value": 0.1}}, {"forget_Q_A_Prob": 0.1})
     attacked = {"quant4": {"forget_Q_A_Prob": {"agg_value": 0.4}}, "relearn": {"forget_Q_A_Prob": {"agg_value": 0.7}}}
     baselines = {"relearn": {"forget_Q_A_Prob": {"agg_value": 0.3}}}
-    retain = {"forget_Q_A_Prob": {"agg_value": 0.05}, "forget_Q_A_Prob@quant4": {"agg_value": 0.06}}
+    retain = EvalResult("TOFU", {"forget_Q_A_Prob": {"agg_value": 0.05}, "forget_Q_A_Prob@quant4": {"agg_value": 0.06}}, {})
     summary = robustness_summary(clean, attacked, baselines, retain)
     assert summary == {"forget_Q_A_Prob": {"clean": 0.1, "attacked": {"quant4": 0.4, "relearn": 0.7}, "retain": 0.05,
                                            "retain_attacked": {"quant4": 0.06, "relearn": 0.3}}}
@@ -134,21 +141,18 @@ def test_robustness_summary_and_table():
 
 
 def test_the_baseline_is_the_retain_model_its_evaluation_names(tmp_path):
-    from types import SimpleNamespace
-
     from attacks import baseline_model
 
     retain_dir = tmp_path / "retain"
     retain_dir.mkdir()
     logs = tmp_path / "TOFU_EVAL.json"
     logs.write_text(json.dumps({"_meta": {"model": str(retain_dir)}}))
-    evaluator = SimpleNamespace(cfg={"retain_logs_path": str(logs)})
-    assert baseline_model({"baseline_model_path": "auto"}, evaluator) == str(retain_dir)
-    assert baseline_model({"baseline_model_path": "/given"}, evaluator) == "/given"
-    assert baseline_model({"baseline_model_path": None}, evaluator) is None
+    assert baseline_model({"baseline_model_path": "auto"}, str(logs)) == str(retain_dir)
+    assert baseline_model({"baseline_model_path": "/given"}, str(logs)) == "/given"
+    assert baseline_model({"baseline_model_path": None}, str(logs)) is None
     logs.write_text(json.dumps({"_meta": {"model": "org/hub-model"}}))  # not a local folder: no baseline
-    assert baseline_model({"baseline_model_path": "auto"}, evaluator) is None
-    assert baseline_model({"baseline_model_path": "auto"}, SimpleNamespace(cfg={"retain_logs_path": None})) is None
+    assert baseline_model({"baseline_model_path": "auto"}, str(logs)) is None
+    assert baseline_model({"baseline_model_path": "auto"}, None) is None
 
 
 SHORT = ["eval.tofu.metrics.forget_Q_A_ROUGE.generation_args.max_new_tokens=4",

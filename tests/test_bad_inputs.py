@@ -166,12 +166,10 @@ def test_top_level_seed_must_be_an_integer(seed):
 
 
 # ----- metric names -------------------------------------------------------------------------------
-class _Bench:
-    def summary_names(self):
-        return ["forget_quality", "model_utility"]
+def _Bench():
+    from conftest import stub_benchmark
 
-    def evaluate(self, model, output_dir, trainer=None, **kwargs):
-        return {"forget_quality": 0.5, "model_utility": 0.4}
+    return stub_benchmark({"forget_quality": 0.5, "model_utility": 0.4})
 
 
 def _with_best_metric(tmp_path, name, eval_dataset=None, evaluators=None):
@@ -308,23 +306,23 @@ def _tofu_evaluator(tofu_dir, retain_logs_path="null"):
 def test_retain_logs_are_checked_before_any_pass(tofu_dir, tmp_path):
     from data.utils import DataFileError
 
-    _tofu_evaluator(tofu_dir).check_data_files()  # no retain logs: nothing to read
+    _tofu_evaluator(tofu_dir).check_inputs()  # no retain logs: nothing to read
     missing = tmp_path / "retain" / "TOFU_EVAL.json"
     with pytest.raises(FileNotFoundError, match=rf"reference_logs.retain_model_logs.path={missing} \(retain_logs_path\) "
                                                 "does not exist"):
-        _tofu_evaluator(tofu_dir, missing).check_data_files()
+        _tofu_evaluator(tofu_dir, missing).check_inputs()
     bad = tmp_path / "bad.json"
     bad.write_text('{"forget_truth_ratio": {"value_by_index": {}},\n "mia_min_k": ')
     with pytest.raises(DataFileError, match=r"bad.json \(retain_logs_path\), line 2: not valid JSON"):
-        _tofu_evaluator(tofu_dir, bad).check_data_files()
+        _tofu_evaluator(tofu_dir, bad).check_inputs()
     bad.write_text(json.dumps({"mia_min_k": {"agg_value": 0.5}}))
     with pytest.raises(DataFileError, match=r"has no metric 'forget_truth_ratio', which forget_quality reads"):
-        _tofu_evaluator(tofu_dir, bad).check_data_files()
+        _tofu_evaluator(tofu_dir, bad).check_inputs()
     bad.write_text(json.dumps({"mia_min_k": {"agg_value": 0.5}, "forget_truth_ratio": {"agg_value": 0.7}}))
     with pytest.raises(DataFileError, match=r"'forget_truth_ratio' entry has no 'value_by_index' object"):
-        _tofu_evaluator(tofu_dir, bad).check_data_files()
+        _tofu_evaluator(tofu_dir, bad).check_inputs()
     bad.write_text(json.dumps({"mia_min_k": {"agg_value": 0.5}, "forget_truth_ratio": {"value_by_index": {}}}))
-    _tofu_evaluator(tofu_dir, bad).check_data_files()
+    _tofu_evaluator(tofu_dir, bad).check_inputs()
 
 
 def test_evaluator_data_files_are_read_through_before_any_pass(tofu_dir, tmp_path):
@@ -339,7 +337,7 @@ def test_evaluator_data_files_are_read_through_before_any_pass(tofu_dir, tmp_pat
     path.write_text("\n".join([lines[0], json.dumps(row), *lines[2:]]) + "\n")
     with pytest.raises(DataFileError, match=r"TOFU metric .*forget10_perturbed.json, line 2: no 'paraphrased_answer' "
                                             r"field \(answer_key='paraphrased_answer'\)"):
-        _tofu_evaluator(folder).check_data_files()
+        _tofu_evaluator(folder).check_inputs()
 
 
 def test_nan_is_not_a_number_we_accept_anywhere_in_checks():

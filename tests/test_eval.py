@@ -139,7 +139,7 @@ def test_model_fingerprint_of_random_init_and_folder_models(repo, tmp_path):
     from omegaconf import OmegaConf
 
     from eval import model_identity
-    from evals.base import model_fingerprint
+    from evals.result import model_fingerprint
 
     identity = model_identity(OmegaConf.load(repo / "configs" / "model" / "Llama-3.2-1B-arch.yaml"))
     assert identity.startswith("random_init:") and len(identity) > 255
@@ -177,7 +177,7 @@ def test_privleak_is_negative_for_a_model_trained_on_the_forget_rows(tofu_dir, t
         bench["metrics"] = {k: bench["metrics"][k] for k in ("mia_min_k", "privleak")}
         model, tok = get_model(cfg.model)
         out = tmp_path / "eval" / folder.name
-        Evaluator(bench, tokenizer=tok, template_args=cfg.model.template_args, root_cfg=cfg).evaluate(model, out)
+        Evaluator(bench, tokenizer=tok, template_args=cfg.model.template_args, root_cfg=cfg).evaluate(model, output_dir=out)
         return _load(out / "TOFU_EVAL.json")
 
     retain_logs = evaluate(retain, "null")
@@ -192,7 +192,7 @@ def test_code_version_runs_git_once_per_process(monkeypatch):
     twice per metric per evaluation."""
     import subprocess
 
-    from evals import base
+    from evals import base, result
 
     calls = []
     real_run = subprocess.run
@@ -201,8 +201,8 @@ def test_code_version_runs_git_once_per_process(monkeypatch):
         calls.append(args[0])
         return real_run(*args, **kwargs)
 
-    monkeypatch.setattr(base.subprocess, "run", counting_run)
-    base.code_version.cache_clear()
+    monkeypatch.setattr(result.subprocess, "run", counting_run)
+    result.code_version.cache_clear()
     from omegaconf import OmegaConf
 
     evaluator = base.Evaluator({"metrics": {name: {"handler": "rouge", "datasets": {"main": "TOFU_QA_FORGET10"}}
@@ -212,8 +212,8 @@ def test_code_version_runs_git_once_per_process(monkeypatch):
         for name in ("a", "b", "c"):
             evaluator.fingerprint(name, "model")
     assert len(calls) == 2, calls
-    assert base.code_version() == base.code_version()
-    base.code_version.cache_clear()
+    assert result.code_version() == result.code_version()
+    result.code_version.cache_clear()
 
 
 def test_vocabulary_moments_only_for_the_datasets_min_k_plus_plus_reads(tofu_dir, tmp_path, monkeypatch):
@@ -248,7 +248,7 @@ def test_vocabulary_moments_only_for_the_datasets_min_k_plus_plus_reads(tofu_dir
             return result
 
         monkeypatch.setattr(passes, "token_stats_passes", spy)
-        Evaluator(bench, tokenizer=tok, template_args=cfg.model.template_args, root_cfg=cfg).evaluate(model, out)
+        Evaluator(bench, tokenizer=tok, template_args=cfg.model.template_args, root_cfg=cfg).evaluate(model, output_dir=out)
         return calls, _load(out / "TOFU_EVAL.json")
 
     calls, logs = run(tmp_path / "skip", False)

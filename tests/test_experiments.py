@@ -67,30 +67,36 @@ def test_sweep_objective_with_a_constraint_and_a_pareto_front():
 
 
 # ----- the best checkpoint, end to end --------------------------------------------------------------
-class ScriptedBench:
-    """An evaluator whose summary at step s is the s-th entry of each script (and writes its files)."""
+def _scripted_bench():
+    """A benchmark whose summary at step s is the s-th entry of each script (the step read from the model id
+    the trainer gives, ``<output>@step<s>``), saved like any result."""
+    from evals import Benchmark, EvalResult
 
-    name = "TOFU"
-    utility = [0.5, 0.9, 0.8, 0.7]
-    quality = [0.1, 0.01, 0.2, 0.06]
+    class ScriptedBench(Benchmark):
+        utility = [0.5, 0.9, 0.8, 0.7]
+        quality = [0.1, 0.01, 0.2, 0.06]
 
-    def summary_names(self):
-        return ["model_utility", "forget_quality"]
+        def summary_names(self):
+            return ["model_utility", "forget_quality"]
 
-    def directions(self):
-        return {"model_utility": True, "forget_quality": True}
+        def directions(self):
+            return {"model_utility": True, "forget_quality": True}
 
-    def check_data_files(self):
-        pass
+        def check_inputs(self, names=None):
+            pass
 
-    def evaluate(self, model, output_dir, trainer=None, **kwargs):
-        from pathlib import Path
+        def input_paths(self):
+            return []
 
-        step = trainer.state.global_step
-        summary = {"model_utility": self.utility[step - 1], "forget_quality": self.quality[step - 1]}
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(output_dir) / "TOFU_SUMMARY.json").write_text(json.dumps({**summary, "step": step}))
-        return summary
+        def evaluate(self, model, *, output_dir=None, model_id=None, overwrite=None, only=None, save=True):
+            step = int(model_id.rsplit("@step", 1)[1])
+            summary = {"model_utility": self.utility[step - 1], "forget_quality": self.quality[step - 1]}
+            result = EvalResult("TOFU", {k: {"agg_value": v} for k, v in summary.items()}, summary, {"step": step})
+            if save:
+                result.save(output_dir)
+            return result
+
+    return ScriptedBench({"name": "TOFU"})
 
 
 def test_best_checkpoint_obeys_the_constraint_and_becomes_the_result(tofu_dir, tmp_path, monkeypatch):
@@ -99,7 +105,7 @@ def test_best_checkpoint_obeys_the_constraint_and_becomes_the_result(tofu_dir, t
     the history."""
     import train
 
-    monkeypatch.setattr(train, "get_evaluators", lambda *a, **k: {"tofu": ScriptedBench()})
+    monkeypatch.setattr(train, "get_evaluators", lambda *a, **k: {"tofu": _scripted_bench()})
     out = tmp_path / "run"
     train_in_process(out, [
         "model=tiny-random-llama", "trainer=GradDiff", f"paths.tofu={tofu_dir}", "data.eval=null",
@@ -115,16 +121,16 @@ def test_best_checkpoint_obeys_the_constraint_and_becomes_the_result(tofu_dir, t
     assert (out / "checkpoint-3").is_dir()
     result, kept = load_file(str(out / "model.safetensors")), load_file(str(out / "checkpoint-3" / "model.safetensors"))
     assert all(torch.equal(result[k], kept[k]) for k in result)
-    assert json.loads((out / "evals" / "TOFU_SUMMARY.json").read_text())["step"] == 3
+    assert json.loads((out / "evals" / "TOFU_EVAL.json").read_text())["_meta"]["step"] == 3
     history = [json.loads(line) for line in (out / "eval_history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [1, 2, 3, 4]
-    assert [h["summary"]["model_utility"] for h in history] == ScriptedBench.utility
+    assert [h["summary"]["model_utility"] for h in history] == [0.5, 0.9, 0.8, 0.7]
 
 
 def test_constraint_without_metric_and_unknown_constraint_metric_are_errors(tofu_dir, tmp_path, monkeypatch):
     import train
 
-    monkeypatch.setattr(train, "get_evaluators", lambda *a, **k: {"tofu": ScriptedBench()})
+    monkeypatch.setattr(train, "get_evaluators", lambda *a, **k: {"tofu": _scripted_bench()})
     common = ["model=tiny-random-llama", f"paths.tofu={tofu_dir}", "data.eval=null", "trainer.args.max_steps=1",
               "trainer.args.eval_strategy=steps", "trainer.args.eval_steps=1", "trainer.args.report_to=none"]
     with pytest.raises(ValueError, match="needs trainer.args.metric_for_best_model"):
@@ -198,9 +204,7 @@ def test_tensorboard_gets_the_loss_terms_and_the_evaluation_metrics(tofu_dir, tm
 
     import train
 
-    monkeypatch.setattr(train, "get_evaluators", lambda *a, **k: {"tofu": ScriptedBench()})
-    monkeypatch.setattr(ScriptedBench, "utility", [0.5, 0.6, 0.7])
-    monkeypatch.setattr(ScriptedBench, "quality", [0.1, 0.2, 0.3])
+    monkeypatch.setattr(train, "get_evaluators", lambda *a, **k: {"tofu": _scripted_bench()})
     out = tmp_path / "run"
     train_in_process(out, [
         "model=tiny-random-llama", "trainer=GradDiff", f"paths.tofu={tofu_dir}", "data.eval=null",
@@ -211,9 +215,9 @@ def test_tensorboard_gets_the_loss_terms_and_the_evaluation_metrics(tofu_dir, tm
     assert {"train/loss", "train/forget_loss", "train/retain_loss", "eval/tofu_model_utility",
             "eval/tofu_forget_quality"} <= set(scalars)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
-    # the last evaluation was at the last step: its files are the result's, not computed again
+    # the last evaluation was at the last step: it is the result's, not computed again
     assert not any("final_tofu_model_utility" in e for e in log)
-    assert json.loads((out / "evals" / "TOFU_SUMMARY.json").read_text())["step"] == 2
+    assert json.loads((out / "evals" / "TOFU_EVAL.json").read_text())["_meta"]["step"] == 2
 
 
 def test_progress_bars_only_on_a_terminal(monkeypatch):

@@ -128,7 +128,7 @@ def plain_run(tiny, toy, tmp_path_factory):
     expected_draws = (torch.rand(3), random.random())
     torch.manual_seed(5)
     random.seed(5)
-    summary = evaluator.evaluate(tiny.model, output_dir=out, model_id="tiny")
+    summary = evaluator.evaluate(tiny.model, output_dir=out, model_id="tiny").summary
     draws = (torch.rand(3), random.random())
     was_training = tiny.model.training
     tiny.model.eval()
@@ -173,7 +173,7 @@ def test_second_evaluation_reuses_the_result(tiny, toy, plain_run, monkeypatch):
 
     monkeypatch.setattr(lm_eval, "simple_evaluate", spy)
     before = _load(plain_run.out / "LMEval_EVAL.json")
-    assert _evaluator(tiny, toy).evaluate(tiny.model, output_dir=plain_run.out, model_id="tiny") == plain_run.summary
+    assert _evaluator(tiny, toy).evaluate(tiny.model, output_dir=plain_run.out, model_id="tiny").summary == plain_run.summary
     assert calls == []
     after = _load(plain_run.out / "LMEval_EVAL.json")
     assert after["toy_mc"] == before["toy_mc"] and after["_meta"]["fingerprints"] == before["_meta"]["fingerprints"]
@@ -197,7 +197,7 @@ def test_settings_reach_lm_eval(tiny, toy, plain_run, tmp_path, monkeypatch):
     monkeypatch.setattr(lm_eval, "simple_evaluate", spy)
     evaluator = _evaluator(tiny, toy, tasks=[{"name": "toy_mc", "num_fewshot": 1, "metric": "acc_norm"}], limit=2,
                            batch_size=3, apply_chat_template=None, system_instruction="Answer with one letter.")
-    summary = evaluator.evaluate(tiny.model, output_dir=tmp_path, model_id="tiny")
+    summary = evaluator.evaluate(tiny.model, output_dir=tmp_path, model_id="tiny").summary
     assert list(summary) == ["toy_mc_acc_norm"] == evaluator.summary_names()
     (call,) = calls
     assert call["tasks"] == ["toy_mc"] and call["num_fewshot"] == 1 and call["limit"] == 2
@@ -217,7 +217,7 @@ def test_task_overrides_point_wmdp_bio_at_a_local_file(tiny, toy, tmp_path):
     """wmdp_bio with its own prompt (description, questions, options), read from a local file instead of the Hub."""
     evaluator = _evaluator(tiny, toy, tasks=["wmdp_bio"], include_path=None, task_overrides={
         "wmdp_bio": {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(toy.data)}}}})
-    summary = evaluator.evaluate(tiny.model, output_dir=tmp_path, model_id="tiny")
+    summary = evaluator.evaluate(tiny.model, output_dir=tmp_path, model_id="tiny").summary
     logliks = [_option_logliks(tiny.model, tiny.tokenizer, BIO_DESCRIPTION + _prompt(q, c)) for q, c in QUESTIONS]
     assert summary["wmdp_bio_acc"] == sum(_argmax(ll) == a for ll, a in zip(logliks, toy.answers)) / 4
     entry = _load(tmp_path / "LMEval_EVAL.json")["wmdp_bio"]
@@ -231,7 +231,7 @@ def test_task_overrides_point_wmdp_bio_at_a_local_file(tiny, toy, tmp_path):
             ({"tasks": ["wmdp_bioo"]}, r"'wmdp_bioo' is no task of lm-eval.*close: wmdp_bio"),
             ({"metric": "acc_norm"}, r"wmdp_bio reports acc, not metric=acc_norm")]:
         with pytest.raises((FileNotFoundError, ValueError), match=error):
-            _evaluator(tiny, toy, **{"tasks": ["wmdp_bio"], **over}).check_data_files()
+            _evaluator(tiny, toy, **{"tasks": ["wmdp_bio"], **over}).check_inputs()
     # the Hub's data while the Hub is off: the error says how to point the task at a file
     try:
         _evaluator(tiny, toy, tasks=["wmdp_cyber"], limit=1).evaluate(tiny.model, output_dir=tmp_path / "hub")
@@ -318,8 +318,9 @@ def test_bad_settings_are_errors(bad, error):
 
 
 @needs_lm_eval
-def test_sharded_training_is_refused(tiny, toy):
-    trainer = SimpleNamespace(args=SimpleNamespace(output_dir="x"), state=SimpleNamespace(global_step=1),
-                              is_fsdp_enabled=True)
+def test_sharded_training_is_refused(tiny, toy, monkeypatch):
+    from evals import lm_eval
+
+    monkeypatch.setattr(lm_eval, "is_sharded", lambda model: model is tiny.model)
     with pytest.raises(ValueError, match="FSDP"):
-        _evaluator(tiny, toy).evaluate(tiny.model, output_dir="unused", trainer=trainer)
+        _evaluator(tiny, toy).evaluate(tiny.model, output_dir="unused")

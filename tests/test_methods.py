@@ -169,21 +169,20 @@ def test_non_finite_loss_found_at_the_end_of_training_without_logs(tmp_path):
 
 
 def test_evaluators_run_during_unlearning(tmp_path):
+    from conftest import stub_benchmark
+
     calls = []
-
-    class Recorder:
-        def evaluate(self, model, output_dir, trainer=None, **kwargs):
-            calls.append((output_dir, trainer.state.global_step, model.training))
-            return {"forget_quality": 0.25, "note": "not a number: not logged"}
-
+    recorder = stub_benchmark({"forget_quality": 0.25, "privleak": None},
+                              on_evaluate=lambda model, out, model_id: calls.append((out, model_id, model.training)))
     cfg = {"handler": "GradAscent", "args": {"report_to": "none"}}
     t = load_trainer(cfg, StubLM(), train_dataset=ForgetRetainDataset([0, 1]), output_dir=str(tmp_path / "out"),
-                     evaluators={"tofu": Recorder()})
+                     evaluators={"tofu": recorder})
     t.model.train()
     t.state.global_step = 7
     metrics = t.evaluate()
-    assert metrics == {"eval_tofu_forget_quality": 0.25}
-    assert calls == [(str(tmp_path / "out" / "checkpoint-7" / "evals"), 7, False)]
+    assert metrics == {"eval_tofu_forget_quality": 0.25}  # a metric that could not be computed is not logged
+    assert calls == [(str(tmp_path / "out" / "checkpoint-7" / "evals"), f"{tmp_path / 'out'}@step7", False)]
+    assert t.evaluations[7]["tofu"].summary["forget_quality"] == 0.25
     assert t.state.log_history[-1]["eval_tofu_forget_quality"] == 0.25
     assert t.model.training  # back to training mode afterwards
 

@@ -114,7 +114,7 @@ def test_adapter_folder_evaluates_like_its_merged_model(tofu_dir, tmp_path):
                     "eval.tofu.metrics.forget_Q_A_ROUGE.generation_args.max_new_tokens=4",
                     *[f"eval.tofu.metrics.model_utility.pre_compute.{p}_Q_A_ROUGE.generation_args.max_new_tokens=4"
                       for p in ("retain", "ra", "wf")]], "eval.yaml")
-        summaries.append(eval_script.run(cfg)["tofu"])
+        summaries.append(eval_script.run(cfg)["tofu"].summary)
     assert summaries[0].keys() == summaries[1].keys()
     for key in summaries[0]:
         assert summaries[0][key] == pytest.approx(summaries[1][key], abs=1e-6, nan_ok=True), key

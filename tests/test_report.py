@@ -76,7 +76,7 @@ def unlearn_config(task_name: str, alpha: float, model: str, retain_logs_path: s
         "data": {"forget": "TOFU_QA_FORGET10", "retain": "TOFU_QA_RETAIN90"},
         "model": {"model_args": {"pretrained_model_name_or_path": model}},
         "retain_logs_path": retain_logs_path,
-        "eval": {"tofu": {"handler": "TOFUEvaluator", "retain_logs_path": retain_logs_path}},
+        "eval": {"tofu": {"handler": "Evaluator", "retain_logs_path": retain_logs_path}},
         "trainer": {"handler": "GradDiff",
                     "method_args": {"gamma": 1.0, "alpha": alpha, "retain_loss_type": "NLL",
                                     "joint_forward": False, "nll_impl": "logits", "pack_rows": "auto"},

@@ -57,17 +57,26 @@ def test_the_output_may_not_hold_what_the_run_reads(tmp_path):
 
 
 def test_run_inputs_list_every_data_folder_and_lm_eval_file():
+    """The data folders of the run's datasets and of its benchmarks (their ``data_folder_key``), and what each
+    benchmark reads besides (lm-eval's task folders and local data files)."""
     from hydra import compose, initialize_config_dir
 
     import train
     from conftest import REPO
+    from evals import get_evaluators
 
-    overrides = ["eval=lm_eval", "paths.tofu=/d/tofu", "paths.muse_news=/d/muse", "paths.wmdp=/d/wmdp",
-                 "eval.lm_eval.include_path=[/d/tasks]",
-                 "+eval.lm_eval.task_overrides.wmdp_bio={dataset_path: json, dataset_kwargs: {data_files: {test: /d/bio.jsonl}}}"]
-    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
-        cfg = compose("unlearn.yaml", overrides=overrides)
-    assert set(train.run_inputs(cfg)) >= {"/d/tofu", "/d/muse", "/d/wmdp", "/d/tasks", "/d/bio.jsonl"}
+    def inputs(overrides):
+        with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+            cfg = compose("unlearn.yaml", overrides=overrides)
+        return set(train.run_inputs(cfg, get_evaluators(cfg.get("eval"), root_cfg=cfg)))
+
+    assert inputs(["eval=lm_eval", "paths.tofu=/d/tofu", "eval.lm_eval.include_path=[/d/tasks]",
+                   "+eval.lm_eval.task_overrides.wmdp_bio={dataset_path: json, dataset_kwargs: {data_files: "
+                   "{test: /d/bio.jsonl}}}"]) >= {"/d/tofu", "/d/tasks", "/d/bio.jsonl"}
+    assert inputs(["eval=muse", "data.forget=MUSE_forget", "data.retain=MUSE_retain", "data.eval=null",
+                   "paths.muse_news=/d/muse"]) >= {"/d/muse"}
+    assert inputs(["trainer=RMU", "data.forget=WMDP_forget_bio", "data.retain=WMDP_retain_wikitext",
+                   "data.eval=null", "paths.wmdp=/d/wmdp"]) >= {"/d/wmdp"}
 
 
 def test_a_second_run_to_the_same_output_fails_at_once(tmp_path):

@@ -98,7 +98,7 @@ def test_a_missing_holdout_file_names_it_and_the_override(tofu_dir, tmp_path):
         (folder / name).unlink()
     evaluator = _mia_loss_evaluator(folder, [])
     with pytest.raises(FileNotFoundError) as error:
-        evaluator.check_data_files()
+        evaluator.check_inputs()
     message = str(error.value)
     assert f"{folder / 'holdout10.json'} not found" in message
     assert "holdout01.json" in message and "forget10_perturbed.json" in message  # the files present
@@ -106,7 +106,7 @@ def test_a_missing_holdout_file_names_it_and_the_override(tofu_dir, tmp_path):
     # evaluate() checks before running the model (no model needed to fail)
     with pytest.raises(FileNotFoundError, match="holdout10.json not found"):
         evaluator.evaluate(model=None, output_dir=tmp_path / "eval")
-    _mia_loss_evaluator(folder, ["holdout_split=holdout01"]).check_data_files()
+    _mia_loss_evaluator(folder, ["holdout_split=holdout01"]).check_inputs()
 
 
 def test_unequal_forget_and_holdout_sizes_are_recorded(tofu_dir, tmp_path):

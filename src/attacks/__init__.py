@@ -2,17 +2,18 @@
 
 ``attack=quantize`` (``attack=[quantize,relearn,rephrase]`` for several; configs/attack/<name>.yaml, each
 ``# @package attack.<name>``) makes ``src/eval.py`` evaluate, after the clean evaluation, each attack's
-forget metrics (``attack.<name>.metrics``; null: every summary metric with ``forget`` in its name):
+forget metrics (``attack.<name>.metrics``; null: the benchmark's ``attackable_metrics``):
 
 - ``quantize`` (attacks/quantize.py): a quantized copy of the model, as ``<metric>@quant<bits>``;
 - ``relearn`` (attacks/relearn.py): a copy fine-tuned a few steps on related data, as ``<metric>@relearn``,
   with the same relearning of the retain model (``baseline_model_path``) as the baseline;
 - ``rephrase`` (attacks/rephrase.py): the worst case per sample over rephrased prompts, as ``<metric>@rephrase``.
 
-The attacked metrics are computed into a temporary folder and only then written, with the clean ones,
-into the benchmark's EVAL and SUMMARY files, together with ``<NAME>_ROBUSTNESS.json``: per metric its
-clean value, each attacked value, the retain model's value and (relearning) the retain model's value
-after the same attack. Attacks work on copies: the evaluated model and its files never change.
+The attacked metrics are evaluated in memory (``Benchmark.evaluate(only=..., save=False)``); ``src/eval.py``
+adds them to the clean result (``EvalResult.with_attacked``), saves it once, and writes
+``<NAME>_ROBUSTNESS.json``: per metric its clean value, each attacked value, the retain model's value and
+(relearning) the retain model's value after the same attack. Attacks work on copies: the evaluated model
+and its files never change.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +30,10 @@ import torch
 
 from attacks import quantize, relearn, rephrase
 from checks import BadValueError
+from evals.benchmark import Benchmark
+from evals.result import EvalResult
 
 log = logging.getLogger(__name__)
-
-ROBUSTNESS_SUFFIX = "_ROBUSTNESS.json"
 
 
 @dataclass(frozen=True)
@@ -67,102 +67,93 @@ def get_attacks(attack_cfg: Mapping[str, Any] | None) -> list[tuple[AttackSpec, 
     return out
 
 
-def attacked_metrics(evaluator: Any, cfg: Mapping[str, Any]) -> list[str]:
-    """The metrics an attack re-evaluates: ``cfg.metrics``, or every summary metric with ``forget`` in its name."""
+def attacked_metrics(benchmark: Benchmark, cfg: Mapping[str, Any]) -> list[str]:
+    """The metrics an attack re-evaluates: ``cfg.metrics``, or the benchmark's ``attackable_metrics``."""
     names = cfg.get("metrics")
-    summary = evaluator.summary_names()
     if names is None:
-        names = [n for n in summary if "forget" in n]
-    unknown = [n for n in names if n not in evaluator.metrics_cfg]
+        names = benchmark.attackable_metrics()
+        if not names:
+            raise BadValueError(f"attack {cfg.get('handler')}: {benchmark.name} declares no attackable_metrics; name "
+                                f"the metrics to attack with attack.{cfg.get('handler')}.metrics=[...] (valid: "
+                                f"{', '.join(benchmark.summary_names())})")
+    unknown = [n for n in names if n not in benchmark.summary_names()]
     if unknown or not names:
-        raise BadValueError(f"attack {cfg.get('handler')}: metrics {list(names)} are not all metrics of {evaluator.name}; "
-                            f"valid: {', '.join(evaluator.metrics_cfg)}")
+        raise BadValueError(f"attack {cfg.get('handler')}: metrics {list(names)} are not all metrics of {benchmark.name}; "
+                            f"valid: {', '.join(benchmark.summary_names())}")
     return list(names)
 
 
-def evaluate_metrics(evaluator: Any, model: torch.nn.Module, metrics: Mapping[str, dict], model_id: str,
-                     template_args: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The EVAL entries of ``metrics`` (name -> config) on ``model``, by an evaluator like ``evaluator``
-    writing into a temporary folder (nothing of the run's is touched; nothing is reused)."""
-    cfg = {**evaluator.cfg, "metrics": dict(metrics), "summary_metrics": list(metrics), "overwrite": True}
-    sub = type(evaluator)(cfg, tokenizer=evaluator.tokenizer,
-                          template_args=evaluator.template_args if template_args is None else template_args,
-                          root_cfg=evaluator.root_cfg)
-    with tempfile.TemporaryDirectory(prefix="attack-") as folder:
-        sub.evaluate(model, output_dir=folder, model_id=model_id, overwrite=True)
-        eval_file = Path(folder) / f"{sub.name}_EVAL.json"
-        payload = json.loads(eval_file.read_text()) if eval_file.is_file() else {}
-    return {name: payload[name] for name in metrics if name in payload}
+def _attacked(benchmark: Benchmark, model: torch.nn.Module, names: list[str], model_id: str) -> dict[str, Any]:
+    """The entries of ``names`` on ``model``, computed afresh in memory (nothing read or written)."""
+    return benchmark.evaluate(model, model_id=model_id, only=names, save=False).entries
 
 
-def _rephrased(evaluator: Any, model: torch.nn.Module, names: list[str], cfg: Mapping[str, Any],
+def _rephrased(benchmark: Benchmark, model: torch.nn.Module, names: list[str], cfg: Mapping[str, Any],
                model_id: str) -> dict[str, Any]:
-    """The worst case over ``attack.rephrase.variants`` of each metric that has per-sample probabilities or
-    ROUGE (others are left out, logged)."""
-    from evals.metrics import get_metric
-
+    """The worst case over ``attack.rephrase.variants`` of each metric with per-sample fields to take it over
+    (``MetricSpec.sample_fields``: probabilities, ROUGE); others are left out, logged."""
     fields = {}
     for name in names:
-        handler = get_metric(evaluator.metrics_cfg[name]["handler"]).name
-        if handler in rephrase.WORST_CASE_FIELDS:
-            fields[name] = rephrase.WORST_CASE_FIELDS[handler]
-        else:
-            log.info("rephrase: %s (%s) has no per-sample probability or ROUGE: not rephrased", name, handler)
+        fields[name] = benchmark.sample_fields(name)
+        if not fields[name]:
+            log.info("rephrase: %s has no per-sample probability or ROUGE: not rephrased", name)
+    fields = {name: f for name, f in fields.items() if f}
     if not fields:
         return {}
     per_variant: dict[str, dict[str, Any]] = {}
     for variant in rephrase.check_variants(cfg.get("variants", rephrase.VARIANTS)):
-        metrics, template = rephrase.variant_setup(variant, {n: evaluator.metrics_cfg[n] for n in fields},
-                                                   evaluator.template_args, cfg)
-        per_variant[variant] = evaluate_metrics(evaluator, model, metrics, f"{model_id}|rephrase:{variant}", template)
+        question_key, template = rephrase.variant_inputs(variant, benchmark.template_args, cfg)
+        varied = benchmark.with_inputs(question_key=question_key, template_args=template)
+        per_variant[variant] = _attacked(varied, model, list(fields), f"{model_id}|rephrase:{variant}")
     return {name: rephrase.worst_case({v: r[name] for v, r in per_variant.items() if name in r}, fields[name])
             for name in fields}
 
 
-def run_attacks(attacks: list[tuple[AttackSpec, dict]], evaluator: Any, model: torch.nn.Module, model_id: str,
-                tokenizer: Any, root_cfg: Any) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+def run_attacks(attacks: list[tuple[AttackSpec, dict]], benchmark: Benchmark, model: torch.nn.Module, model_id: str,
+                tokenizer: Any, template_args: Any, root_cfg: Any,
+                retain_logs_path: str | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """Every attack's metrics: ``({suffix: {metric: EVAL entry}}, {suffix: {metric: baseline EVAL entry}})``,
-    the baseline being the retain model under the same attack (relearning with ``baseline_model_path``)."""
+    the baseline being the retain model under the same attack (relearning with ``baseline_model_path``;
+    ``auto``: the model ``retain_logs_path`` records)."""
     attacked, baselines = {}, {}
     for spec, cfg in attacks:
-        names, tag = attacked_metrics(evaluator, cfg), spec.suffix(cfg)
-        log.info("attack %s: %s on %s", tag, evaluator.name, ", ".join(names))
+        names, tag = attacked_metrics(benchmark, cfg), spec.suffix(cfg)
+        log.info("attack %s: %s on %s", tag, benchmark.name, ", ".join(names))
         if spec.attacked_model is None:
-            attacked[tag] = _rephrased(evaluator, model, names, cfg, model_id)
+            attacked[tag] = _rephrased(benchmark, model, names, cfg, model_id)
             continue
-        context = {"tokenizer": tokenizer, "template_args": evaluator.template_args, "root_cfg": root_cfg}
+        context = {"tokenizer": tokenizer, "template_args": template_args, "root_cfg": root_cfg}
         copy_ = spec.attacked_model(model, cfg, **context)
         try:
-            attacked[tag] = evaluate_metrics(evaluator, copy_, {n: evaluator.metrics_cfg[n] for n in names},
-                                             f"{model_id}@{tag}")
+            attacked[tag] = _attacked(benchmark, copy_, names, f"{model_id}@{tag}")
         finally:
             del copy_
-        baseline_path = baseline_model(cfg, evaluator)
+        baseline_path = baseline_model(cfg, retain_logs_path)
         if baseline_path:
-            baselines[tag] = _baseline(spec, cfg, evaluator, names, baseline_path, model, context)
+            baselines[tag] = _baseline(spec, cfg, benchmark, names, baseline_path, model, context)
     return attacked, baselines
 
 
-def baseline_model(cfg: Mapping[str, Any], evaluator: Any) -> str | None:
+def baseline_model(cfg: Mapping[str, Any], retain_logs_path: str | None) -> str | None:
     """The model an attack is also applied to as the baseline (``baseline_model_path``): a folder; ``auto`` =
     the retain model, as its evaluation (``retain_logs_path``) records it in ``_meta.model``, when that is a
     local folder; null or absent = none."""
     path = cfg.get("baseline_model_path")
     if path != "auto":
         return path or None
-    retain_logs = evaluator.cfg.get("retain_logs_path")
-    if not retain_logs or not Path(retain_logs).is_file():
+    if not retain_logs_path or not Path(retain_logs_path).is_file():
         return None
-    recorded = (json.loads(Path(retain_logs).read_text()).get("_meta") or {}).get("model")
+    recorded = (json.loads(Path(retain_logs_path).read_text()).get("_meta") or {}).get("model")
     if recorded and Path(str(recorded)).is_dir():
-        log.info("attack %s: the retain model %s (from %s) is the baseline", cfg.get("handler"), recorded, retain_logs)
+        log.info("attack %s: the retain model %s (from %s) is the baseline", cfg.get("handler"), recorded,
+                 retain_logs_path)
         return str(recorded)
     log.info("attack %s: no baseline (the retain model recorded in %s, %r, is not a local folder)",
-             cfg.get("handler"), retain_logs, recorded)
+             cfg.get("handler"), retain_logs_path, recorded)
     return None
 
 
-def _baseline(spec: AttackSpec, cfg: Mapping[str, Any], evaluator: Any, names: list[str], path: str,
+def _baseline(spec: AttackSpec, cfg: Mapping[str, Any], benchmark: Benchmark, names: list[str], path: str,
               model: torch.nn.Module, context: dict) -> dict[str, Any]:
     """The same attack on the model in ``path`` (the retain model), loaded like the evaluated one."""
     from transformers import AutoModelForCausalLM
@@ -171,26 +162,26 @@ def _baseline(spec: AttackSpec, cfg: Mapping[str, Any], evaluator: Any, names: l
         next(model.parameters()).device)
     reference.eval()
     attacked = spec.attacked_model(reference, cfg, **context)
-    return evaluate_metrics(evaluator, attacked, {n: evaluator.metrics_cfg[n] for n in names}, f"{path}@{spec.suffix(cfg)}")
+    return _attacked(benchmark, attacked, names, f"{path}@{spec.suffix(cfg)}")
 
 
-def robustness_summary(clean: Mapping[str, Any], attacked: Mapping[str, Mapping[str, Any]],
-                       baselines: Mapping[str, Mapping[str, Any]], retain_logs: Mapping[str, Any] | None) -> dict:
+def robustness_summary(clean: EvalResult, attacked: Mapping[str, Mapping[str, Any]],
+                       baselines: Mapping[str, Mapping[str, Any]], retain: EvalResult | None) -> dict:
     """Per attacked metric: ``clean``, ``attacked`` ({suffix: value}), ``retain`` (the retain model's clean
-    value, from its EVAL file) and ``retain_attacked`` ({suffix: value}: the baseline under the same attack,
-    or the retain EVAL file's own ``<metric>@<suffix>``)."""
+    value, from its evaluation) and ``retain_attacked`` ({suffix: value}: the baseline under the same attack,
+    or the retain evaluation's own ``<metric>@<suffix>``)."""
     def value(entry: Any) -> float | None:
         v = entry.get("agg_value") if isinstance(entry, Mapping) else None
         return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
 
-    retain_logs = retain_logs or {}
+    retain_entries = retain.entries if retain is not None else {}
     out: dict[str, dict[str, Any]] = {}
     for tag, metrics in attacked.items():
         for name, entry in metrics.items():
-            row = out.setdefault(name, {"clean": value(clean.get(name)), "attacked": {},
-                                        "retain": value(retain_logs.get(name)), "retain_attacked": {}})
+            row = out.setdefault(name, {"clean": value(clean.entries.get(name)), "attacked": {},
+                                        "retain": value(retain_entries.get(name)), "retain_attacked": {}})
             row["attacked"][tag] = value(entry)
-            reference = (baselines.get(tag) or {}).get(name) or retain_logs.get(f"{name}@{tag}")
+            reference = (baselines.get(tag) or {}).get(name) or retain_entries.get(f"{name}@{tag}")
             if reference is not None:
                 row["retain_attacked"][tag] = value(reference)
     return out
@@ -216,23 +207,5 @@ def format_robustness(robustness: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def merge_into_files(output_dir: Path, name: str, attacked: Mapping[str, Mapping[str, Any]],
-                     robustness: Mapping[str, Any]) -> dict[str, float | None]:
-    """Add ``<metric>@<suffix>`` to ``<NAME>_EVAL.json`` and ``<NAME>_SUMMARY.json`` and write
-    ``<NAME>_ROBUSTNESS.json`` (each through a temporary file and a rename); returns the new summary."""
-    from evals.base import _finite_or_none, write_json_atomic
-
-    eval_path, summary_path = output_dir / f"{name}_EVAL.json", output_dir / f"{name}_SUMMARY.json"
-    payload, summary = json.loads(eval_path.read_text()), json.loads(summary_path.read_text())
-    for tag, metrics in attacked.items():
-        for metric, entry in metrics.items():
-            payload[f"{metric}@{tag}"] = entry
-            summary[f"{metric}@{tag}"] = _finite_or_none(entry.get("agg_value"))
-    write_json_atomic(output_dir / f"{name}{ROBUSTNESS_SUFFIX}", robustness)
-    write_json_atomic(eval_path, payload)
-    write_json_atomic(summary_path, summary)
-    return summary
-
-
 __all__ = ["ATTACK_REGISTRY", "get_attacks", "run_attacks", "robustness_summary", "format_robustness",
-           "merge_into_files", "attacked_metrics", "evaluate_metrics", "baseline_model"]
+           "attacked_metrics", "baseline_model"]

@@ -15,15 +15,12 @@ ROUGE over the variants (``worst_case``); the metric's value is the mean of thos
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from checks import BadValueError
 
 VARIANTS = ("paraphrased_question", "no_chat_template", "system_prompt")
-#: Per-sample fields a worst case is taken of, by metric handler: the answer probability, the ROUGE scores.
-WORST_CASE_FIELDS = {"probability": ("prob",), "rouge": ("rougeL_recall", "rougeL_f1", "rouge1_recall")}
 
 
 def check_variants(variants: Sequence[str]) -> list[str]:
@@ -34,26 +31,14 @@ def check_variants(variants: Sequence[str]) -> list[str]:
     return variants
 
 
-def _set_question_key(mcfg: dict, key: str) -> dict:
-    """A metric config whose every dataset (its own and its pre-compute metrics') reads questions from ``key``."""
-    out = copy.deepcopy(mcfg)
-    for spec in (out.get("datasets") or {}).values():
-        if isinstance(spec, dict):
-            spec.setdefault("args", {})["question_key"] = key
-    out["pre_compute"] = {name: _set_question_key(sub, key) for name, sub in (out.get("pre_compute") or {}).items()}
-    if not out["pre_compute"]:
-        out.pop("pre_compute")
-    return out
-
-
-def variant_setup(variant: str, metrics_cfg: Mapping[str, dict], template_args: Mapping[str, Any] | None,
-                  cfg: Mapping[str, Any]) -> tuple[dict[str, dict], dict[str, Any]]:
-    """The metric configs and template arguments of one variant (``VARIANTS``)."""
+def variant_inputs(variant: str, template_args: Mapping[str, Any] | None,
+                   cfg: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """``(question column or None, template arguments)`` of one variant (``VARIANTS``), for
+    ``Benchmark.with_inputs``."""
     template = dict(template_args or {})
-    metrics = {name: copy.deepcopy(m) for name, m in metrics_cfg.items()}
+    question_key = None
     if variant == "paraphrased_question":
-        metrics = {name: _set_question_key(m, cfg.get("paraphrased_question_key", "paraphrased_question"))
-                   for name, m in metrics.items()}
+        question_key = cfg.get("paraphrased_question_key", "paraphrased_question")
     elif variant == "no_chat_template":
         template["apply_chat_template"] = False
     elif variant == "system_prompt":
@@ -61,7 +46,7 @@ def variant_setup(variant: str, metrics_cfg: Mapping[str, dict], template_args: 
         template["system_prompt"] = cfg.get("system_prompt")
     else:
         check_variants([variant])
-    return metrics, template
+    return question_key, template
 
 
 def worst_case(results: Mapping[str, Mapping[str, Any]], fields: Sequence[str]) -> dict[str, Any]:

@@ -169,6 +169,16 @@ def get_data(data_cfg: DictConfig | Mapping, mode: str, tokenizer: PreTrainedTok
     raise ValueError(f"mode={mode!r}; valid: 'train', 'unlearn'")
 
 
+def data_input_paths(data_cfg: DictConfig | Mapping, root_cfg: DictConfig | None = None) -> list[str]:
+    """The local data folder of every dataset of ``data_cfg`` (``train``, ``forget``, ``retain``, ``eval``)."""
+    found = []
+    for role in ("train", "forget", "retain", "eval"):
+        spec = data_cfg.get(role)
+        for s in spec if isinstance(spec, (list, ListConfig)) else [spec] if spec is not None else []:
+            found.append(dataset_config(s, root_cfg).get("args", {}).get("local_dir"))
+    return [str(p) for p in dict.fromkeys(found) if p]
+
+
 def get_collator(collator_cfg: DictConfig | Mapping, tokenizer: PreTrainedTokenizerBase, compat: Any = None) -> Any:
     """The collator of ``collator_cfg``; ``compat`` (the run's mode) sets the switches it names (the mask)."""
     handler = collator_cfg.get("handler")
@@ -183,7 +193,7 @@ def get_collator(collator_cfg: DictConfig | Mapping, tokenizer: PreTrainedTokeni
     return COLLATOR_REGISTRY[handler](tokenizer=tokenizer, **args)
 
 
-__all__ = ["DATASET_REGISTRY", "COLLATOR_REGISTRY", "get_data", "get_collator", "build_dataset",
+__all__ = ["DATASET_REGISTRY", "COLLATOR_REGISTRY", "get_data", "get_collator", "build_dataset", "data_input_paths",
            "dataset_config", "available_datasets", "QADataset", "QAwithIdkDataset", "PretrainingDataset",
            "CompletionDataset",
            "QAwithAlternateDataset", "ForgetRetainDataset", "check_eval_splits", "forget_split_of", "holdout_for"]

@@ -1,7 +1,8 @@
 """Benchmark evaluators, looked up by name (``configs/eval/<bench>.yaml`` -> ``handler``).
 
-An evaluator has ``evaluate(model, output_dir, trainer=None, **kwargs) -> dict`` returning its headline
-numbers (see ``evals.base.Evaluator``); metrics are registered in ``evals.metrics``.
+Every evaluator subclasses ``evals.benchmark.Benchmark`` (check its inputs, evaluate a model into an
+``EvalResult``, name its summary metrics and their directions, list the paths it reads); metrics are
+registered in ``evals.metrics``.
 """
 
 from __future__ import annotations
@@ -11,15 +12,20 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-EVALUATOR_REGISTRY: dict[str, type] = {}
+from evals.benchmark import Benchmark
+from evals.result import EvalResult, ResultStore
+
+EVALUATOR_REGISTRY: dict[str, type[Benchmark]] = {}
 
 
-def _register_evaluator(cls: type) -> type:
+def _register_evaluator(cls: type[Benchmark]) -> type[Benchmark]:
+    if not issubclass(cls, Benchmark):
+        raise TypeError(f"{cls.__name__} is not a Benchmark subclass (evals.benchmark.Benchmark)")
     EVALUATOR_REGISTRY[cls.__name__] = cls
     return cls
 
 
-def get_evaluators(eval_cfgs: DictConfig | Mapping | None, **kwargs: Any) -> dict[str, Any]:
+def get_evaluators(eval_cfgs: DictConfig | Mapping | None, **kwargs: Any) -> dict[str, Benchmark]:
     """Instantiate every evaluator of ``cfg.eval`` (a mapping name -> evaluator config)."""
     evaluators = {}
     for name, cfg in (eval_cfgs or {}).items():
@@ -34,13 +40,9 @@ def get_evaluators(eval_cfgs: DictConfig | Mapping | None, **kwargs: Any) -> dic
 
 from evals.base import Evaluator, format_summary  # noqa: E402
 from evals.lm_eval import LMEvalEvaluator  # noqa: E402  (imports lm-eval, an optional extra, only when built)
-from evals.muse import MUSEEvaluator  # noqa: E402
-from evals.tofu import TOFUEvaluator  # noqa: E402
 
 _register_evaluator(Evaluator)
-_register_evaluator(TOFUEvaluator)
 _register_evaluator(LMEvalEvaluator)
-_register_evaluator(MUSEEvaluator)
 
-__all__ = ["EVALUATOR_REGISTRY", "_register_evaluator", "get_evaluators", "Evaluator", "TOFUEvaluator",
-           "LMEvalEvaluator", "MUSEEvaluator", "format_summary"]
+__all__ = ["EVALUATOR_REGISTRY", "_register_evaluator", "get_evaluators", "Benchmark", "EvalResult", "ResultStore",
+           "Evaluator", "LMEvalEvaluator", "format_summary"]

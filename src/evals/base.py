@@ -10,8 +10,8 @@ registered ``handler`` (src/evals/metrics), the ``datasets`` it reads (role -> d
    answer columns run together, each question's prompt once;
 2. computes each metric once, dependencies first (a metric used as ``pre_compute`` by two others is
    computed once);
-3. writes the EVAL file (every metric, per-sample values keyed by dataset index, plus ``_meta``) and
-   the SUMMARY file (headline numbers), each through a temporary file and a rename.
+3. returns an ``EvalResult`` (every metric, per-sample values keyed by dataset index, ``_meta``, the
+   summary), which ``evals.result.ResultStore`` writes once as the EVAL and SUMMARY files.
 
 A metric already in an existing EVAL file is reused only if its fingerprint (metric config, model,
 data files, template, code version, ``passes`` mode) matches; ``overwrite: true`` recomputes everything.
@@ -19,15 +19,11 @@ data files, template, code version, ``passes`` mode) matches; ``overwrite: true`
 
 from __future__ import annotations
 
-import datetime
-import functools
-import hashlib
+import copy
 import inspect
 import json
 import logging
-import math
 import os
-import subprocess
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -35,14 +31,26 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedModel
 
 from compat import compat_of
 from data import DATASET_REGISTRY, build_dataset, dataset_config
 from data.tofu import local_data_file, local_stem
 from data.utils import DataFileError, check_rows_file
 from evals import passes
+from evals.benchmark import COMMON_KEYS, Benchmark
 from evals.metrics import allow_need, get_metric
-from trainer.utils import is_sharded, on_main_process
+from evals.result import (
+    EvalResult,
+    ResultStore,
+    code_version,
+    content_hash,
+    file_digest,
+    finite_or_none,
+    model_fingerprint,
+    utc_timestamp,
+)
+from trainer.utils import is_main_process, is_sharded, on_main_process
 
 log = logging.getLogger(__name__)
 
@@ -79,94 +87,35 @@ PRESENTATION_KEYS = ("higher_is_better",)
 PASS_MODES = ("fast", "plain")
 
 
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON to ``path`` via a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, default=_json_default, allow_nan=True)
-    os.replace(tmp, path)
-
-
-@functools.cache
-def code_version() -> str:
-    """The git commit of this checkout (with a mark if ``src/`` is modified), else ``unknown``.
-
-    Computed once per process (two git subprocesses): every metric fingerprint of every evaluation
-    reads it."""
-    root = Path(__file__).resolve().parents[2]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=root, capture_output=True,
-                               text=True, timeout=5)
-        if sha.returncode == 0:
-            return sha.stdout.strip() + ("+modified" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown"
-
-
-def model_fingerprint(model_id: str) -> str:
-    """Identity of a model: its path plus the size and mtime of its weight files when it is a folder.
-
-    Anything else (a Hub id, a ``random_init:<recipe>`` identity, a name too long to be a path) is
-    its own fingerprint.
-    """
-    folder = Path(model_id)
-    try:
-        is_folder = folder.is_dir()
-    except OSError:  # e.g. ENAMETOOLONG: a random-init recipe of a full architecture is no path
-        is_folder = False
-    if is_folder:
-        files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
-        return model_id + "|" + ";".join(f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in files)
-    return model_id
-
-
-def _hash(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _file_digest(path: str | None) -> str | None:
-    """Content hash of a file (a retain model's EVAL file), so a regenerated file invalidates reuse."""
-    if not path or not Path(path).is_file():
-        return None
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+#: Benchmark-config keys this evaluator reads besides ``COMMON_KEYS``, and the ones its metric configs
+#: interpolate (``${eval.tofu.forget_split}``, MUSE's published AUCs): any other key is a typo.
+OWN_KEYS = frozenset({"metrics", "summary_metrics", "passes", "limit", "retain_logs_path", "reference_model_path"})
+INTERPOLATED_KEYS = frozenset({"forget_split", "holdout_split", "data_split", "published_retrain_auc"})
+_hash = content_hash
 
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _read_previous(eval_path: Path) -> dict:
-    """The EVAL file written before at ``eval_path`` (its metrics may be reused), or ``{}``."""
-    if not eval_path.is_file():
-        return {}
-    with open(eval_path, encoding="utf-8") as f:
-        return json.load(f)
+def evaluated_model_id(model: torch.nn.Module) -> str:
+    """What an EVAL file records as the model when the caller gives no id: the model's own path
+    (``config._name_or_path``), or ``in-memory model``."""
+    config = model.config if isinstance(model, PreTrainedModel) else None
+    return (config._name_or_path if config is not None else "") or "in-memory model"
 
 
-def evaluated_model_id(model: torch.nn.Module, trainer: Any = None) -> str:
-    """What an EVAL file records as the model when the caller gives no id: ``<run folder>@step<N>`` during
-    training, else the model's own path (``config._name_or_path``) or ``in-memory model``."""
-    if trainer is not None:
-        return f"{trainer.args.output_dir}@step{trainer.state.global_step}"
-    return getattr(getattr(model, "config", None), "_name_or_path", "") or "in-memory model"
-
-
-def _finite_or_none(value: Any) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
+def with_question_key(mcfg: Mapping, key: str) -> dict:
+    """A metric config whose every inline dataset (its own and its pre-compute metrics') reads its questions
+    from the column ``key``."""
+    out = copy.deepcopy(dict(mcfg))
+    for spec in (out.get("datasets") or {}).values():
+        if isinstance(spec, dict):
+            spec.setdefault("args", {})["question_key"] = key
+    out["pre_compute"] = {name: with_question_key(sub, key) for name, sub in (out.get("pre_compute") or {}).items()}
+    if not out["pre_compute"]:
+        out.pop("pre_compute")
+    return out
 
 
 class FirstRows:
@@ -190,7 +139,7 @@ class FirstRows:
         return getattr(self.dataset, name)
 
 
-class Evaluator:
+class Evaluator(Benchmark):
     """Runs the metrics of one benchmark config (see module docstring).
 
     Args:
@@ -205,9 +154,13 @@ class Evaluator:
     """
 
     def __init__(self, cfg: Mapping, tokenizer: Any = None, template_args: Any = None,
-                 root_cfg: DictConfig | None = None, **kwargs: Any):
-        self.cfg = dict(cfg)
-        self.name = self.cfg.get("name", "EVAL")
+                 root_cfg: DictConfig | None = None):
+        super().__init__(cfg, tokenizer, OmegaConf.to_container(template_args, resolve=True)
+                         if isinstance(template_args, DictConfig) else template_args)
+        unknown = sorted(set(self.cfg) - COMMON_KEYS - OWN_KEYS - INTERPOLATED_KEYS)
+        if unknown:
+            raise ValueError(f"evaluator {self.name}: unknown key(s) {unknown}; valid: "
+                             f"{', '.join(sorted(COMMON_KEYS | OWN_KEYS | INTERPOLATED_KEYS))}")
         self.passes_mode = self.cfg.get("passes", "fast")
         if self.passes_mode not in PASS_MODES:
             raise ValueError(f"evaluator {self.name}: passes={self.passes_mode!r}; valid: {', '.join(PASS_MODES)}")
@@ -230,9 +183,7 @@ class Evaluator:
                 raise ValueError(f"evaluator {self.name}: summary_metrics {unknown} are not metrics of this benchmark, "
                                  f"so they would be missing from {self.name}_SUMMARY.json; valid: "
                                  f"{', '.join(self.metrics_cfg)}")
-        self.tokenizer = tokenizer
-        self.template_args = (OmegaConf.to_container(template_args, resolve=True)
-                              if isinstance(template_args, DictConfig) else template_args)
+        self.roles = self.roles.restricted_to(self.summary_names())
         self.root_cfg = root_cfg
         self.compat = compat_of(root_cfg)
         if self.compat.plain_passes:
@@ -315,7 +266,34 @@ class Evaluator:
             visit(name, self.metrics_cfg[name])
         return found
 
-    def check_data_files(self, names: list[str] | None = None) -> None:
+    def input_paths(self) -> list[Path]:
+        """The local data folder of every dataset the metrics read, the reference EVAL files and the reference
+        model folder."""
+        found: list[str] = []
+        for _, mcfg in self._metric_configs():
+            for spec in (mcfg.get("datasets") or {}).values():
+                self._dataset_key(spec)  # resolves the spec
+                found.append(self._resolved_specs[self._spec_id(spec)].get("args", {}).get("local_dir"))
+            found += [ref.get("path") for ref in (mcfg.get("reference_logs") or {}).values()]
+            found.append((mcfg.get("reference_model") or {}).get("pretrained_model_name_or_path"))
+        found += [self.cfg.get("retain_logs_path"), self.cfg.get("reference_model_path")]
+        return [Path(p) for p in dict.fromkeys(str(p) for p in found if p)]
+
+    def with_inputs(self, *, question_key: str | None = None,
+                    template_args: Mapping[str, Any] | None = None) -> Evaluator:
+        """This benchmark with every inline dataset asking its questions from ``question_key`` and/or prompts
+        built with ``template_args`` (the rephrasing attack)."""
+        metrics = self.metrics_cfg if question_key is None else \
+            {name: with_question_key(m, question_key) for name, m in self.metrics_cfg.items()}
+        return Evaluator({**self.cfg, "metrics": metrics}, tokenizer=self.tokenizer,
+                         template_args=self.template_args if template_args is None else template_args,
+                         root_cfg=self.root_cfg)
+
+    def sample_fields(self, metric: str) -> tuple[str, ...]:
+        """The ``sample_fields`` its handler registers (``MetricSpec``)."""
+        return get_metric(self.metrics_cfg[metric]["handler"]).sample_fields
+
+    def check_inputs(self, names: list[str] | None = None) -> None:
         """Everything the metrics ``names`` (default all) will read, checked before any model pass:
 
         - every local data file (``paths.tofu``, ``paths.muse_news``) exists (FileNotFoundError naming the file and the files
@@ -402,12 +380,12 @@ class Evaluator:
                         raise DataFileError(f"{what}={path}: its {included!r} entry has no {missing[0]!r} object, "
                                             f"which {metric} reads; it has: {', '.join(sorted(entry))}")
 
-    def _split_sizes(self) -> tuple[dict[str, int] | None, list[str]]:
+    def _split_sizes(self, names: list[str]) -> tuple[dict[str, int] | None, list[str]]:
         """Rows of the forget and holdout sets the membership metrics compare, and a warning per metric
         whose two sets differ in size (the AUCs and privleak then compare unequal samples)."""
         sizes, warnings = None, []
-        for name, mcfg in self.metrics_cfg.items():
-            datasets = mcfg.get("datasets") or {}
+        for name in names:
+            datasets = self.metrics_cfg[name].get("datasets") or {}
             if not {"forget", "holdout"} <= set(datasets):
                 continue
             counts = {role: len(self._dataset(datasets[role])) for role in ("forget", "holdout")}
@@ -505,7 +483,7 @@ class Evaluator:
             out = {k: v for k, v in mcfg.items() if k not in PRESENTATION_KEYS}
             out["datasets"] = {role: self._dataset_key(spec) for role, spec in (mcfg.get("datasets") or {}).items()}
             out["reference_files"] = {
-                ref_name: _file_digest(ref.get("path")) for ref_name, ref in (mcfg.get("reference_logs") or {}).items()
+                ref_name: file_digest(ref.get("path")) for ref_name, ref in (mcfg.get("reference_logs") or {}).items()
             }
             out["pre_compute"] = {k: with_data(v) for k, v in (mcfg.get("pre_compute") or {}).items()}
             return out
@@ -515,9 +493,11 @@ class Evaluator:
                       "compat": self.compat.name, "limit": self.limit})
 
     # ----- entry point -----------------------------------------------------------------------------
-    def evaluate(self, model: torch.nn.Module, output_dir: str | os.PathLike | None = None, trainer: Any = None,
-                 model_id: str | None = None, overwrite: bool | None = None, **kwargs: Any) -> dict[str, float | None]:
-        """Compute every metric, write the EVAL and SUMMARY files, return the summary.
+    def evaluate(self, model: torch.nn.Module, *, output_dir: str | os.PathLike | None = None,
+                 model_id: str | None = None, overwrite: bool | None = None, only: list[str] | None = None,
+                 save: bool = True) -> EvalResult:
+        """Compute every metric (or ``only`` these, afresh), reusing what an earlier EVAL file in ``output_dir``
+        holds with the same fingerprint; the result is saved there once (``save``, by process 0).
 
         A model sharded over the processes (FSDP2, ZeRO-3: ``trainer.utils.is_sharded``) is evaluated with
         the plain passes, which keep every process in the same sequence of forward calls (padding passes,
@@ -526,30 +506,31 @@ class Evaluator:
             log.info("%s: the model is sharded over the processes: plain passes, in lockstep", self.name)
             self.passes_mode = "plain"
             try:
-                return self.evaluate(model, output_dir, trainer, model_id, overwrite, **kwargs)
+                return self.evaluate(model, output_dir=output_dir, model_id=model_id, overwrite=overwrite, only=only,
+                                     save=save)
             finally:
                 self.passes_mode = "fast"
-        output_dir = Path(output_dir or self.cfg.get("output_dir") or ".")
-        overwrite = bool(self.cfg.get("overwrite", False) if overwrite is None else overwrite)
+        if only is not None:
+            unknown = [n for n in only if n not in self.metrics_cfg]
+            if unknown or not only:
+                raise ValueError(f"evaluator {self.name}: only={list(only)}; give metrics of this benchmark: "
+                                 f"{', '.join(self.metrics_cfg)}")
+        names = list(self.metrics_cfg) if only is None else list(only)
+        store = ResultStore(Path(output_dir or self.cfg.get("output_dir") or "."), self.name)
+        overwrite = only is not None or bool(self.cfg.get("overwrite", False) if overwrite is None else overwrite)
         if model_id is None:
-            model_id = evaluated_model_id(model, trainer)
-        eval_path = output_dir / f"{self.name}_EVAL.json"
-        summary_path = output_dir / f"{self.name}_SUMMARY.json"
-        fingerprints = {name: self.fingerprint(name, model_id) for name in self.metrics_cfg}
+            model_id = evaluated_model_id(model)
+        fingerprints = {name: self.fingerprint(name, model_id) for name in names}
 
         # Decided once, by process 0: a process that saw the file another one is writing would skip
         # the passes (and their collective calls) the others run.
-        previous = on_main_process(lambda: {} if overwrite else _read_previous(eval_path))
-        old_prints = (previous.get("_meta") or {}).get("fingerprints", {})
-        results: dict[str, Any] = {}
-        reused = [n for n in self.metrics_cfg if n in previous and old_prints.get(n) == fingerprints[n]]
-        for name in reused:
-            results[name] = previous[name]
+        reused, previous = on_main_process(lambda: store.reusable(fingerprints, overwrite))
+        results: dict[str, Any] = dict(reused)
         if reused:
-            log.info("%s: reusing %d metric(s) from %s: %s", self.name, len(reused), eval_path, ", ".join(reused))
+            log.info("%s: reusing %d metric(s) from %s: %s", self.name, len(reused), store.eval_path, ", ".join(reused))
 
-        to_compute = [n for n in self.metrics_cfg if n not in reused]
-        self.check_data_files(to_compute)
+        to_compute = [n for n in names if n not in reused]
+        self.check_inputs(to_compute)
         was_training = model.training
         model.eval()
         cache: dict = {}
@@ -558,39 +539,39 @@ class Evaluator:
                                  if "vocab_moments" in get_metric(mcfg.get("handler")).needs
                                  for spec in (mcfg.get("datasets") or {}).values()}
         try:
-            for name, mcfg in self.metrics_cfg.items():
-                results[name] = self._compute(name, mcfg, model, results, cache)
+            for name in names:
+                results[name] = self._compute(name, self.metrics_cfg[name], model, results, cache)
         finally:
             model.train(was_training)
 
-        is_main = not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
-            or torch.distributed.get_rank() == 0
-        summary = {name: _finite_or_none(results[name].get("agg_value")) for name in self.summary_names()}
-        split_sizes, warnings = self._split_sizes()
+        summary_names = self.summary_names() if only is None else names
+        summary = {name: finite_or_none(results[name].get("agg_value")) for name in summary_names}
+        split_sizes, warnings = self._split_sizes(names)
         for warning in warnings:
             log.warning("%s: %s", self.name, warning)
-        if is_main:
-            payload = self._every_result(results, cache, previous, reused)
-            payload["_meta"] = {
-                "model": model_id, "code_version": code_version(), "evaluator": self.name, "passes": self.passes_mode,
-                "compat": self.compat.name,
-                "limit": self.limit,
-                "splits": {k: self.cfg.get(k) for k in ("forget_split", "holdout_split", "retain_logs_path")
-                           if k in self.cfg},
-                "split_sizes": split_sizes,
-                "warnings": warnings,
-                "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "fingerprints": fingerprints,
-                "config_hash": _hash(self.metrics_cfg),
-                "higher_is_better": self.directions(),
-            }
-            write_json_atomic(eval_path, payload)
-            write_json_atomic(summary_path, summary)
+        meta = {
+            "model": model_id, "code_version": code_version(), "evaluator": self.name, "passes": self.passes_mode,
+            "compat": self.compat.name,
+            "limit": self.limit,
+            "splits": {k: self.cfg.get(k) for k in ("forget_split", "holdout_split", "retain_logs_path")
+                       if k in self.cfg},
+            "split_sizes": split_sizes,
+            "warnings": warnings,
+            "timestamp": utc_timestamp(),
+            "fingerprints": fingerprints,
+            "config_hash": _hash(self.metrics_cfg),
+            "higher_is_better": {n: d for n, d in self.directions().items() if n in summary_names},
+            "roles": self.roles.as_meta(),
+        }
+        result = EvalResult(self.name, self._every_result(names, results, cache, previous, list(reused)), summary, meta)
+        if save and is_main_process():
+            store.save(result)
         for note in {r.get("note") for r in results.values() if isinstance(r, dict) and r.get("note")}:
             log.warning("%s: %s", self.name, note)
-        return summary
+        return result
 
-    def _every_result(self, results: dict, cache: dict, previous: dict, reused: list[str]) -> dict:
+    def _every_result(self, names: list[str], results: dict, cache: dict, previous: EvalResult | None,
+                      reused: list[str]) -> dict:
         """The EVAL file's metric entries: each configured metric, then each ``pre_compute`` metric under its
         own name (``forget_Q_A_PARA_Prob``, ``ra_Q_A_Prob_normalised``, ...), as open-unlearning writes them.
 
@@ -598,15 +579,16 @@ class Evaluator:
         earlier file. A name that two configs share (an override made them differ) keeps the first one
         met: the top-level metric's.
         """
-        payload = {name: results[name] for name in self.metrics_cfg}
+        payload = {name: results[name] for name in names}
         computed = {}
         for (kind, name, _), value in ((k, v) for k, v in cache.items() if isinstance(k, tuple) and len(k) == 3):
             if kind == "metric":
                 computed.setdefault(name, value)
+        earlier = previous.entries if previous is not None else {}
         for name, _ in self._metric_configs(reused):
-            if name not in computed and isinstance(previous.get(name), dict):
-                computed[name] = previous[name]
-        for name, _ in self._metric_configs():
+            if name not in computed and isinstance(earlier.get(name), dict):
+                computed[name] = earlier[name]
+        for name, _ in self._metric_configs(names):
             if name not in payload and name in computed:
                 payload[name] = computed[name]
         return payload

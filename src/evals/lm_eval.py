@@ -30,15 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime
 import difflib
 import functools
 import glob
 import hashlib
 import importlib.metadata
-import json
 import logging
-import math
 import os
 import random
 import tempfile
@@ -51,8 +48,18 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from evals.base import code_version, evaluated_model_id, model_fingerprint, write_json_atomic
-from trainer.utils import on_main_process
+from evals.base import evaluated_model_id
+from evals.benchmark import COMMON_KEYS, Benchmark
+from evals.result import (
+    EvalResult,
+    ResultStore,
+    code_version,
+    content_hash,
+    finite_or_none,
+    model_fingerprint,
+    utc_timestamp,
+)
+from trainer.utils import is_sharded, on_main_process
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +67,9 @@ log = logging.getLogger(__name__)
 LM_EVAL_VERSION = "0.4.13"
 INSTALL_HINT = f'pip install -e ".[lm_eval]" (or pip install lm-eval=={LM_EVAL_VERSION})'
 
-CONFIG_KEYS = {"handler", "name", "output_dir", "overwrite", "tasks", "batch_size", "num_fewshot", "metric", "limit",
-               "apply_chat_template", "fewshot_as_multiturn", "system_instruction", "include_path", "task_overrides",
-               "log_samples", "bootstrap_iters", "lm_args"}
+CONFIG_KEYS = COMMON_KEYS | {"tasks", "batch_size", "num_fewshot", "metric", "limit", "apply_chat_template",
+                             "fewshot_as_multiturn", "system_instruction", "include_path", "task_overrides",
+                             "log_samples", "bootstrap_iters", "lm_args"}
 TASK_KEYS = {"name", "num_fewshot", "metric", "limit"}
 #: ``HFLM`` arguments this evaluator sets itself (``lm_args`` may not).
 OWN_LM_ARGS = {"pretrained", "tokenizer", "batch_size", "backend", "parallelize", "tp_plan", "peft", "delta"}
@@ -87,14 +94,8 @@ def _installed_version() -> str:
         return "unknown"
 
 
-def _hash(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _finite_or_none(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
+_hash = content_hash
+_finite_or_none = finite_or_none
 
 
 def _plain(value: Any) -> Any:
@@ -110,13 +111,6 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     return str(value)
-
-
-def _read_previous(eval_path: Path) -> dict:
-    if not eval_path.is_file():
-        return {}
-    with open(eval_path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def _nonneg_int(value: Any) -> bool:
@@ -281,7 +275,7 @@ def _preserved_rng() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda)
 
 
-class LMEvalEvaluator:
+class LMEvalEvaluator(Benchmark):
     """lm-evaluation-harness tasks on the in-memory model (see the module docstring; configs/eval/lm_eval.yaml).
 
     Args:
@@ -292,23 +286,21 @@ class LMEvalEvaluator:
         root_cfg: the run's full config (unused; accepted like the other evaluators).
     """
 
+    default_name = "LMEval"
+
     def __init__(self, cfg: Mapping, tokenizer: Any = None, template_args: Any = None,
-                 root_cfg: DictConfig | None = None, **kwargs: Any):
+                 root_cfg: DictConfig | None = None):
         lm_eval = _import_lm_eval()
         if _installed_version() != LM_EVAL_VERSION:
             log.warning("lm-eval %s is installed; this evaluator was tested with %s (%s)",
                         getattr(lm_eval, "__version__", _installed_version()), LM_EVAL_VERSION, INSTALL_HINT)
         if isinstance(cfg, DictConfig):
             cfg = OmegaConf.to_container(cfg, resolve=True)
-        self.cfg = dict(cfg)
-        self.name = self.cfg.get("name") or "LMEval"
+        super().__init__(cfg, tokenizer, OmegaConf.to_container(template_args, resolve=True)
+                         if isinstance(template_args, DictConfig) else dict(template_args or {}))
         unknown = sorted(set(self.cfg) - CONFIG_KEYS)
         if unknown:
             raise ValueError(f"evaluator {self.name}: unknown key(s) {unknown}; valid: {sorted(CONFIG_KEYS)}")
-        self.tokenizer = tokenizer
-        self.template_args = (OmegaConf.to_container(template_args, resolve=True)
-                              if isinstance(template_args, DictConfig) else dict(template_args or {}))
-        self.root_cfg = root_cfg
 
         self.batch_size = self.cfg.get("batch_size", 8)
         bs = self.batch_size
@@ -371,6 +363,7 @@ class LMEvalEvaluator:
             if spec["name"] in self.tasks:
                 raise ValueError(f"evaluator {self.name}: task {spec['name']} is listed twice")
             self.tasks[spec["name"]] = spec
+        self.roles = self.roles.restricted_to(self.summary_names())
 
     def _task_spec(self, item: Any) -> dict:
         """``{name, num_fewshot, metric, limit}`` of a ``tasks`` entry, the top-level values filling the gaps."""
@@ -472,7 +465,7 @@ class LMEvalEvaluator:
                         raise FileNotFoundError(f"evaluator {self.name}: task {sub}{f' (of {name})' if sub != name else ''} "
                                                 f"reads {path}, which does not exist")
 
-    def check_data_files(self, names: list[str] | None = None) -> None:
+    def check_inputs(self, names: list[str] | None = None) -> None:
         """Before any model pass: ``include_path`` exists, every task (``names``, default all) and every
         ``task_overrides`` entry is known to lm-eval, each task reports its ``metric``, and every local data
         file the tasks read exists (FileNotFoundError / ValueError naming it)."""
@@ -481,6 +474,29 @@ class LMEvalEvaluator:
 
     def summary_names(self) -> list[str]:
         return [f"{name}_{spec['metric']}" for name, spec in self.tasks.items()]
+
+    def directions(self) -> dict[str, bool | None]:
+        """Each task's ``higher_is_better`` for its metric, as its lm-eval config declares it (None if it does not)."""
+        with self._prepared() as prep:
+            return self._directions(prep, list(self.tasks))
+
+    def _directions(self, prep: SimpleNamespace, names: list[str]) -> dict[str, bool | None]:
+        out = {}
+        for name in names:
+            spec, top = self.tasks[name], prep.configs[name].get(name, {})
+            listed = top.get("metric_list") or top.get("aggregate_metric_list") or []
+            listed = [listed] if isinstance(listed, Mapping) else listed
+            given = [m.get("higher_is_better") for m in listed
+                     if isinstance(m, Mapping) and m.get("metric") == spec["metric"]]
+            out[f"{name}_{spec['metric']}"] = given[0] if given and isinstance(given[0], bool) else None
+        return out
+
+    def input_paths(self) -> list[Path]:
+        """``include_path`` and the local data files ``task_overrides`` point tasks at."""
+        found = [*self.include_path]
+        for over in self.task_overrides.values():
+            found += task_data_files(over)
+        return [Path(p) for p in dict.fromkeys(found)]
 
     # ----- fingerprints ----------------------------------------------------------------------------
     def _code_files(self) -> list[str]:
@@ -508,18 +524,11 @@ class LMEvalEvaluator:
                       "lm_eval": _installed_version()})
 
     # ----- running ---------------------------------------------------------------------------------
-    def _check_sharding(self, trainer: Any) -> None:
-        if trainer is None:
-            return
-        if getattr(trainer, "is_fsdp_enabled", False):
-            raise ValueError(f"evaluator {self.name}: lm-eval runs the model on the main process alone, which FSDP's "
-                             "sharded weights do not allow; evaluate the saved model with src/eval.py instead")
-        if getattr(trainer, "is_deepspeed_enabled", False):
-            from transformers.integrations import is_deepspeed_zero3_enabled
-
-            if is_deepspeed_zero3_enabled():
-                raise ValueError(f"evaluator {self.name}: lm-eval runs the model on the main process alone, which "
-                                 "DeepSpeed ZeRO-3's partitioned weights do not allow; evaluate the saved model instead")
+    def _check_sharding(self, model: torch.nn.Module) -> None:
+        if is_sharded(model):
+            raise ValueError(f"evaluator {self.name}: lm-eval runs the model on the main process alone, which weights "
+                             "split over the processes (FSDP, DeepSpeed ZeRO-3) do not allow; evaluate the saved model "
+                             "with src/eval.py instead")
 
     def _run_task(self, lm: Any, name: str, prep: SimpleNamespace) -> dict:
         import lm_eval
@@ -631,56 +640,61 @@ class LMEvalEvaluator:
             model.train(was_training)
         return results
 
-    def evaluate(self, model: torch.nn.Module, output_dir: str | os.PathLike | None = None, trainer: Any = None,
-                 model_id: str | None = None, overwrite: bool | None = None, **kwargs: Any) -> dict[str, float | None]:
-        """Run every task (or reuse its earlier result), write the EVAL and SUMMARY files, return the summary.
+    def evaluate(self, model: torch.nn.Module, *, output_dir: str | os.PathLike | None = None,
+                 model_id: str | None = None, overwrite: bool | None = None, only: list[str] | None = None,
+                 save: bool = True) -> EvalResult:
+        """Run every task (or ``only`` these, afresh), reusing an earlier result of the same fingerprint in
+        ``output_dir``; the result is saved there once (``save``).
 
         With several processes the main one runs lm-eval and writes the files while the others wait; every
-        process returns the summary.
+        process returns the result.
         """
-        output_dir = Path(output_dir or self.cfg.get("output_dir") or ".")
-        overwrite = bool(self.cfg.get("overwrite", False) if overwrite is None else overwrite)
+        if only is not None and (not only or [n for n in only if n not in self.tasks]):
+            raise ValueError(f"evaluator {self.name}: only={list(only)}; give tasks of this benchmark: "
+                             f"{', '.join(self.tasks)}")
+        store = ResultStore(Path(output_dir or self.cfg.get("output_dir") or "."), self.name)
+        overwrite = only is not None or bool(self.cfg.get("overwrite", False) if overwrite is None else overwrite)
         if model_id is None:
-            model_id = evaluated_model_id(model, trainer)
-        tokenizer = self.tokenizer if self.tokenizer is not None else getattr(trainer, "processing_class", None)
-        if tokenizer is None:
+            model_id = evaluated_model_id(model)
+        if self.tokenizer is None:
             raise ValueError(f"evaluator {self.name}: no tokenizer (build it with get_evaluators(..., tokenizer=...))")
-        self._check_sharding(trainer)
+        self._check_sharding(model)
+        names = list(self.tasks) if only is None else list(only)
         with _preserved_rng():
-            return on_main_process(lambda: self._evaluate_main(model, output_dir, model_id, overwrite, tokenizer))
+            return on_main_process(lambda: self._evaluate_main(model, store, names, model_id, overwrite, save))
 
-    def _evaluate_main(self, model: torch.nn.Module, output_dir: Path, model_id: str, overwrite: bool,
-                       tokenizer: Any) -> dict[str, float | None]:
-        eval_path = output_dir / f"{self.name}_EVAL.json"
-        summary_path = output_dir / f"{self.name}_SUMMARY.json"
-        previous = {} if overwrite else _read_previous(eval_path)
-        old_prints = (previous.get("_meta") or {}).get("fingerprints", {})
+    def _evaluate_main(self, model: torch.nn.Module, store: ResultStore, names: list[str], model_id: str,
+                       overwrite: bool, save: bool) -> EvalResult:
         with self._prepared() as prep:
-            fingerprints = {name: self.fingerprint(name, model_id, prep) for name in self.tasks}
-            reused = [n for n in self.tasks if isinstance(previous.get(n), dict) and old_prints.get(n) == fingerprints[n]]
+            fingerprints = {name: self.fingerprint(name, model_id, prep) for name in names}
+            reused, _ = store.reusable(fingerprints, overwrite)
             if reused:
-                log.info("%s: reusing %d task result(s) from %s: %s", self.name, len(reused), eval_path, ", ".join(reused))
-            to_compute = [n for n in self.tasks if n not in reused]
+                log.info("%s: reusing %d task result(s) from %s: %s", self.name, len(reused), store.eval_path,
+                         ", ".join(reused))
+            to_compute = [n for n in names if n not in reused]
             self._check(prep, to_compute)
-            results = {name: previous[name] for name in reused}
+            results = dict(reused)
             if to_compute:
-                results.update(self._compute(model, to_compute, prep, tokenizer))
-        summary = {f"{name}_{spec['metric']}": _finite_or_none(results[name].get("agg_value"))
-                   for name, spec in self.tasks.items()}
-        payload: dict[str, Any] = {name: results[name] for name in self.tasks}
-        payload["_meta"] = {
+                results.update(self._compute(model, to_compute, prep, self.tokenizer))
+            directions = self._directions(prep, names)
+        summary = {f"{name}_{self.tasks[name]['metric']}": finite_or_none(results[name].get("agg_value"))
+                   for name in names}
+        meta = {
             "model": model_id, "code_version": code_version(), "evaluator": self.name,
             "lm_eval_version": _installed_version(),
-            "tasks": {name: dict(spec) for name, spec in self.tasks.items()},
+            "tasks": {name: dict(self.tasks[name]) for name in names},
             "settings": {k: v for k, v in self._settings().items() if k != "chat_template"},
             "include_path": self.include_path, "task_overrides": self.task_overrides,
-            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "timestamp": utc_timestamp(),
             "fingerprints": fingerprints,
             "config_hash": _hash({k: v for k, v in self.cfg.items() if k not in ("output_dir", "overwrite")}),
+            "higher_is_better": directions,
+            "roles": self.roles.as_meta(),
         }
-        write_json_atomic(eval_path, payload)
-        write_json_atomic(summary_path, summary)
-        for name in self.tasks:
+        result = EvalResult(self.name, {name: results[name] for name in names}, summary, meta)
+        if save:
+            store.save(result)
+        for name in names:
             if results[name].get("note"):
                 log.warning("%s: %s", self.name, results[name]["note"])
-        return summary
+        return result

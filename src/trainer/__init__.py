@@ -164,15 +164,10 @@ def check_metric_for_best_model(args: TrainingArguments, eval_dataset: Any, eval
                                 "(the metric to optimise among the evaluations that pass it)")
         return None
     valid = ["eval_loss"] if eval_dataset is not None else []
-    open_prefixes, directions = [], {}
+    directions: dict[str, bool | None] = {}
     for bench, evaluator in (evaluators or {}).items():
-        summary_names = getattr(evaluator, "summary_names", None)
-        if summary_names is None:  # an evaluator without a fixed list: any name of its prefix
-            open_prefixes.append(f"eval_{bench}_")
-            continue
-        valid += [(f"eval_{bench}_{metric}", bench) for metric in summary_names()]
-        own = getattr(evaluator, "directions", None)
-        directions.update({f"eval_{bench}_{metric}": d for metric, d in (own() if own else {}).items()})
+        valid += [(f"eval_{bench}_{metric}", bench) for metric in evaluator.summary_names()]
+        directions.update({f"eval_{bench}_{metric}": d for metric, d in evaluator.directions().items()})
     notes = []
     if eval_dataset is None:
         notes.append("eval_loss needs data.eval and trainer.args.eval_strategy other than 'no'")
@@ -180,14 +175,14 @@ def check_metric_for_best_model(args: TrainingArguments, eval_dataset: Any, eval
         notes.append("eval_<bench>_<metric> needs an evaluator, e.g. eval=tofu")
     if name == "loss" and args.load_best_model_at_end:
         notes.insert(0, "loss is the default of load_best_model_at_end")
-    args.metric_for_best_model = resolve_metric_key(name, valid, open_prefixes, notes=notes,
+    args.metric_for_best_model = resolve_metric_key(name, valid, notes=notes,
                                                     setting="trainer.args.metric_for_best_model")
     if not greater_is_better_given and directions.get(args.metric_for_best_model) is not None:
         args.greater_is_better = directions[args.metric_for_best_model]
     if not constraint:
         return None
     parsed = parse_constraint(constraint)
-    key = resolve_metric_key(parsed.metric, valid, open_prefixes, notes=notes, setting="trainer.best_model_constraint")
+    key = resolve_metric_key(parsed.metric, valid, notes=notes, setting="trainer.best_model_constraint")
     return dataclasses.replace(parsed, key=key)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,7 +17,9 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from compat import OURS, Compat, get_compat
-from run_folder import EVAL_HISTORY_FILE, write_atomic
+from evals.benchmark import Benchmark
+from evals.result import EvalResult
+from run_folder import EVAL_HISTORY_FILE, write_atomic, write_json_atomic
 from trainer.answer_nll import answer_token_nll, check_nll_impl, resolve_pack_rows
 from trainer.losses import token_mean, tokens_counted_over_processes
 from trainer.packing import check_pack_rows
@@ -51,7 +52,7 @@ class FinetuneTrainer(Trainer):
     prompt prefix once (``trainer.packing``; ``auto``: on a CPU with SDPA or eager attention).
     """
 
-    def __init__(self, *args: Any, evaluators: Mapping[str, Any] | None = None, nll_impl: str = "logits",
+    def __init__(self, *args: Any, evaluators: Mapping[str, Benchmark] | None = None, nll_impl: str = "logits",
                  pack_rows: bool | str = False, compat: Compat = OURS,
                  best_model_constraint: MetricConstraint | None = None, **kwargs: Any):
         check_nll_impl(nll_impl)  # the name, before the Trainer's set-up; the model's needs below
@@ -60,6 +61,8 @@ class FinetuneTrainer(Trainer):
         self.best_model_constraint = best_model_constraint
         self.compat = get_compat(compat)  # the run's root `compat` (methods read its switches)
         self.evaluators = dict(evaluators or {})
+        #: Each evaluation's results in memory, by step (the result's evaluation reuses the last or the best).
+        self.evaluations: dict[int, dict[str, EvalResult]] = {}
         args_obj = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
         strategy = getattr(args_obj, "eval_strategy", "no")
         no_eval_data = kwargs.get("eval_dataset") is None
@@ -243,10 +246,7 @@ class FinetuneTrainer(Trainer):
         state = self.method_state()
         if state and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            tmp = os.path.join(folder, f".{METHOD_STATE_FILE}.tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(state, f)
-            os.replace(tmp, os.path.join(folder, METHOD_STATE_FILE))
+            write_json_atomic(Path(folder) / METHOD_STATE_FILE, state, indent=None)
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -264,28 +264,34 @@ class FinetuneTrainer(Trainer):
             self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    def _run_evaluators(self, metric_key_prefix: str, out_dir: str | None = None,
-                        history: bool = True) -> dict[str, float]:
-        """Every evaluator on the current model, into ``out_dir`` (default
-        ``<output_dir>/checkpoint-<step>/evals``); logs and returns their numeric summary values as
-        ``<prefix>_<evaluator>_<metric>``, and (``history``) appends each summary to ``eval_history.jsonl``."""
-        metrics: dict[str, float] = {}
-        out_dir = out_dir or os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}", "evals")
+    def _run_evaluators(self, metric_key_prefix: str) -> dict[str, float]:
+        """Every evaluator on the current model, saved into ``<output_dir>/checkpoint-<step>/evals`` and kept in
+        memory by step (``evaluations``); logs and returns their numeric summary values as
+        ``<prefix>_<evaluator>_<metric>`` and appends each summary to ``eval_history.jsonl``."""
+        step = self.state.global_step
+        results = self._evaluate_benchmarks(os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}", "evals"))
+        self.evaluations[step] = results
+        if self.args.should_save:
+            for name, result in results.items():
+                self._append_history({"step": step, "epoch": self.state.epoch, "evaluator": name,
+                                      "name": self.evaluators[name].name, "summary": result.summary})
+        return self._log_summaries(metric_key_prefix, results)
+
+    def _evaluate_benchmarks(self, out_dir: str) -> dict[str, EvalResult]:
+        """Every evaluator's result on the current model (in evaluation mode), each saved into ``out_dir``."""
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
+        model_id = f"{self.args.output_dir}@step{self.state.global_step}"
         try:
-            for name, evaluator in self.evaluators.items():
-                summary = evaluator.evaluate(model=model, output_dir=out_dir, trainer=self)
-                for key, value in (summary or {}).items():
-                    if isinstance(value, (int, float)):
-                        metrics[f"{metric_key_prefix}_{name}_{key}"] = float(value)
-                if history and self.args.should_save:
-                    self._append_history({"step": self.state.global_step, "epoch": self.state.epoch,
-                                          "evaluator": name, "name": getattr(evaluator, "name", name),
-                                          "summary": summary or {}})
+            return {name: evaluator.evaluate(model, output_dir=out_dir, model_id=model_id)
+                    for name, evaluator in self.evaluators.items()}
         finally:
             model.train(was_training)
+
+    def _log_summaries(self, prefix: str, results: Mapping[str, EvalResult]) -> dict[str, float]:
+        metrics = {f"{prefix}_{name}_{key}": float(value) for name, result in results.items()
+                   for key, value in result.summary.items() if value is not None}
         if metrics:
             self.log(dict(metrics))  # a copy: Trainer.log adds "epoch" to the dict it is given
         return metrics
@@ -335,29 +341,37 @@ class FinetuneTrainer(Trainer):
                 "checkpoint": os.path.basename(best) if best else None,
                 "is_result": bool(best) and self.args.load_best_model_at_end}
 
-    def evaluate_result(self, out_dir: str) -> dict[str, float]:
+    def evaluate_result(self, out_dir: str) -> dict[str, EvalResult]:
         """Evaluate the model the run ends with (the best checkpoint under ``load_best_model_at_end``) into
-        ``out_dir``, logged as ``final_<evaluator>_<metric>``. When that model was already evaluated (the
-        best checkpoint, or an evaluation at the last step), its evaluation files are copied instead of
-        computed again (same weights, same numbers)."""
+        ``out_dir``, logged as ``final_<evaluator>_<metric>``; returns the results. When that model was already
+        evaluated (the best checkpoint, or an evaluation at the last step), that evaluation is saved again into
+        ``out_dir`` instead of computed again (same weights, same numbers): from memory, or, for a checkpoint of
+        the run this one resumed, from the checkpoint's folder."""
         record = self.best_checkpoint_record()
         if record and record["is_result"]:
-            source, which = os.path.join(self.state.best_model_checkpoint, "evals"), f"the best checkpoint ({record['checkpoint']})"
+            step, folder = record["step"], self.state.best_model_checkpoint
+            which = f"the best checkpoint ({record['checkpoint']})"
         else:  # the last model: already evaluated if the last evaluation was at the last step
-            source, which = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}", "evals"), \
-                f"the model of the last evaluation (step {self.state.global_step})"
-        if os.path.isdir(source) and all(os.path.isfile(os.path.join(source, f"{getattr(e, 'name', n)}_SUMMARY.json"))
-                                         for n, e in self.evaluators.items()):
+            step = self.state.global_step
+            folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+            which = f"the model of the last evaluation (step {step})"
+        known = self.evaluations.get(step)
+        if known is None and all(EvalResult.saved_in(os.path.join(folder, "evals"), e.name)
+                                 for e in self.evaluators.values()):
+            known = {n: EvalResult.load(os.path.join(folder, "evals"), e.name) for n, e in self.evaluators.items()}
+        if known is not None and set(known) == set(self.evaluators):
             if self.args.should_save:
-                shutil.copytree(source, out_dir, dirs_exist_ok=True)
-            log.info("the result is %s: its evaluation copied to %s", which, out_dir)
-            return {}
-        metrics = self._run_evaluators("final", out_dir=out_dir, history=False)
+                for result in known.values():
+                    result.save(out_dir)
+            log.info("the result is %s: its evaluation saved to %s", which, out_dir)
+            return known
+        results = self._evaluate_benchmarks(out_dir)
+        self._log_summaries("final", results)
         for callback in self.callback_handler.callbacks:  # training ended: its writer reopened for these scalars
             if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
                 callback.tb_writer.close()
                 callback.tb_writer = None
-        return metrics
+        return results
 
 
 def _checkpoint_step(path: str) -> int:

@@ -151,6 +151,12 @@ def rank_shard(indices: Sequence[int]) -> list[int]:
     return list(indices)
 
 
+def is_main_process() -> bool:
+    """Whether this is process 0 (or the only process)."""
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+        or torch.distributed.get_rank() == 0
+
+
 def on_main_process(compute: Callable[[], Any]) -> Any:
     """``compute()`` run by process 0 only, its result (or its exception, re-raised) on every process.
 

@@ -104,6 +104,9 @@ class MetricSpec:
     #: Keys the metric reads from each ``reference_logs`` result (another model's EVAL entry), checked
     #: before any pass (``Evaluator.check_reference_logs``).
     reference_fields: tuple[str, ...] = ()
+    #: Per-sample fields of its ``value_by_index`` where a higher value means more of the answer is known (the
+    #: rephrasing attack keeps each sample's maximum over variants; the first field makes the aggregate).
+    sample_fields: tuple[str, ...] = ()
 
 
 METRIC_REGISTRY: dict[str, MetricSpec] = {}
@@ -111,7 +114,7 @@ METRIC_REGISTRY: dict[str, MetricSpec] = {}
 
 def register_metric(
     name: str, *, higher_is_better: bool | None, needs: Iterable[str], description: str = "",
-    reference_fields: Iterable[str] = (),
+    reference_fields: Iterable[str] = (), sample_fields: Iterable[str] = (),
 ) -> Callable[[Callable[..., dict]], Callable[..., dict]]:
     """Decorator registering a compute function under ``name``."""
     needs = tuple(needs)
@@ -125,7 +128,7 @@ def register_metric(
         doc = description or (fn.__doc__ or "").strip().split("\n")[0]
         METRIC_REGISTRY[name] = MetricSpec(
             name=name, fn=fn, higher_is_better=higher_is_better, needs=needs, description=doc,
-            reference_fields=tuple(reference_fields),
+            reference_fields=tuple(reference_fields), sample_fields=tuple(sample_fields),
         )
         return fn
 

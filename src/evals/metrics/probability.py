@@ -103,6 +103,7 @@ def truth_ratio_aggregate(ratios: Sequence[float], aggregator: str = "closer_to_
     higher_is_better=None,
     needs=("token_stats",),
     description="length-normalised answer probability exp(-A) and mean NLL A (lists for K answers)",
+    sample_fields=("prob",),
 )
 def probability_metric(*, token_stats=None, as_list: bool | None = None, **_: object) -> dict:
     """Per index {"prob", "avg_loss"}; a list of K values each when the index has K > 1 answers.

@@ -39,6 +39,7 @@ def rouge_scores(ground_truth: str, generation: str) -> dict[str, float]:
     higher_is_better=None,
     needs=("generations",),
     description="ROUGE of greedy generations vs ground truth (option rouge_type, default rougeL_recall)",
+    sample_fields=("rougeL_recall", "rougeL_f1", "rouge1_recall"),
 )
 def rouge_metric(*, generations=None, rouge_type: str = "rougeL_recall", **_: object) -> dict:
     """generations: index -> {"input", "ground_truth", "generation"}. Per index the three ROUGE fields plus
