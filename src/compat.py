@@ -45,7 +45,7 @@ class Compat:
             paper's): ``log sigmoid(beta * A - delta)``.
         retain_partners_from_global_rng: each forget sample's retain partner is drawn when the item is read,
             with ``torch.randint`` on torch's global generator (``data.unlearn.ForgetRetainDataset``); ours:
-            a pure function of (seed, rank, epoch, index).
+            a pure function of (seed, epoch, index).
         float32_log_probs: teacher-forced log-probabilities in float32, as open-unlearning's cross-entropy
             (a mean answer NLL then differs from the exact value by up to ~1e-4); ours: float64.
         generation_stops_at_eos_only: a base model's generation is not cut at the tag closing an answer

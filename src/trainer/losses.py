@@ -1,4 +1,6 @@
-"""Loss functions of unlearning methods: pure functions of tensors, importable on their own.
+"""Loss functions of unlearning methods, importable on their own: functions of tensors, except that the
+token means (``token_average``) divide by every process's token count inside ``tokens_counted_over_processes``
+(one ``all_reduce``; a loss called on one rank only would then wait for the others).
 
 Notation (per sample): ``NLL_t`` the negative log-likelihood of answer token t, ``S = sum_t NLL_t``,
 ``T`` the number of answer tokens (label != -100), ``A = S / T``; ``log pi(y|x) = -S``.
