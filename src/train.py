@@ -35,7 +35,14 @@ from evals import Benchmark, EvalResult, get_evaluators  # noqa: E402
 from model import get_model  # noqa: E402
 from model.peft import is_peft_model, peft_settings, save_merged  # noqa: E402
 from progress import quiet_library_bars  # noqa: E402
-from run_folder import BEST_CHECKPOINT_FILE, RESULT_EVALS_DIR, TRAIN_LOG_FILE, RunFolder, write_json_atomic  # noqa: E402
+from run_folder import (  # noqa: E402
+    BEST_CHECKPOINT_FILE,
+    RESULT_EVALS_DIR,
+    RUN_CONFIG,
+    TRAIN_LOG_FILE,
+    RunFolder,
+    write_json_atomic,
+)
 from sweep import (  # noqa: E402
     run_job,
     sweep_objective,
@@ -50,19 +57,17 @@ log = logging.getLogger("train")
 
 
 def write_run_files(cfg: DictConfig, trainer, folder: Path) -> None:
-    OmegaConf.save(cfg, folder / "config.yaml", resolve=True)
+    OmegaConf.save(cfg, folder / RUN_CONFIG, resolve=True)
     with open(folder / TRAIN_LOG_FILE, "w", encoding="utf-8") as f:
         for entry in trainer.state.log_history:
             f.write(json.dumps(entry) + "\n")
 
 
 def run_inputs(cfg: DictConfig, benchmarks: dict[str, Benchmark]) -> list[str]:
-    """Paths the run reads (model, tokenizer, the data folder of every dataset and benchmark, EVAL files, the
-    benchmarks' own inputs): the output folder must not hold them."""
+    """Paths the run reads (model, tokenizer, the data folder of every dataset, EVAL files, each benchmark's
+    ``input_paths``): the output folder must not hold them."""
     found = [cfg.model.model_args.get("pretrained_model_name_or_path"),
              cfg.model.get("tokenizer_args", {}).get("pretrained_model_name_or_path"),
-             *(OmegaConf.select(cfg, bench.roles.data_folder_key) for bench in benchmarks.values()
-               if bench.roles.data_folder_key),
              *data_input_paths(cfg.data, cfg), cfg.get("retain_logs_path")]
     for bench in benchmarks.values():
         found += bench.input_paths()

@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import PreTrainedModel
 
 from compat import compat_of
 from data import DATASET_REGISTRY, build_dataset, dataset_config
@@ -45,6 +44,7 @@ from evals.result import (
     ResultStore,
     code_version,
     content_hash,
+    evaluated_model_id,
     file_digest,
     finite_or_none,
     model_fingerprint,
@@ -91,18 +91,10 @@ PASS_MODES = ("fast", "plain")
 #: interpolate (``${eval.tofu.forget_split}``, MUSE's published AUCs): any other key is a typo.
 OWN_KEYS = frozenset({"metrics", "summary_metrics", "passes", "limit", "retain_logs_path", "reference_model_path"})
 INTERPOLATED_KEYS = frozenset({"forget_split", "holdout_split", "data_split", "published_retrain_auc"})
-_hash = content_hash
 
 
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def evaluated_model_id(model: torch.nn.Module) -> str:
-    """What an EVAL file records as the model when the caller gives no id: the model's own path
-    (``config._name_or_path``), or ``in-memory model``."""
-    config = model.config if isinstance(model, PreTrainedModel) else None
-    return (config._name_or_path if config is not None else "") or "in-memory model"
 
 
 def with_question_key(mcfg: Mapping, key: str) -> dict:
@@ -155,8 +147,7 @@ class Evaluator(Benchmark):
 
     def __init__(self, cfg: Mapping, tokenizer: Any = None, template_args: Any = None,
                  root_cfg: DictConfig | None = None):
-        super().__init__(cfg, tokenizer, OmegaConf.to_container(template_args, resolve=True)
-                         if isinstance(template_args, DictConfig) else template_args)
+        super().__init__(cfg, tokenizer, template_args)
         unknown = sorted(set(self.cfg) - COMMON_KEYS - OWN_KEYS - INTERPOLATED_KEYS)
         if unknown:
             raise ValueError(f"evaluator {self.name}: unknown key(s) {unknown}; valid: "
@@ -224,7 +215,7 @@ class Evaluator(Benchmark):
     def _spec_id(spec: Any) -> str:
         if isinstance(spec, str):
             return f"name:{spec}"
-        return "inline:" + _hash(OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else dict(spec))
+        return "inline:" + content_hash(OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else dict(spec))
 
     def _dataset_key(self, spec: Any, without_answer: bool = False) -> str:
         """Identity of a dataset (config, file size and time, template); ``without_answer``: of its
@@ -244,7 +235,7 @@ class Evaluator(Benchmark):
                 for cand in (Path(local) / f"{stem}.json", Path(local) / f"{stem}.jsonl"):
                     if cand.is_file():
                         files.append(f"{cand}:{cand.stat().st_size}:{int(cand.stat().st_mtime)}")
-        return _hash({"dataset": resolved, "files": files, "template": self.template_args})
+        return content_hash({"dataset": resolved, "files": files, "template": self.template_args})
 
     def _dataset(self, spec: Any) -> Any:
         key = self._dataset_key(spec)
@@ -267,9 +258,10 @@ class Evaluator(Benchmark):
         return found
 
     def input_paths(self) -> list[Path]:
-        """The local data folder of every dataset the metrics read, the reference EVAL files and the reference
-        model folder."""
-        found: list[str] = []
+        """The benchmark's data folder (``data_folder_key``), the local data folder of every dataset the metrics
+        read, the reference EVAL files and the reference model folder."""
+        key = self.roles.data_folder_key
+        found: list[str] = [OmegaConf.select(self.root_cfg, key) if key and self.root_cfg is not None else None]
         for _, mcfg in self._metric_configs():
             for spec in (mcfg.get("datasets") or {}).values():
                 self._dataset_key(spec)  # resolves the spec
@@ -452,7 +444,7 @@ class Evaluator(Benchmark):
         have the same config, and separately when an override made them differ.
         """
         # access_key only says how a parent refers to this result; it does not change the result.
-        key = ("metric", name, _hash({k: v for k, v in mcfg.items() if k != "access_key"}))
+        key = ("metric", name, content_hash({k: v for k, v in mcfg.items() if k != "access_key"}))
         if key in cache:
             return cache[key]
         same_config = {k: v for k, v in (self.metrics_cfg.get(name) or {}).items() if k != "access_key"} == \
@@ -488,7 +480,7 @@ class Evaluator(Benchmark):
             out["pre_compute"] = {k: with_data(v) for k, v in (mcfg.get("pre_compute") or {}).items()}
             return out
 
-        return _hash({"metric": with_data(self.metrics_cfg[name]), "model": model_fingerprint(model_id),
+        return content_hash({"metric": with_data(self.metrics_cfg[name]), "model": model_fingerprint(model_id),
                       "template": self.template_args, "code": code_version(), "passes": self.passes_mode,
                       "compat": self.compat.name, "limit": self.limit})
 
@@ -559,7 +551,7 @@ class Evaluator(Benchmark):
             "warnings": warnings,
             "timestamp": utc_timestamp(),
             "fingerprints": fingerprints,
-            "config_hash": _hash(self.metrics_cfg),
+            "config_hash": content_hash(self.metrics_cfg),
             "higher_is_better": {n: d for n, d in self.directions().items() if n in summary_names},
             "roles": self.roles.as_meta(),
         }
@@ -634,7 +626,7 @@ def _token_stats_runner(ev: Evaluator, spec: Any, mcfg: Mapping, model: torch.nn
 def _generations_runner(ev: Evaluator, spec: Any, mcfg: Mapping, model: torch.nn.Module, cache: dict) -> Any:
     """Greedy generations (``generation_args``: ``max_new_tokens``, ``stop_strings``); ``batch_size`` may be ``auto``."""
     gen_args = dict(mcfg.get("generation_args") or {})
-    key = ("generations", ev._dataset_key(spec), _hash(gen_args))
+    key = ("generations", ev._dataset_key(spec), content_hash(gen_args))
     if key not in cache:
         if ev.passes_mode == "plain":
             gen_args["compat"] = ev.compat

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from checks import BadValueError
 from evals.result import EvalResult
@@ -85,14 +86,16 @@ class Benchmark(abc.ABC):
     Args:
         cfg: the benchmark's config (``eval.<bench>``), resolved to plain data.
         tokenizer: the model's tokenizer.
-        template_args: the model config's prompt settings.
+        template_args: the model config's prompt settings (a DictConfig is resolved to plain data).
     """
 
     #: File prefix when the config gives no ``name``.
     default_name = "EVAL"
 
     def __init__(self, cfg: Mapping[str, Any], tokenizer: Any = None,
-                 template_args: Mapping[str, Any] | None = None) -> None:
+                 template_args: Mapping[str, Any] | DictConfig | None = None) -> None:
+        if isinstance(template_args, DictConfig):
+            template_args = OmegaConf.to_container(template_args, resolve=True)
         self.cfg = dict(cfg)
         self.name: str = self.cfg.get("name") or self.default_name
         self.tokenizer = tokenizer

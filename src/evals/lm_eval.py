@@ -48,13 +48,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from evals.base import evaluated_model_id
 from evals.benchmark import COMMON_KEYS, Benchmark
 from evals.result import (
     EvalResult,
     ResultStore,
     code_version,
     content_hash,
+    evaluated_model_id,
     finite_or_none,
     model_fingerprint,
     utc_timestamp,
@@ -92,10 +92,6 @@ def _installed_version() -> str:
         return importlib.metadata.version("lm_eval")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
-
-
-_hash = content_hash
-_finite_or_none = finite_or_none
 
 
 def _plain(value: Any) -> Any:
@@ -296,8 +292,7 @@ class LMEvalEvaluator(Benchmark):
                         getattr(lm_eval, "__version__", _installed_version()), LM_EVAL_VERSION, INSTALL_HINT)
         if isinstance(cfg, DictConfig):
             cfg = OmegaConf.to_container(cfg, resolve=True)
-        super().__init__(cfg, tokenizer, OmegaConf.to_container(template_args, resolve=True)
-                         if isinstance(template_args, DictConfig) else dict(template_args or {}))
+        super().__init__(cfg, tokenizer, template_args if template_args is not None else {})
         unknown = sorted(set(self.cfg) - CONFIG_KEYS)
         if unknown:
             raise ValueError(f"evaluator {self.name}: unknown key(s) {unknown}; valid: {sorted(CONFIG_KEYS)}")
@@ -510,7 +505,7 @@ class LMEvalEvaluator(Benchmark):
     def _settings(self) -> dict:
         chat_template = None
         if self.apply_chat_template and self.tokenizer is not None:
-            chat_template = _hash(getattr(self.tokenizer, "chat_template", None))
+            chat_template = content_hash(getattr(self.tokenizer, "chat_template", None))
         return {"batch_size": self.batch_size, "apply_chat_template": self.apply_chat_template,
                 "fewshot_as_multiturn": self.fewshot_as_multiturn, "system_instruction": self.system_instruction,
                 "bootstrap_iters": self.bootstrap_iters, "log_samples": self.log_samples, "lm_args": self.lm_args,
@@ -519,7 +514,7 @@ class LMEvalEvaluator(Benchmark):
     def fingerprint(self, name: str, model_id: str, prep: SimpleNamespace) -> str:
         configs = prep.configs[name]
         files = sorted({s for cfg in configs.values() for p in task_data_files(cfg) for s in _file_stats(p)})
-        return _hash({"task": self.tasks[name], "configs": configs, "files": files, "code_files": self._code_files(),
+        return content_hash({"task": self.tasks[name], "configs": configs, "files": files, "code_files": self._code_files(),
                       "settings": self._settings(), "model": model_fingerprint(model_id), "code": code_version(),
                       "lm_eval": _installed_version()})
 
@@ -585,8 +580,8 @@ class LMEvalEvaluator(Benchmark):
 
         details = about(name)
         value = details["metrics"].get(spec["metric"])
-        entry = {"agg_value": _finite_or_none(value), "metric": spec["metric"],
-                 "stderr": _finite_or_none(details["metrics"].get(f"{spec['metric']}_stderr")), **details}
+        entry = {"agg_value": finite_or_none(value), "metric": spec["metric"],
+                 "stderr": finite_or_none(details["metrics"].get(f"{spec['metric']}_stderr")), **details}
         if value is None:
             entry["note"] = (f"lm-eval reported no {spec['metric']} for {name}; it reported: "
                              f"{', '.join(entry['metrics']) or 'nothing'}")
@@ -687,7 +682,7 @@ class LMEvalEvaluator(Benchmark):
             "include_path": self.include_path, "task_overrides": self.task_overrides,
             "timestamp": utc_timestamp(),
             "fingerprints": fingerprints,
-            "config_hash": _hash({k: v for k, v in self.cfg.items() if k not in ("output_dir", "overwrite")}),
+            "config_hash": content_hash({k: v for k, v in self.cfg.items() if k not in ("output_dir", "overwrite")}),
             "higher_is_better": directions,
             "roles": self.roles.as_meta(),
         }

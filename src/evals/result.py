@@ -78,6 +78,15 @@ def model_fingerprint(model_id: str) -> str:
     return model_id
 
 
+def evaluated_model_id(model: Any) -> str:
+    """What an EVAL file records as the model when the caller gives no id: the model's own path
+    (``config._name_or_path`` of a transformers model), or ``in-memory model``."""
+    from transformers import PreTrainedModel
+
+    config = model.config if isinstance(model, PreTrainedModel) else None
+    return (config._name_or_path if config is not None else "") or "in-memory model"
+
+
 def utc_timestamp() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -124,11 +133,6 @@ class EvalResult:
         """Whether ``folder`` holds a saved result of ``benchmark`` (both files)."""
         return eval_file(Path(folder), benchmark).is_file() and summary_file(Path(folder), benchmark).is_file()
 
-    def value(self, metric: str) -> float | None:
-        """The finite ``agg_value`` of ``metric``'s entry, else None."""
-        entry = self.entries.get(metric)
-        return finite_or_none(entry.get("agg_value")) if isinstance(entry, Mapping) else None
-
     def with_attacked(self, attacked: Mapping[str, Mapping[str, Any]]) -> EvalResult:
         """This result plus each attack's entries as ``<metric>@<tag>`` (``attacked`` = {tag: {metric: entry}}),
         in the entries and the summary."""
@@ -174,4 +178,4 @@ class ResultStore:
 
 
 __all__ = ["EvalResult", "ResultStore", "finite_or_none", "content_hash", "file_digest", "code_version",
-           "model_fingerprint", "utc_timestamp"]
+           "model_fingerprint", "evaluated_model_id", "utc_timestamp"]

@@ -19,7 +19,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from compat import OURS, Compat, get_compat
 from evals.benchmark import Benchmark
 from evals.result import EvalResult
-from run_folder import EVAL_HISTORY_FILE, write_atomic, write_json_atomic
+from run_folder import EVAL_HISTORY_FILE, RESULT_EVALS_DIR, write_atomic, write_json_atomic
 from trainer.answer_nll import answer_token_nll, check_nll_impl, resolve_pack_rows
 from trainer.losses import token_mean, tokens_counted_over_processes
 from trainer.packing import check_pack_rows
@@ -61,7 +61,7 @@ class FinetuneTrainer(Trainer):
         self.best_model_constraint = best_model_constraint
         self.compat = get_compat(compat)  # the run's root `compat` (methods read its switches)
         self.evaluators = dict(evaluators or {})
-        #: Each evaluation's results in memory, by step (the result's evaluation reuses the last or the best).
+        #: Evaluation results in memory by step: the latest and the best so far (the result's evaluation reuses one).
         self.evaluations: dict[int, dict[str, EvalResult]] = {}
         args_obj = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
         strategy = getattr(args_obj, "eval_strategy", "no")
@@ -269,7 +269,10 @@ class FinetuneTrainer(Trainer):
         memory by step (``evaluations``); logs and returns their numeric summary values as
         ``<prefix>_<evaluator>_<metric>`` and appends each summary to ``eval_history.jsonl``."""
         step = self.state.global_step
-        results = self._evaluate_benchmarks(os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}", "evals"))
+        results = self._evaluate_benchmarks(os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}",
+                                                         RESULT_EVALS_DIR))
+        # kept: this evaluation and the best so far (one of the two is the best after this one), nothing older
+        self.evaluations = {s: r for s, r in self.evaluations.items() if s == self.state.best_global_step}
         self.evaluations[step] = results
         if self.args.should_save:
             for name, result in results.items():
@@ -355,10 +358,9 @@ class FinetuneTrainer(Trainer):
             step = self.state.global_step
             folder = os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
             which = f"the model of the last evaluation (step {step})"
-        known = self.evaluations.get(step)
-        if known is None and all(EvalResult.saved_in(os.path.join(folder, "evals"), e.name)
-                                 for e in self.evaluators.values()):
-            known = {n: EvalResult.load(os.path.join(folder, "evals"), e.name) for n, e in self.evaluators.items()}
+        known, saved = self.evaluations.get(step), os.path.join(folder, RESULT_EVALS_DIR)
+        if known is None and all(EvalResult.saved_in(saved, e.name) for e in self.evaluators.values()):
+            known = {n: EvalResult.load(saved, e.name) for n, e in self.evaluators.items()}
         if known is not None and set(known) == set(self.evaluators):
             if self.args.should_save:
                 for result in known.values():
