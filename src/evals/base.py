@@ -174,7 +174,7 @@ class Evaluator(Benchmark):
                 raise ValueError(f"evaluator {self.name}: summary_metrics {unknown} are not metrics of this benchmark, "
                                  f"so they would be missing from {self.name}_SUMMARY.json; valid: "
                                  f"{', '.join(self.metrics_cfg)}")
-        self.roles = self.roles.restricted_to(self.summary_names())
+        self._settle_roles()
         self.root_cfg = root_cfg
         self.compat = compat_of(root_cfg)
         if self.compat.plain_passes:
@@ -553,7 +553,7 @@ class Evaluator(Benchmark):
             "fingerprints": fingerprints,
             "config_hash": content_hash(self.metrics_cfg),
             "higher_is_better": {n: d for n, d in self.directions().items() if n in summary_names},
-            "roles": self.roles.as_meta(),
+            "roles": self.roles_meta(),
         }
         result = EvalResult(self.name, self._every_result(names, results, cache, previous, list(reused)), summary, meta)
         if save and is_main_process():

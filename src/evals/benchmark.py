@@ -18,7 +18,9 @@ sequences) use only these methods:
 What is specific to a benchmark is configuration, read here once (``BenchmarkRoles``, restricted to the metrics the
 benchmark reports) and recorded in the EVAL file's ``_meta.roles`` for the report: ``data_folder_key`` (the ``paths.<key>`` setting of its local
 data), ``headline_metrics`` (the report's summary columns and plots), ``trajectory_metrics`` (followed over
-unlearning steps), ``log_axis_metrics`` and ``attackable_metrics``.
+unlearning steps), ``log_axis_metrics``, ``attackable_metrics`` and ``sample_metrics`` (the report's per-sample
+view of the forget set: each metric's first per-sample field, before and after, ranked by the first metric's
+change).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from evals.result import EvalResult
 
 #: Keys every benchmark config may set, whatever its evaluator.
 COMMON_KEYS = frozenset({"handler", "name", "output_dir", "overwrite", "data_folder_key", "headline_metrics",
-                         "trajectory_metrics", "log_axis_metrics", "attackable_metrics"})
+                         "trajectory_metrics", "log_axis_metrics", "attackable_metrics", "sample_metrics"})
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class BenchmarkRoles:
     trajectory_metrics: tuple[str, ...] = ()
     log_axis_metrics: tuple[str, ...] = ()
     attackable_metrics: tuple[str, ...] = ()
+    sample_metrics: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, name: str, cfg: Mapping[str, Any]) -> BenchmarkRoles:
@@ -64,7 +67,7 @@ class BenchmarkRoles:
             return tuple(value)
 
         return cls(key, *(names(o) for o in ("headline_metrics", "trajectory_metrics", "log_axis_metrics",
-                                             "attackable_metrics")))
+                                             "attackable_metrics", "sample_metrics")))
 
     def restricted_to(self, summary_names: list[str]) -> BenchmarkRoles:
         """The roles of the metrics this benchmark reports (a run that evaluates fewer metrics than the
@@ -74,10 +77,13 @@ class BenchmarkRoles:
 
         return replace(self, headline_metrics=kept(self.headline_metrics),
                        trajectory_metrics=kept(self.trajectory_metrics), log_axis_metrics=kept(self.log_axis_metrics),
-                       attackable_metrics=kept(self.attackable_metrics))
+                       attackable_metrics=kept(self.attackable_metrics), sample_metrics=kept(self.sample_metrics))
 
-    def as_meta(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+    def as_meta(self, sample_field: Mapping[str, str]) -> dict[str, Any]:
+        """Plain data for ``_meta.roles``; ``sample_metrics`` becomes ``{metric: the per-sample field shown}``."""
+        meta = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        meta["sample_metrics"] = {m: sample_field[m] for m in self.sample_metrics}
+        return meta
 
 
 class Benchmark(abc.ABC):
@@ -101,6 +107,19 @@ class Benchmark(abc.ABC):
         self.tokenizer = tokenizer
         self.template_args: dict[str, Any] | None = None if template_args is None else dict(template_args)
         self.roles = BenchmarkRoles.from_config(self.name, self.cfg)
+
+    def _settle_roles(self) -> None:
+        """Keep the roles of the metrics this benchmark reports; every ``sample_metrics`` entry must have
+        per-sample fields (called by subclasses once their metrics are known)."""
+        self.roles = self.roles.restricted_to(self.summary_names())
+        bare = [m for m in self.roles.sample_metrics if not self.sample_fields(m)]
+        if bare:
+            raise BadValueError(f"evaluator {self.name}: sample_metrics {bare} record no per-sample values; list "
+                                "metrics whose handler registers sample_fields (probability, rouge) or none")
+
+    def roles_meta(self) -> dict[str, Any]:
+        """The roles as recorded in the EVAL file's ``_meta.roles`` (read by the report)."""
+        return self.roles.as_meta({m: self.sample_fields(m)[0] for m in self.roles.sample_metrics})
 
     @abc.abstractmethod
     def check_inputs(self, names: list[str] | None = None) -> None:

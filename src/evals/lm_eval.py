@@ -358,7 +358,7 @@ class LMEvalEvaluator(Benchmark):
             if spec["name"] in self.tasks:
                 raise ValueError(f"evaluator {self.name}: task {spec['name']} is listed twice")
             self.tasks[spec["name"]] = spec
-        self.roles = self.roles.restricted_to(self.summary_names())
+        self._settle_roles()
 
     def _task_spec(self, item: Any) -> dict:
         """``{name, num_fewshot, metric, limit}`` of a ``tasks`` entry, the top-level values filling the gaps."""
@@ -684,7 +684,7 @@ class LMEvalEvaluator(Benchmark):
             "fingerprints": fingerprints,
             "config_hash": content_hash({k: v for k, v in self.cfg.items() if k not in ("output_dir", "overwrite")}),
             "higher_is_better": directions,
-            "roles": self.roles.as_meta(),
+            "roles": self.roles_meta(),
         }
         result = EvalResult(self.name, {name: results[name] for name in names}, summary, meta)
         if save:
