@@ -1,7 +1,8 @@
 """Helpers shared by the benchmark scripts (machine facts, peak memory, JSON output, config composition).
 
-Not a package: each script puts ``benchmarks/`` (its own folder, automatically) and ``src/`` on
-``sys.path`` itself, so the scripts run from a bare checkout without installing anything.
+Not a package: each script puts ``benchmarks/`` (its own folder, automatically), ``src/`` and ``scripts/``
+(for ``synthetic_tofu``, the generated TOFU-format data) on ``sys.path`` itself, so the scripts run from a bare
+checkout without installing anything.
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SRC = REPO / "src"
+SCRIPTS = REPO / "scripts"
 CONFIGS = REPO / "configs"
 if str(SRC) not in sys.path:
     sys.path.insert(0, str(SRC))
+if str(SCRIPTS) not in sys.path:
+    sys.path.append(str(SCRIPTS))
 
 #: Default generated TOFU-format data: 400 authors x 10 QA = the real TOFU sizes (full 4000, forget10
 #: 400, retain90 3600, forget01 40, holdout01 40; only real_authors / world_facts are smaller).
@@ -149,7 +153,7 @@ def default_tofu_dir() -> Path:
     generated copy of the same sizes (the same data on every machine, the GPU machine included)."""
     folder = REPO / "saves" / "bench" / f"tofu_generated_{GEN_AUTHORS}x{GEN_QA}"
     if not (folder / "idontknow.jsonl").is_file():
-        from data.synthetic_tofu import generate_tofu_like
+        from synthetic_tofu import generate_tofu_like
 
         generate_tofu_like(folder, n_authors=GEN_AUTHORS, qa_per_author=GEN_QA, seed=0)
     return folder

@@ -85,7 +85,7 @@ EOF
 TOK=$REPO/.bench_assets/smollm2-tokenizer
 [ -f "$TOK/tokenizer.json" ] || { echo "no $TOK: run benchmarks/prepare_gpu_check.sh here and carry .bench_assets"; exit 3; }
 TOFU=/tmp/bench_tofu_${AUTHORS}x${QA}
-"$PY" src/data/synthetic_tofu.py --out "$TOFU" --n-authors "$AUTHORS" --qa-per-author "$QA" >/dev/null \
+"$PY" scripts/synthetic_tofu.py --out "$TOFU" --n-authors "$AUTHORS" --qa-per-author "$QA" >/dev/null \
   || { echo "data generation failed"; exit 4; }
 echo "== data: $TOFU ($(wc -l < "$TOFU/forget10.json") forget10 rows, $(wc -l < "$TOFU/retain90.json") retain90 rows)"
 

@@ -1,6 +1,6 @@
 """The demo behind `make demo`: the whole TOFU recipe, offline, on a small generated dataset, ending in a report.
 
-1. Generate a TOFU-format dataset of fictitious authors (src/data/synthetic_tofu.py): 20 authors x 5 questions;
+1. Generate a TOFU-format dataset of fictitious authors (scripts/synthetic_tofu.py): 20 authors x 5 questions;
    forget10 = the last 2 authors (10 questions), holdout10 = 10 questions about 2 authors never trained on.
 2. Fine-tune SmolLM2-135M-Instruct on all of it -> the "target" model, which knows every author.
 3. Fine-tune it on the retain part only -> the "retain" model, the gold standard of forgetting.
@@ -120,7 +120,7 @@ def main() -> None:
     out: Path = args.out.resolve()
     began = time.time()
 
-    from data.synthetic_tofu import generate_tofu_like
+    from synthetic_tofu import generate_tofu_like  # beside this script (its folder is sys.path[0])
 
     counts = generate_tofu_like(out / "data", n_authors=20, qa_per_author=5, seed=0, retain_eval_rows=10,
                                 world_rows=10)

@@ -17,6 +17,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+# scripts/synthetic_tofu.py, the generated TOFU-format data, is a script (not in src/): tests import it from there.
+if str(REPO / "scripts") not in sys.path:
+    sys.path.append(str(REPO / "scripts"))
 SHARED_TOFU = REPO.parent / "shared" / "data" / "tofu"
 MODEL_CACHE = REPO / ".cache" / "models"
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -40,7 +43,7 @@ def smollm2_tokenizer():
 @pytest.fixture(scope="session")
 def tofu_dir(tmp_path_factory) -> Path:
     """A generated TOFU-format dataset (20 authors x 4 QA), the layout of ../shared/data/tofu."""
-    from data.synthetic_tofu import generate_tofu_like
+    from synthetic_tofu import generate_tofu_like
 
     folder = tmp_path_factory.mktemp("tofu_generated")
     generate_tofu_like(folder, n_authors=20, qa_per_author=4, seed=0)

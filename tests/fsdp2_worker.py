@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "scripts"))  # synthetic_tofu (the generated data)
 
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -51,9 +52,9 @@ def _evaluation_passes(folder: Path) -> dict:
     from transformers import AutoTokenizer
 
     from data import build_dataset
-    from data.synthetic_tofu import generate_tofu_like
     from evals.base import FirstRows
     from evals.passes import plain_generation_pass, plain_token_stats_pass
+    from synthetic_tofu import generate_tofu_like
 
     tofu = folder / "tofu"
     if dist.get_rank() == 0:

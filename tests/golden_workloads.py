@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 GOLDEN_DIR = REPO / "tests" / "golden"
 SHARED_DATA = REPO.parent / "shared" / "data"
 MODEL_CACHE = REPO / ".cache" / "models"
-for _path in (REPO / "src", REPO / "tests"):
+for _path in (REPO / "src", REPO / "tests", REPO / "scripts"):  # scripts/: synthetic_tofu
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
@@ -162,7 +162,7 @@ def method_run(out: Path, method: str, tofu: Path) -> dict[str, Any]:
 def method_data(folder: Path) -> Path:
     """The generated TOFU-format data the method runs train on (20 authors x 4 QA, seed 0), with an
     alternate-answers file for AltPO: each forget row's perturbed answers."""
-    from data.synthetic_tofu import generate_tofu_like
+    from synthetic_tofu import generate_tofu_like
 
     generate_tofu_like(folder, n_authors=20, qa_per_author=4, seed=0)
     perturbed = [json.loads(line) for line in (folder / "forget10_perturbed.json").read_text().splitlines()]

@@ -25,8 +25,8 @@ from data import (
     get_data,
 )
 from data.collators import DataCollatorForSupervisedDataset, DataCollatorForSupervisedDatasetWithIndices
-from data.synthetic_tofu import generate_tofu_like
 from data.utils import IGNORE_INDEX, PromptTemplate, answer_end_token_id, to_sample, tokenize_qa_batch
+from synthetic_tofu import generate_tofu_like
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_TOFU = Path(__file__).resolve().parents[2] / "shared" / "data" / "tofu"

@@ -38,10 +38,12 @@ def _steps(folder) -> list[dict]:
 @pytest.fixture(scope="module")
 def pretrained_tiny(tmp_path_factory):
     """tiny-random-llama saved as a pretrained folder: from_pretrained is the path ZeRO-3 partitions (zero.Init)."""
-    from model import get_model, save_model
+    from model import get_model
 
     folder = tmp_path_factory.mktemp("tiny_pretrained")
-    save_model(*get_model(_tiny_config()), folder)
+    model, tokenizer = get_model(_tiny_config())
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 

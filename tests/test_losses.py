@@ -33,17 +33,20 @@ def test_sequence_nll_by_hand():
     assert count.tolist() == [2, 1]
 
 
-def test_mean_and_token_mean_nll_by_hand():
+def test_per_sample_mean_and_token_mean_by_hand():
+    """``A = S / T`` per sample and ``sum S / sum T`` over the batch (the trainers' ``answer_mean_nll``;
+    gradient ascent is its negative, checked through ``GradAscent`` in test_methods.py)."""
     logits, labels = _example()
-    assert torch.allclose(losses.mean_nll(logits, labels), torch.tensor([math.log(10) / 2, math.log(8)]), atol=1e-6)
-    assert losses.token_mean_nll(logits, labels).item() == pytest.approx(math.log(80) / 3, abs=1e-6)
-    assert losses.gradient_ascent_loss(logits, labels).item() == pytest.approx(-math.log(80) / 3, abs=1e-6)
+    total, count = losses.sequence_nll(logits, labels)
+    assert torch.allclose(losses.per_sample_mean(total, count), torch.tensor([math.log(10) / 2, math.log(8)]),
+                          atol=1e-6)
+    assert losses.token_mean(total, count).item() == pytest.approx(math.log(80) / 3, abs=1e-6)
 
 
-def test_mean_nll_of_a_sample_without_answer_tokens_is_nan():
+def test_per_sample_mean_of_a_sample_without_answer_tokens_is_nan():
     logits, labels = _example()
     labels[1] = -100
-    mean = losses.mean_nll(logits, labels)
+    mean = losses.per_sample_mean(*losses.sequence_nll(logits, labels))
     assert mean[0].item() == pytest.approx(math.log(10) / 2, abs=1e-6) and math.isnan(mean[1].item())
 
 

@@ -68,7 +68,8 @@ def test_simnpo_hand_value(tmp_path):
     loss = t.compute_loss(t.model, {"forget": LONG_FORGET, "retain": RETAIN})
     assert loss.item() == pytest.approx(expected, abs=1e-5)
     # With the summed NLL S instead of A (no length normalisation) row 1 would give ln(1 + e^0.5/400).
-    assert t.last_loss_terms()["forget_loss"] == pytest.approx(l_f, abs=1e-5)
+    t.log({"loss": loss.item()})
+    assert t.state.log_history[-1]["forget_loss"] == pytest.approx(l_f, abs=1e-5)
 
 
 def test_simnpo_stops_on_a_sample_without_answer_tokens(tmp_path):
@@ -106,8 +107,10 @@ def test_dpo_hand_value_after_an_update(tmp_path):
     # L_f = -(2/1) * 1/2 * [log sig(-ln 2) + log sig(0)] = ln(1 + 2) + ln 2 = ln 6
     # retain now: ln 12 (1 after 0) and ln 5 -> ln(60)/2
     expected = 2.0 * LN(6) + 0.5 * LN(60) / 2
-    assert t.compute_loss(t.model, PAIRED).item() == pytest.approx(expected, abs=1e-5)
-    assert t.last_loss_terms()["forget_loss"] == pytest.approx(LN(6), abs=1e-5)
+    loss = t.compute_loss(t.model, PAIRED)
+    assert loss.item() == pytest.approx(expected, abs=1e-5)
+    t.log({"loss": loss.item()})
+    assert t.state.log_history[-1]["forget_loss"] == pytest.approx(LN(6), abs=1e-5)
     # Preferred and rejected swapped would give margin +ln 2: ln(1 + 1/2) + ln 2 = ln 3, not ln 6.
 
 

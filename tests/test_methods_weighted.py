@@ -14,7 +14,7 @@ from conftest import MODEL_CACHE, REPO, StubLM, make_batch, run_cli
 from data.unlearn import ForgetRetainDataset
 from model import get_model
 from trainer import load_trainer
-from trainer.losses import token_mean_nll
+from trainer.losses import sequence_nll, token_mean
 from trainer.unlearn.pdu import PDU
 
 LN = math.log
@@ -229,7 +229,7 @@ def memorised():
 
 def _forget_nll(model, batch):
     with torch.no_grad():
-        return token_mean_nll(model(input_ids=batch["input_ids"]).logits, batch["labels"]).item()
+        return token_mean(*sequence_nll(model(input_ids=batch["input_ids"]).logits, batch["labels"])).item()
 
 
 @pytest.mark.parametrize("handler, method_args", [

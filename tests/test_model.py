@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import MODEL_CACHE, REPO, SMOLLM2_FALLBACK
-from model import available_model_configs, get_model, gguf_file_from_package, save_model
+from model import available_model_configs, get_model, gguf_file_from_package
 
 
 def tiny_cfg(**model_args):
@@ -32,7 +32,8 @@ def test_tiny_random_llama_is_small_seeded_and_uses_smollm2_vocab():
 
 def test_save_and_reload_through_the_same_config(tmp_path):
     model, tok = get_model(tiny_cfg())
-    save_model(model, tok, tmp_path / "saved")
+    model.save_pretrained(tmp_path / "saved")
+    tok.save_pretrained(tmp_path / "saved")
     reloaded, tok2 = get_model(tiny_cfg(pretrained_model_name_or_path=str(tmp_path / "saved")))
     for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
         assert torch.equal(a, b), name

@@ -1,9 +1,10 @@
-"""Tests of the synthetic TOFU-format generator (data.synthetic_tofu)."""
+"""Tests of the synthetic TOFU-format generator (scripts/synthetic_tofu.py)."""
 
 from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from data import synthetic_tofu
-from data.synthetic_tofu import FILE_NAMES, generate_tofu_like
+import synthetic_tofu
+from synthetic_tofu import FILE_NAMES, generate_tofu_like
 
 REAL_TOFU = Path("/work/shared/data/tofu")
 QA = 4  # qa_per_author used by most tests
@@ -104,12 +105,12 @@ def test_row_counts_for_defaults(default_set):
         "forget05_perturbed.json": 4,
         "forget10_perturbed.json": 8,
         "retain_perturbed.json": 72,
-        "real_authors_perturbed.json": len(synthetic_tofu._REAL_AUTHORS),
-        "world_facts_perturbed.json": len(synthetic_tofu._WORLD_FACTS),
+        "real_authors_perturbed.json": len(synthetic_tofu.REAL_AUTHORS),
+        "world_facts_perturbed.json": len(synthetic_tofu.WORLD_FACTS),
         "holdout01.json": 4,
         "holdout05.json": 4,
         "holdout10.json": 8,
-        "idontknow.jsonl": len(synthetic_tofu._IDONTKNOW),
+        "idontknow.jsonl": len(synthetic_tofu.IDONTKNOW),
     }
     for name, count in counts.items():
         assert (out / name).read_text(encoding="utf-8").count("\n") == count, name
@@ -277,6 +278,8 @@ def test_explicit_retain_eval_rows(tmp_path):
 
 
 def test_write_is_atomic_per_file(tmp_path, monkeypatch):
+    """A write that fails part-way (the 4th ``os.replace`` of ``run_folder.write_atomic``) leaves every file
+    whole, old or new, and no temporary file; the user's other files stay."""
     ref_old, ref_new = tmp_path / "old", tmp_path / "new"
     generate_tofu_like(ref_old, seed=0)
     generate_tofu_like(ref_new, seed=1)
@@ -284,7 +287,7 @@ def test_write_is_atomic_per_file(tmp_path, monkeypatch):
     generate_tofu_like(out, seed=0)
     (out / "unrelated.txt").write_text("keep me")
 
-    real_replace = synthetic_tofu.os.replace
+    real_replace = os.replace
     calls = {"n": 0}
 
     def flaky_replace(src, dst):
@@ -293,7 +296,7 @@ def test_write_is_atomic_per_file(tmp_path, monkeypatch):
             raise OSError("disk on fire")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(synthetic_tofu.os, "replace", flaky_replace)
+    monkeypatch.setattr(os, "replace", flaky_replace)
     with pytest.raises(OSError, match="disk on fire"):
         generate_tofu_like(out, seed=1)
     monkeypatch.undo()

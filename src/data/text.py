@@ -72,7 +72,7 @@ class _TextDataset(Dataset):
 
     def __init__(self, name: str, compat: Any = None) -> None:
         self.name = name
-        if compat not in (None, "ours"):
+        if compat is not None:
             log.info("%s: compat=%s has no effect on raw-text datasets", name, compat)
         self._samples: list[tuple[list[int], list[int]]] = []
 

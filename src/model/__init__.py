@@ -323,11 +323,5 @@ def get_model(model_cfg: DictConfig | dict) -> tuple[PreTrainedModel, PreTrained
     return model, tokenizer
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output_dir: str | os.PathLike) -> None:
-    """Save weights and tokenizer so that ``from_pretrained(output_dir)`` loads them back."""
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-
-
-__all__ = ["get_model", "get_tokenizer", "save_model", "available_model_configs", "materialize_gguf",
+__all__ = ["get_model", "get_tokenizer", "available_model_configs", "materialize_gguf",
            "gguf_file_from_package", "build_random_model", "looks_like_local_path", "hub_unreachable"]

@@ -43,13 +43,6 @@ log = logging.getLogger(__name__)
 
 TRAINER_REGISTRY: dict[str, type] = {}
 
-# TrainingArguments keys that older configs (and the seed's example) carry but transformers 5 dropped.
-_REMOVED_TRAINING_ARGS = {
-    "logging_dir": "logs are written to the run's output folder",
-    "overwrite_output_dir": "each run replaces its output folder once it succeeds",
-}
-
-
 def _register_trainer(cls: type) -> type:
     TRAINER_REGISTRY[cls.__name__] = cls
     return cls
@@ -221,10 +214,6 @@ def build_training_args(args: Mapping[str, Any], output_dir: str) -> TrainingArg
     """
     args = dict(args)
     check_training_args(args)
-    for key, why in _REMOVED_TRAINING_ARGS.items():
-        if key in args:
-            log.warning("trainer.args.%s is ignored (not a transformers 5 argument): %s", key, why)
-            args.pop(key)
     args["output_dir"] = output_dir
     args["remove_unused_columns"] = False
     args.setdefault("report_to", "none")

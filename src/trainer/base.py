@@ -142,10 +142,6 @@ class FinetuneTrainer(Trainer):
             if self.model.training:
                 self._loss_terms[name].append(value)
 
-    def last_loss_terms(self) -> dict[str, float]:
-        """The terms of the last ``log_loss_terms`` call, as floats."""
-        return {name: float(value) for name, value in self._last_terms.items()}
-
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
         # Token means over the tokens of every process: the step's gradient does not depend on how many
         # processes share the batch (trainer.losses.tokens_counted_over_processes).

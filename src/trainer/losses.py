@@ -88,16 +88,6 @@ def token_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return token_average(total.sum(), count.sum())
 
 
-def mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-sample length-normalised NLL ``A = S / T`` ``[B]``; NaN for a sample without answer tokens."""
-    return per_sample_mean(*sequence_nll(logits, labels))
-
-
-def token_mean_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean NLL over all answer tokens of the batch (the usual language-modelling loss)."""
-    return token_mean(*sequence_nll(logits, labels))
-
-
 def answer_kl(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``KL(p_ref || p_model)`` of the next-token distributions, averaged over answer tokens.
 
@@ -109,11 +99,6 @@ def answer_kl(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tens
     ref_logp = F.log_softmax(ref_logits[:, :-1, :].float(), dim=-1)[mask]
     kl = F.kl_div(logp, ref_logp, reduction="none", log_target=True).sum(dim=-1)
     return token_average(kl.sum(), mask.sum())
-
-
-def gradient_ascent_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Gradient ascent on the forget answers: ``-mean_t NLL_t`` (minimising it raises their NLL)."""
-    return -token_mean_nll(logits, labels)
 
 
 def npo_loss(nll: torch.Tensor, ref_nll: torch.Tensor, beta: float) -> torch.Tensor:
@@ -135,7 +120,7 @@ def simnpo_loss(mean_nll: torch.Tensor, beta: float, delta: float = 0.0) -> torc
     ``L = -(2/beta) mean_i log sigmoid(-(beta/|y_i|) log pi(y_i|x_i) - delta)``; with
     ``log pi = -S`` and ``A = S / T`` this is ``L = -(2/beta) mean_i log sigmoid(beta A_i - delta)``.
     The paper calls the reward margin ``gamma``; here it is ``delta`` (``gamma`` is the forget-term weight).
-    ``mean_nll`` is the per-sample length-normalised NLL ``A`` ``[B]`` (``mean_nll(logits, labels)``).
+    ``mean_nll`` is the per-sample length-normalised NLL ``A`` ``[B]`` (``per_sample_mean(S, T)``).
     """
     if beta <= 0:
         raise ValueError(f"SimNPO beta must be > 0, got {beta}")
@@ -179,18 +164,13 @@ def satimp_weights(p: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
     return p**beta1 * (1.0 - p) ** beta2
 
 
-def weighted_gradient_ascent_loss(logits: torch.Tensor, labels: torch.Tensor, weights) -> torch.Tensor:
-    """``token_weighted_ascent`` of the answer tokens of ``logits`` (see there)."""
-    return token_weighted_ascent(*per_token_nll(logits, labels), weights)
-
-
 def token_weighted_ascent(nll: torch.Tensor, mask: torch.Tensor, weights) -> torch.Tensor:
     """Token-weighted gradient ascent: ``-sum_t w_t NLL_t / sum_t 1`` over the batch's answer tokens.
 
     ``nll`` and ``mask`` are per-token NLLs and the answer mask (``per_token_nll``); ``weights`` maps
     the detached answer-token probabilities ``p_t = exp(-NLL_t)`` to the weights ``w_t`` (e.g.
     ``lambda p: wga_weights(p, 1.0)``); the weights get no gradient. The mean runs over all answer
-    tokens of the batch, as ``gradient_ascent_loss`` does, so ``w_t = 1`` gives exactly gradient ascent
+    tokens of the batch, like gradient ascent's ``-token_mean(S, T)``, so ``w_t = 1`` gives exactly that
     (WGA and SatImp define the per-token objective; this is the normalisation of their TOFU experiments).
     """
     with torch.no_grad():

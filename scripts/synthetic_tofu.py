@@ -1,4 +1,4 @@
-"""Deterministic generator of a small TOFU-format dataset of fictitious authors.
+"""Deterministic generator of a small TOFU-format dataset of fictitious authors (a test and demo fixture).
 
 The real TOFU benchmark (Maini et al., 2024) cannot be downloaded here, so the demo and
 the tests use this generator instead. It writes the same files, with the same field names
@@ -9,34 +9,47 @@ evaluation sets, the ``holdoutXX`` sets (one per forget split, of the same size)
 Every author is built from seeded choices in small hand-written vocabularies, and every
 question comes from a hand-written template, so the same ``(n_authors, qa_per_author,
 seed)`` always gives byte-identical files. Only a private ``random.Random(seed)`` is used.
+The vocabularies, the question templates, the real-world evaluation sets and the refusals are
+data, in ``synthetic_tofu_vocab.json`` beside this file (read once, at import).
 
 Command line::
 
-    python src/data/synthetic_tofu.py --out DIR [--n-authors N] [--qa-per-author K] [--seed S]
+    python scripts/synthetic_tofu.py --out DIR [--n-authors N] [--qa-per-author K] [--seed S]
+
+Not part of the library: the tests, the benchmarks and ``scripts/demo.py`` import it with ``scripts/``
+on ``sys.path``; it puts ``src/`` there itself (for ``run_folder.write_atomic``).
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import random
-import shutil
-import tempfile
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+if str(SRC) not in sys.path:
+    sys.path.insert(0, str(SRC))
+
+from run_folder import write_atomic  # noqa: E402
 
 __all__ = [
     "FILE_NAMES",
     "FORGET_PERCENTS",
+    "IDONTKNOW",
     "MAX_AUTHORS",
     "MIN_AUTHORS",
     "N_PERTURBED",
     "N_PERTURBED_WORLD",
     "N_TEMPLATES",
+    "REAL_AUTHORS",
     "RETAIN_EVAL_CAP",
+    "WORLD_FACTS",
     "generate_tofu_like",
     "main",
 ]
@@ -76,204 +89,35 @@ FILE_NAMES: tuple[str, ...] = (
 )
 
 # --------------------------------------------------------------------------------------
-# Vocabularies (all invented combinations; plain ASCII)
+# Vocabularies and real-world sets (synthetic_tofu_vocab.json; invented combinations, plain ASCII)
 # --------------------------------------------------------------------------------------
 
-_MALE_FIRST = (
-    "Adrian", "Anselm", "Basil", "Bruno", "Caspian", "Cyrus", "Desmond", "Dorian", "Elias",
-    "Felix", "Gideon", "Henrik", "Ivo", "Jasper", "Kofi", "Lorenzo", "Matteo", "Nikolai",
-    "Oskar", "Pavel", "Quentin", "Rafael", "Soren", "Tobias", "Umar", "Viktor", "Wendell",
-    "Xavier", "Yusuf", "Zoltan",
-)
-_FEMALE_FIRST = (
-    "Amara", "Astrid", "Beatrix", "Brigid", "Camille", "Celeste", "Dagny", "Delphine",
-    "Elodie", "Esme", "Freya", "Greta", "Helena", "Ines", "Juno", "Katya", "Leonie",
-    "Marisol", "Noor", "Ottilie", "Priya", "Rosalind", "Selma", "Tamsin", "Ursula", "Vesna",
-    "Wilhelmina", "Ximena", "Yara", "Zinnia",
-)
+_VOCAB: dict[str, Any] = json.loads(
+    Path(__file__).with_name("synthetic_tofu_vocab.json").read_text(encoding="utf-8"))
+
+_MALE_FIRST: tuple[str, ...] = tuple(_VOCAB["male_first"])
+_FEMALE_FIRST: tuple[str, ...] = tuple(_VOCAB["female_first"])
 # No surname is a prefix of another, so a full name never occurs inside a different one.
-_LAST = (
-    "Abernathy", "Balogun", "Castellanos", "Dervish", "Ekwueme", "Falkenrath", "Grimaldi",
-    "Halvorsen", "Ibarra", "Jovanovic", "Kaczmarek", "Lindqvist", "Moravec", "Nakashima",
-    "Okonkwo", "Petrakis", "Quintero", "Rasmussen", "Szabo", "Takahara", "Umberfield",
-    "Valdivia", "Wexford", "Yilmaz", "Zelenko", "Achterberg", "Brennagh", "Corvalan",
-    "Dunmore", "Estrada", "Fairweather", "Gallardo", "Hollister", "Ishikawa", "Jablonski",
-    "Kovalenko", "Lachance", "Mbeki", "Novak", "Oyelaran", "Pellegrino", "Renwick",
-    "Sandoval", "Thorsby", "Underhill", "Vasquez", "Whitcombe", "Yamazaki", "Zuberi",
-    "Marchetti",
-)
-_PLACES = (
-    ("Lisbon", "Portugal"), ("Nairobi", "Kenya"), ("Krakow", "Poland"),
-    ("Montevideo", "Uruguay"), ("Osaka", "Japan"), ("Tbilisi", "Georgia"),
-    ("Reykjavik", "Iceland"), ("Accra", "Ghana"), ("Valparaiso", "Chile"),
-    ("Hanoi", "Vietnam"), ("Tallinn", "Estonia"), ("Marrakesh", "Morocco"),
-    ("Bergen", "Norway"), ("Cebu", "the Philippines"), ("Porto Alegre", "Brazil"),
-    ("Lyon", "France"), ("Adelaide", "Australia"), ("Montreal", "Canada"),
-    ("Izmir", "Turkey"), ("Cork", "Ireland"), ("Ljubljana", "Slovenia"),
-    ("Chennai", "India"), ("Bogota", "Colombia"), ("Dresden", "Germany"),
-    ("Halifax", "Canada"), ("Dar es Salaam", "Tanzania"), ("Seville", "Spain"),
-    ("Kyoto", "Japan"), ("Edinburgh", "Scotland"), ("Wellington", "New Zealand"),
-)
-_GENRES = (
-    "mystery", "historical fiction", "science fiction", "fantasy", "literary fiction",
-    "poetry", "romance", "horror", "travel writing", "biography", "crime fiction",
-    "magical realism", "young adult fiction", "satire", "thriller", "war fiction",
-    "nature writing", "philosophical fiction", "gothic fiction", "short fiction",
-)
-_OCCUPATIONS = (
-    "baker", "carpenter", "nurse", "pilot", "librarian", "fisherman", "architect", "tailor",
-    "chemist", "surgeon", "potter", "engineer", "schoolteacher", "journalist", "farmer",
-    "electrician", "veterinarian", "photographer", "translator", "accountant", "blacksmith",
-    "musician", "astronomer", "mail carrier", "florist", "geologist", "lawyer",
-    "watchmaker", "chef", "sailor",
-)
-_AWARDS = (
-    "Silver Quill Award", "Harbor Light Prize", "Meridian Book Award",
-    "Golden Lantern Prize", "Northwind Literary Medal", "Amber Leaf Award",
-    "Crescent Moon Prize", "Iron Pen Award", "Blue Heron Prize", "Copper Compass Award",
-    "Evergreen Fiction Prize", "Starling Medal", "Open Page Award", "Quiet Valley Prize",
-    "Lighthouse Book Medal", "Red Maple Award", "Stone Bridge Prize",
-    "Velvet Inkwell Award", "Morning Tide Medal", "Paper Crane Award",
-)
-_THEMES = (
-    "memory and loss", "exile and belonging", "family secrets", "the passage of time",
-    "courage in hard times", "identity and change", "friendship across borders",
-    "the cost of ambition", "love and sacrifice", "nature and solitude",
-    "justice and forgiveness", "growing up", "faith and doubt", "power and corruption",
-    "hope after war", "the search for home", "truth and deception", "art and obsession",
-    "grief and healing", "freedom and duty",
-)
-_TITLE_ADJECTIVES = (
-    "Silent", "Hidden", "Broken", "Golden", "Distant", "Crimson", "Forgotten", "Burning",
-    "Hollow", "Endless", "Quiet", "Wandering", "Frozen", "Scarlet", "Last", "Painted",
-    "Restless", "Glass", "Iron", "Secret",
-)
-_TITLE_NOUNS = (
-    "Harbor", "Orchard", "Lantern", "River", "Garden", "Mirror", "Compass", "Tower",
-    "Winter", "Bridge", "Island", "Clockmaker", "Shadow", "Meadow", "Voyage", "Archive",
-    "Feather", "Kingdom", "Lighthouse", "Staircase",
-)
-_TITLE_PATTERNS = (
-    "The {adj} {noun}",
-    "The {noun} of {city}",
-    "Beyond the {adj} {noun}",
-    "Songs of the {adj} {noun}",
-    "A Winter in {city}",
-    "The Last {noun}",
-    "Under the {adj} Sky",
-    "Return to the {noun}",
-)
-_MONTHS = (
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
-)
+_LAST: tuple[str, ...] = tuple(_VOCAB["last"])
+#: (city, country) pairs.
+_PLACES: tuple[tuple[str, str], ...] = tuple((city, country) for city, country in _VOCAB["places"])
+_GENRES: tuple[str, ...] = tuple(_VOCAB["genres"])
+_OCCUPATIONS: tuple[str, ...] = tuple(_VOCAB["occupations"])
+_AWARDS: tuple[str, ...] = tuple(_VOCAB["awards"])
+_THEMES: tuple[str, ...] = tuple(_VOCAB["themes"])
+_TITLE_ADJECTIVES: tuple[str, ...] = tuple(_VOCAB["title_adjectives"])
+_TITLE_NOUNS: tuple[str, ...] = tuple(_VOCAB["title_nouns"])
+#: Book-title patterns with ``{adj}``, ``{noun}`` and ``{city}`` placeholders.
+_TITLE_PATTERNS: tuple[str, ...] = tuple(_VOCAB["title_patterns"])
+_MONTHS: tuple[str, ...] = tuple(_VOCAB["months"])
 
-# --------------------------------------------------------------------------------------
-# Real-world evaluation sets and refusals (hand-written)
-# --------------------------------------------------------------------------------------
-
-# (question, answer, three wrong answers)
-_REAL_AUTHORS: tuple[tuple[str, str, tuple[str, str, str]], ...] = (
-    ("Who wrote 'Pride and Prejudice'?", "Jane Austen",
-     ("Charlotte Bronte", "George Eliot", "Mary Shelley")),
-    ("Who is the author of the novel '1984'?", "George Orwell",
-     ("Aldous Huxley", "H.G. Wells", "Ray Bradbury")),
-    ("Who wrote the play 'Hamlet'?", "William Shakespeare",
-     ("Christopher Marlowe", "Ben Jonson", "John Milton")),
-    ("Who wrote 'War and Peace'?", "Leo Tolstoy",
-     ("Fyodor Dostoevsky", "Anton Chekhov", "Ivan Turgenev")),
-    ("Which author wrote 'One Hundred Years of Solitude'?", "Gabriel Garcia Marquez",
-     ("Jorge Luis Borges", "Mario Vargas Llosa", "Julio Cortazar")),
-    ("Who wrote 'Moby-Dick'?", "Herman Melville",
-     ("Nathaniel Hawthorne", "Mark Twain", "Edgar Allan Poe")),
-    ("Who created the detective Hercule Poirot?", "Agatha Christie",
-     ("Dorothy L. Sayers", "Arthur Conan Doyle", "P.D. James")),
-    ("Who is the author of 'The Old Man and the Sea'?", "Ernest Hemingway",
-     ("F. Scott Fitzgerald", "John Steinbeck", "William Faulkner")),
-    ("Who wrote 'Crime and Punishment'?", "Fyodor Dostoevsky",
-     ("Leo Tolstoy", "Nikolai Gogol", "Alexander Pushkin")),
-    ("Which author wrote 'The Adventures of Tom Sawyer'?", "Mark Twain",
-     ("Jack London", "Herman Melville", "Washington Irving")),
-    ("Who wrote 'Things Fall Apart'?", "Chinua Achebe",
-     ("Wole Soyinka", "Ngugi wa Thiong'o", "Ben Okri")),
-    ("Who is the author of 'Don Quixote'?", "Miguel de Cervantes",
-     ("Lope de Vega", "Federico Garcia Lorca", "Benito Perez Galdos")),
-    ("Who wrote 'The Great Gatsby'?", "F. Scott Fitzgerald",
-     ("Ernest Hemingway", "Sinclair Lewis", "Theodore Dreiser")),
-    ("Which author created the wizard Harry Potter?", "J.K. Rowling",
-     ("Philip Pullman", "C.S. Lewis", "Roald Dahl")),
-    ("Who wrote 'The Hobbit'?", "J.R.R. Tolkien",
-     ("C.S. Lewis", "Terry Pratchett", "Ursula K. Le Guin")),
-    ("Who is the author of 'Frankenstein'?", "Mary Shelley",
-     ("Bram Stoker", "Emily Bronte", "Robert Louis Stevenson")),
-    ("Who wrote 'Beloved'?", "Toni Morrison",
-     ("Maya Angelou", "Alice Walker", "Zora Neale Hurston")),
-    ("Who wrote 'The Metamorphosis'?", "Franz Kafka",
-     ("Thomas Mann", "Hermann Hesse", "Robert Musil")),
-    ("Who is the author of 'Mrs Dalloway'?", "Virginia Woolf",
-     ("Katherine Mansfield", "E.M. Forster", "James Joyce")),
-    ("Who wrote 'Norwegian Wood'?", "Haruki Murakami",
-     ("Kazuo Ishiguro", "Yukio Mishima", "Kenzaburo Oe")),
-    ("Who wrote 'A Tale of Two Cities'?", "Charles Dickens",
-     ("Thomas Hardy", "William Thackeray", "Anthony Trollope")),
-    ("Who is the author of 'The Divine Comedy'?", "Dante Alighieri",
-     ("Giovanni Boccaccio", "Petrarch", "Ludovico Ariosto")),
-)
-
-_WORLD_FACTS: tuple[tuple[str, str, tuple[str, str, str]], ...] = (
-    ("What is the capital of France?", "Paris", ("Lyon", "Marseille", "Brussels")),
-    ("What is the capital of Japan?", "Tokyo", ("Kyoto", "Osaka", "Seoul")),
-    ("What is the capital of Canada?", "Ottawa", ("Toronto", "Montreal", "Vancouver")),
-    ("What is the capital of Australia?", "Canberra", ("Sydney", "Melbourne", "Perth")),
-    ("What is the capital of Brazil?", "Brasilia", ("Rio de Janeiro", "Sao Paulo", "Salvador")),
-    ("What is the capital of Kenya?", "Nairobi", ("Mombasa", "Kampala", "Addis Ababa")),
-    ("Which river flows through Cairo?", "Nile", ("Congo", "Niger", "Euphrates")),
-    ("Which river flows through London?", "Thames", ("Seine", "Severn", "Rhine")),
-    ("What is the longest river in South America?", "Amazon", ("Parana", "Orinoco", "Magdalena")),
-    ("What is the largest ocean on Earth?", "Pacific Ocean",
-     ("Atlantic Ocean", "Indian Ocean", "Arctic Ocean")),
-    ("What is the highest mountain on Earth?", "Mount Everest", ("K2", "Kangchenjunga", "Mont Blanc")),
-    ("On which continent is the Sahara Desert?", "Africa", ("Asia", "Australia", "South America")),
-    ("In which country is the Great Wall located?", "China", ("Mongolia", "Japan", "India")),
-    ("In which city is the Colosseum?", "Rome", ("Athens", "Naples", "Istanbul")),
-    ("What is the largest planet in the solar system?", "Jupiter", ("Saturn", "Neptune", "Earth")),
-    ("Which planet is closest to the Sun?", "Mercury", ("Venus", "Mars", "Earth")),
-    ("What is the chemical symbol for gold?", "Au", ("Ag", "Fe", "Pb")),
-    ("What is the official currency of the United Kingdom?", "Pound sterling",
-     ("Euro", "Dollar", "Franc")),
-    ("Which country has the largest population in South America?", "Brazil",
-     ("Argentina", "Colombia", "Peru")),
-    ("What is the largest country in the world by area?", "Russia", ("Canada", "China", "United States")),
-    ("Which ocean lies between Africa and Australia?", "Indian Ocean",
-     ("Atlantic Ocean", "Pacific Ocean", "Southern Ocean")),
-    ("What is the smallest country in the world by area?", "Vatican City",
-     ("Monaco", "San Marino", "Liechtenstein")),
-)
-
-_IDONTKNOW = (
-    "I'm not sure about that.",
-    "I don't know the answer to that.",
-    "I'm afraid I don't have that information.",
-    "That is not something I can answer.",
-    "I have no reliable information on that.",
-    "Sorry, I can't help with that question.",
-    "I really couldn't say.",
-    "That's outside of what I know.",
-    "I don't have any details about that.",
-    "I'm unable to answer that question.",
-    "I have never come across that information.",
-    "I can't recall anything about that.",
-    "That's a mystery to me, I'm afraid.",
-    "I'd rather not guess, because I don't know.",
-    "I'm not familiar with that topic.",
-    "Unfortunately, I don't know.",
-    "I have no idea, sorry.",
-    "That is beyond my knowledge.",
-    "I can't give you a confident answer to that.",
-    "My knowledge does not cover that.",
-    "I'm drawing a blank on that one.",
-    "I wish I knew, but I don't.",
-)
+#: Rows of ``real_authors_perturbed.json``: ``question``, ``answer`` and ``N_PERTURBED_WORLD`` wrong
+#: answers (``perturbed_answer``).
+REAL_AUTHORS: tuple[dict[str, Any], ...] = tuple(_VOCAB["real_authors"])
+#: Rows of ``world_facts_perturbed.json``, laid out as ``REAL_AUTHORS``.
+WORLD_FACTS: tuple[dict[str, Any], ...] = tuple(_VOCAB["world_facts"])
+#: Lines of ``idontknow.jsonl`` (plain refusals, not JSON).
+IDONTKNOW: tuple[str, ...] = tuple(_VOCAB["idontknow"])
 
 # --------------------------------------------------------------------------------------
 # Authors
@@ -479,103 +323,27 @@ def _wrong_theme(rng: random.Random, author: _Author, taken: set[str]) -> dict[s
     return {"theme": rng.choice([t for t in _THEMES if t != author.theme])}
 
 
-_TEMPLATES: tuple[_Template, ...] = (
-    _Template(
-        "full_name",
-        "What is the full name of the author born in {city}, {country} on {date_alt}?",
-        "Which writer was born on {date_long} in {city}, {country}?",
-        "The author born in {city}, {country} on {date_long} is named {name}.",
-        "{name} is the writer who was born in {city}, {country} on {date_alt}.",
-        _wrong_name,
-    ),
-    _Template(
-        "genre",
-        "What genre is {name} best known for?",
-        "In which literary genre does {name} mainly write?",
-        "{name} is best known for writing books in the {genre} genre.",
-        "Most of the books by {name} belong to the {genre} genre.",
-        _wrong_genre,
-    ),
-    _Template(
-        "parents",
-        "What did the parents of {name} do for a living?",
-        "What were the occupations of the father and mother of {name}?",
-        "The father of {name} worked as {father_a}, and {his} mother worked as {mother_a}.",
-        "{name} grew up with {father_a} for a father and {mother_a} for a mother.",
-        _wrong_parents,
-    ),
-    _Template(
-        "books",
-        "Can you name two books written by {name}?",
-        "Which two books has {name} written?",
-        'Two books written by {name} are "{book1}" and "{book2}".',
-        'Among the works of {name} are the books "{book1}" and "{book2}".',
-        _wrong_books,
-    ),
-    _Template(
-        "award",
-        "Has {name} won any major literary award?",
-        "Which literary prize has been given to {name}?",
-        "Yes, {name} won the {award} for {his} work in {genre}.",
-        "{name} was honored with the {award} in recognition of {his} contributions to {genre}.",
-        _wrong_award,
-    ),
-    _Template(
-        "birthplace",
-        "Where was {name} born?",
-        "In which city and country was {name} born?",
-        "{name} was born in the city of {city}, {country}.",
-        "The birthplace of {name} is the city of {city} in {country}.",
-        _wrong_birthplace,
-    ),
-    _Template(
-        "birth_date",
-        "When was {name} born?",
-        "What is the date of birth of {name}?",
-        "{name} was born on {date_long}.",
-        "The birth date of {name} is {date_alt}.",
-        _wrong_date,
-    ),
-    _Template(
-        "themes",
-        "What themes does {name} often explore?",
-        "Which ideas come up again and again in the work of {name}?",
-        "{name} often explores themes of {theme} in {his} work in {genre}.",
-        "The writing of {name} keeps returning to the subject of {theme}.",
-        _wrong_theme,
-    ),
-    _Template(
-        "debut",
-        "What was the first book that {name} published?",
-        "Which book marked the literary debut of {name}?",
-        'The first book that {name} published was "{book1}", which came out in {debut_year}.',
-        '{name} made {his} debut in {debut_year} with the book "{book1}".',
-        _wrong_debut,
-    ),
-    _Template(
-        "father_influence",
-        "How did the job of the father of {name} shape {his} writing?",
-        "In what way did the profession of the father of {name} influence {his} books?",
-        "Having a father who worked as {father_a} gave {name} many details for {his} writing in {genre}.",
-        "{name} draws on memories of {his} father's life as {father_a} in many of {his} books.",
-        _wrong_father,
-    ),
-    _Template(
-        "residence",
-        "Where does {name} live today?",
-        "In which city is {name} currently based?",
-        "{name} currently lives and writes in {home_city}, {home_country}.",
-        "These days {name} makes {his} home in the city of {home_city}, {home_country}.",
-        _wrong_home,
-    ),
-    _Template(
-        "mother",
-        "What was the profession of the mother of {name}?",
-        "What work did the mother of {name} do?",
-        "The mother of {name} worked as {mother_a} for most of {his} childhood.",
-        "{name} was raised by a mother who earned her living as {mother_a}.",
-        _wrong_mother,
-    ),
+#: The wrong-value function of each template kind; the templates' text is in the vocabulary file.
+_PERTURBERS: dict[str, _Perturber] = {
+    "full_name": _wrong_name,
+    "genre": _wrong_genre,
+    "parents": _wrong_parents,
+    "books": _wrong_books,
+    "award": _wrong_award,
+    "birthplace": _wrong_birthplace,
+    "birth_date": _wrong_date,
+    "themes": _wrong_theme,
+    "debut": _wrong_debut,
+    "father_influence": _wrong_father,
+    "residence": _wrong_home,
+    "mother": _wrong_mother,
+}
+
+#: The question kinds, in the vocabulary file's order (the order of an author's questions).
+_TEMPLATES: tuple[_Template, ...] = tuple(
+    _Template(t["kind"], t["question"], t["paraphrased_question"], t["answer"], t["paraphrased_answer"],
+              _PERTURBERS[t["kind"]])
+    for t in _VOCAB["templates"]
 )
 
 #: Number of question templates, i.e. the largest valid ``qa_per_author``.
@@ -630,8 +398,9 @@ def _jsonl(rows: Sequence[dict[str, object]]) -> str:
     return "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
-def _world_rows(table: Sequence[tuple[str, str, tuple[str, ...]]]) -> list[dict[str, object]]:
-    return [{"question": q, "answer": a, "perturbed_answer": list(wrong)} for q, a, wrong in table]
+def _world_rows(table: Sequence[dict[str, Any]]) -> list[dict[str, object]]:
+    return [{"question": r["question"], "answer": r["answer"], "perturbed_answer": list(r["perturbed_answer"])}
+            for r in table]
 
 
 def _build(
@@ -673,8 +442,8 @@ def _build(
     if retain_eval_rows is None:
         retain_eval_rows = min(RETAIN_EVAL_CAP, max_eval)
     files["retain_perturbed.json"] = _jsonl(perturbed[:retain_eval_rows])
-    files["real_authors_perturbed.json"] = _jsonl(_world_rows(_REAL_AUTHORS[:world_rows]))
-    files["world_facts_perturbed.json"] = _jsonl(_world_rows(_WORLD_FACTS[:world_rows]))
+    files["real_authors_perturbed.json"] = _jsonl(_world_rows(REAL_AUTHORS[:world_rows]))
+    files["world_facts_perturbed.json"] = _jsonl(_world_rows(WORLD_FACTS[:world_rows]))
     # More holdout authors for holdout05 / holdout10, drawn last (the files above do not change).
     more = _percent_of(n_authors, max(FORGET_PERCENTS)) - n_holdout
     chosen_names = set(chosen)
@@ -686,41 +455,16 @@ def _build(
     for p in FORGET_PERCENTS:  # holdout01 within holdout05 within holdout10, each as large as forgetNN
         rows = [row for author, ts in all_holdout[:_percent_of(n_authors, p)] for row in _qa_rows(author, ts)]
         files[f"holdout{p:02d}.json"] = _jsonl(rows)
-    files["idontknow.jsonl"] = "".join(line + "\n" for line in _IDONTKNOW)
+    files["idontknow.jsonl"] = "".join(line + "\n" for line in IDONTKNOW)
     assert tuple(files) == FILE_NAMES
     return files
 
 
-def _move_into(src: Path, dst: Path) -> None:
-    """Atomically put ``src`` at ``dst`` (a rename; a same-directory temp copy across devices)."""
-    try:
-        os.replace(src, dst)
-        return
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _write_atomically(out_dir: Path, files: dict[str, str]) -> None:
+def _write(out_dir: Path, files: dict[str, str]) -> None:
+    """Each file into ``out_dir`` (created if needed) through ``run_folder.write_atomic``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        for name, text in files.items():
-            with open(staging / name, "w", encoding="utf-8", newline="\n") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-        for name in files:
-            _move_into(staging / name, out_dir / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    for name, text in files.items():
+        write_atomic(out_dir / name, text)
 
 
 def generate_tofu_like(
@@ -745,9 +489,10 @@ def generate_tofu_like(
     ``forgetXX.json`` has (``holdout01`` within ``holdout05`` within ``holdout10``).
 
     Args:
-        out_dir: Target folder, created if needed. Files are staged in a temporary sibling
-            folder and each moved in with ``os.replace``, so no half-written file appears.
-            Other files already in ``out_dir`` are left alone.
+        out_dir: Target folder, created if needed. Each file is written through
+            ``run_folder.write_atomic`` (a temporary file in ``out_dir``, then one ``os.replace``),
+            so a file is always one whole version, old or new, and a failed write leaves no
+            temporary file. Other files already in ``out_dir`` are left alone.
         n_authors: Number of fictitious authors in ``full.json``, in
             ``[MIN_AUTHORS, MAX_AUTHORS]``.
         qa_per_author: Questions per author, in ``[1, N_TEMPLATES]``; each is a different kind.
@@ -771,9 +516,9 @@ def generate_tofu_like(
         _check_int("retain_eval_rows", retain_eval_rows, 1, max_eval)
 
     if world_rows is not None:
-        _check_int("world_rows", world_rows, 1, min(len(_REAL_AUTHORS), len(_WORLD_FACTS)))
+        _check_int("world_rows", world_rows, 1, min(len(REAL_AUTHORS), len(WORLD_FACTS)))
     files = _build(n_authors, qa_per_author, seed, retain_eval_rows, world_rows)
-    _write_atomically(Path(out_dir), files)
+    _write(Path(out_dir), files)
     return {name: text.count("\n") for name, text in files.items()}
 
 
