@@ -1,4 +1,5 @@
-"""src/report.py: runs collected from folders written in the formats of src/train.py and src/eval.py."""
+"""src/report.py and the package src/reporting/: runs collected from folders written in the formats of
+src/train.py and src/eval.py, EVAL files carrying the benchmark roles in ``_meta.roles`` like the real ones."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import contextlib
 import csv
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +20,9 @@ import pytest
 import yaml
 
 import report
+import reporting
 
+REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 DIRECTIONS = {"forget_quality": True, "forget_Q_A_Prob": False, "forget_Q_A_ROUGE": False,
@@ -42,9 +47,33 @@ def _write_config(path: Path, config: dict) -> None:
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
 
 
+ROLE_LISTS = ("headline_metrics", "trajectory_metrics", "log_axis_metrics", "attackable_metrics")
+
+
+def roles_meta(headline=(), trajectory=(), log_axis=(), attackable=(), sample_metrics=None,
+               data_folder_key=None) -> dict:
+    """``_meta.roles`` as ``evals.benchmark.BenchmarkRoles.as_meta`` writes it (``sample_metrics``: metric ->
+    the per-sample field shown)."""
+    return {"data_folder_key": data_folder_key, "headline_metrics": list(headline),
+            "trajectory_metrics": list(trajectory), "log_axis_metrics": list(log_axis),
+            "attackable_metrics": list(attackable), "sample_metrics": dict(sample_metrics or {})}
+
+
+def config_roles(bench: str, sample_fields: dict) -> dict:
+    """The roles of the real benchmark config ``configs/eval/<bench>.yaml`` (what its EVAL files record)."""
+    cfg = yaml.safe_load((REPO / "configs" / "eval" / f"{bench}.yaml").read_text(encoding="utf-8"))
+    lists = [cfg.get(key) or [] for key in ROLE_LISTS]
+    return roles_meta(*lists, sample_metrics={m: sample_fields[m] for m in cfg.get("sample_metrics") or []},
+                      data_folder_key=cfg.get("data_folder_key"))
+
+
+TOFU_ROLES = config_roles("tofu", {"forget_Q_A_Prob": "prob", "forget_Q_A_ROUGE": "rougeL_recall"})
+
+
 def write_tofu_eval(folder: Path, summary: dict, generations: list[str], probs: list[float], rouges: list[float],
-                    model: str, retain_logs_path: str | None = None) -> None:
-    """TOFU_SUMMARY.json and TOFU_EVAL.json in the evaluator's layout (three forget samples)."""
+                    model: str, retain_logs_path: str | None = None, roles: dict | None = TOFU_ROLES) -> None:
+    """TOFU_SUMMARY.json and TOFU_EVAL.json in the evaluator's layout (three forget samples); ``roles=None``:
+    an EVAL file of an older version, without ``_meta.roles``."""
     _write_json(folder / "TOFU_SUMMARY.json", summary)
     eval_log = {
         "forget_Q_A_Prob": {"agg_value": summary.get("forget_Q_A_Prob"), "value_by_index": {
@@ -61,6 +90,8 @@ def write_tofu_eval(folder: Path, summary: dict, generations: list[str], probs: 
                   "split_sizes": {"forget": 3, "holdout": 3}, "timestamp": "2026-01-01T00:00:00+00:00",
                   "higher_is_better": DIRECTIONS},
     }
+    if roles is not None:
+        eval_log["_meta"]["roles"] = roles
     _write_json(folder / "TOFU_EVAL.json", eval_log)
 
 
@@ -76,7 +107,7 @@ def unlearn_config(task_name: str, alpha: float, model: str, retain_logs_path: s
         "data": {"forget": "TOFU_QA_FORGET10", "retain": "TOFU_QA_RETAIN90"},
         "model": {"model_args": {"pretrained_model_name_or_path": model}},
         "retain_logs_path": retain_logs_path,
-        "eval": {"tofu": {"handler": "Evaluator", "retain_logs_path": retain_logs_path}},
+        "eval": {"tofu": {"handler": "Evaluator", "name": "TOFU", "retain_logs_path": retain_logs_path}},
         "trainer": {"handler": "GradDiff",
                     "method_args": {"gamma": 1.0, "alpha": alpha, "retain_loss_type": "NLL",
                                     "joint_forward": False, "nll_impl": "logits", "pack_rows": "auto"},
@@ -246,7 +277,7 @@ def test_arrows_follow_meta(made):
 
 def test_pngs_valid_and_embedded(made):
     pngs = sorted(made.out.glob("*.png"))
-    assert {p.name for p in pngs} >= {"forget_quality_vs_model_utility.png", "trajectories.png", "loss_terms.png"}
+    assert {p.name for p in pngs} == {"TOFU_tradeoff.png", "trajectories.png", "loss_terms.png"}
     for png in pngs:
         data = png.read_bytes()
         assert data.startswith(PNG_SIGNATURE) and data[12:16] == b"IHDR", png
@@ -263,9 +294,23 @@ def test_html_self_contained(made):
 
 
 def test_notes_on_plots(made):
-    # ga_a1 has forget_quality 0 (clipped), old_eval has none (left out)
-    assert "GradDiff_ga_a1" in made.md.split("drawn at 1e-20")[1].splitlines()[0]
-    assert "old_eval" in made.md.split("Left out")[1].splitlines()[0]
+    # ga_a1 has forget_quality 0 (clipped on the log axis the roles ask for)
+    assert "GradDiff_ga_a1" in made.md.split("forget_quality of 0 drawn at 1e-20")[1].splitlines()[0]
+    assert "Drawn on a log scale (0 at 1e-20): forget_quality." in made.md
+    # the trade-off caption is built from the headline metrics and their directions
+    assert "### TOFU: forget_quality vs model_utility" in made.md and "Up and to the right is better." in made.md
+
+
+def test_old_evaluation_without_roles_gets_one_note(made):
+    """old_eval has a SUMMARY but no EVAL file (so no _meta.roles): it stays in the table, is left out of the
+    plots (not even listed as left out of the trade-off plot), and one note names its missing EVAL file."""
+    assert _row(made, "old_eval")["model_utility"] == "0.55"
+    notes = [line for line in made.md.splitlines() if "_meta.roles" in line and line.startswith("- ")]
+    assert len(notes) == 1, notes
+    assert f"old_eval: {made.paths['old'] / 'TOFU_EVAL.json'} (missing)" in notes[0]
+    assert "Re-run" in notes[0]
+    assert "Left out" not in made.md.split("## Plots")[1]
+    assert "_meta.roles" in made.html
 
 
 def test_per_sample_view(made):
@@ -277,8 +322,12 @@ def test_per_sample_view(made):
     assert "He was born in Izmir, Turkey." in html_text  # before (target) and ground truth
     assert "Nobody knows." in html_text and "Izmir." in html_text  # after, per run
     assert 'data-key="change"' in html_text
+    # column headers from the roles' sample metrics and their per-sample fields
+    for header in ("forget_Q_A_Prob (prob) before", "forget_Q_A_ROUGE (rougeL_recall) after",
+                   "change of forget_Q_A_Prob (prob), after − before", "generation before", "ground truth"):
+        assert f">{header}</th>" in html_text, header
     # report.md: the short summary, biggest probability drop first (0.95 -> 0.02 for sample 1)
-    section = made.md.split("### GradDiff_ga_a1")[1]
+    section = made.md.split("### GradDiff_ga_a1: TOFU")[1]
     first = next(line for line in section.splitlines() if line.startswith("| 1 "))
     assert "-0.93" in first
     assert "Best checkpoints" in made.md and "step 4" in made.md
@@ -302,13 +351,13 @@ def test_folder_without_runs_is_an_error(tmp_path):
 
 def test_explicit_roles(tmp_path):
     paths = build_saves(tmp_path)
-    runs = report.find_runs([tmp_path / "saves"])
-    ordered = report.assign_roles(runs, target=paths["old"], retain=paths["retain"] / "TOFU_EVAL.json")
+    runs = reporting.find_runs([tmp_path / "saves"])
+    ordered = reporting.assign_roles(runs, target=paths["old"], retain=paths["retain"] / "TOFU_EVAL.json")
     roles = {r.name: r.role for r in ordered}
     assert roles["old_eval"] == "target" and roles["tofu_retain90"] == "retain" and roles["tofu_target"] == "run"
     assert ordered[0].name == "old_eval"
-    with pytest.raises(report.ReportError, match="--target"):
-        report.assign_roles(runs, target=tmp_path / "models")
+    with pytest.raises(reporting.ReportError, match="--target"):
+        reporting.assign_roles(runs, target=tmp_path / "models")
 
 
 def test_roles_given_on_the_command_line_and_default_out(tmp_path, capsys):
@@ -324,32 +373,32 @@ def test_roles_given_on_the_command_line_and_default_out(tmp_path, capsys):
 def test_metric_directions_fallback():
     registry = {"privleak": SimpleNamespace(higher_is_better=None), "mia_loss": SimpleNamespace(higher_is_better=False)}
     metas = iter([{"higher_is_better": {"forget_quality": True}}, None, {"evaluator": "TOFU"}])
-    got = report.metric_directions(["forget_quality", "mia_loss", "privleak", "unknown"], metas, registry)
+    got = reporting.metric_directions(["forget_quality", "mia_loss", "privleak", "unknown"], metas, registry)
     assert got == {"forget_quality": True, "mia_loss": False, "privleak": None, "unknown": None}
 
     def metas_then_fail():
         yield {"higher_is_better": {"a": False}}
         raise AssertionError("read past the first _meta that answered everything")
 
-    assert report.metric_directions(["a"], metas_then_fail(), registry={}) == {"a": False}
+    assert reporting.metric_directions(["a"], metas_then_fail(), registry={}) == {"a": False}
 
 
 def test_hyperparameters_and_varying_keys():
     config = unlearn_config("x", 0.5, "m", "r")
     config["trainer"]["args"]["max_steps"] = 20
-    assert report.hyperparameters(config) == {"gamma": 1.0, "alpha": 0.5, "retain_loss_type": "NLL",
+    assert reporting.hyperparameters(config) == {"gamma": 1.0, "alpha": 0.5, "retain_loss_type": "NLL",
                                               "learning_rate": 1e-5, "max_steps": 20, "effective_batch_size": 8}
-    assert report.hyperparameters({"mode": "eval"}) == {}
+    assert reporting.hyperparameters({"mode": "eval"}) == {}
     params = [{"alpha": 1.0, "gamma": 1.0, "learning_rate": 1e-5}, {"alpha": 0.5, "gamma": 1.0, "learning_rate": 1e-5},
               {"gamma": 1.0, "learning_rate": 1e-5}]
-    assert report.varying_keys(params) == ["alpha", "learning_rate"]
+    assert reporting.varying_keys(params) == ["alpha", "learning_rate"]
 
 
 def test_same_path_relative_suffix(tmp_path):
     target = tmp_path / "saves" / "eval" / "retain90" / "TOFU_EVAL.json"
-    assert report.same_path(str(target), target)
-    assert report.same_path("saves/eval/retain90/TOFU_EVAL.json", target)
-    assert not report.same_path("saves/eval/retain95/TOFU_EVAL.json", target)
+    assert reporting.same_path(str(target), target)
+    assert reporting.same_path("saves/eval/retain90/TOFU_EVAL.json", target)
+    assert not reporting.same_path("saves/eval/retain95/TOFU_EVAL.json", target)
 
 
 def test_per_sample_rows_change():
@@ -358,25 +407,65 @@ def test_per_sample_rows_change():
              "forget_Q_A_Prob": {"value_by_index": {"0": {"prob": 0.25}, "1": {"prob": 0.5}}}}
     before = {"forget_Q_A_ROUGE": {"value_by_index": {"0": {"rougeL_recall": 1.0, "generation": "b0"}}},
               "forget_Q_A_Prob": {"value_by_index": {"0": {"prob": 0.75}}}}
-    rows = report.per_sample_rows(after, before)
-    assert [r["index"] for r in rows] == ["0", "1"]
+    columns, rows = reporting.per_sample_rows(after, before, {"forget_Q_A_Prob": "prob",
+                                                              "forget_Q_A_ROUGE": "rougeL_recall"})
+    assert [r["index"] for r in rows] == ["0", "1"]  # the indexes of the first sample metric
     assert rows[0]["before"] == "b0" and rows[0]["after"] == "y" and rows[0]["change"] == pytest.approx(-0.5)
+    assert rows[0]["forget_Q_A_ROUGE:before"] == 1.0 and rows[0]["question"] == "q0"
     assert rows[1]["before"] is None and rows[1]["change"] is None
+    assert [c.key for c in columns] == ["index", "question", "before", "after", "forget_Q_A_Prob:before",
+                                        "forget_Q_A_Prob:after", "forget_Q_A_ROUGE:before", "forget_Q_A_ROUGE:after",
+                                        "change"]  # no entry carries ground_truth: no such column
+
+
+MUSE_ROLES = config_roles("muse", {"forget_knowmem_ROUGE": "rougeL_f1"})
+
+
+def write_eval(folder: Path, name: str, summary: dict, roles: dict | None, entries: dict | None = None,
+               directions: dict | None = None, config: dict | None = None) -> None:
+    """``<name>_SUMMARY.json`` and ``<name>_EVAL.json`` of any benchmark (``roles=None``: no ``_meta.roles``)."""
+    _write_json(folder / f"{name}_SUMMARY.json", summary)
+    meta = {"evaluator": name, "higher_is_better": directions or {}}
+    if roles is not None:
+        meta["roles"] = roles
+    data = {m: {"agg_value": v} for m, v in summary.items()}
+    data.update(entries or {})
+    _write_json(folder / f"{name}_EVAL.json", {**data, "_meta": meta})
+    if config is not None:
+        _write_config(folder / "config.yaml", config)
 
 
 def test_muse_plot_and_skipped_plots(tmp_path):
-    def run(name, role, knowmem, verbmem):
-        r = report.Run(path=tmp_path / name, kind="eval", config={"mode": "eval"}, name=name, role=role,
-                       summaries={"MUSE": {"forget_verbmem_ROUGE": verbmem, "retain_knowmem_ROUGE": knowmem,
-                                           "privleak": 1.0}})
-        return r
-
-    runs = [run("target", "target", 0.5, 0.6), run("retain", "retain", 0.48, 0.2), run("a", "run", 0.4, 0.1)]
-    figures = {f.key: f for f in report.make_figures(runs, tmp_path)}
-    assert "forget_quality_vs_model_utility" not in figures
-    assert figures["muse_knowmem_vs_verbmem"].path.read_bytes().startswith(PNG_SIGNATURE)
+    """MUSE's roles give its trade-off plot (knowledge kept across, verbatim memory up, linear); a run with a
+    null headline value is listed as left out; nothing was trained: the step plots are skipped with a note."""
+    directions = {"forget_verbmem_ROUGE": False, "retain_knowmem_ROUGE": True}
+    for name, knowmem, verbmem in (("target", 0.5, 0.6), ("retain", 0.48, 0.2), ("a", 0.4, 0.1), ("b", 0.3, None)):
+        write_eval(tmp_path / "saves" / name, "MUSE", {"forget_verbmem_ROUGE": verbmem,
+                                                        "retain_knowmem_ROUGE": knowmem, "privleak": 1.0},
+                   MUSE_ROLES, directions=directions)
+    runs = reporting.find_runs([tmp_path / "saves"])
+    for run in runs:
+        run.role = {"target": "target", "retain": "retain"}.get(run.name, "run")
+    figures = {f.key: f for f in reporting.make_figures(runs, tmp_path, directions)}
+    assert list(figures) == ["MUSE_tradeoff", "trajectories", "loss_terms"]
+    muse = figures["MUSE_tradeoff"]
+    assert muse.path == tmp_path / "MUSE_tradeoff.png" and muse.path.read_bytes().startswith(PNG_SIGNATURE)
+    assert muse.title == "MUSE: forget_verbmem_ROUGE vs retain_knowmem_ROUGE"
+    assert "Down and to the right is better." in muse.caption and "log scale" not in muse.caption
+    assert muse.notes == ["Left out (retain_knowmem_ROUGE or forget_verbmem_ROUGE is null): b."]
     assert figures["trajectories"].path is None and "skipped" in figures["trajectories"].notes[0]
     assert figures["loss_terms"].path is None and "skipped" in figures["loss_terms"].notes[0]
+
+
+def test_no_tradeoff_without_two_headline_metrics(tmp_path):
+    """A benchmark whose roles name no headline pair (lm_eval's default) gets a note, not a plot."""
+    write_eval(tmp_path / "saves" / "a", "LMEval", {"mmlu_acc": 0.3, "wmdp_bio_acc": 0.25},
+               config_roles("lm_eval", {}))
+    runs = reporting.find_runs([tmp_path / "saves"])
+    figures = reporting.make_figures(runs, tmp_path)
+    assert figures[0].key == "tradeoff" and figures[0].path is None
+    assert "no benchmark of these runs declares two headline metrics" in figures[0].notes[0]
+    assert not list(tmp_path.glob("*_tradeoff*.png"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -437,12 +526,18 @@ def test_html_in_headless_chromium(made, tmp_path):
 
 def test_trajectories_start_at_the_target_model(made):
     """A run evaluated from step 4 on starts its trajectory at step 0 with its target model's value."""
-    runs = report.find_runs([made.root / "saves"])
-    report.assign_roles(runs)
-    series = report.trajectories(runs)
-    (name, steps, values), = [s for s in series["model_utility"] if s[0] == "GradDiff_ga_a1"]
+    runs = reporting.find_runs([made.root / "saves"])
+    reporting.assign_roles(runs)
+    series = reporting.trajectories(runs)
+    # the panels: the trajectory metrics of TOFU's roles, in its config's order, forget_quality on a log axis
+    assert reporting.trajectory_panels(runs) == {("TOFU", m): m == "forget_quality"
+                                                 for m in TOFU_ROLES["trajectory_metrics"]}
+    (name, steps, values), = [s for s in series[("TOFU", "model_utility")] if s[0] == "GradDiff_ga_a1"]
     assert steps == [0.0, 4, 8]
     assert values[0] == SUMMARIES["target"]["model_utility"] and values[1:] == [0.6 - 0.04, 0.6 - 0.08]
+    # ga_a05 has no eval_history.jsonl: its eval_tofu_<metric> trainer-log entries (config key tofu -> TOFU)
+    (name, steps, values), = [s for s in series[("TOFU", "forget_quality")] if s[0] == "GradDiff_ga_a05"]
+    assert steps == [0.0, 4, 8] and values[1:] == [0.04, 0.08]
 
 
 def test_report_of_two_real_runs(tofu_dir, tmp_path, capsys):
@@ -468,3 +563,165 @@ def test_report_of_two_real_runs(tofu_dir, tmp_path, capsys):
         assert float(row["alpha"]) == float(alpha) and row["method"] == "GradDiff"
         for metric, value in summary.items():
             assert (row[metric] == "") if value is None else float(row[metric]) == value, metric
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the report knows no benchmark: everything comes from _meta.roles
+# ---------------------------------------------------------------------------------------------------------
+
+TOY_ROLES = roles_meta(headline=["toy_utility", "toy_forget"], trajectory=["toy_forget", "toy_utility"],
+                       log_axis=["toy_forget"], sample_metrics={"toy_forget": "score", "toy_answer": "overlap"})
+TOY_DIRECTIONS = {"toy_utility": True, "toy_forget": True, "toy_answer": False}
+
+
+def write_toy_eval(folder: Path, summary: dict, scores: list[float], answers: list[str], model: str,
+                   config: dict | None = None) -> None:
+    """A benchmark the report has never heard of: TOY, two samples."""
+    entries = {
+        "toy_forget": {"agg_value": summary["toy_forget"], "value_by_index": {
+            str(i): {"score": s} for i, s in enumerate(scores)}},
+        "toy_answer": {"agg_value": summary["toy_answer"], "value_by_index": {
+            str(i): {"overlap": 1.0 - s, "input": f"toy question {i}?", "ground_truth": f"toy truth {i}",
+                     "generation": a} for i, (s, a) in enumerate(zip(scores, answers))}},
+    }
+    write_eval(folder, "TOY", summary, TOY_ROLES, entries, TOY_DIRECTIONS, config)
+    meta = json.loads((folder / "TOY_EVAL.json").read_text())
+    meta["_meta"]["model"] = model
+    _write_json(folder / "TOY_EVAL.json", meta)
+
+
+def test_a_new_benchmark_needs_no_report_code(tmp_path):
+    """TOY, with roles naming its headline, trajectory, log-axis and sample metrics, gets its trade-off plot,
+    its trajectory panels (from the trainer log's eval_<config key>_<metric> entries) and its per-sample view."""
+    saves, target_model = tmp_path / "saves", tmp_path / "models" / "target"
+    write_toy_eval(saves / "target", {"toy_utility": 0.8, "toy_forget": 1e-6, "toy_answer": 0.9}, [0.9, 0.8],
+                   ["toy truth 0", "toy truth 1"], str(target_model),
+                   config=eval_config("toy_target", str(target_model)))
+    run = saves / "unlearn" / "toy_run"
+    config = unlearn_config("toy_run", 1.0, str(target_model), "none")
+    config["eval"] = {"toy": {"handler": "Evaluator", "name": "TOY"}}
+    _write_config(run / "config.yaml", config)
+    _write_jsonl(run / "train_log.jsonl", [
+        {"loss": 1.0, "step": 1, "forget_loss": -1.0},
+        {"eval_toy_toy_forget": 0.01, "eval_toy_toy_utility": 0.7, "step": 2},
+        {"eval_toy_toy_forget": 0.5, "eval_toy_toy_utility": 0.6, "step": 4}])
+    write_toy_eval(run / "evals", {"toy_utility": 0.6, "toy_forget": 0.5, "toy_answer": 0.2}, [0.1, 0.7],
+                   ["no idea", "toy truth 1"], str(run))
+    _write_json(run / "run_complete.json", {})
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert report.main([str(saves), "--out", str(out)]) == 0
+
+    assert (out / "TOY_tradeoff.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert (out / "trajectories.png").read_bytes().startswith(PNG_SIGNATURE)
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert "### TOY: toy_forget vs toy_utility" in md and "Up and to the right is better." in md
+    assert "Drawn on a log scale (0 at 1e-20): toy_forget." in md
+    assert "_meta.roles" not in md  # every EVAL file has roles: no note
+
+    runs = reporting.assign_roles(reporting.find_runs([saves]))
+    assert [r.role for r in runs] == ["target", "run"]
+    series = reporting.trajectories(runs)
+    assert list(series) == [("TOY", "toy_forget"), ("TOY", "toy_utility")]
+    assert series[("TOY", "toy_forget")] == [("toy_run", [0.0, 2, 4], [1e-6, 0.01, 0.5])]
+
+    # the per-sample view: headers from the metric and field names, text from the entries that carry it
+    assert page.count("<details") == 1 and "toy_run: TOY: 2 samples" in page
+    for header in ("question", "ground truth", "generation before", "generation after", "toy_forget (score) before",
+                   "toy_answer (overlap) after", "change of toy_forget (score), after − before"):
+        assert f">{header}</th>" in page, header
+    assert "toy question 1?" in page and "no idea" in page
+    section = md.split("### toy_run: TOY (before: toy_target)")[1]
+    first = next(line for line in section.splitlines() if line.startswith("| 0 "))  # 0.9 -> 0.1: the biggest drop
+    assert "-0.8" in first
+
+
+def test_an_eval_without_roles_gets_a_note(tmp_path):
+    """An EVAL file written before _meta.roles existed: the table is complete, the run is in no plot and has
+    no per-sample view, and one note names the file and says to re-run the evaluation."""
+    paths = build_saves(tmp_path)
+    old = paths["ga_a05"] / "evals"
+    write_tofu_eval(old, SUMMARIES["ga_a05"], ["Ines.", "Izmir.", "Mail."], [0.01, 0.02, 0.006], [0.0, 0.1, 0.05],
+                    str(paths["ga_a05"]), roles=None)
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert report.main([str(tmp_path / "saves"), "--out", str(out)]) == 0
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert float(_read_csv_rows(out, "GradDiff_ga_a05")["alpha"]) == 0.5  # the table still works
+    notes = [line for line in md.splitlines() if "_meta.roles" in line and line.startswith("- ")]
+    assert len(notes) == 1 and f"GradDiff_ga_a05: {old / 'TOFU_EVAL.json'}." in notes[0]
+    assert f"old_eval: {paths['old'] / 'TOFU_EVAL.json'} (missing);" in notes[0]  # both in the one note
+    assert "Re-run these evaluations" in notes[0]
+    assert page.count("<details") == 1 and "GradDiff_ga_a05: TOFU" not in page  # only ga_a1's view
+    runs = reporting.assign_roles(reporting.find_runs([tmp_path / "saves"]))
+    assert "GradDiff_ga_a05" not in [name for lines in reporting.trajectories(runs).values() for name, *_ in lines]
+
+
+def _read_csv_rows(out: Path, name: str) -> dict:
+    (row,) = [r for r in _read_csv(out) if r["name"] == name]
+    return row
+
+
+def test_roles_of_a_training_run_fall_back_to_its_latest_checkpoint(tmp_path):
+    """A training run without a final EVAL file reads the roles of its latest checkpoint's evaluation."""
+    run = tmp_path / "run"
+    for step, roles in ((2, None), (4, TOFU_ROLES)):
+        write_tofu_eval(run / f"checkpoint-{step}" / "evals", SUMMARIES["ga_a1"], ANSWERS, [0.1] * 3, [0.1] * 3,
+                        str(run), roles=roles)
+    _write_config(run / "config.yaml", unlearn_config("r", 1.0, "m", "x"))
+    _write_json(run / "run_complete.json", {})
+    (found,) = reporting.find_runs([tmp_path])
+    roles = reporting.bench_roles(found, "TOFU")
+    assert roles.source == run / "checkpoint-4" / "evals" / "TOFU_EVAL.json"
+    assert roles.tradeoff == ("model_utility", "forget_quality")
+
+
+def _config_names() -> set[str]:
+    """Every benchmark and metric name of configs/eval: benchmark config stems and names, metric config stems
+    and every name the benchmark configs list in their roles."""
+    names = set()
+    for path in (REPO / "configs" / "eval").rglob("*.yaml"):
+        names.add(path.stem)
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if path.parent.name == "eval":
+            names.add(str(cfg.get("name")))
+            names.update(m for key in (*ROLE_LISTS, "sample_metrics") for m in cfg.get(key) or [])
+    return names - {"None"}
+
+
+def test_the_report_knows_no_benchmark_or_metric_name():
+    """No benchmark or metric name of configs/eval (nor a per-sample field of theirs) appears anywhere in the
+    report package, code, comments and docstrings alike: what it draws comes from _meta.roles."""
+    names = _config_names() | {"forget_quality", "model_utility", "forget_Q_A", "knowmem", "verbmem", "TOFU", "MUSE",
+                               "WMDP", "MMLU", "rougeL_recall", "rougeL_f1"}
+    assert {"forget_quality", "forget_Q_A_ROUGE", "retain_knowmem_ROUGE", "tofu", "muse", "lm_eval"} <= names
+    files = sorted(p for p in (REPO / "src" / "reporting").iterdir() if p.suffix in (".py", ".css", ".js", ".html"))
+    assert {p.name for p in files} >= {"__init__.py", "collect.py", "roles.py", "table.py", "samples.py", "plots.py",
+                                       "render.py", "report.css", "report.js"}
+    found = [(p.name, name) for p in files for name in sorted(names)
+             if re.search(rf"(?<![A-Za-z0-9]){re.escape(name)}(?![A-Za-z0-9])", p.read_text(encoding="utf-8"),
+                          flags=re.IGNORECASE if name.lower() in ("tofu", "muse", "lmeval", "lm_eval") else 0)]
+    assert found == []
+    entry = (REPO / "src" / "report.py").read_text(encoding="utf-8")
+    assert len(entry.splitlines()) < 80 and "from reporting import" in entry
+
+
+def test_the_report_never_imports_torch(made, tmp_path):
+    """Importing the package and writing a whole report leave torch unloaded (a fresh interpreter)."""
+    code = ("import sys, reporting; assert 'torch' not in sys.modules; "
+            f"reporting.make_report([{str(made.root / 'saves')!r}], out={str(tmp_path / 'out')!r}); "
+            "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'evals')); "
+            "assert not loaded, loaded")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "out" / "report.html").is_file()
+
+
+def test_layers_import_downward_only():
+    """collect <- roles <- table / samples / plots <- render: no module imports one above it."""
+    order = {"collect": 0, "roles": 1, "table": 2, "samples": 2, "plots": 2, "render": 3}
+    for module, level in order.items():
+        text = (REPO / "src" / "reporting" / f"{module}.py").read_text(encoding="utf-8")
+        for imported in re.findall(r"^from reporting\.(\w+) import", text, flags=re.MULTILINE):
+            assert order[imported] < level, (module, imported)
