@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated metric names, or 'default' (the eval=tofu list) (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="override every metric's max_new_tokens")
     p.add_argument("--batch-size", type=int, default=None, help="override every metric's batch_size")
+    p.add_argument("--decoder", choices=("greedy_decode", "generate"), default="greedy_decode",
+                   help="greedy_decode: our decoding loop (finished rows leave the batch; the default); generate: "
+                        "model.generate on the same length-sorted batches, to measure what the loop gains")
     p.add_argument("--out", default=None, help="also write the JSON object here (atomically)")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides of eval.yaml")
     return p.parse_args(argv)
@@ -199,6 +202,8 @@ def run(args: argparse.Namespace) -> dict:
     passes.token_stats_passes = rec.wrap_pass("token_stats", passes.token_stats_passes)
     passes.grad_norm_pass = rec.wrap_pass("grad_norm", passes.grad_norm_pass)
     passes.generation_pass = rec.wrap_pass("generation", passes.generation_pass)
+    if args.decoder == "generate":
+        passes._plain_greedy_ok = lambda model: False  # generation_pass falls back to model.generate
 
     def result(summaries: Any, complete: bool) -> dict:
         fwd = [p for p in rec.passes if p["pass"] != "generation"]
@@ -219,6 +224,7 @@ def run(args: argparse.Namespace) -> dict:
             "tofu": tofu,
             "metrics": metric_names,
             "max_new_tokens_override": args.max_new_tokens,
+            "decoder": args.decoder,
             "wall_s": round(wall_s, 2),
             "model_load_s": round(rec.model_load_s, 2),
             "forward_s": round(forward_s, 2),

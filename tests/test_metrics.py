@@ -469,3 +469,14 @@ def test_min_k_plus_plus_needs_the_vocabulary_moments():
         spec.fn(token_stats={"forget": {0: [bare]}, "holdout": {0: [bare]}})
     with pytest.raises(ValueError, match="both mean_logp and std_logp"):
         TokenStats(logp=[-1.0], mean_logp=[-1.0], std_logp=None, argmax_match=[True])
+
+
+def test_every_pass_input_has_one_runner():
+    from evals.metrics import PASS_INPUTS
+    from evals.runners import PASS_RUNNERS, register_pass
+
+    assert list(PASS_RUNNERS) == list(PASS_INPUTS)
+    with pytest.raises(ValueError, match=r"pass kind 'logits' is not a declared metric input.*PASS_INPUTS"):
+        register_pass("logits")
+    with pytest.raises(ValueError, match="already registered"):
+        register_pass("token_stats")(lambda ctx, spec, mcfg: None)

@@ -206,7 +206,7 @@ def test_min_k_and_memorisation_score_every_token_of_raw_text():
 
 
 def test_token_stats_of_a_raw_chunk_cover_every_predicted_token(smollm2_tokenizer, tmp_path):
-    from evals.passes import plain_token_stats_pass, token_stats_pass
+    from evals.passes import plain_token_stats_pass, token_stats_passes
     from model import get_model
 
     _write_rows(tmp_path / "chunks.json", [{"text": "a short news chunk about the weather in Leeds"},
@@ -215,7 +215,8 @@ def test_token_stats_of_a_raw_chunk_cover_every_predicted_token(smollm2_tokenize
     cfg = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "model" / "tiny-random-llama.yaml"))
     cfg["cache_dir"] = str(REPO / ".cache" / "models")
     model, _ = get_model(cfg)
-    fast, plain = token_stats_pass(model, data, smollm2_tokenizer), plain_token_stats_pass(model, data, smollm2_tokenizer)
+    fast = token_stats_passes(model, [data], smollm2_tokenizer)[0]
+    plain = plain_token_stats_pass(model, data, smollm2_tokenizer)
     for i in range(2):
         n = len(data[i]["input_ids"])
         assert fast[i][0].num_tokens == n - 1 == fast[i][0].num_content_tokens  # all but the first (nothing predicts it)

@@ -16,7 +16,6 @@ from evals.passes import (
     answer_logits,
     answer_token_stats,
     greedy_decode,
-    token_stats_pass,
     token_stats_passes,
 )
 from model import get_model
@@ -53,7 +52,7 @@ def test_answer_logits_equal_full_forward():
 def test_token_stats_match_the_training_loss(tofu_dir):
     model, tok = _tiny()
     dataset = _dataset(tok, tofu_dir, "TOFU_QA_FORGET10_P", "perturbed_answer")
-    stats = token_stats_pass(model, dataset, tok, batch_size=3)
+    stats = token_stats_passes(model, [dataset], tok, batch_size=3)[0]
     assert sorted(stats) == list(range(len(dataset))) and all(len(v) == 5 for v in stats.values())
     batch = DataCollatorForSupervisedDataset(tok)(dataset[1])
     with torch.no_grad():
@@ -69,8 +68,8 @@ def test_prompt_sharing_gives_the_statistics_of_whole_rows(tofu_dir):
     """Speed knob: running each prompt once for its perturbed answers changes no statistic."""
     model, tok = _tiny()
     dataset = _dataset(tok, tofu_dir, "TOFU_QA_FORGET10_P", "perturbed_answer")
-    shared = token_stats_pass(model, dataset, tok, batch_size=7)
-    whole = token_stats_pass(model, dataset, tok, batch_size=7, share_prompts=False)
+    shared = token_stats_passes(model, [dataset], tok, batch_size=7)[0]
+    whole = token_stats_passes(model, [dataset], tok, batch_size=7, share_prompts=False)[0]
     assert sorted(shared) == sorted(whole) == list(range(len(dataset)))
     for i in whole:
         for a, b in zip(shared[i], whole[i], strict=True):
@@ -183,7 +182,7 @@ def test_answer_columns_scored_together_equal_separate_passes(tofu_dir):
     datasets = [_dataset(tok, tofu_dir, "TOFU_QA_FORGET10_P", key) for key in keys]
     joint = token_stats_passes(model, datasets, tok, batch_size=10)
     for dataset, together in zip(datasets, joint, strict=True):
-        alone = token_stats_pass(model, dataset, tok, batch_size=10, share_prompts=False)
+        alone = token_stats_passes(model, [dataset], tok, batch_size=10, share_prompts=False)[0]
         assert sorted(together) == sorted(alone)
         for i in alone:
             assert [s.answer_text for s in together[i]] == [s.answer_text for s in alone[i]]
@@ -248,8 +247,8 @@ def test_grad_norms_cover_frozen_weights_too(tofu_dir):
     assert layer_1_norm < every_weight[0] * (1 - 1e-3)
 
 
-def test_greedy_decode_refilling_finished_rows_equals_generate_one_prompt_at_a_time():
-    """Speed knob: waiting prompts taking the places of finished rows (``max_rows``) change no token."""
+def test_greedy_decode_equals_generate_one_prompt_at_a_time():
+    """Speed knob: rows leaving the batch as they stop, at any threshold, change no token."""
     model, tok = _tiny()
     torch.manual_seed(1)
     with torch.no_grad():
@@ -273,11 +272,9 @@ def test_greedy_decode_refilling_finished_rows_equals_generate_one_prompt_at_a_t
     ref = [alone(p, stops) for p in prompts]
     assert len({len(r) for r in ref}) > 2 and max(len(r) for r in ref) == 10
     with torch.no_grad():
-        for max_rows in (1, 2, 3, None):
-            for fraction in (0.0, 0.5, 1.0):
-                got = greedy_decode(model, prompts, max_new_tokens=10, stop_ids=stops,
-                                    min_finished_fraction=fraction, max_rows=max_rows)
-                assert got == ref, (max_rows, fraction)
+        for fraction in (0.0, 0.5, 1.0):
+            got = greedy_decode(model, prompts, max_new_tokens=10, stop_ids=stops, min_finished_fraction=fraction)
+            assert got == ref, fraction
 
 
 def test_answer_stems_by_hand():
@@ -331,13 +328,3 @@ def test_answer_token_stats_without_the_vocabulary_moments():
     logp, mean, std, match = answer_token_stats(logits, targets, chunk_rows=32, moments=False)
     assert mean is None and std is None
     assert torch.equal(logp, full[0]) and torch.equal(match, full[3])
-
-
-def test_generation_pass_with_refilled_rows_equals_batch_by_batch(tofu_dir):
-    from evals.passes import generation_pass
-
-    model, tok = _tiny()
-    dataset = _dataset(tok, tofu_dir, "TOFU_QA_FORGET10_P")
-    runs = [generation_pass(model, dataset, tok, {"apply_chat_template": True}, batch_size=3, max_new_tokens=6,
-                            refill=refill) for refill in (False, True)]
-    assert runs[0] == runs[1] and len(runs[0]) == len(dataset)

@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,8 @@ from compat import compat_of
 from data import DATASET_REGISTRY, build_dataset, dataset_config
 from data.tofu import local_data_file, local_stem
 from data.utils import DataFileError, check_rows_file
-from evals import passes
 from evals.benchmark import COMMON_KEYS, Benchmark
-from evals.metrics import allow_need, get_metric
+from evals.metrics import PASS_INPUTS, get_metric
 from evals.result import (
     EvalResult,
     ResultStore,
@@ -50,35 +49,13 @@ from evals.result import (
     model_fingerprint,
     utc_timestamp,
 )
+from evals.runners import PASS_RUNNERS, EvalContext
 from trainer.utils import is_main_process, is_sharded, on_main_process
 
 log = logging.getLogger(__name__)
 
-#: The kinds of model pass a metric may need (its ``MetricSpec.needs``), each with the function that runs
-#: it: ``runner(evaluator, spec, metric config, model, cache) -> result``. A runner computes its result
-#: once per cache key (dataset, options) and stores it in ``cache``. ``register_pass`` adds a kind (a
-#: benchmark needing a new kind of pass registers it next to its evaluator class).
-PASS_RUNNERS: dict[str, Callable[..., Any]] = {}
-
-
-def register_pass(kind: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator registering ``runner`` as the pass that supplies the metric input ``kind``."""
-    def decorator(runner: Callable[..., Any]) -> Callable[..., Any]:
-        if kind in PASS_RUNNERS:
-            raise ValueError(f"pass kind {kind!r} is already registered")
-        PASS_RUNNERS[kind] = runner
-        allow_need(kind)  # metrics may now declare it
-        return runner
-    return decorator
-
-
-def pass_needs() -> tuple[str, ...]:
-    """The registered pass kinds, in registration order."""
-    return tuple(PASS_RUNNERS)
-
-
 def _input_names() -> set[str]:
-    return set(pass_needs()) | {"pre_compute", "reference_logs"}
+    return set(PASS_INPUTS) | {"pre_compute", "reference_logs"}
 CONTROL_KEYS = {"handler", "datasets", "pre_compute", "reference_logs", "access_key", "batch_size",
                 "generation_args", "reference_model", "higher_is_better"}
 #: Metric-config keys that do not change a metric's value (left out of its fingerprint).
@@ -181,8 +158,6 @@ class Evaluator(Benchmark):
             self.passes_mode = "plain"  # open-unlearning's batches: dataset order, model.generate
         self._datasets: dict[str, Any] = {}
         self._resolved_specs: dict[str, dict] = {}  # dataset spec -> resolved config (resolving copies root_cfg)
-        self._token_stats_plan: dict[str, dict[str, Any]] = {}
-        self._moment_datasets: set[str] = set()  # dataset keys a metric needing vocab_moments reads
 
     def _validate(self, name: str, mcfg: Mapping) -> None:
         spec = get_metric(mcfg.get("handler"))
@@ -202,10 +177,10 @@ class Evaluator(Benchmark):
             if "access_key" not in sub:
                 raise ValueError(f"metric {name}: pre_compute.{sub_name} needs an access_key")
             self._validate(sub_name, sub)
-        if any(n in spec.needs for n in pass_needs()) and not mcfg.get("datasets"):
+        if any(n in spec.needs for n in PASS_INPUTS) and not mcfg.get("datasets"):
             raise ValueError(f"metric {name}: handler {spec.name} reads data but no datasets are given")
         batch_size = mcfg.get("batch_size", 32)
-        generation_only = {n for n in spec.needs if n in pass_needs()} == {"generations"}
+        generation_only = {n for n in spec.needs if n in PASS_INPUTS} == {"generations"}
         if not (batch_size == "auto" and generation_only or _positive_int(batch_size)):
             raise ValueError(f"metric {name}: batch_size={batch_size!r}; give a positive number of rows"
                              + (" or 'auto'" if generation_only else " ('auto' is for generation metrics only)"))
@@ -390,16 +365,6 @@ class Evaluator(Benchmark):
         return sizes, warnings
 
     # ----- passes ----------------------------------------------------------------------------------
-    def _token_stats(self, model: torch.nn.Module, datasets: list, batch_size: int,
-                     vocab_moments: bool = True) -> list[dict]:
-        """Teacher-forced statistics of each dataset: together (``passes.token_stats_passes``; the
-        vocabulary mean and std only with ``vocab_moments``), or one plain pass each (``passes=plain``)."""
-        if self.passes_mode == "plain":
-            return [passes.plain_token_stats_pass(model, d, self.tokenizer, batch_size=batch_size, compat=self.compat)
-                    for d in datasets]
-        return passes.token_stats_passes(model, datasets, self.tokenizer, batch_size=batch_size,
-                                         vocab_moments=vocab_moments)
-
     def _plan_token_stats(self, names: list[str]) -> dict[str, dict[str, Any]]:
         """The teacher-forced passes the metrics ``names`` will run: {questions key: {dataset key: spec}}."""
         plan: dict[str, dict[str, Any]] = {}
@@ -409,14 +374,14 @@ class Evaluator(Benchmark):
                     plan.setdefault(self._dataset_key(spec, True), {})[self._dataset_key(spec)] = spec
         return plan
 
-    def _inputs(self, mcfg: Mapping, needs: tuple, model: torch.nn.Module, cache: dict) -> dict:
+    def _inputs(self, mcfg: Mapping, needs: tuple, ctx: EvalContext) -> dict:
         datasets = dict(mcfg.get("datasets") or {})
         inputs: dict[str, Any] = {}
-        for kind in pass_needs():
+        for kind in PASS_INPUTS:
             if kind not in needs:
                 continue
             runner = PASS_RUNNERS[kind]
-            per_role = {role: runner(self, spec, mcfg, model, cache) for role, spec in datasets.items()}
+            per_role = {role: runner(ctx, spec, mcfg) for role, spec in datasets.items()}
             inputs[kind] = next(iter(per_role.values())) if len(per_role) == 1 else per_role
         return inputs
 
@@ -437,13 +402,14 @@ class Evaluator(Benchmark):
                 out[inc["access_key"]] = logs[metric_name] if logs is not None else None
         return out
 
-    def _compute(self, name: str, mcfg: Mapping, model: torch.nn.Module, results: dict, cache: dict) -> dict:
+    def _compute(self, name: str, mcfg: Mapping, ctx: EvalContext, results: dict) -> dict:
         """The result of metric ``name`` with config ``mcfg``, computed once per (name, config).
 
         A metric used both on its own and as another's ``pre_compute`` is computed once when both copies
         have the same config, and separately when an override made them differ.
         """
         # access_key only says how a parent refers to this result; it does not change the result.
+        cache = ctx.cache
         key = ("metric", name, content_hash({k: v for k, v in mcfg.items() if k != "access_key"}))
         if key in cache:
             return cache[key]
@@ -455,10 +421,10 @@ class Evaluator(Benchmark):
         spec = get_metric(mcfg["handler"])
         log.info("%s: computing %s (%s)", self.name, name, spec.name)
         started = time.perf_counter()
-        kwargs: dict[str, Any] = self._inputs(mcfg, spec.needs, model, cache)
+        kwargs: dict[str, Any] = self._inputs(mcfg, spec.needs, ctx)
         if "pre_compute" in spec.needs:
             kwargs["pre_compute"] = {
-                sub["access_key"]: self._compute(sub_name, sub, model, results, cache)
+                sub["access_key"]: self._compute(sub_name, sub, ctx, results)
                 for sub_name, sub in (mcfg.get("pre_compute") or {}).items()
             }
         if "reference_logs" in spec.needs:
@@ -470,7 +436,7 @@ class Evaluator(Benchmark):
         log.info("%s: %s done in %.1f s", self.name, name, time.perf_counter() - started)
         return cache[key]
 
-    def fingerprint(self, name: str, model_id: str) -> str:
+    def fingerprint(self, name: str, model_id: str, passes_mode: str) -> str:
         def with_data(mcfg: Mapping) -> dict:
             out = {k: v for k, v in mcfg.items() if k not in PRESENTATION_KEYS}
             out["datasets"] = {role: self._dataset_key(spec) for role, spec in (mcfg.get("datasets") or {}).items()}
@@ -481,7 +447,7 @@ class Evaluator(Benchmark):
             return out
 
         return content_hash({"metric": with_data(self.metrics_cfg[name]), "model": model_fingerprint(model_id),
-                      "template": self.template_args, "code": code_version(), "passes": self.passes_mode,
+                      "template": self.template_args, "code": code_version(), "passes": passes_mode,
                       "compat": self.compat.name, "limit": self.limit})
 
     # ----- entry point -----------------------------------------------------------------------------
@@ -494,14 +460,10 @@ class Evaluator(Benchmark):
         A model sharded over the processes (FSDP2, ZeRO-3: ``trainer.utils.is_sharded``) is evaluated with
         the plain passes, which keep every process in the same sequence of forward calls (padding passes,
         ``generate(synced_gpus=True)``); the fast passes' shared prompts and joined decoding rows would not."""
-        if self.passes_mode != "plain" and is_sharded(model):
+        passes_mode = self.passes_mode
+        if passes_mode != "plain" and is_sharded(model):
             log.info("%s: the model is sharded over the processes: plain passes, in lockstep", self.name)
-            self.passes_mode = "plain"
-            try:
-                return self.evaluate(model, output_dir=output_dir, model_id=model_id, overwrite=overwrite, only=only,
-                                     save=save)
-            finally:
-                self.passes_mode = "fast"
+            passes_mode = "plain"
         if only is not None:
             unknown = [n for n in only if n not in self.metrics_cfg]
             if unknown or not only:
@@ -512,7 +474,7 @@ class Evaluator(Benchmark):
         overwrite = only is not None or bool(self.cfg.get("overwrite", False) if overwrite is None else overwrite)
         if model_id is None:
             model_id = evaluated_model_id(model)
-        fingerprints = {name: self.fingerprint(name, model_id) for name in names}
+        fingerprints = {name: self.fingerprint(name, model_id, passes_mode) for name in names}
 
         # Decided once, by process 0: a process that saw the file another one is writing would skip
         # the passes (and their collective calls) the others run.
@@ -525,14 +487,16 @@ class Evaluator(Benchmark):
         self.check_inputs(to_compute)
         was_training = model.training
         model.eval()
-        cache: dict = {}
-        self._token_stats_plan = self._plan_token_stats(to_compute)
-        self._moment_datasets = {self._dataset_key(spec) for _, mcfg in self._metric_configs(to_compute)
-                                 if "vocab_moments" in get_metric(mcfg.get("handler")).needs
-                                 for spec in (mcfg.get("datasets") or {}).values()}
+        ctx = EvalContext(
+            benchmark=self.name, model=model, tokenizer=self.tokenizer, template_args=self.template_args,
+            compat=self.compat, plain=passes_mode == "plain", dataset=self._dataset, dataset_key=self._dataset_key,
+            token_stats_plan=self._plan_token_stats(to_compute),
+            moment_datasets=frozenset(self._dataset_key(spec) for _, mcfg in self._metric_configs(to_compute)
+                                      if "vocab_moments" in get_metric(mcfg.get("handler")).needs
+                                      for spec in (mcfg.get("datasets") or {}).values()))
         try:
             for name in names:
-                results[name] = self._compute(name, self.metrics_cfg[name], model, results, cache)
+                results[name] = self._compute(name, self.metrics_cfg[name], ctx, results)
         finally:
             model.train(was_training)
 
@@ -542,7 +506,7 @@ class Evaluator(Benchmark):
         for warning in warnings:
             log.warning("%s: %s", self.name, warning)
         meta = {
-            "model": model_id, "code_version": code_version(), "evaluator": self.name, "passes": self.passes_mode,
+            "model": model_id, "code_version": code_version(), "evaluator": self.name, "passes": passes_mode,
             "compat": self.compat.name,
             "limit": self.limit,
             "splits": {k: self.cfg.get(k) for k in ("forget_split", "holdout_split", "retain_logs_path")
@@ -555,7 +519,7 @@ class Evaluator(Benchmark):
             "higher_is_better": {n: d for n, d in self.directions().items() if n in summary_names},
             "roles": self.roles_meta(),
         }
-        result = EvalResult(self.name, self._every_result(names, results, cache, previous, list(reused)), summary, meta)
+        result = EvalResult(self.name, self._every_result(names, results, ctx.cache, previous, list(reused)), summary, meta)
         if save and is_main_process():
             store.save(result)
         for note in {r.get("note") for r in results.values() if isinstance(r, dict) and r.get("note")}:
@@ -599,75 +563,6 @@ class Evaluator(Benchmark):
     def summary_names(self) -> list[str]:
         names = self.cfg.get("summary_metrics")
         return [n for n in names if n in self.metrics_cfg] if names else list(self.metrics_cfg)
-
-
-# ----- the registered passes -------------------------------------------------------------------------
-@register_pass("token_stats")
-def _token_stats_runner(ev: Evaluator, spec: Any, mcfg: Mapping, model: torch.nn.Module, cache: dict) -> Any:
-    """Teacher-forced statistics. Every planned pass over the same questions (true, paraphrased, perturbed
-    answers) runs at once, together: each question's prompt is computed once for all its answers."""
-    dataset = ev._dataset(spec)
-    key = ("token_stats", ev._dataset_key(spec))
-    if key not in cache:
-        group = {k: s for k, s in ev._token_stats_plan.get(ev._dataset_key(spec, True), {}).items()
-                 if ("token_stats", k) not in cache and len(ev._dataset(s)) == len(dataset)}
-        group[key[1]] = spec
-        planned = {k for g in ev._token_stats_plan.values() for k in g}
-        # the Min-K%++ moments unless no metric reads them from any dataset of the group
-        moments = any(k in ev._moment_datasets or k not in planned for k in group)
-        results = ev._token_stats(model, [ev._dataset(s) for s in group.values()], mcfg.get("batch_size", 32),
-                                  vocab_moments=moments)
-        for dataset_key, result in zip(group, results):
-            cache[("token_stats", dataset_key)] = result
-    return cache[key]
-
-
-@register_pass("generations")
-def _generations_runner(ev: Evaluator, spec: Any, mcfg: Mapping, model: torch.nn.Module, cache: dict) -> Any:
-    """Greedy generations (``generation_args``: ``max_new_tokens``, ``stop_strings``); ``batch_size`` may be ``auto``."""
-    gen_args = dict(mcfg.get("generation_args") or {})
-    key = ("generations", ev._dataset_key(spec), content_hash(gen_args))
-    if key not in cache:
-        if ev.passes_mode == "plain":
-            gen_args["compat"] = ev.compat
-        generate = passes.plain_generation_pass if ev.passes_mode == "plain" else passes.generation_pass
-        cache[key] = generate(model, ev._dataset(spec), ev.tokenizer, ev.template_args,
-                              batch_size=mcfg.get("batch_size", 32), **gen_args)
-    return cache[key]
-
-
-@register_pass("grad_norms")
-def _grad_norms_runner(ev: Evaluator, spec: Any, mcfg: Mapping, model: torch.nn.Module, cache: dict) -> Any:
-    """Per-sample gradient norms (GradNorm attack)."""
-    key = ("grad_norms", ev._dataset_key(spec))
-    if is_sharded(model):
-        raise ValueError(f"evaluator {ev.name}: gradient norms (mia_gradnorm) need whole weights, which this model "
-                         "has split over the processes (FSDP/ZeRO-3); evaluate it with src/eval.py instead")
-    if key not in cache:
-        cache[key] = passes.grad_norm_pass(model, ev._dataset(spec), ev.tokenizer)
-    return cache[key]
-
-
-@register_pass("reference_token_stats")
-def _reference_token_stats_runner(ev: Evaluator, spec: Any, mcfg: Mapping, model: torch.nn.Module,
-                                  cache: dict) -> Any:
-    """Teacher-forced statistics of a reference model (``reference_model``, loaded once per path)."""
-    ref_path = (mcfg.get("reference_model") or {}).get("pretrained_model_name_or_path")
-    if not ref_path:
-        raise ValueError("mia_reference needs reference_model.pretrained_model_name_or_path "
-                         "(e.g. the retain model's folder)")
-    key = ("reference_token_stats", ev._dataset_key(spec), ref_path)
-    if key not in cache:
-        ref_model = cache.get(("reference_model", ref_path))
-        if ref_model is None:
-            from model import get_model
-
-            ref_model, _ = get_model({"model_args": {**mcfg["reference_model"]},
-                                      "tokenizer_args": {"pretrained_model_name_or_path": ref_path}})
-            ref_model.to(next(model.parameters()).device).eval()
-            cache[("reference_model", ref_path)] = ref_model
-        cache[key] = ev._token_stats(ref_model, [ev._dataset(spec)], mcfg.get("batch_size", 32))[0]
-    return cache[key]
 
 
 def format_summary(summaries: Mapping[str, Mapping[str, float | None]]) -> str:

@@ -1,18 +1,20 @@
 """Model passes of an evaluation: each runs once per (dataset, answer key) and feeds every metric.
 
-- ``token_stats_pass``: one teacher-forced forward pass giving, per answer token, its log-prob, the
+- ``token_stats_passes``: teacher-forced forward passes giving, per answer token, its log-prob, the
   mean and std of log p under the model's own next-token distribution (Min-K%++) and whether the
-  argmax prediction is exact (EM, ES). Probability, truth ratio, model utility, LOSS/ZLib/Min-K/
-  Min-K%++ attacks all come from it.
+  argmax prediction is exact (EM, ES), for one dataset or several asking the same questions.
+  Probability, truth ratio, model utility, LOSS/ZLib/Min-K/Min-K%++ attacks all come from it.
 - ``generation_pass``: greedy generation from the prompts (ROUGE), batched with left padding.
 - ``grad_norm_pass``: per-sample gradient norm of the mean answer NLL (GradNorm attack).
 
 Batches are formed from samples sorted by length (less padding); with several processes each rank
 takes a strided shard and the results are gathered, so every rank ends with the full result.
 
-``plain_token_stats_pass`` and ``plain_generation_pass`` (``eval.<bench>.passes=plain``) compute the
-same results without the speed tricks (whole-row forwards over the full sequence, ``model.generate``,
-fixed batches in dataset order): a reference to check the fast passes against.
+``plain_token_stats_pass`` and ``plain_generation_pass`` compute the same results without the speed
+tricks (whole-row forwards over the full sequence, ``model.generate``, fixed batches in dataset order):
+the reference the fast passes are tested against, and what runs with ``eval.<bench>.passes=plain``, for a
+model sharded over the processes (its forwards stay in lockstep) and in ``compat=open_unlearning`` (its
+batch layout). ``evals.runners`` picks one of the two for each pass.
 """
 
 from __future__ import annotations
@@ -342,7 +344,8 @@ def _shared_prompt_stats(model: torch.nn.Module, samples: Sequence[dict], device
 def token_stats_passes(model: torch.nn.Module, datasets: Sequence[Any], tokenizer: Any, batch_size: int = 32,
                        share_prompts: bool = True, share_answer_prefixes: bool = True, vocab_moments: bool = True
                        ) -> list[dict[int, list[TokenStats]]]:
-    """``token_stats_pass`` of several datasets over the same questions (one per answer column) at once.
+    """Per dataset, per index, one ``TokenStats`` per answer (several for perturbed-answer lists), for several
+    datasets over the same questions (one per answer column) at once (or one dataset).
 
     Questions are taken ``batch_size`` at a time (sorted by length); all their answers, in every
     dataset, are scored together, so with ``share_prompts`` question ``i`` runs once for its true,
@@ -385,20 +388,6 @@ def token_stats_passes(model: torch.nn.Module, datasets: Sequence[Any], tokenize
             ))
     bar.close()
     return [gather_dicts(out) for out in outs]
-
-
-def token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, batch_size: int = 32,
-                     share_prompts: bool = True, share_answer_prefixes: bool = True, vocab_moments: bool = True
-                     ) -> dict[int, list[TokenStats]]:
-    """Per dataset index, one ``TokenStats`` per answer (several for perturbed-answer lists).
-
-    A forward pass holds at most ``batch_size`` (question, answer) rows. With ``share_prompts``
-    (default) and a model that takes a KV cache, a batch whose rows repeat a prompt (several answers
-    to one question) runs each prompt once (``_shared_prompt_stats``); otherwise every row is run
-    whole (``answer_logits``). Both give the same statistics.
-    """
-    return token_stats_passes(model, [dataset], tokenizer, batch_size=batch_size, share_prompts=share_prompts,
-                              share_answer_prefixes=share_answer_prefixes, vocab_moments=vocab_moments)[0]
 
 
 #: Generation-config fields that change greedy decoding beyond "take the argmax"; a model whose
@@ -463,26 +452,6 @@ class _PreallocatedLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._rebuffer(self._buffers[0].shape[-2], rows=indices)
 
-    def join(self, rows: torch.Tensor, columns: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-             width: int, capacity: int) -> None:
-        """Keep ``rows`` of this layer at positions ``columns`` only, and append the rows of ``keys`` / ``values``.
-
-        Both parts are right-aligned in ``width`` positions, the shorter one left-padded with zeros
-        (masked positions, but finite: attention multiplies them by a zero weight); the new buffers hold
-        ``capacity`` positions.
-        """
-        new_buffers = []
-        for old, new in zip(self._buffers, (keys, values)):
-            kept = old[:, :, :self._length].index_select(0, rows).index_select(2, columns)
-            buffer = new.new_empty(len(rows) + new.shape[0], new.shape[1], capacity, new.shape[3])
-            for part, block in ((kept, buffer[:len(rows)]), (new, buffer[len(rows):])):
-                pad = width - part.shape[2]
-                block[:, :, :pad] = 0
-                block[:, :, pad:width] = part
-            new_buffers.append(buffer)
-        self._buffers, self._length = new_buffers, width
-        self._set_views()
-
 
 def _preallocate(cache: Any, capacity: int) -> None:
     """Swap the plain ``DynamicLayer`` s of ``cache`` for ``_PreallocatedLayer`` s (others, e.g. sliding, stay)."""
@@ -492,33 +461,8 @@ def _preallocate(cache: Any, capacity: int) -> None:
             layers[index] = _PreallocatedLayer(layer.keys, layer.values, capacity)
 
 
-def _takes_new_rows(cache: Any) -> bool:
-    """Whether rows can join ``cache`` while it decodes: every layer is a ``_PreallocatedLayer``."""
-    layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is _PreallocatedLayer for layer in layers)
-
-
-def _join_rows(cache: Any, mask: torch.Tensor, rows: torch.Tensor, new_cache: Any, new_mask: torch.Tensor,
-               room: int) -> torch.Tensor:
-    """Rows ``rows`` of ``(cache, mask)`` followed by every row of ``(new_cache, new_mask)``, in ``cache``.
-
-    Positions none of the kept rows attends to (those of the rows that left, padding) are dropped,
-    then both parts are right-aligned, the shorter one left-padded with masked positions: a row's
-    tokens keep their order and their position ids, so its attention is unchanged. Returns the
-    joined attention mask; the buffers hold ``room`` more positions.
-    """
-    kept_mask = mask.index_select(0, rows)
-    columns = kept_mask.any(0).nonzero().squeeze(-1)
-    kept_mask = kept_mask.index_select(1, columns)
-    width = max(kept_mask.shape[1], new_mask.shape[1])
-    for layer, new_layer in zip(cache.layers, new_cache.layers):
-        layer.join(rows, columns, new_layer.keys, new_layer.values, width, width + room)
-    return torch.cat([F.pad(kept_mask, (width - kept_mask.shape[1], 0)), F.pad(new_mask, (width - new_mask.shape[1], 0))])
-
-
 def greedy_decode(model: torch.nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int,
-                  stop_ids: Sequence[int], min_finished_fraction: float = 1 / 16, max_rows: int | None = None
-                  ) -> list[list[int]]:
+                  stop_ids: Sequence[int], min_finished_fraction: float = 1 / 16) -> list[list[int]]:
     """Greedy continuation of token-id prompts with a KV cache; finished rows leave the batch.
 
     Returns the new tokens of each row, its stop token included (as ``model.generate`` does). Unlike
@@ -527,56 +471,32 @@ def greedy_decode(model: torch.nn.Module, prompts: Sequence[torch.Tensor], max_n
     Dropping copies the cache, so it waits until at least ``min_finished_fraction`` of the batch has
     finished (the few finished rows computed meanwhile are discarded). The cache is preallocated for
     ``max_new_tokens`` (``_PreallocatedLayer``); the prompts' common leading tokens run once
-    (``prefill_prompts``).
-
-    ``max_rows`` (default: all prompts) bounds the rows decoded at once. The prompts wait in order;
-    whenever ``min_finished_fraction`` of ``max_rows`` rows have finished, waiting prompts take their
-    places (prefilled together, then joined to the running cache: ``_join_rows``), so the batch stays
-    full instead of running a long tail of a few rows. A model whose cache cannot take new rows (e.g.
-    sliding-window layers) decodes ``max_rows`` prompts at a time instead. Every row's tokens are
-    those of decoding it alone, up to floating-point rounding.
+    (``prefill_prompts``). Every row's tokens are those of decoding it alone, up to floating-point rounding.
     """
-    count = len(prompts)
-    results: list[list[int]] = [[] for _ in range(count)]
-    if max_new_tokens <= 0 or count == 0:
+    results: list[list[int]] = [[] for _ in prompts]
+    if max_new_tokens <= 0 or not prompts:
         return results
-    max_rows = count if max_rows is None else max(1, min(int(max_rows), count))
     device = _device(model)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
-    waiting = list(range(count))[::-1]  # popped from the end: prompts in the order given
-    active: list[int | None] = []  # batch row -> result row; None once that row has stopped
-    cache = attention_mask = token = next_position = None
+    last_logits, cache, attention_mask = prefill_prompts(model, list(prompts), device)
+    _preallocate(cache, attention_mask.shape[1] + max_new_tokens)
+    token, next_position = last_logits.argmax(-1), attention_mask.sum(-1)
+    active: list[int | None] = list(range(len(prompts)))  # batch row -> result row; None once it has stopped
 
-    def record(batch_rows: range, tokens: torch.Tensor) -> None:
-        stopped = torch.isin(tokens, stop).tolist()
-        for batch_row, t, is_stop in zip(batch_rows, tokens.tolist(), stopped):
+    def record(tokens: torch.Tensor) -> None:
+        for batch_row, (t, is_stop) in enumerate(zip(tokens.tolist(), torch.isin(tokens, stop).tolist())):
             row = active[batch_row]
             if row is not None:
                 results[row].append(t)
                 if is_stop or len(results[row]) == max_new_tokens:
                     active[batch_row] = None
 
+    record(token)
     while True:
         kept = [b for b, row in enumerate(active) if row is not None]
-        finished = len(active) - len(kept)
-        joinable = not kept or _takes_new_rows(cache)
-        if waiting and joinable and (not kept or finished >= max(1.0, min_finished_fraction * max_rows)):
-            new_rows = [waiting.pop() for _ in range(min(len(waiting), max_rows - len(kept)))]
-            last_logits, new_cache, new_mask = prefill_prompts(model, [prompts[r] for r in new_rows], device)
-            new_token, new_position = last_logits.argmax(-1), new_mask.sum(-1)
-            if kept:
-                keep = torch.tensor(kept, device=device)
-                attention_mask = _join_rows(cache, attention_mask, keep, new_cache, new_mask, max_new_tokens)
-                token, next_position = torch.cat([token[keep], new_token]), torch.cat([next_position[keep], new_position])
-            else:
-                cache, attention_mask, token, next_position = new_cache, new_mask, new_token, new_position
-                _preallocate(cache, attention_mask.shape[1] + max_new_tokens)
-            active = [active[b] for b in kept] + new_rows
-            record(range(len(kept), len(active)), new_token)
-            continue  # the new rows may have stopped at once
         if not kept:
-            break
-        if finished and finished >= min_finished_fraction * len(active):
+            return results
+        if len(active) - len(kept) >= min_finished_fraction * len(active):
             keep = torch.tensor(kept, device=device)
             cache.batch_select_indices(keep)
             active = [active[b] for b in kept]
@@ -586,8 +506,7 @@ def greedy_decode(model: torch.nn.Module, prompts: Sequence[torch.Tensor], max_n
                     position_ids=next_position.unsqueeze(-1), past_key_values=cache, use_cache=True)
         next_position = next_position + 1
         token = out.logits[:, -1].argmax(-1)
-        record(range(len(active)), token)
-    return results
+        record(token)
 
 
 #: Prompts per generation batch for ``batch_size: auto`` without a GPU: on 2 CPU cores 128 decodes as
@@ -720,16 +639,14 @@ def _generation_records(dataset: Any, tokenizer: Any, indices: Sequence[int], ne
 @torch.inference_mode()
 def generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, template_args: Any = None,
                     batch_size: int | str = 32, max_new_tokens: int = 200,
-                    stop_strings: Sequence[str] = (), refill: bool = False) -> dict[int, dict]:
+                    stop_strings: Sequence[str] = ()) -> dict[int, dict]:
     """Greedy continuation of each prompt, cut at the end-of-answer token or a stop string.
 
     Returns per index ``{"input": question, "ground_truth": answer, "generation": text}`` (the first
     answer of a list). Prompts are sorted by length and left-padded, ``batch_size`` at a time (a
     number, or ``"auto"``: ``generation_rows``); ``greedy_decode`` drops each sequence from the batch
-    once it emits its end token; ``batch_size`` prompts run at a time, each batch to its end. With
-    ``refill``, waiting prompts take the places of finished rows instead, so the batch stays full
-    (same tokens; off by default: 5 % slower on 2 CPU cores, where the joined rows' padding costs
-    attention time, for 20 % fewer decoding steps). ``model.generate`` is used instead when the model's
+    once it emits its end token; ``batch_size`` prompts run at a time, each batch to its end.
+    ``model.generate`` is used instead when the model's
     generation config asks for logit processors such as a repetition penalty.
     """
     stop_strings, stop_ids = _stop_criteria(tokenizer, _dataset_template(dataset, template_args), stop_strings)
@@ -738,13 +655,11 @@ def generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, templa
     prompts = _generation_prompts(dataset)
     ordered = sorted(prompts, key=lambda i: len(prompts[i]), reverse=True)
     batch_size = generation_rows(batch_size, model, len(prompts[ordered[0]]) if ordered else 0, max_new_tokens)
-    # with refill, one decoding loop over every prompt, at most batch_size rows at once
-    batches = [ordered] if use_plain_greedy and refill and ordered else _chunks(ordered, batch_size)
     with progress(len(ordered), f"generate {_name(dataset)}", unit="sample") as bar:
-        for chunk in batches:
+        for chunk in _chunks(ordered, batch_size):
             chunk_prompts = [prompts[i] for i in chunk]
             if use_plain_greedy:
-                new_tokens = greedy_decode(model, chunk_prompts, max_new_tokens, stop_ids, max_rows=batch_size)
+                new_tokens = greedy_decode(model, chunk_prompts, max_new_tokens, stop_ids)
             else:
                 new_tokens = _generate(model, chunk_prompts, tokenizer, max_new_tokens, stop_ids)
             out.update(_generation_records(dataset, tokenizer, chunk, new_tokens, stop_strings))
@@ -816,7 +731,7 @@ def plain_token_stats(logits: torch.Tensor, targets: torch.Tensor,
 @torch.no_grad()  # not inference_mode: a sharded model (FSDP2) keeps buffers from it that training then updates
 def plain_token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any,
                            batch_size: int = 32, compat: Compat = OURS) -> dict[int, list[TokenStats]]:
-    """``token_stats_pass`` computed plainly: per dataset index, one ``TokenStats`` per answer.
+    """``token_stats_passes`` of one dataset computed plainly: per dataset index, one ``TokenStats`` per answer.
 
     The (question, answer) rows of the dataset (every answer of a list is a row) are taken in dataset
     order, ``batch_size`` rows at a time, right-padded with their attention mask and run through
@@ -923,6 +838,6 @@ def plain_generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, 
     return gather_dicts(out)
 
 
-__all__ = ["token_stats_pass", "token_stats_passes", "generation_pass", "grad_norm_pass", "greedy_decode",
+__all__ = ["token_stats_passes", "generation_pass", "grad_norm_pass", "greedy_decode",
            "answer_token_stats", "answer_logits", "plain_token_stats", "plain_token_stats_pass",
            "plain_generation_pass"]

@@ -23,15 +23,10 @@ from typing import Any
 
 import numpy as np
 
-#: What a metric may declare in ``needs``: the pass kinds (evals.base registers each with ``allow_need``)
-#: and the other inputs below.
-ALLOWED_NEEDS: set[str] = {"token_stats", "vocab_moments", "generations", "grad_norms", "reference_token_stats",
-                           "pre_compute", "reference_logs"}
-
-
-def allow_need(kind: str) -> None:
-    """Let metrics declare ``kind`` in their ``needs`` (a pass kind registered by ``evals.base.register_pass``)."""
-    ALLOWED_NEEDS.add(kind)
+#: The metric inputs a model pass supplies, each by the one runner ``evals.runners`` registers for it.
+PASS_INPUTS: tuple[str, ...] = ("token_stats", "generations", "grad_norms", "reference_token_stats")
+#: What a metric may declare in ``needs``: the pass inputs, and the other inputs below.
+ALLOWED_NEEDS: frozenset[str] = frozenset(PASS_INPUTS + ("vocab_moments", "pre_compute", "reference_logs"))
 #: ``vocab_moments`` (with ``token_stats``): the metric reads ``TokenStats.mean_logp`` / ``std_logp``, which the
 #: teacher-forced pass computes (two more sweeps over the vocabulary per answer token) only for the datasets
 #: such a metric reads.
@@ -252,7 +247,7 @@ from .utility import harmonic_mean  # noqa: E402
 
 __all__ = [
     "ALLOWED_NEEDS",
-    "allow_need",
+    "PASS_INPUTS",
     "METRIC_REGISTRY",
     "MetricSpec",
     "TokenStats",

@@ -1,0 +1,159 @@
+"""The model passes an evaluation runs for its metrics, and the public context every pass runner gets.
+
+A metric declares the inputs it needs (``MetricSpec.needs``); each pass input (``evals.metrics.PASS_INPUTS``)
+has one runner here, ``runner(context, spec, metric_config) -> result``, registered with :func:`register_pass`.
+A runner computes its result once per cache key (pass kind, dataset, options) and keeps it in
+``context.cache``, so metrics reading the same pass share it. It reaches the evaluation only through
+:class:`EvalContext`: the model, the tokenizer, the datasets by spec, the plan of teacher-forced passes, and
+whether this evaluation runs the plain reference passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from compat import Compat
+from evals import passes
+from evals.metrics import PASS_INPUTS
+from evals.result import content_hash
+from trainer.utils import is_sharded
+
+
+@dataclass
+class EvalContext:
+    """One evaluation's view for the pass runners.
+
+    Attributes:
+        benchmark: the benchmark's name (for messages).
+        model: the model evaluated.
+        tokenizer: its tokenizer.
+        template_args: the model config's prompt settings.
+        compat: the compatibility switches (the plain passes' batch layout, the generations' stops).
+        plain: run the plain reference passes (``passes: plain``, compat mode, or a model sharded over the
+            processes, whose forwards must run in lockstep) instead of the fast ones.
+        dataset: a dataset spec -> the dataset (built once per evaluator).
+        dataset_key: ``(spec, questions_only=False)`` -> the dataset's identity (questions only: the same
+            questions with any answer column).
+        token_stats_plan: the teacher-forced passes the metrics will run, ``{questions key: {dataset key: spec}}``:
+            the datasets asking the same questions are scored together.
+        moment_datasets: keys of the datasets a metric reads the vocabulary moments of (Min-K%++).
+        cache: the results of the passes run so far (shared by the metrics).
+    """
+
+    benchmark: str
+    model: torch.nn.Module
+    tokenizer: Any
+    template_args: Mapping[str, Any] | None
+    compat: Compat
+    plain: bool
+    dataset: Callable[[Any], Any]
+    dataset_key: Callable[..., str]
+    token_stats_plan: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    moment_datasets: frozenset[str] = frozenset()
+    cache: dict = field(default_factory=dict)
+
+    def token_stats(self, model: torch.nn.Module, datasets: list, batch_size: int,
+                    vocab_moments: bool = True) -> list[dict]:
+        """Teacher-forced statistics of each dataset: together (``passes.token_stats_passes``; the vocabulary
+        moments only with ``vocab_moments``), or one plain pass each."""
+        if self.plain:
+            return [passes.plain_token_stats_pass(model, d, self.tokenizer, batch_size=batch_size, compat=self.compat)
+                    for d in datasets]
+        return passes.token_stats_passes(model, datasets, self.tokenizer, batch_size=batch_size,
+                                         vocab_moments=vocab_moments)
+
+
+Runner = Callable[[EvalContext, Any, Mapping], Any]
+#: pass input -> its runner (one per ``evals.metrics.PASS_INPUTS`` entry).
+PASS_RUNNERS: dict[str, Runner] = {}
+
+
+def register_pass(kind: str) -> Callable[[Runner], Runner]:
+    """Decorator registering ``runner`` as the pass that supplies the metric input ``kind``."""
+    if kind not in PASS_INPUTS:
+        raise ValueError(f"pass kind {kind!r} is not a declared metric input; declare it in "
+                         f"evals.metrics.PASS_INPUTS (declared: {', '.join(PASS_INPUTS)})")
+
+    def decorator(runner: Runner) -> Runner:
+        if kind in PASS_RUNNERS:
+            raise ValueError(f"pass kind {kind!r} is already registered")
+        PASS_RUNNERS[kind] = runner
+        return runner
+    return decorator
+
+
+@register_pass("token_stats")
+def token_stats_runner(ctx: EvalContext, spec: Any, mcfg: Mapping) -> Any:
+    """Teacher-forced statistics. Every planned pass over the same questions (true, paraphrased, perturbed
+    answers) runs at once, together: each question's prompt is computed once for all its answers."""
+    dataset = ctx.dataset(spec)
+    key = ("token_stats", ctx.dataset_key(spec))
+    if key not in ctx.cache:
+        group = {k: s for k, s in ctx.token_stats_plan.get(ctx.dataset_key(spec, True), {}).items()
+                 if ("token_stats", k) not in ctx.cache and len(ctx.dataset(s)) == len(dataset)}
+        group[key[1]] = spec
+        planned = {k for g in ctx.token_stats_plan.values() for k in g}
+        # the Min-K%++ moments unless no metric reads them from any dataset of the group
+        moments = any(k in ctx.moment_datasets or k not in planned for k in group)
+        results = ctx.token_stats(ctx.model, [ctx.dataset(s) for s in group.values()], mcfg.get("batch_size", 32),
+                                  vocab_moments=moments)
+        for dataset_key, result in zip(group, results):
+            ctx.cache[("token_stats", dataset_key)] = result
+    return ctx.cache[key]
+
+
+@register_pass("generations")
+def generations_runner(ctx: EvalContext, spec: Any, mcfg: Mapping) -> Any:
+    """Greedy generations (``generation_args``: ``max_new_tokens``, ``stop_strings``); ``batch_size`` may be ``auto``."""
+    gen_args = dict(mcfg.get("generation_args") or {})
+    key = ("generations", ctx.dataset_key(spec), content_hash(gen_args))
+    if key not in ctx.cache:
+        if ctx.plain:
+            generated = passes.plain_generation_pass(ctx.model, ctx.dataset(spec), ctx.tokenizer, ctx.template_args,
+                                                     batch_size=mcfg.get("batch_size", 32), compat=ctx.compat,
+                                                     **gen_args)
+        else:
+            generated = passes.generation_pass(ctx.model, ctx.dataset(spec), ctx.tokenizer, ctx.template_args,
+                                               batch_size=mcfg.get("batch_size", 32), **gen_args)
+        ctx.cache[key] = generated
+    return ctx.cache[key]
+
+
+@register_pass("grad_norms")
+def grad_norms_runner(ctx: EvalContext, spec: Any, mcfg: Mapping) -> Any:
+    """Per-sample gradient norms (GradNorm attack)."""
+    key = ("grad_norms", ctx.dataset_key(spec))
+    if is_sharded(ctx.model):
+        raise ValueError(f"evaluator {ctx.benchmark}: gradient norms (mia_gradnorm) need whole weights, which this "
+                         "model has split over the processes (FSDP/ZeRO-3); evaluate it with src/eval.py instead")
+    if key not in ctx.cache:
+        ctx.cache[key] = passes.grad_norm_pass(ctx.model, ctx.dataset(spec), ctx.tokenizer)
+    return ctx.cache[key]
+
+
+@register_pass("reference_token_stats")
+def reference_token_stats_runner(ctx: EvalContext, spec: Any, mcfg: Mapping) -> Any:
+    """Teacher-forced statistics of a reference model (``reference_model``, loaded once per path)."""
+    ref_path = (mcfg.get("reference_model") or {}).get("pretrained_model_name_or_path")
+    if not ref_path:
+        raise ValueError("mia_reference needs reference_model.pretrained_model_name_or_path "
+                         "(e.g. the retain model's folder)")
+    key = ("reference_token_stats", ctx.dataset_key(spec), ref_path)
+    if key not in ctx.cache:
+        ref_model = ctx.cache.get(("reference_model", ref_path))
+        if ref_model is None:
+            from model import get_model
+
+            ref_model, _ = get_model({"model_args": {**mcfg["reference_model"]},
+                                      "tokenizer_args": {"pretrained_model_name_or_path": ref_path}})
+            ref_model.to(next(ctx.model.parameters()).device).eval()
+            ctx.cache[("reference_model", ref_path)] = ref_model
+        ctx.cache[key] = ctx.token_stats(ref_model, [ctx.dataset(spec)], mcfg.get("batch_size", 32))[0]
+    return ctx.cache[key]
+
+
+__all__ = ["EvalContext", "PASS_RUNNERS", "register_pass"]
