@@ -30,11 +30,12 @@ def test_constraint_parses_and_holds():
 
 def test_metric_names_resolve_to_logged_keys():
     valid = ["eval_loss", ("eval_tofu_model_utility", "tofu"), ("eval_tofu_forget_quality", "tofu"),
-             ("eval_muse_privleak", "muse"), ("eval_tofu_privleak", "tofu")]
+             ("eval_muse_privleak", "muse"), ("eval_tofu_privleak", "tofu"), ("eval_lm_eval_mmlu_acc", "lm_eval")]
     assert resolve_metric_key("loss", valid, setting="s") == "eval_loss"
     assert resolve_metric_key("model_utility", valid, setting="s") == "eval_tofu_model_utility"
     assert resolve_metric_key("tofu_forget_quality", valid, setting="s") == "eval_tofu_forget_quality"
-    assert resolve_metric_key("eval_lm_eval_mmlu_acc", valid, ["eval_lm_eval_"], setting="s") == "eval_lm_eval_mmlu_acc"
+    assert resolve_metric_key("eval_lm_eval_mmlu_acc", valid, setting="s") == "eval_lm_eval_mmlu_acc"
+    assert resolve_metric_key("mmlu_acc", valid, setting="s") == "eval_lm_eval_mmlu_acc"
     with pytest.raises(ValueError, match="ambiguous: it could be eval_muse_privleak, eval_tofu_privleak"):
         resolve_metric_key("privleak", valid, setting="s")
     with pytest.raises(ValueError, match=r"s='utility': no evaluation of this run produces 'eval_utility'; valid: eval_loss"):

@@ -141,7 +141,7 @@ def test_accuracy_is_the_argmax_of_the_models_own_option_logliks(tiny, toy, plai
     assert plain_run.summary == {"toy_mc_acc": toy.acc}
     logs = _load(plain_run.out / "LMEval_EVAL.json")
     assert _load(plain_run.out / "LMEval_SUMMARY.json") == plain_run.summary
-    entry = logs["toy_mc"]
+    entry = logs["toy_mc_acc"]
     assert entry["agg_value"] == toy.acc and entry["metric"] == "acc"
     assert entry["metrics"]["acc"] == toy.acc and entry["metrics"]["acc_norm"] == toy.acc  # one-letter options
     assert entry["num_fewshot"] == 0 and entry["n_samples"] == {"original": 4, "effective": 4}
@@ -153,7 +153,7 @@ def test_accuracy_is_the_argmax_of_the_models_own_option_logliks(tiny, toy, plai
         assert sample["loglikelihoods"] == pytest.approx(ll, abs=1e-4)
     meta = logs["_meta"]
     assert meta["model"] == "tiny" and meta["evaluator"] == "LMEval" and meta["lm_eval_version"] == "0.4.13"
-    assert set(meta["fingerprints"]) == {"toy_mc"} and meta["code_version"] and meta["timestamp"]
+    assert set(meta["fingerprints"]) == {"toy_mc_acc"} and meta["code_version"] and meta["timestamp"]
     # the model is in train mode again, and the global random generators are where they were
     assert plain_run.was_training
     assert torch.equal(plain_run.draws[0], plain_run.expected_draws[0])
@@ -176,12 +176,17 @@ def test_second_evaluation_reuses_the_result(tiny, toy, plain_run, monkeypatch):
     assert _evaluator(tiny, toy).evaluate(tiny.model, output_dir=plain_run.out, model_id="tiny").summary == plain_run.summary
     assert calls == []
     after = _load(plain_run.out / "LMEval_EVAL.json")
-    assert after["toy_mc"] == before["toy_mc"] and after["_meta"]["fingerprints"] == before["_meta"]["fingerprints"]
+    assert after["toy_mc_acc"] == before["toy_mc_acc"] and after["_meta"]["fingerprints"] == before["_meta"]["fingerprints"]
     # another model, another setting, or overwrite: computed again
     _evaluator(tiny, toy).evaluate(tiny.model, output_dir=plain_run.out, model_id="another")
-    _evaluator(tiny, toy, limit=3).evaluate(tiny.model, output_dir=plain_run.out, model_id="another")
-    _evaluator(tiny, toy, limit=3).evaluate(tiny.model, output_dir=plain_run.out, model_id="another", overwrite=True)
+    again = _evaluator(tiny, toy, limit=3)
+    first = again.evaluate(tiny.model, output_dir=plain_run.out, model_id="another")
+    second = again.evaluate(tiny.model, output_dir=plain_run.out, model_id="another", overwrite=True)
     assert len(calls) == 3
+    # the evaluator builds each task once and hands the same object to lm-eval again: the same result
+    assert calls[1]["tasks"][0] is calls[2]["tasks"][0]
+    assert second.entries["toy_mc_acc"]["value_by_index"] == first.entries["toy_mc_acc"]["value_by_index"]
+    assert second.meta["fingerprints"] == first.meta["fingerprints"]
 
 
 @needs_lm_eval
@@ -200,27 +205,29 @@ def test_settings_reach_lm_eval(tiny, toy, plain_run, tmp_path, monkeypatch):
     summary = evaluator.evaluate(tiny.model, output_dir=tmp_path, model_id="tiny").summary
     assert list(summary) == ["toy_mc_acc_norm"] == evaluator.summary_names()
     (call,) = calls
-    assert call["tasks"] == ["toy_mc"] and call["num_fewshot"] == 1 and call["limit"] == 2
+    (task,) = call["tasks"]  # the task lm-eval built for the checks, its num_fewshot set by a generated YAML
+    assert task.task_name == "toy_mc" and task.config.num_fewshot == 1
+    assert call["num_fewshot"] == 1 and call["limit"] == 2
     assert call["batch_size"] == 3 and call["model"].batch_size_per_gpu == 3
     assert call["model"].model is tiny.model  # the in-memory model, not a copy
     # apply_chat_template: null follows the model config (tiny-random-llama: true); multi-turn shots with it
     assert call["apply_chat_template"] is True and call["fewshot_as_multiturn"] is True
     assert call["system_instruction"] == "Answer with one letter."
-    entry = _load(tmp_path / "LMEval_EVAL.json")["toy_mc"]
+    entry = _load(tmp_path / "LMEval_EVAL.json")["toy_mc_acc_norm"]
     assert entry["num_fewshot"] == 1 and entry["n_samples"]["effective"] == 2 and set(entry["value_by_index"]) == {"0", "1"}
-    plain = _load(plain_run.out / "LMEval_EVAL.json")["toy_mc"]["value_by_index"]
+    plain = _load(plain_run.out / "LMEval_EVAL.json")["toy_mc_acc"]["value_by_index"]
     assert entry["value_by_index"]["0"]["prompt_hash"] != plain["0"]["prompt_hash"]  # chat template and one shot
 
 
 @needs_lm_eval
 def test_task_overrides_point_wmdp_bio_at_a_local_file(tiny, toy, tmp_path):
     """wmdp_bio with its own prompt (description, questions, options), read from a local file instead of the Hub."""
-    evaluator = _evaluator(tiny, toy, tasks=["wmdp_bio"], include_path=None, task_overrides={
-        "wmdp_bio": {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(toy.data)}}}})
+    local = {"wmdp_bio": {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(toy.data)}}}}
+    evaluator = _evaluator(tiny, toy, tasks=["wmdp_bio"], include_path=None, task_overrides=local)
     summary = evaluator.evaluate(tiny.model, output_dir=tmp_path, model_id="tiny").summary
     logliks = [_option_logliks(tiny.model, tiny.tokenizer, BIO_DESCRIPTION + _prompt(q, c)) for q, c in QUESTIONS]
     assert summary["wmdp_bio_acc"] == sum(_argmax(ll) == a for ll, a in zip(logliks, toy.answers)) / 4
-    entry = _load(tmp_path / "LMEval_EVAL.json")["wmdp_bio"]
+    entry = _load(tmp_path / "LMEval_EVAL.json")["wmdp_bio_acc"]
     for i, ll in enumerate(logliks):
         assert entry["value_by_index"][str(i)]["loglikelihoods"] == pytest.approx(ll, abs=1e-4)
     assert entry["config"]["dataset_kwargs"]["data_files"]["test"] == str(toy.data)
@@ -229,7 +236,7 @@ def test_task_overrides_point_wmdp_bio_at_a_local_file(tiny, toy, tmp_path):
     for over, error in [({"task_overrides": {"wmdp_bio": {"dataset_path": "json", "dataset_kwargs": {
             "data_files": {"test": str(tmp_path / "nope.jsonl")}}}}}, r"wmdp_bio reads .*nope.jsonl, which does not exist"),
             ({"tasks": ["wmdp_bioo"]}, r"'wmdp_bioo' is no task of lm-eval.*close: wmdp_bio"),
-            ({"metric": "acc_norm"}, r"wmdp_bio reports acc, not metric=acc_norm")]:
+            ({"task_overrides": local, "metric": "acc_norm"}, r"wmdp_bio reports acc, not metric=acc_norm")]:
         with pytest.raises((FileNotFoundError, ValueError), match=error):
             _evaluator(tiny, toy, **{"tasks": ["wmdp_bio"], **over}).check_inputs()
     # the Hub's data while the Hub is off: the error says how to point the task at a file
@@ -238,6 +245,60 @@ def test_task_overrides_point_wmdp_bio_at_a_local_file(tiny, toy, tmp_path):
     except RuntimeError as e:  # (no error where the datasets cache holds cais/wmdp)
         assert "reads the Hub dataset cais/wmdp (wmdp-cyber)" in str(e)
         assert "'+eval.lm_eval.task_overrides.wmdp_cyber={dataset_path: json" in str(e)
+
+
+@needs_lm_eval
+def test_groups_tags_and_overrides_of_a_groups_tasks(tiny, toy, tmp_path):
+    """A group of two copies of the toy task (through a tag); an override of one of them reaches it inside the
+    group, and the tag keeps both; a tag, a group without aggregate_metric_list and a task whose data file is
+    missing are refused."""
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    for name in ("toy_a", "toy_b"):
+        (folder / f"{name}.yaml").write_text(f"include: {toy.tasks / 'toy_mc.yaml'}\ntask: {name}\ntag: toy_tag\n")
+    (folder / "toy_group.yaml").write_text("group: toy_group\ntask: [toy_tag]\n"
+                                           "aggregate_metric_list: [{metric: acc, weight_by_size: true}]\n")
+    (folder / "toy_bare.yaml").write_text("group: toy_bare\ntask: [toy_a]\n")
+    (folder / "toy_gone.yaml").write_text(TASK_YAML.replace("toy_mc", "toy_gone").format(data=tmp_path / "gone.jsonl"))
+    evaluator = _evaluator(tiny, toy, include_path=str(folder), tasks=["toy_group", "toy_bare"],
+                           task_overrides={"toy_b": {"description": "Quiz.\n\n"}})
+    assert evaluator.directions()["toy_group_acc"] is True  # its tasks' direction
+    with pytest.raises(ValueError, match="group toy_bare has no aggregate_metric_list"):
+        evaluator.check_inputs(["toy_bare_acc"])
+    result = evaluator.evaluate(tiny.model, output_dir=tmp_path / "out", model_id="tiny", only=["toy_group_acc"])
+    entry = result.entries["toy_group_acc"]
+    assert result.summary == {"toy_group_acc": toy.acc} and entry["agg_value"] == toy.acc
+    assert set(entry["subtasks"]) == {"toy_a", "toy_b"}
+    assert entry["subtasks"]["toy_b"]["config"]["description"] == "Quiz.\n\n"
+    assert not entry["subtasks"]["toy_a"]["config"].get("description")
+    with pytest.raises(ValueError, match=r"toy_tag is a tag of lm-eval .* list its tasks instead: toy_a, toy_b"):
+        _evaluator(tiny, toy, include_path=str(folder), tasks=["toy_tag"]).check_inputs()
+    # a task of include_path whose data file is missing: lm-eval's failure to load it, told as such
+    with pytest.raises(FileNotFoundError, match=r"task toy_gone reads .*gone.jsonl, which does not exist"):
+        _evaluator(tiny, toy, include_path=str(folder), tasks=["toy_gone"]).check_inputs()
+
+
+def test_only_the_public_lm_eval_api_is_used():
+    """No name of lm-eval's that starts with an underscore: no private module, attribute or import."""
+    import ast
+
+    tree = ast.parse((REPO / "src" / "evals" / "lm_eval.py").read_text())
+    private = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lm_eval"):
+            private += [p for p in [*node.module.split("."), *(a.name for a in node.names)] if p.startswith("_")]
+        elif isinstance(node, ast.Import):
+            private += [p for a in node.names if a.name.startswith("lm_eval") for p in a.name.split(".")
+                        if p.startswith("_")]
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
+            base = node.value
+            own = isinstance(base, ast.Name) and base.id in ("self", "cls")
+            if not own:  # attributes of anything but this evaluator (lm-eval's objects)
+                private.append(ast.unparse(node))
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr", "setattr"):
+            private += [a.value for a in node.args[1:2] if isinstance(a, ast.Constant) and str(a.value).startswith("_")
+                        and not str(a.value).startswith("__")]
+    assert private == []
 
 
 @needs_lm_eval
@@ -266,7 +327,7 @@ def test_command_line(toy, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert _load(out / "LMEval_SUMMARY.json") == {"toy_mc_acc": toy.acc}  # the same seeded random model
     assert "toy_mc_acc" in result.stdout  # the printed table
-    assert set(_load(out / "LMEval_EVAL.json")) == {"toy_mc", "_meta"}
+    assert set(_load(out / "LMEval_EVAL.json")) == {"toy_mc_acc", "_meta"}
 
 
 @needs_lm_eval

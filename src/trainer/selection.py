@@ -54,21 +54,20 @@ def parse_constraint(text: str) -> MetricConstraint:
     return MetricConstraint(match.group(1), match.group(2), float(match.group(3)))
 
 
-def resolve_metric_key(name: str, valid: Iterable[str | tuple[str, str]], open_prefixes: Iterable[str] = (), *, setting: str,
+def resolve_metric_key(name: str, valid: Iterable[str | tuple[str, str]], *, setting: str,
                        notes: Iterable[str] = ()) -> str:
     """The logged evaluation key that ``name`` means.
 
-    ``valid``: the ``eval_...`` keys the run's evaluations log; ``open_prefixes``: prefixes of evaluators
-    without a fixed list of names (any key under them is accepted). Tried in turn: ``name`` itself,
+    ``valid``: the ``eval_...`` keys the run's evaluations log. Tried in turn: ``name`` itself,
     ``eval_<name>`` (transformers' rule: ``loss`` is ``eval_loss``), then the one valid key
     ``eval_<bench>_<name>`` (a summary metric without its benchmark: ``model_utility`` ->
     ``eval_tofu_model_utility``; ``valid`` keys given as ``(key, bench)`` pairs say where the benchmark ends).
     BadValueError listing the valid keys (and ``notes``) when none or several match.
     """
     pairs = [item if isinstance(item, tuple) else (item, None) for item in valid]
-    valid, open_prefixes = [k for k, _ in pairs], tuple(open_prefixes)
+    valid = [k for k, _ in pairs]
     key = name if name.startswith("eval_") else f"eval_{name}"
-    if key in valid or (open_prefixes and key.startswith(open_prefixes)):
+    if key in valid:
         return key
     matches = [k for k, bench in pairs if bench is not None and k == f"eval_{bench}_{name}"]
     if len(matches) == 1:
