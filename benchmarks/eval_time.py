@@ -256,7 +256,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.out:
             rec.on_pass_end = lambda: common.write_json_atomic(args.out, result(None, complete=False))
         common.reset_peak_memory()
-        summaries = eval_script.run(cfg)
+        summaries = {name: evaluation.summary for name, evaluation in eval_script.run(cfg).items()}
     return result(summaries, complete=True)
 
 

@@ -17,8 +17,8 @@ or group once per evaluator (lm-eval merges what a group passes its tasks, and l
 configs, metrics and directions of the built objects are checked and fingerprinted, and the same objects
 are handed to ``simple_evaluate``.
 
-Files, as for the other evaluators: ``LMEval_EVAL.json`` (per task its metrics, per-sample records,
-``_meta``) and ``LMEval_SUMMARY.json`` (``<task>_<metric>``). A task result in an earlier EVAL file is
+Files, as for the other evaluators: ``LMEval_EVAL.json`` (per task, under its metric name
+``<task>_<metric>``, its metrics and per-sample records; ``_meta``) and ``LMEval_SUMMARY.json``. A task result in an earlier EVAL file is
 reused (``evals.result.ResultStore``) while its fingerprint (task settings, the configs lm-eval built,
 local data files, model, prompt settings, lm-eval and code versions) is unchanged and ``overwrite`` is false.
 """
