@@ -47,6 +47,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (puts src/ on sys.path)
+from run_folder import publish_folder  # noqa: E402
 
 REPO = common.REPO
 DRIVER = Path(__file__).resolve().parent / "ou_driver.py"
@@ -156,7 +157,7 @@ def write_legacy_model_folder(src: Path, dst: Path) -> Path:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
+    publish_folder(tmp, dst)
     return dst
 
 

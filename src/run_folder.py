@@ -98,6 +98,21 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         raise
 
 
+def publish_folder(staging: Path, target: Path) -> bool:
+    """Move the fully written folder ``staging`` to ``target`` in one rename, for caches that several
+    processes may fill at once (a converted model, generated task files): a reader sees no folder or the
+    whole one. When ``target`` already exists (another process published it first), ``staging`` is removed
+    and ``target`` is left as it is. Returns whether ``staging`` became ``target``."""
+    try:
+        os.rename(staging, target)  # refused when target exists with anything in it
+        return True
+    except OSError:
+        if not target.is_dir():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        return False
+
+
 def _json_default(value: Any) -> Any:
     """Numbers and arrays of numpy and torch as plain JSON numbers and lists (torch only if already imported:
     the report reads run folders without it)."""

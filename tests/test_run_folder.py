@@ -200,3 +200,26 @@ def test_sigkill_leaves_nothing_taken_for_a_result(tofu_dir, tmp_path):
     assert not out.exists()
     (staging,) = [p for p in tmp_path.iterdir() if p.name.startswith("run.incomplete-")]
     assert not is_finished_run(staging) and (staging / "checkpoint-2" / "optimizer.pt").is_file()
+
+
+def test_publish_folder_moves_a_whole_folder_or_leaves_the_first_one(tmp_path):
+    from run_folder import publish_folder
+
+    target = tmp_path / "cache"
+    first, second = tmp_path / "staging1", tmp_path / "staging2"
+    for staging, text in ((first, "first"), (second, "second")):
+        staging.mkdir()
+        (staging / "weights.txt").write_text(text)
+    assert publish_folder(first, target) is True
+    assert not first.exists() and (target / "weights.txt").read_text() == "first"
+    # a second process finishing later: its copy goes, the published one stays as it was
+    assert publish_folder(second, target) is False
+    assert not second.exists() and (target / "weights.txt").read_text() == "first"
+    # a target that is not a folder is an error, and the staging folder is kept
+    (tmp_path / "file").write_text("user data")
+    third = tmp_path / "staging3"
+    third.mkdir()
+    (third / "x").write_text("x")
+    with pytest.raises(OSError):
+        publish_folder(third, tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "user data" and third.is_dir()

@@ -57,6 +57,7 @@ from evals.result import (
     model_fingerprint,
     utc_timestamp,
 )
+from run_folder import publish_folder
 from trainer.utils import is_sharded, on_main_process
 
 log = logging.getLogger(__name__)
@@ -130,7 +131,7 @@ def _override_folder(files: Mapping[str, Mapping]) -> str:
         staging = Path(tempfile.mkdtemp(dir=_override_root()))
         for i, (_, cfg) in enumerate(sorted(files.items())):
             (staging / f"override_{i}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
-        staging.rename(folder)
+        publish_folder(staging, folder)
     return str(folder)
 
 

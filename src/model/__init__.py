@@ -48,6 +48,7 @@ from model.peft import (  # noqa: E402
     peft_settings,
     quantization_config,
 )
+from run_folder import publish_folder  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +122,7 @@ def materialize_gguf(gguf_path: Path, target_dir: Path) -> Path:
         model.hf_quantizer = None
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target_dir)
-        except OSError:
-            if not (target_dir / "config.json").exists():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # another process (e.g. a second rank) finished first
+        publish_folder(tmp, target_dir)  # or another process (e.g. a second rank) finished first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
