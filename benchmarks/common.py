@@ -164,6 +164,9 @@ def compose(config_name: str, overrides: Sequence[str]) -> Any:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from resolvers import register_resolvers
+
+    register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
         return hydra_compose(config_name=config_name, overrides=list(overrides))
 

@@ -70,6 +70,9 @@ def load_model_config(name: str, model_path: str | None) -> Any:
     """``cfg.model`` of ``model=<name>`` as src/train.py composes it (paths resolved)."""
     from hydra import compose, initialize_config_dir
 
+    from resolvers import register_resolvers
+
+    register_resolvers()
     overrides = [f"model={name}"]
     if model_path:
         overrides += [f"model.model_args.pretrained_model_name_or_path={model_path}",

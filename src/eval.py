@@ -30,8 +30,12 @@ from checks import check_number  # noqa: E402
 from evals import EvalResult, format_summary, get_evaluators  # noqa: E402
 from model import get_model  # noqa: E402
 from progress import quiet_library_bars  # noqa: E402
+from resolvers import register_resolvers  # noqa: E402
 from run_folder import RUN_CONFIG, robustness_file, write_atomic, write_json_atomic  # noqa: E402
 from sweep import run_job, write_job_status  # noqa: E402
+
+# the resolvers our configs use, before Hydra composes (also in a launcher's worker, which imports this module)
+register_resolvers()
 
 
 def model_identity(model_cfg: DictConfig) -> str:

@@ -41,7 +41,11 @@ import eval as eval_script  # noqa: E402
 import train as train_script  # noqa: E402
 from checks import check_bool, check_choice, check_number  # noqa: E402
 from data import available_datasets  # noqa: E402
+from resolvers import register_resolvers  # noqa: E402
 from run_folder import COMPLETION_MARKER, RUN_CONFIG, is_finished_run, write_atomic, write_json_atomic  # noqa: E402
+
+# the resolvers our configs use, before Hydra composes (also in a launcher's worker, which imports this module)
+register_resolvers()
 
 log = logging.getLogger("sequential")
 

@@ -96,10 +96,6 @@ def sweep_subdir() -> str:
     return "/" + (name or f"job{hydra_cfg.job.num}")
 
 
-def register_resolvers() -> None:
-    OmegaConf.register_new_resolver("sweep_subdir", sweep_subdir, replace=True)
-
-
 def is_multirun() -> bool:
     try:
         return HydraConfig.get().mode == RunMode.MULTIRUN

@@ -30,11 +30,13 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from compat import get_compat  # noqa: E402
+from core.distributed import on_main_process, unwrap_parallel  # noqa: E402
 from data import check_eval_splits, data_input_paths, get_collator, get_data  # noqa: E402
 from evals import Benchmark, EvalResult, get_evaluators  # noqa: E402
 from model import get_model  # noqa: E402
 from model.peft import is_peft_model, peft_settings, save_merged  # noqa: E402
 from progress import quiet_library_bars  # noqa: E402
+from resolvers import register_resolvers  # noqa: E402
 from run_folder import (  # noqa: E402
     BEST_CHECKPOINT_FILE,
     RESULT_EVALS_DIR,
@@ -51,7 +53,9 @@ from sweep import (  # noqa: E402
     write_job_status,
 )
 from trainer import build_training_args, check_mode, evaluates, load_trainer  # noqa: E402
-from trainer.utils import on_main_process, unwrap_parallel  # noqa: E402
+
+# the resolvers our configs use, before Hydra composes (also in a launcher's worker, which imports this module)
+register_resolvers()
 
 log = logging.getLogger("train")
 

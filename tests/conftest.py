@@ -20,6 +20,11 @@ REPO = Path(__file__).resolve().parents[1]
 # scripts/synthetic_tofu.py, the generated TOFU-format data, is a script (not in src/): tests import it from there.
 if str(REPO / "scripts") not in sys.path:
     sys.path.append(str(REPO / "scripts"))
+
+from resolvers import register_resolvers  # noqa: E402
+
+register_resolvers()  # as every entry point does before composing a config
+
 SHARED_TOFU = REPO.parent / "shared" / "data" / "tofu"
 MODEL_CACHE = REPO / ".cache" / "models"
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"

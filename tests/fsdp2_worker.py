@@ -17,9 +17,10 @@ sys.path.append(str(Path(__file__).resolve().parents[1] / "scripts"))  # synthet
 from torch.distributed.fsdp import fully_shard  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
+from core.distributed import gather_dicts, is_fsdp2_module, rank_shard  # noqa: E402
 from data.collators import DataCollatorForSupervisedDataset  # noqa: E402
 from trainer.reference_cache import ReferenceNLLCache  # noqa: E402
-from trainer.utils import gather_dicts, hidden_states_at, is_fsdp2_module, rank_shard  # noqa: E402
+from trainer.utils import hidden_states_at  # noqa: E402
 
 
 class _Pad:
@@ -31,7 +32,9 @@ def _tofu_summary(model, tokenizer, tofu: Path, out: Path) -> dict:
     from hydra import compose, initialize_config_dir
 
     from evals import get_evaluators
+    from resolvers import register_resolvers
 
+    register_resolvers()
     repo = Path(__file__).resolve().parents[1]
     short = [f"eval.tofu.metrics.model_utility.pre_compute.{p}_Q_A_ROUGE.generation_args.max_new_tokens=4"
              for p in ("retain", "ra", "wf")]

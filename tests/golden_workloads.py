@@ -60,6 +60,9 @@ STEP_KEYS_SKIPPED = ("epoch", "learning_rate", "step")
 def _compose(config_name: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
+    from resolvers import register_resolvers
+
+    register_resolvers()
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
         return compose(config_name=config_name, overrides=[*overrides, f"paths.model_cache_dir={MODEL_CACHE}"])
 

@@ -12,14 +12,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import trainer.answer_nll as answer_nll_module
-from trainer.answer_nll import (
-    answer_positions,
-    answer_token_nll,
-    check_nll_impl,
-    chunked_linear_nll,
-    last_hidden_states,
-    model_inputs,
-)
+from model.forward import last_hidden_states, model_inputs
+from trainer.answer_nll import answer_positions, answer_token_nll, check_nll_impl, chunked_linear_nll
 from trainer.losses import per_token_nll
 
 

@@ -1,4 +1,4 @@
-"""The helpers that keep several processes in lockstep (trainer.utils), on a real 2-process gloo group."""
+"""The helpers that keep several processes in lockstep (core.distributed), on a real 2-process gloo group."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _worker(rank: int, world: int, port: int, results: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        from trainer.utils import gather_dicts, on_main_process, rank_shard
+        from core.distributed import gather_dicts, on_main_process, rank_shard
 
         # Each process would see something else (a file being written, say): all take process 0's view.
         seen = on_main_process(lambda: {"seen_by": rank})

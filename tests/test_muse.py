@@ -354,6 +354,7 @@ SEQUENCE = ["src/sequential.py", "--config-name=unlearn.yaml", "sequence=muse_su
             "trainer.args.learning_rate=1e-2", *TRAIN_FAST]
 
 
+@pytest.mark.slow  # ~1 min on 2 cores: two folds trained and evaluated twice through the command line (make test-slow)
 def test_sequential_driver_runs_two_folds(muse_dir, tmp_path):
     out = tmp_path / "sust"
     args = [*SEQUENCE, f"paths.muse_news={muse_dir}", f"paths.output_dir={out}"]

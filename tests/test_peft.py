@@ -14,8 +14,9 @@ from conftest import MODEL_CACHE, REPO, train_in_process
 from data import build_dataset
 from data.collators import DataCollatorForSupervisedDataset
 from model import get_model
+from model.forward import unwrap
 from model.peft import AdapterDisabled, apply_peft, merged_name, peft_settings
-from trainer.utils import decoder_layers, hidden_states_at, unwrap
+from trainer.utils import decoder_layers, hidden_states_at
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FAST = ["model=tiny-random-llama", "peft=lora", "trainer.args.max_steps=2", "trainer.args.per_device_train_batch_size=2",

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from compat import compat_of, get_compat
 from data.collators import DataCollatorForSupervisedDataset, DataCollatorForSupervisedDatasetWithIndices
-from data.splits import check_eval_splits, forget_split_of, holdout_for, register_resolvers
+from data.splits import check_eval_splits, forget_split_of, holdout_for
 from data.text import CompletionDataset, ConcatenatedDataset, PretrainingDataset
 from data.tofu import QADataset, QAwithAlternateDataset, QAwithIdkDataset
 from data.unlearn import ForgetRetainDataset
@@ -42,7 +42,6 @@ def _register_collator(cls: type) -> type:
     return cls
 
 
-register_resolvers()  # ${holdout_for:...} and ${forget_split_of:...} in the top-level configs
 _register_data(QADataset)
 _register_data(QAwithIdkDataset)
 _register_data(QAwithAlternateDataset)

@@ -84,9 +84,9 @@ class DataCollatorForSupervisedDataset:
 
     A right-padded batch also carries ``answer_start`` (an int: the first position with an answer
     label in any row), so trainers can skip the prompts in the output layer without reading the
-    labels back from the GPU (``trainer.answer_nll.answer_span_logits``). Its presence also tells
+    labels back from the GPU (``model.forward.answer_span_logits``). Its presence also tells
     trainers that the batch is right-padded, so its forward pass needs no attention mask
-    (``trainer.answer_nll.model_inputs``): a collator that pads differently must not set it.
+    (``model.forward.model_inputs``): a collator that pads differently must not set it.
     ``answer_tokens`` (an int) counts the batch's answer targets (labels past position 0 that are not
     -100), so the hidden-state NLL paths can gather them without reading the labels back either.
 

@@ -102,24 +102,4 @@ def dataset_names(spec: object) -> str:
     return str(spec)
 
 
-def register_resolvers() -> None:
-    """``${holdout_for:<forget split>}``, ``${forget_split_of:<dataset>}``, ``${muse_corpus:<name>}`` and
-    ``${lower:<text>}`` for the configs."""
-    OmegaConf.register_new_resolver("holdout_for", holdout_for, replace=True)
-    OmegaConf.register_new_resolver("forget_split_of", forget_split_of, replace=True)
-    OmegaConf.register_new_resolver("muse_corpus", muse_corpus, replace=True)
-    OmegaConf.register_new_resolver("lower", lambda text: str(text).lower(), replace=True)
-    # experiment configs name datasets after their splits: TOFU_QA_${upper:${forget_split}}
-    OmegaConf.register_new_resolver("upper", lambda text: str(text).upper(), replace=True)
-    OmegaConf.register_new_resolver("dataset_names", dataset_names, replace=True)
-    # the last part of paths.output_dir: "/<swept values>" inside a multirun job, else "" (src/sweep.py)
-    OmegaConf.register_new_resolver("sweep_subdir", _sweep_subdir, replace=True)
-
-
-def _sweep_subdir() -> str:
-    from sweep import sweep_subdir
-
-    return sweep_subdir()
-
-
-__all__ = ["holdout_for", "forget_split_of", "check_eval_splits", "register_resolvers", "muse_corpus", "MUSE_CORPORA"]
+__all__ = ["holdout_for", "forget_split_of", "check_eval_splits", "dataset_names", "muse_corpus", "MUSE_CORPORA"]

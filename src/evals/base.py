@@ -33,6 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from compat import compat_of
+from core.distributed import is_main_process, is_sharded, on_main_process
 from data import DATASET_REGISTRY, build_dataset, dataset_config
 from data.tofu import local_data_file, local_stem
 from data.utils import DataFileError, check_rows_file
@@ -50,7 +51,6 @@ from evals.result import (
     utc_timestamp,
 )
 from evals.runners import PASS_RUNNERS, EvalContext
-from trainer.utils import is_main_process, is_sharded, on_main_process
 
 log = logging.getLogger(__name__)
 
@@ -457,7 +457,7 @@ class Evaluator(Benchmark):
         """Compute every metric (or ``only`` these, afresh), reusing what an earlier EVAL file in ``output_dir``
         holds with the same fingerprint; the result is saved there once (``save``, by process 0).
 
-        A model sharded over the processes (FSDP2, ZeRO-3: ``trainer.utils.is_sharded``) is evaluated with
+        A model sharded over the processes (FSDP2, ZeRO-3: ``core.distributed.is_sharded``) is evaluated with
         the plain passes, which keep every process in the same sequence of forward calls (padding passes,
         ``generate(synced_gpus=True)``); the fast passes' shared prompts and joined decoding rows would not."""
         passes_mode = self.passes_mode

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from core.distributed import is_sharded, on_main_process
 from evals.benchmark import COMMON_KEYS, Benchmark
 from evals.result import (
     EvalResult,
@@ -58,7 +59,6 @@ from evals.result import (
     utc_timestamp,
 )
 from run_folder import publish_folder
-from trainer.utils import is_sharded, on_main_process
 
 log = logging.getLogger(__name__)
 

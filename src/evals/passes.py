@@ -31,12 +31,12 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from compat import OURS, Compat
+from core.distributed import gather_dicts, is_sharded, lockstep_total, rank_shard
 from data.collators import DataCollatorForSupervisedDataset, common_prefix_length, pad_sequences
 from data.utils import IGNORE_INDEX, PromptTemplate, answer_end_token_id
 from evals.metrics import TokenStats
+from model.forward import answer_span_logits, forward_accepts
 from progress import progress, progress_over
-from trainer.answer_nll import answer_span_logits
-from trainer.utils import forward_accepts, gather_dicts, is_sharded, lockstep_total, rank_shard
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def answer_logits(model: torch.nn.Module, batch: dict, device: torch.device) -> 
     """Next-token logits aligned with their target labels, the output layer skipping the prompts.
 
     Returns ``(logits [B, L', V], labels [B, L'])`` where ``logits[:, j]`` predicts ``labels[:, j]``:
-    ``trainer.answer_nll.answer_span_logits`` (the output layer, often the largest matrix product of a
+    ``model.forward.answer_span_logits`` (the output layer, often the largest matrix product of a
     small model, runs only from the first position that predicts an answer token in any row), shifted
     by one. The values are those of a full forward pass.
     """

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from compat import Compat
+from core.distributed import is_sharded
 from evals import passes
 from evals.metrics import PASS_INPUTS
 from evals.result import content_hash
-from trainer.utils import is_sharded
 
 
 @dataclass

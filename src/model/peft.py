@@ -174,7 +174,7 @@ class AdapterDisabled(torch.nn.Module):
     """The model of a ``PeftModel`` as it was before its adapters: every call runs with them switched off.
 
     Used as the frozen reference model under LoRA (the base weights never train), so it costs no
-    memory. ``trainer.utils.unwrap`` sees through it to the base transformers model (its decoder layers
+    memory. ``model.forward.unwrap`` sees through it to the base transformers model (its decoder layers
     are the same modules, so hooks such as RMU's capture work on it).
     """
 

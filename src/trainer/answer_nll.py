@@ -6,7 +6,7 @@ term, fine-tuning) needs only ``NLL_t = logsumexp(z_t) - z_t[y_t]`` at the answe
 ``trainer.method_args.nll_impl``) chooses how it is computed:
 
 - ``logits``: the model's forward returns the logits over the answer span
-  (``trainer.answer_nll.answer_span_logits``), then ``cross_entropy``. Keeps a ``[rows, span, vocab]``
+  (``model.forward.answer_span_logits``), then ``cross_entropy``. Keeps a ``[rows, span, vocab]``
   float32 block (and its gradient) alive through the backward pass.
 - ``chunked``: the forward stops at the last hidden state (the output layer runs on one position
   only); ``chunked_linear_nll`` applies the output layer to the answer positions a chunk of rows at a
@@ -37,7 +37,7 @@ import torch
 from packaging.version import Version
 
 from checks import check_choice
-from data.collators import first_answer_position
+from model.forward import answer_span_logits, last_hidden_states, unwrap
 from trainer.losses import IGNORE_INDEX, per_token_nll
 from trainer.packing import (
     PACKED_MAX_SHARE,
@@ -47,49 +47,6 @@ from trainer.packing import (
     packed_attention_mask,
     packs_rows,
 )
-from trainer.utils import forward_accepts, unwrap
-
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask")
-
-
-def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The tensors a causal LM's forward takes from a collated batch (labels and indices stay out).
-
-    A right-padded batch (one carrying ``answer_start``, which the collators set for right padding
-    only) goes in without its attention mask. With the padding after every real token, causal
-    attention alone already keeps real positions from seeing it, and position ids count from 0
-    either way, so every real position gets the same hidden state (only the padding positions,
-    which no loss reads, differ). Without a mask transformers neither reads the mask back from the
-    device to decide whether it can be skipped (two synchronisations per forward pass) nor builds a
-    ``[B, 1, L, L]`` mask, and SDPA runs its causal kernel (flash attention on a GPU).
-    """
-    keys = ("input_ids",) if "answer_start" in batch else MODEL_INPUT_KEYS
-    return {k: batch[k] for k in keys if k in batch}
-
-
-def answer_span_logits(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logits, labels)`` of a batch over its answer span only: the output layer skips the prompts.
-
-    Every loss in ``trainer.losses`` reads a logit only where it predicts an answer token (label not
-    -100). The span starts one position before the first answer label of any row
-    (``batch["answer_start"]``, set by the collator, so no device synchronisation is needed) and runs
-    to the end; the output layer runs only there, through the model's ``logits_to_keep`` argument.
-    ``labels`` is cut alike, so ``logits[:, t]`` still sits at the position of ``labels[:, t]`` and
-    every loss has the value of a full forward pass. On TOFU the prompts are about 40 % of the
-    positions: that much less output-layer compute and vocabulary-sized logit memory.
-    """
-    labels = batch["labels"]
-    start = batch.get("answer_start")
-    if start is None:
-        start = first_answer_position(labels)
-    begin = max(int(start) - 1, 0)
-    inputs = model_inputs(batch)
-    if begin > 0 and forward_accepts(model, "logits_to_keep"):
-        logits = model(**inputs, logits_to_keep=labels.shape[1] - begin).logits
-    else:
-        logits = model(**inputs).logits[:, begin:]
-    return logits, labels[:, begin:]
-
 
 NLL_IMPLS = ("logits", "chunked", "liger")
 #: Oldest liger-kernel whose fused linear cross-entropy has correct gradients with reduction="none".
@@ -243,28 +200,6 @@ def _liger_linear_nll(hidden: torch.Tensor, targets: torch.Tensor, output_layer:
     return (nll[0] if isinstance(nll, tuple) else nll).float()
 
 
-def last_hidden_states(model: torch.nn.Module, batch: dict[str, Any],
-                       inputs: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """The input of the output layer ``[B, L, d]`` (after the final norm), from the model's own forward.
-
-    The forward goes through ``model`` itself (wrappers such as DDP see it); a hook on the decoder
-    keeps its ``last_hidden_state``, and the output layer runs on the last position only. ``inputs``
-    replaces the model inputs taken from ``batch`` (``model_inputs``), e.g. a packed layout's.
-    """
-    captured: list[torch.Tensor] = []
-    decoder = unwrap(model).get_decoder()
-    handle = decoder.register_forward_hook(lambda _m, _a, out: captured.append(
-        out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]))
-    try:
-        extra = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
-        model(**(inputs if inputs is not None else model_inputs(batch)), **extra)
-    finally:
-        handle.remove()
-    if len(captured) != 1:
-        raise RuntimeError(f"expected the decoder to run once in the forward pass, it ran {len(captured)} times")
-    return captured[0]
-
-
 def packed_layout(batch: dict[str, Any]) -> PackedLayout | None:
     """The batch's ``PackedLayout`` (``trainer.packing``), or None where packing would remove less than
     ``1 - PACKED_MAX_SHARE`` of its tokens (rows without padding or shared prefix, e.g. long raw-text
@@ -341,5 +276,5 @@ def answer_positions(mask: torch.Tensor, count: int | None = None) -> torch.Tens
     return torch.nonzero_static(flat, size=int(count)).squeeze(1)
 
 
-__all__ = ["MODEL_INPUT_KEYS", "model_inputs", "answer_span_logits", "NLL_IMPLS", "check_nll_impl", "resolve_pack_rows",
-           "chunked_linear_nll", "last_hidden_states", "packed_layout", "packed_hidden_states", "answer_token_nll", "answer_positions"]
+__all__ = ["NLL_IMPLS", "check_nll_impl", "resolve_pack_rows",
+           "chunked_linear_nll", "packed_layout", "packed_hidden_states", "answer_token_nll", "answer_positions"]

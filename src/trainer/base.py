@@ -17,6 +17,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from compat import OURS, Compat, get_compat
+from core.distributed import is_sharded
 from evals.benchmark import Benchmark
 from evals.result import EvalResult
 from run_folder import EVAL_HISTORY_FILE, RESULT_EVALS_DIR, write_atomic, write_json_atomic
@@ -24,7 +25,6 @@ from trainer.answer_nll import answer_token_nll, check_nll_impl, resolve_pack_ro
 from trainer.losses import token_mean, tokens_counted_over_processes
 from trainer.packing import check_pack_rows
 from trainer.selection import MetricConstraint
-from trainer.utils import is_sharded
 
 log = logging.getLogger(__name__)
 

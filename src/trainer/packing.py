@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from data.collators import common_prefix_length
+from model.forward import unwrap
 from trainer.losses import IGNORE_INDEX
-from trainer.utils import unwrap
 
 #: Longest packed sequence: attention over ``N`` packed tokens costs ``N^2`` (against ``L^2`` per row
 #: padded); at 512 it stays a small share of the linear layers' cost for models of SmolLM2's width.

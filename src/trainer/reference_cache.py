@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
+from model.forward import answer_span_logits
 from progress import progress_over
-from trainer.answer_nll import answer_span_logits
 from trainer.losses import sequence_nll
 
 

@@ -30,13 +30,13 @@ import torch
 from transformers import PreTrainedModel, TrainerCallback
 
 from checks import check_bool, check_choice, check_number
+from core.distributed import gather_dicts, is_sharded, lockstep_total, rank_shard
 from data.collators import concat_batches
+from model.forward import answer_span_logits
 from model.peft import AdapterDisabled, is_peft_model
-from trainer.answer_nll import answer_span_logits
 from trainer.base import FinetuneTrainer
 from trainer.losses import answer_kl, sequence_nll
 from trainer.reference_cache import KeyedCollator, ReferenceNLLCache, leaf_samples
-from trainer.utils import gather_dicts, is_sharded, lockstep_total, rank_shard
 
 log = logging.getLogger(__name__)
 

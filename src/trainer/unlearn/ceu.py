@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.answer_nll import answer_span_logits
+from model.forward import answer_span_logits
 from trainer.losses import ceu_loss
 from trainer.unlearn.base import UnlearningTrainer
 

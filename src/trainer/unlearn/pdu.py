@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from trainer.answer_nll import answer_span_logits
+from model.forward import answer_span_logits
 from trainer.losses import lagrangian_loss, logit_margin_flattening_loss
 from trainer.unlearn.base import UnlearningTrainer
 

@@ -7,11 +7,12 @@ from typing import Any
 
 import torch
 
+from core.distributed import unwrap_parallel
+from model.forward import model_inputs, unwrap
 from model.peft import is_peft_model
-from trainer.answer_nll import model_inputs
 from trainer.losses import IGNORE_INDEX, masked_token_mse
 from trainer.unlearn.base import UnlearningTrainer
-from trainer.utils import check_layer_index, decoder_layers, hidden_states_at, unwrap, unwrap_parallel
+from trainer.utils import check_layer_index, decoder_layers, hidden_states_at
 
 TOKEN_MASKS = ("all", "answer")
 

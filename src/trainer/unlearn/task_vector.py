@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 
+from core.distributed import unwrap_parallel
+from model.forward import unwrap
 from model.peft import is_peft_model, merged_name
 from trainer.unlearn.base import UnlearningTrainer
-from trainer.utils import unwrap, unwrap_parallel
 
 log = logging.getLogger(__name__)
 

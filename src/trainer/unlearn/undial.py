@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.answer_nll import answer_span_logits
+from model.forward import answer_span_logits
 from trainer.losses import undial_loss
 from trainer.unlearn.base import UnlearningTrainer
 
