@@ -112,14 +112,10 @@ def generations_runner(ctx: EvalContext, spec: Any, mcfg: Mapping) -> Any:
     gen_args = dict(mcfg.get("generation_args") or {})
     key = ("generations", ctx.dataset_key(spec), content_hash(gen_args))
     if key not in ctx.cache:
-        if ctx.plain:
-            generated = passes.plain_generation_pass(ctx.model, ctx.dataset(spec), ctx.tokenizer, ctx.template_args,
-                                                     batch_size=mcfg.get("batch_size", 32), compat=ctx.compat,
-                                                     **gen_args)
-        else:
-            generated = passes.generation_pass(ctx.model, ctx.dataset(spec), ctx.tokenizer, ctx.template_args,
-                                               batch_size=mcfg.get("batch_size", 32), **gen_args)
-        ctx.cache[key] = generated
+        generate, extra = ((passes.plain_generation_pass, {"compat": ctx.compat}) if ctx.plain
+                           else (passes.generation_pass, {}))
+        ctx.cache[key] = generate(ctx.model, ctx.dataset(spec), ctx.tokenizer, ctx.template_args,
+                                  batch_size=mcfg.get("batch_size", 32), **extra, **gen_args)
     return ctx.cache[key]
 
 
