@@ -8,7 +8,7 @@
 # (configs/model/Llama-3.2-1B-arch.yaml, 1.07B params), the SmolLM2 tokenizer, bf16, per-device batch
 # 8 (+8 retain) times 5 warm-up + 100 GradDiff steps, then NPO, then 3 + 10 GradDiff steps on random
 # 2048-token rows (MUSE-style long chunks: the MFU target), then the default TOFU evaluation of
-# forget10 (holdout01), then 20 GradDiff steps each with trainer.method_args.joint_forward=true,
+# forget10 (holdout01), then 20 GradDiff steps each with trainer.args.joint_forward=true,
 # nll_impl=chunked and (if the carried liger-kernel imports) nll_impl=liger, whose losses should equal
 # train_graddiff.json's first 20. Writes under $OUT: train_graddiff.json, train_npo.json,
 # train_longseq.json, eval_tofu.json, train_joint_forward.json, train_nll_chunked.json,
@@ -108,14 +108,14 @@ step eval_tofu "$BUDGET" "$PY" benchmarks/eval_time.py --model "$MODEL" --tokeni
 # train_graddiff.json's (defaults: separate forward passes, logits), and their steps/s
 RESERVE=$(( 2 * CAP_NLL ))
 step joint_forward "$CAP_NLL" "$PY" benchmarks/train_throughput.py "${RUN[@]}" --steps "$NLL_STEPS" --method GradDiff \
-  --out "$OUT/train_joint_forward.json" trainer.method_args.joint_forward=true >/dev/null
+  --out "$OUT/train_joint_forward.json" trainer.args.joint_forward=true >/dev/null
 RESERVE=$CAP_NLL
 step nll_chunked "$CAP_NLL" "$PY" benchmarks/train_throughput.py "${RUN[@]}" --steps "$NLL_STEPS" --method GradDiff \
-  --out "$OUT/train_nll_chunked.json" trainer.method_args.nll_impl=chunked >/dev/null
+  --out "$OUT/train_nll_chunked.json" trainer.args.nll_impl=chunked >/dev/null
 RESERVE=0
 if "$PY" -c "import liger_kernel" 2>/dev/null; then
   step nll_liger "$CAP_NLL" "$PY" benchmarks/train_throughput.py "${RUN[@]}" --steps "$NLL_STEPS" --method GradDiff \
-    --out "$OUT/train_nll_liger.json" trainer.method_args.nll_impl=liger >/dev/null
+    --out "$OUT/train_nll_liger.json" trainer.args.nll_impl=liger >/dev/null
 else
   echo "== nll_liger: skipped, liger_kernel does not import"
 fi
@@ -123,7 +123,7 @@ fi
 # with one forward pass per step; then torch.compile on the real model. Only with the time left.
 step host_overhead "$CAP_HOST" "$PY" benchmarks/host_overhead.py --method GradDiff --out "$OUT/host_graddiff.json" >/dev/null
 step host_overhead_joint "$CAP_HOST" "$PY" benchmarks/host_overhead.py --method GradDiff \
-  --out "$OUT/host_graddiff_joint.json" trainer.method_args.joint_forward=true >/dev/null
+  --out "$OUT/host_graddiff_joint.json" trainer.args.joint_forward=true >/dev/null
 # The evaluation again with generation batches of 128 (the fixed size before batch_size: auto, which
 # on this GPU puts each of forget10's generation sets in one batch: 4 decoding loops of 200 steps
 # instead of 10 for its 844 prompts; a random model never stops early, each step is launch-bound).

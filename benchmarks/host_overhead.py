@@ -2,7 +2,7 @@
 """Host-side cost of one unlearning step: the same layers as a real model, widths too small to compute.
 
     python benchmarks/host_overhead.py --arch Llama-3.2-1B-arch --method GradDiff
-    python benchmarks/host_overhead.py --arch Llama-3.2-1B-arch --method GradDiff trainer.method_args.joint_forward=true
+    python benchmarks/host_overhead.py --arch Llama-3.2-1B-arch --method GradDiff trainer.args.joint_forward=true
 
 The issue's reference GradDiff step of a 1B model on an H100 takes ~300 ms for ~10 ms of arithmetic:
 small-model steps are bound by how fast the host (Python, the dispatcher, the autograd engine)
@@ -15,7 +15,7 @@ tokens, the first 6 a masked prompt) through the method's real Trainer (``load_t
 project's collator, the ``trainer.args`` of ``configs/trainer/finetune.yaml``), and times the steps. On a CPU
 each kernel then runs in microseconds, so the step time is the host's share: what a GPU step
 cannot go below unless the kernels are fused or captured. Compare training knobs with it (e.g.
-``trainer.method_args.joint_forward=true``); ``train_throughput.py`` measures real sizes.
+``trainer.args.joint_forward=true``); ``train_throughput.py`` measures real sizes.
 
 Prints one JSON object: ``median_step_ms`` / ``mean_step_ms`` over the timed steps, ``per_step_ms``,
 the layer count and parameter count of the skeleton model, the method and its arguments.

@@ -261,18 +261,20 @@ def step_losses(records: list[tuple[int, Any, dict]]) -> list[dict]:
 
 
 def drop_unknown_training_args(cfg: Any) -> list[str]:
-    """Remove ``trainer.args`` keys this transformers' ``TrainingArguments`` lacks when they are off anyway.
+    """Remove ``trainer.args`` keys the trainer's arguments class (``TrainingArguments`` of this transformers plus
+    ours, ``trainer.arguments``) lacks when they are off anyway.
 
     configs/trainer/finetune.yaml sets ``activation_checkpointing: false``, a field that older
     transformers 5 releases (5.17, on the GPU machine) do not have; ``false`` is their behaviour anyway.
     A key that is switched on is left in place, so the project's own check still refuses it.
     """
-    import inspect
+    import dataclasses
 
     from omegaconf import open_dict
-    from transformers import TrainingArguments
 
-    valid = set(inspect.signature(TrainingArguments).parameters)
+    from trainer import trainer_class
+
+    valid = {f.name for f in dataclasses.fields(trainer_class(cfg.trainer.handler).arguments_class)}
     dropped = []
     with open_dict(cfg):
         for key in list(cfg.trainer.args):
@@ -308,7 +310,7 @@ def run(args: argparse.Namespace) -> dict:
             data = synthetic_data(args, tokenizer, with_retain=cfg.data.get("retain") is not None)
         else:
             data = get_data(cfg.data, cfg.mode, tokenizer, cfg.model.get("template_args"), root_cfg=cfg,
-                            seed=cfg.seed, rank=0)
+                            seed=cfg.seed)
         data_build_s = t()
         collator = CountingCollator(get_collator(cfg.collator, tokenizer))
         t = common.Stopwatch()
@@ -368,7 +370,8 @@ def run(args: argparse.Namespace) -> dict:
         "method_args": OmegaConf.to_container(cfg.trainer.get("method_args"), resolve=True),
         "trainer_args": {k: trainer.args.to_dict().get(k) for k in (
             "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "optim", "bf16",
-            "max_grad_norm", "gradient_checkpointing", "train_sampling_strategy", "group_by_length")
+            "max_grad_norm", "gradient_checkpointing", "train_sampling_strategy", "group_by_length", "nll_impl",
+            "pack_rows", "joint_forward", "precompute_ref_log_probs")
             if k in trainer.args.to_dict()},
         "dropped_trainer_args": dropped_args,
         "data": ({"synthetic_seq_len": args.synthetic_seq_len} if args.synthetic_seq_len else

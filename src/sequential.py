@@ -43,6 +43,7 @@ from checks import check_bool, check_choice, check_number  # noqa: E402
 from data import available_datasets  # noqa: E402
 from resolvers import register_resolvers  # noqa: E402
 from run_folder import COMPLETION_MARKER, RUN_CONFIG, is_finished_run, write_atomic, write_json_atomic  # noqa: E402
+from trainer import check_moved_overrides  # noqa: E402
 
 # the resolvers our configs use, before Hydra composes (also in a launcher's worker, which imports this module)
 register_resolvers()
@@ -219,4 +220,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    try:
+        check_moved_overrides(sys.argv[1:])
+    except ValueError as error:
+        sys.exit(f"Error: {error}")
     main()

@@ -52,7 +52,14 @@ from sweep import (  # noqa: E402
     worst_values,
     write_job_status,
 )
-from trainer import build_training_args, check_mode, evaluates, load_trainer  # noqa: E402
+from trainer import (  # noqa: E402
+    build_training_args,
+    check_mode,
+    check_moved_overrides,
+    evaluates,
+    load_trainer,
+    trainer_class,
+)
 
 # the resolvers our configs use, before Hydra composes (also in a launcher's worker, which imports this module)
 register_resolvers()
@@ -124,7 +131,8 @@ def run(cfg: DictConfig) -> TrainRun:
         trainer_cfg["args"].pop("resume_from_checkpoint", None)  # the checkpoint goes to train() below
         # Before the model: launched with a DeepSpeed ZeRO-3 config, the arguments register DeepSpeed's config,
         # and from_pretrained then creates the model already partitioned over the processes (zero.Init).
-        training_args = build_training_args(trainer_cfg["args"], str(staging))
+        training_args = build_training_args(trainer_cfg["args"], str(staging),
+                                            trainer_class(trainer_cfg["handler"]).arguments_class)
         model, tokenizer = get_model(cfg.model)
         data = get_data(cfg.data, cfg.mode, tokenizer, cfg.model.get("template_args"), root_cfg=cfg,
                         seed=cfg.seed, need_eval=evaluates(cfg.trainer.get("args")))
@@ -198,4 +206,8 @@ def main(cfg: DictConfig) -> float | list[float] | None:
 
 
 if __name__ == "__main__":
+    try:
+        check_moved_overrides(sys.argv[1:])
+    except ValueError as error:
+        sys.exit(f"Error: {error}")
     main()

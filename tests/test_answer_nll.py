@@ -181,8 +181,8 @@ def test_trainer_rejects_a_bad_nll_impl(tmp_path):
     from conftest import StubLM
     from trainer import load_trainer
 
-    cfg = {"handler": "GradAscent", "args": {"report_to": "none"}, "method_args": {"nll_impl": "fast"}}
-    with pytest.raises(ValueError, match=r"nll_impl='fast'; valid: logits, chunked, liger"):
+    cfg = {"handler": "GradAscent", "args": {"report_to": "none", "nll_impl": "fast"}}
+    with pytest.raises(ValueError, match=r"trainer.args.nll_impl=.fast.; valid: logits, chunked, liger"):
         load_trainer(cfg, StubLM(), output_dir=str(tmp_path))
 
 

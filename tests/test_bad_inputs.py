@@ -43,12 +43,10 @@ BAD_METHOD_ARGS = [
     # weights of the forget / retain terms (every method with set_loss_weights)
     ("GradDiff", "gamma", NAN), ("GradDiff", "gamma", -1.0), ("GradDiff", "alpha", "high"), ("GradDiff", "alpha", INF),
     ("GradDiff", "retain_loss_type", "MSE"), ("GradDiff", "retain_loss_type", None),
-    ("GradDiff", "joint_forward", "false"),  # a string would read as true
     ("IdkNLL", "alpha", -0.5), ("CEU", "gamma", "1"),
     ("PDU", "gamma", NAN), ("PDU", "retain_loss_type", "MSE"),
     # inverse temperatures > 0
     ("NPO", "beta", 0.0), ("NPO", "beta", "high"), ("NPO", "beta", NAN), ("NPO", "beta", -INF),
-    ("NPO", "precompute_ref_log_probs", "no"),
     ("SimNPO", "beta", 0), ("SimNPO", "delta", INF), ("SimNPO", "delta", "x"),
     ("DPO", "beta", -1.0), ("DPO", "beta", True), ("AltPO", "beta", 0),
     # exponents >= 0
@@ -56,7 +54,7 @@ BAD_METHOD_ARGS = [
     ("SatImp", "beta1", NAN), ("SatImp", "beta2", -1.0),
     # counts and the rest
     ("CEU", "ignore_first_n_answer_tokens", -1), ("CEU", "ignore_first_n_answer_tokens", 1.5),
-    ("TaskVector", "scale", 0.0), ("TaskVector", "scale", "1"), ("TaskVector", "nll_impl", 5),
+    ("TaskVector", "scale", 0.0), ("TaskVector", "scale", "1"),
     ("RMU", "steering_coeff", 0.0), ("RMU", "alpha", NAN), ("RMU", "seed", -1), ("RMU", "seed", 1.5),
     ("RMU", "layer_id", "1"), ("RMU", "layer_id", -1), ("RMU", "token_mask", "prompt"),
     ("RMU", "trainable_params", 5), ("RMU", "trainable_params", "model\\.layers\\.(0"),
@@ -74,8 +72,24 @@ def test_bad_method_hyperparameter_is_a_value_error_naming_the_key(tmp_path, han
     message = str(err.value)
     assert f"trainer.method_args.{key}=" in message and "\n" not in message, message
     assert ("must be" in message or "valid:" in message or "not a regular expression" in message), message
-    if key != "nll_impl":  # FinetuneTrainer's switch: named without the method
-        assert message.startswith(f"{handler}: "), message
+    assert message.startswith(f"{handler}: "), message
+
+
+BAD_TRAINER_OPTIONS = [
+    ("GradDiff", "joint_forward", "false"),  # a string would read as true
+    ("NPO", "precompute_ref_log_probs", "no"), ("TaskVector", "nll_impl", 5), ("GradDiff", "pack_rows", "yes"),
+]
+
+
+@pytest.mark.parametrize("handler, key, value", BAD_TRAINER_OPTIONS,
+                         ids=[f"{h}-{k}-{v!r}" for h, k, v in BAD_TRAINER_OPTIONS])
+def test_bad_trainer_option_is_a_value_error_naming_the_key(tmp_path, handler, key, value):
+    """The implementation options are typed trainer arguments (trainer.arguments): checked by key."""
+    with pytest.raises(ValueError) as err:
+        make(handler, tmp_path, retain=handler != "TaskVector", args={key: value})
+    message = str(err.value)
+    assert f"trainer.args.{key}=" in message and "\n" not in message, message
+    assert "must be" in message or "valid:" in message, message
 
 
 def test_number_check_describes_the_valid_range():

@@ -156,8 +156,13 @@ def test_simnpo_delta_in_open_unlearning_units(monkeypatch):
     trainer = object.__new__(simnpo.SimNPO)
     trainer.beta, trainer.delta = 2.0, 0.5
     nll = torch.tensor([3.0, 1.0])  # summed answer NLLs S of two samples of T = 2 tokens: A = 1.5, 0.5
-    monkeypatch.setattr(simnpo.SimNPO, "answer_nll", lambda self, model, batch: (nll, torch.tensor([2.0, 2.0])))
-    monkeypatch.setattr(simnpo.SimNPO, "weighted_total", lambda self, model, inputs, forget_loss: forget_loss)
+    from trainer.answer_nll import AnswerNLL
+
+    per_token = torch.stack([nll / 2, nll / 2], dim=1)  # [2 samples, 2 tokens]
+    monkeypatch.setattr(simnpo.SimNPO, "answer_nlls",
+                        lambda self, model, *batches: [AnswerNLL(per_token, torch.ones(2, 2, dtype=torch.bool)), None])
+    monkeypatch.setattr(simnpo.SimNPO, "nll_retain_batch", lambda self, inputs: None)
+    monkeypatch.setattr(simnpo.SimNPO, "weighted_total", lambda self, model, inputs, forget_loss, retain_nll: forget_loss)
     values = {}
     for compat in (OURS, OPEN_UNLEARNING):
         trainer.compat = compat

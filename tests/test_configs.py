@@ -53,8 +53,10 @@ def test_seed_quick_start_overrides_compose():
         "data.eval=TOFU_QA_FORGET10_P", "collator=DataCollatorForSupervisedDataset",
         "trainer.args.per_device_train_batch_size=2", "data.dataset_args.max_length=256",
     ])
-    assert r["trainer"]["method_args"] == {"gamma": 1.0, "alpha": 0.5, "retain_loss_type": "NLL", "nll_impl": "logits", "joint_forward": False,
-                                            "pack_rows": "auto"}
+    # method_args holds the method's hyperparameters only; the implementation options are trainer arguments
+    assert r["trainer"]["method_args"] == {"gamma": 1.0, "alpha": 0.5, "retain_loss_type": "NLL"}
+    assert {k: r["trainer"]["args"][k] for k in ("nll_impl", "pack_rows", "joint_forward")} == \
+        {"nll_impl": "logits", "pack_rows": "auto", "joint_forward": False}
     assert r["model"]["tokenizer_args"]["pretrained_model_name_or_path"] == "/my/model"
     assert r["paths"]["output_dir"] == "./saves/unlearn/GradDiff_TOFU_QA_FORGET10"
 

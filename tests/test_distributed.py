@@ -8,7 +8,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import run_cli
-from trainer.losses import token_average, tokens_counted_over_processes
+from trainer.losses import token_average
 
 # torchrun, not `accelerate launch --cpu --num_processes 2`: the latter starts ONE process on a CPU.
 TWO_PROCESSES = ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
@@ -23,13 +23,13 @@ def _steps(folder) -> list[dict]:
     return [e for e in map(json.loads, (folder / "train_log.jsonl").read_text().splitlines()) if "loss" in e]
 
 
-def test_token_average_outside_training_is_the_local_mean():
+def test_token_average_without_a_process_group_is_the_local_mean():
     import torch
 
     assert token_average(torch.tensor(6.0), torch.tensor(4)).item() == 1.5
     assert token_average(torch.tensor(0.0), torch.tensor(0)).item() == 0.0  # no tokens: 0, not NaN
-    with tokens_counted_over_processes(2):  # no process group: nothing to count with
-        assert token_average(torch.tensor(6.0), torch.tensor(4)).item() == 1.5
+    # the process count is an argument; without a process group there is nothing to count with
+    assert token_average(torch.tensor(6.0), torch.tensor(4), num_processes=2).item() == 1.5
 
 
 def test_two_processes_of_batch_one_equal_one_process_of_batch_two(tofu_dir, tmp_path):

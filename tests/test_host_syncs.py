@@ -84,7 +84,7 @@ def _host_reads(tofu_dir, tmp_path, monkeypatch, trainer: str, forget: str, *ext
                  "trainer.args.logging_steps=100", "trainer.args.disable_tqdm=true",
                  # these counts are about GPU steps: packing (pack_rows=auto packs on a CPU only) builds its
                  # layout from the token ids on the host
-                 "trainer.method_args.pack_rows=false", *extra]
+                 "trainer.args.pack_rows=false", *extra]
     with counter:
         train_in_process(tmp_path / "run", overrides)
     assert callback.steps == 3
@@ -95,9 +95,9 @@ def _host_reads(tofu_dir, tmp_path, monkeypatch, trainer: str, forget: str, *ext
 
 @pytest.mark.parametrize("trainer, forget, extra, forwards_per_step", [
     ("GradDiff", "TOFU_QA_FORGET10", (), 2),
-    ("GradDiff", "TOFU_QA_FORGET10", ("trainer.method_args.joint_forward=true",), 1),
-    ("GradDiff", "TOFU_QA_FORGET10", ("trainer.method_args.nll_impl=chunked",), 2),  # answer_tokens from the collator
-    ("NPO", "TOFU_QA_FORGET10", ("trainer.method_args.nll_impl=chunked", "trainer.method_args.joint_forward=true"), 1),
+    ("GradDiff", "TOFU_QA_FORGET10", ("trainer.args.joint_forward=true",), 1),
+    ("GradDiff", "TOFU_QA_FORGET10", ("trainer.args.nll_impl=chunked",), 2),  # answer_tokens from the collator
+    ("NPO", "TOFU_QA_FORGET10", ("trainer.args.nll_impl=chunked", "trainer.args.joint_forward=true"), 1),
     ("NPO", "TOFU_QA_FORGET10", (), 2),         # reference NLLs looked up by keys made at collation
     ("SimNPO", "TOFU_QA_FORGET10", (), 2),      # per-sample means without a zero-count check
     ("DPO", "TOFU_QA_FORGET10_IDK", (), 3),

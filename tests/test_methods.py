@@ -23,10 +23,10 @@ RETAIN = make_batch([[0, 1], [1, 1]], [[-100, 1], [-100, 1]])
 INPUTS = {"forget": FORGET, "retain": RETAIN}
 
 
-def make(handler, tmp_path, retain=True, **method_args):
+def make(handler, tmp_path, retain=True, trainer_args=None, **method_args):
     dataset = ForgetRetainDataset([0, 1], [0, 1] if retain else None)
     cfg = {"handler": handler, "method_args": method_args,
-           "args": {"per_device_train_batch_size": 2, "report_to": "none"}}
+           "args": {"per_device_train_batch_size": 2, "report_to": "none", **(trainer_args or {})}}
     return load_trainer(cfg, StubLM(), train_dataset=dataset, output_dir=str(tmp_path / "out"))
 
 
@@ -117,24 +117,34 @@ def test_gradient_checkpointing_passes_under_the_current_name(tmp_path):
 
 
 def test_seed_recipe_custom_method(tmp_path, monkeypatch):
-    """The seed's recipe: subclass, compute_loss(model, inputs, return_outputs=False), register, config."""
+    """The seed's recipe: subclass, compute_loss, register, config. compute_loss has Hugging Face's signature
+    and is the code that runs; the seed's shorter signature (no num_items_in_batch, which the Trainer passes)
+    is refused when the trainer is built, with the signature to write."""
 
     class CustomMethod(UnlearningTrainer):
         def __init__(self, *args, scale=1.0, **kwargs):
             super().__init__(*args, **kwargs)
             self.scale = scale
 
-        def compute_loss(self, model, inputs, return_outputs=False):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             nll, count, logits = self.forward_nll(model, inputs["forget"])
             loss = -self.scale * nll.sum() / count.sum()
             return (loss, logits) if return_outputs else loss
 
+    class SeedSignature(UnlearningTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False):
+            raise AssertionError("never called")
+
     monkeypatch.setitem(TRAINER_REGISTRY, "CustomMethod", None)
+    monkeypatch.setitem(TRAINER_REGISTRY, "SeedSignature", None)
     _register_trainer(CustomMethod)
+    _register_trainer(SeedSignature)
     t = make("CustomMethod", tmp_path, retain=False, scale=2.0)
-    # The Hugging Face Trainer passes num_items_in_batch; the seed's signature must still work.
+    assert type(t).compute_loss is CustomMethod.compute_loss  # no wrapper: the method's own code runs
     assert t.compute_loss(t.model, INPUTS, num_items_in_batch=4).item() == pytest.approx(-LN(10), abs=1e-5)
     assert "CustomMethod" in trainer_pkg.TRAINER_REGISTRY
+    with pytest.raises(TypeError, match=r"SeedSignature.compute_loss.*num_items_in_batch=None"):
+        make("SeedSignature", tmp_path, retain=False)
 
 
 def test_non_finite_loss_stops_training(tmp_path):
@@ -226,6 +236,33 @@ def test_group_by_length_batches_similar_lengths(tmp_path):
 
 
 def test_joint_forward_is_refused_where_the_loss_reads_logits(tmp_path):
-    with pytest.raises(ValueError, match=r"joint_forward=true: UNDIAL does not support it .*GradDiff, NPO"):
-        make("UNDIAL", tmp_path, joint_forward=True)
-    make("GradDiff", tmp_path, joint_forward=True)
+    with pytest.raises(ValueError, match=r"joint_forward=true: UNDIAL does not support it .*: AltPO, DPO, GradDiff, "
+                                         r"IdkNLL, NPO, SatImp, SimNPO, WGA$"):
+        make("UNDIAL", tmp_path, trainer_args={"joint_forward": True})
+    assert make("GradDiff", tmp_path, trainer_args={"joint_forward": True}).args.joint_forward is True
+
+
+def test_implementation_options_are_trainer_arguments(tmp_path):
+    """nll_impl, pack_rows, joint_forward and precompute_ref_log_probs are typed trainer arguments; set as
+    method_args (their old place) they are refused with the new key, in a config or on the command line."""
+    from trainer import check_moved_overrides
+    from trainer.arguments import UnlearningArguments
+
+    t = make("NPO", tmp_path, trainer_args={"nll_impl": "logits", "pack_rows": False,
+                                            "precompute_ref_log_probs": False})
+    assert isinstance(t.args, UnlearningArguments)
+    assert (t.args.nll_impl, t.args.pack_rows, t.args.joint_forward, t.args.precompute_ref_log_probs) == \
+        ("logits", False, False, False)
+    for name, value in [("joint_forward", True), ("nll_impl", "chunked"), ("pack_rows", False),
+                        ("precompute_ref_log_probs", False)]:
+        with pytest.raises(ValueError, match=rf"set trainer.args.{name}={str(value).lower() if isinstance(value, bool) else value} instead"):
+            make("NPO", tmp_path, **{name: value})
+    with pytest.raises(ValueError, match=r"trainer.method_args.nll_impl=chunked: .*set trainer.args.nll_impl=chunked"):
+        check_moved_overrides(["trainer=GradDiff", "trainer.method_args.nll_impl=chunked"])
+    check_moved_overrides(["trainer.args.nll_impl=chunked", "trainer.method_args.alpha=0.5"])
+    with pytest.raises(ValueError, match=r"unknown trainer.args \['joint_forward'\] \(joint_forward: options of "
+                                         r"unlearning methods only\)"):
+        load_trainer({"handler": "FinetuneTrainer", "args": {"joint_forward": True}}, StubLM(),
+                     output_dir=str(tmp_path / "ft"))
+    with pytest.raises(ValueError, match=r"trainer.args.nll_impl='fused'; valid: logits, chunked, liger"):
+        make("GradDiff", tmp_path, trainer_args={"nll_impl": "fused"})

@@ -60,7 +60,7 @@ def test_weights_are_detached(tmp_path):
     # dNLL1/dlogit(2) = p(2) - 1 = -1/2, so dL/dtable[0,2] = -(1/2)(1/2)(-1/2) = 1/8. Were w = p not
     # detached, d(p NLL)/dlogit(2) = p(1-p)(NLL - 1) = (ln2 - 1)/4 and the gradient would be (1 - ln2)/8.
     t = make("WGA", tmp_path, beta=1.0)
-    loss = t.forget_loss(t.model, FORGET)
+    loss = t.forget_loss(t.answer_token_nll(t.model, FORGET))
     loss.backward()
     assert t.model.table.grad[0, 2].item() == pytest.approx(1 / 8, abs=1e-6)
     # and the uniform row 1 (token 3 after 1, w = 1/5): dL/dtable[1,3] = -(1/2)(1/5)(1/5 - 1) = 2/25

@@ -1,4 +1,4 @@
-"""Packed rows (``trainer.packing``, ``trainer.method_args.pack_rows``): the layout by hand, the same
+"""Packed rows (``trainer.packing``, ``trainer.args.pack_rows``): the layout by hand, the same
 NLLs and gradients as the padded batch, errors, and the same loss curves end to end."""
 
 from __future__ import annotations
@@ -113,11 +113,11 @@ def test_pack_rows_choices_and_errors():
     flash = _model("sdpa")
     flash.config._attn_implementation = "flash_attention_2"
     assert packs_rows("auto", flash) is False
-    with pytest.raises(ValueError, match=r"attn_implementation='flash_attention_2': set trainer.method_args.pack_rows=false"):
+    with pytest.raises(ValueError, match=r"attn_implementation='flash_attention_2': set trainer.args.pack_rows=false"):
         resolve_pack_rows(True, flash)
     capped = _model("sdpa", final_logit_softcapping=30.0)
     assert resolve_pack_rows("auto", capped) is False
-    with pytest.raises(ValueError, match=r"final_logit_softcapping=30.0.*set trainer.method_args.pack_rows=false"):
+    with pytest.raises(ValueError, match=r"final_logit_softcapping=30.0.*set trainer.args.pack_rows=false"):
         resolve_pack_rows(True, capped)
 
 
@@ -130,8 +130,8 @@ def _common(tofu_dir, trainer: str, forget: str) -> list[str]:
 
 @pytest.mark.parametrize("trainer, forget, extra", [
     ("GradDiff", "TOFU_QA_FORGET10", []),
-    ("NPO", "TOFU_QA_FORGET10", ["trainer.method_args.joint_forward=true"]),
-    ("WGA", "TOFU_QA_FORGET10", ["trainer.method_args.nll_impl=chunked"]),
+    ("NPO", "TOFU_QA_FORGET10", ["trainer.args.joint_forward=true"]),
+    ("WGA", "TOFU_QA_FORGET10", ["trainer.args.nll_impl=chunked"]),
     ("GradDiff", "TOFU_QA_FORGET10", ["compat=open_unlearning"]),
 ])
 def test_pack_rows_gives_the_same_loss_curve(tofu_dir, tmp_path, monkeypatch, trainer, forget, extra):
@@ -144,9 +144,9 @@ def test_pack_rows_gives_the_same_loss_curve(tofu_dir, tmp_path, monkeypatch, tr
     original = answer_nll.pack_rows_layout
     monkeypatch.setattr(answer_nll, "pack_rows_layout", lambda *a, **k: packed_calls.append(1) or original(*a, **k))
     common = [*_common(tofu_dir, trainer, forget), *extra]
-    padded = train_in_process(tmp_path / "padded", [*common, "trainer.method_args.pack_rows=false"])
+    padded = train_in_process(tmp_path / "padded", [*common, "trainer.args.pack_rows=false"])
     assert not packed_calls
-    packed = train_in_process(tmp_path / "packed", [*common, "trainer.method_args.pack_rows=true"])
+    packed = train_in_process(tmp_path / "packed", [*common, "trainer.args.pack_rows=true"])
     assert len(packed_calls) >= 4
     assert len(padded) == len(packed) == 4
     for a, b in zip(padded, packed):

@@ -63,7 +63,7 @@ def test_leaf_samples_of_pairs_and_lists():
     assert list(leaf_samples(3)) == []
 
 
-def _stub_trainer(tmp_path, handler, **method_args):
+def _stub_trainer(tmp_path, handler, trainer_args=None, **method_args):
     forget = [{"input_ids": torch.tensor([0, 2]), "labels": torch.tensor([-100, 2]),
                "attention_mask": torch.tensor([1, 1])},
               {"input_ids": torch.tensor([1, 3]), "labels": torch.tensor([-100, 3]),
@@ -74,7 +74,7 @@ def _stub_trainer(tmp_path, handler, **method_args):
         pad_token_id = 0
 
     cfg = {"handler": handler, "method_args": method_args,
-           "args": {"per_device_train_batch_size": 2, "report_to": "none"}}
+           "args": {"per_device_train_batch_size": 2, "report_to": "none", **(trainer_args or {})}}
     return load_trainer(cfg, StubLM(), train_dataset=ForgetRetainDataset(forget, forget),
                         data_collator=DataCollatorForSupervisedDataset(_Tok()), output_dir=str(tmp_path / "out"))
 
@@ -93,10 +93,14 @@ def test_npo_precomputes_and_frees_the_reference(tmp_path):
 def test_kl_retain_keeps_the_reference_and_switch_off_computes_per_step(tmp_path):
     kl = _stub_trainer(tmp_path, "NPO", retain_loss_type="KL")
     assert kl.ref_model is not None and kl.reference_cache is not None
-    off = _stub_trainer(tmp_path, "NPO", precompute_ref_log_probs=False)
+    off = _stub_trainer(tmp_path, "NPO", trainer_args={"precompute_ref_log_probs": False})
     assert off.ref_model is not None and off.reference_cache is None
 
 
-def test_switch_is_only_for_methods_that_use_it(tmp_path):
-    with pytest.raises(ValueError, match=r"precompute_ref_log_probs.*not accepted by GradDiff"):
-        _stub_trainer(tmp_path, "GradDiff", precompute_ref_log_probs=True)
+def test_switch_has_no_effect_on_methods_without_a_reference_nll(tmp_path):
+    """precompute_ref_log_probs is a trainer argument of every unlearning method (as in TRL's configs); a method
+    whose reference does not enter through forget-sample NLLs computes nothing in advance."""
+    graddiff = _stub_trainer(tmp_path, "GradDiff", trainer_args={"precompute_ref_log_probs": True})
+    assert graddiff.ref_model is None and graddiff.reference_cache is None
+    undial = _stub_trainer(tmp_path, "UNDIAL", trainer_args={"precompute_ref_log_probs": True})
+    assert undial.ref_model is not None and undial.reference_cache is None

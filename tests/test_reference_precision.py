@@ -13,14 +13,13 @@ import copy
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import TrainingArguments
 
 from conftest import MODEL_CACHE, REPO
 from data import build_dataset
 from data.collators import DataCollatorForSupervisedDataset
 from data.unlearn import ForgetRetainDataset
 from model import get_model
-from trainer import TRAINER_REGISTRY
+from trainer import TRAINER_REGISTRY, UnlearningArguments
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +29,7 @@ def tiny():
     return get_model(cfg)
 
 
-def _first_step_ratios(tiny, tofu_dir, tmp_path, monkeypatch, handler, forget, bf16, **method_args):
+def _first_step_ratios(tiny, tofu_dir, tmp_path, monkeypatch, handler, forget, bf16, trainer_args):
     """Train one step of ``handler`` (CPU, bf16 autocast if ``bf16``) and return the log-ratios
     ``S_ref - S`` its loss received (for DPO: both answers') and the policy's ``S``."""
     import trainer.unlearn.dpo as dpo_module
@@ -50,12 +49,11 @@ def _first_step_ratios(tiny, tofu_dir, tmp_path, monkeypatch, handler, forget, b
         loss = dpo_module.dpo_loss
         monkeypatch.setattr(dpo_module, "dpo_loss", lambda w, ref_w, lose, ref_l, beta: seen.extend(
             [(ref_w - w, w), (ref_l - lose, lose)]) or loss(w, ref_w, lose, ref_l, beta))
-    args = TrainingArguments(output_dir=str(tmp_path / handler), use_cpu=True, bf16=bf16, max_steps=1,
-                             per_device_train_batch_size=4, report_to="none", remove_unused_columns=False,
-                             disable_tqdm=True, save_strategy="no")
+    args = UnlearningArguments(output_dir=str(tmp_path / handler), use_cpu=True, bf16=bf16, max_steps=1,
+                               per_device_train_batch_size=4, report_to="none", remove_unused_columns=False,
+                               disable_tqdm=True, save_strategy="no", pack_rows=False, **trainer_args)
     trainer = TRAINER_REGISTRY[handler](model=model, args=args, train_dataset=data, processing_class=tok,
-                                        data_collator=DataCollatorForSupervisedDataset(tok), retain_loss_type=None,
-                                        **method_args)
+                                        data_collator=DataCollatorForSupervisedDataset(tok), retain_loss_type=None)
     trainer.train()
     assert seen
     return tuple(torch.cat(t).detach().float() for t in zip(*seen))
@@ -66,7 +64,7 @@ def _first_step_ratios(tiny, tofu_dir, tmp_path, monkeypatch, handler, forget, b
 def test_log_ratios_are_zero_at_step_0_under_bf16_autocast(tiny, tofu_dir, tmp_path, monkeypatch, handler, forget,
                                                            precompute):
     ratios, nll = _first_step_ratios(tiny, tofu_dir, tmp_path, monkeypatch, handler, forget, bf16=True,
-                                     precompute_ref_log_probs=precompute)
+                                     trainer_args={"precompute_ref_log_probs": precompute})
     if not precompute:  # the reference runs on the step's own batch: the same computation, bit for bit
         assert torch.equal(ratios, torch.zeros_like(ratios)), ratios
     else:  # precomputed on other batches (other padding): a few float32 ulps of S (~1e-5), vs ~1e-3 below
@@ -83,5 +81,5 @@ def test_a_float32_reference_would_not_give_zero(tiny, tofu_dir, tmp_path, monke
 
     monkeypatch.setattr(UnlearningTrainer, "_make_reference_model", unprepared_reference)
     ratios, nll = _first_step_ratios(tiny, tofu_dir, tmp_path, monkeypatch, "NPO", "TOFU_QA_FORGET10", bf16=True,
-                                     precompute_ref_log_probs=False)
+                                     trainer_args={"precompute_ref_log_probs": False})
     assert (ratios.abs() > 4 * torch.finfo(torch.float32).eps * nll.abs()).any(), (ratios, nll)

@@ -34,7 +34,7 @@ def test_precomputed_reference_gives_the_same_loss_curve(tofu_dir, tmp_path, mon
     monkeypatch.chdir(REPO)
     common = _common(tofu_dir, trainer, forget)
     cached = train_in_process(tmp_path / "cached", common)
-    per_step = train_in_process(tmp_path / "per_step", [*common, "trainer.method_args.precompute_ref_log_probs=false"])
+    per_step = train_in_process(tmp_path / "per_step", [*common, "trainer.args.precompute_ref_log_probs=false"])
     _assert_same_curve(cached, per_step)
 
 
@@ -70,7 +70,7 @@ def test_chunked_nll_gives_the_same_loss_curve(tofu_dir, tmp_path, monkeypatch, 
     common = _common(tofu_dir, trainer, forget)
     logits = train_in_process(tmp_path / "logits", common)
     assert not calls
-    chunked = train_in_process(tmp_path / "chunked", [*common, "trainer.method_args.nll_impl=chunked"])
+    chunked = train_in_process(tmp_path / "chunked", [*common, "trainer.args.nll_impl=chunked"])
     assert len(calls) >= 8  # forget and retain terms of 4 steps
     _assert_same_curve(logits, chunked)
 
@@ -93,8 +93,8 @@ def test_joint_forward_gives_the_same_loss_curve(tofu_dir, tmp_path, monkeypatch
     separate = train_in_process(tmp_path / "separate", common)
     assert set(batch_rows) == {4}
     batch_rows.clear()
-    joint = train_in_process(tmp_path / "joint", [*common, "trainer.method_args.joint_forward=true",
-                                                  f"trainer.method_args.nll_impl={nll_impl}"])
+    joint = train_in_process(tmp_path / "joint", [*common, "trainer.args.joint_forward=true",
+                                                  f"trainer.args.nll_impl={nll_impl}"])
     assert set(batch_rows) == {12 if trainer == "DPO" else 8}  # every NLL pass ran on all the step's rows at once
     _assert_same_curve(separate, joint)
 

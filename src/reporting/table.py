@@ -18,7 +18,8 @@ from reporting.roles import sort_runs
 
 log = logging.getLogger("report")
 
-#: ``trainer.method_args`` entries that change how a method is computed, not what it computes.
+#: Implementation options (``trainer.arguments``) that runs saved before they moved to ``trainer.args`` recorded
+#: among ``trainer.method_args``: they change how a method is computed, not what it computes.
 IMPLEMENTATION_KNOBS = frozenset({"nll_impl", "pack_rows", "joint_forward", "precompute_ref_log_probs"})
 
 ARROWS = {True: "↑", False: "↓", None: ""}

@@ -21,6 +21,12 @@ from transformers import TrainingArguments
 
 from checks import BadValueError, check_number
 from compat import get_compat
+from trainer.arguments import (
+    MOVED_METHOD_ARGS,
+    FinetuneArguments,
+    UnlearningArguments,
+    moved_method_arg_message,
+)
 from trainer.base import FinetuneTrainer
 from trainer.selection import MetricConstraint, parse_constraint, resolve_metric_key
 from trainer.unlearn.altpo import AltPO
@@ -72,7 +78,8 @@ def _container(cfg: Any) -> dict:
 
 
 def method_arg_names(cls: type) -> list[str]:
-    """Keyword arguments a trainer class takes from ``trainer.method_args``."""
+    """Keyword arguments a trainer class takes from ``trainer.method_args``: the method's hyperparameters, the
+    keyword arguments of its own ``__init__`` and those of its parent methods."""
     names = []
     for klass in cls.__mro__:
         if klass is UnlearningTrainer or klass is FinetuneTrainer:
@@ -81,12 +88,24 @@ def method_arg_names(cls: type) -> list[str]:
             params = inspect.signature(klass.__dict__["__init__"]).parameters.values()
             names += [p.name for p in params if p.kind is p.KEYWORD_ONLY or
                       (p.kind is p.POSITIONAL_OR_KEYWORD and p.name != "self")]
-    names += ["nll_impl", "pack_rows"]  # FinetuneTrainer's own switches, every method
-    if issubclass(cls, UnlearningTrainer):
-        names.append("joint_forward")  # UnlearningTrainer's; true is an error for methods without joint_forward_batches
-    if getattr(cls, "reference_nll_only", False):
-        names.append("precompute_ref_log_probs")  # UnlearningTrainer's own switch, for these methods only
     return sorted(set(names))
+
+
+def trainer_class(handler: Any) -> type[FinetuneTrainer]:
+    """The registered trainer class named ``handler`` (``trainer.handler``); ValueError listing the valid names."""
+    if handler not in TRAINER_REGISTRY:
+        raise ValueError(f"unknown trainer handler {handler!r}; registered: {', '.join(sorted(TRAINER_REGISTRY))}")
+    return TRAINER_REGISTRY[handler]
+
+
+def check_moved_overrides(overrides: list[str]) -> None:
+    """BadValueError naming the new key when a command-line override still sets an implementation option under
+    ``trainer.method_args`` (``trainer.arguments.MOVED_METHOD_ARGS``). Hydra would otherwise refuse the override
+    as an unknown key without saying where the option went; the entry points call this before composing."""
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        if key.startswith("trainer.method_args.") and key.rsplit(".", 1)[-1] in MOVED_METHOD_ARGS:
+            raise BadValueError(moved_method_arg_message(key.rsplit(".", 1)[-1], value or None))
 
 
 #: ``trainer.args`` names that newer transformers versions renamed: given under the old name (which
@@ -203,8 +222,10 @@ def check_mode(cfg: DictConfig | Mapping) -> None:
     check_number("seed", cfg.get("seed", 0), integer=True, low=0)
 
 
-def build_training_args(args: Mapping[str, Any], output_dir: str) -> TrainingArguments:
-    """``TrainingArguments`` from ``trainer.args``, adapted to the machine.
+def build_training_args(args: Mapping[str, Any], output_dir: str,
+                        arguments_class: type[FinetuneArguments] = FinetuneArguments) -> FinetuneArguments:
+    """The trainer's arguments (``arguments_class``: ``FinetuneArguments``, or ``UnlearningArguments`` for an
+    unlearning method; ``trainer_class(handler).arguments_class``) from ``trainer.args``, adapted to the machine.
 
     - values that make no sense are refused by name first (``check_training_args``);
     - ``output_dir`` is the run's staging folder (``paths.output_dir`` decides where results go);
@@ -230,18 +251,21 @@ def build_training_args(args: Mapping[str, Any], output_dir: str) -> TrainingArg
         if isinstance(args.get("accelerator_config"), Mapping) and args["accelerator_config"].get("non_blocking"):
             # nothing to overlap without a GPU, and transformers warns about it without pinned memory
             args["accelerator_config"] = {**args["accelerator_config"], "non_blocking": False}
-    valid = {f for f in inspect.signature(TrainingArguments).parameters}
+    valid = {f.name for f in dataclasses.fields(arguments_class) if f.init}
     for old_name, new_name in _RENAMED_TRAINING_ARGS.items():
         # transformers >= 5.2x renamed these (the old name warns); older 5.x only knows the old name
         if old_name in args and new_name in valid and new_name not in args:
             args[new_name] = args.pop(old_name)
     unknown = sorted(set(args) - valid)
     if unknown:
-        raise ValueError(f"unknown trainer.args {unknown}; see transformers.TrainingArguments for valid names")
+        unlearning_only = sorted(set(unknown) & {f.name for f in dataclasses.fields(UnlearningArguments)})
+        note = f" ({', '.join(unlearning_only)}: options of unlearning methods only)" if unlearning_only else ""
+        raise ValueError(f"unknown trainer.args {unknown}{note}; see transformers.TrainingArguments and "
+                         f"{arguments_class.__name__} (src/trainer/arguments.py) for valid names")
     if args.get("deepspeed") is not None and isinstance(args["deepspeed"], str) and not os.path.isfile(args["deepspeed"]):
         raise ValueError(f"trainer.args.deepspeed={args['deepspeed']!r} is not a file: give a DeepSpeed JSON config "
                          "(e.g. configs/deepspeed/zero3.json) or launch with configs/accelerate/deepspeed_zero3.yaml")
-    training_args = TrainingArguments(**args)
+    training_args = arguments_class(**args)
     if training_args.deepspeed and not torch.cuda.is_available():
         _start_deepspeed_comm_on_cpu()
     return training_args
@@ -262,21 +286,22 @@ def _start_deepspeed_comm_on_cpu() -> None:
 def load_trainer(trainer_cfg: DictConfig | Mapping, model: torch.nn.Module, train_dataset: Any = None,
                  eval_dataset: Any = None, tokenizer: Any = None, data_collator: Any = None,
                  output_dir: str = "saves/tmp", evaluators: Mapping[str, Any] | None = None,
-                 compat: Any = None, training_args: TrainingArguments | None = None) -> FinetuneTrainer:
+                 compat: Any = None, training_args: FinetuneArguments | None = None) -> FinetuneTrainer:
     """Build the trainer named by ``trainer.handler`` with ``trainer.args`` and ``trainer.method_args``;
     ``compat`` is the run's root ``compat`` mode (``compat.get_compat``). ``training_args``: the arguments
     already built from ``trainer.args`` (``build_training_args``), e.g. before the model was loaded."""
     handler = trainer_cfg.get("handler")
-    if handler not in TRAINER_REGISTRY:
-        raise ValueError(f"unknown trainer handler {handler!r}; registered: {', '.join(sorted(TRAINER_REGISTRY))}")
-    cls = TRAINER_REGISTRY[handler]
+    cls = trainer_class(handler)
     method_args = _container(trainer_cfg.get("method_args"))
+    for name in MOVED_METHOD_ARGS:
+        if name in method_args:
+            raise BadValueError(moved_method_arg_message(name, method_args[name]))
     valid = method_arg_names(cls)
     unknown = sorted(set(method_args) - set(valid))
     if unknown:
         raise ValueError(f"trainer.method_args {unknown} not accepted by {handler}; valid: {valid or 'none'}")
     if training_args is None:
-        training_args = build_training_args(_container(trainer_cfg.get("args")), output_dir)
+        training_args = build_training_args(_container(trainer_cfg.get("args")), output_dir, cls.arguments_class)
     raw_args = trainer_cfg.get("args") or {}
     constraint = check_metric_for_best_model(training_args, eval_dataset, evaluators,
                                              constraint=trainer_cfg.get("best_model_constraint"),
@@ -289,4 +314,4 @@ def load_trainer(trainer_cfg: DictConfig | Mapping, model: torch.nn.Module, trai
 
 
 __all__ = ["TRAINER_REGISTRY", "_register_trainer", "load_trainer", "build_training_args", "FinetuneTrainer",
-           "UnlearningTrainer", "check_mode", "check_training_args", "check_metric_for_best_model", "evaluates"]
+           "UnlearningTrainer", "FinetuneArguments", "UnlearningArguments", "trainer_class", "check_moved_overrides", "check_mode", "check_training_args", "check_metric_for_best_model", "evaluates"]

@@ -3,7 +3,7 @@
 Every NLL-based loss (GradAscent, GradDiff, NPO, SimNPO, DPO, IdkNLL, WGA, SatImp, the NLL retain
 term, fine-tuning) needs only ``NLL_t = logsumexp(z_t) - z_t[y_t]`` at the answer positions, with
 ``z_t = W h_t`` the output layer applied to the last hidden state. ``nll_impl`` (the trainers'
-``trainer.method_args.nll_impl``) chooses how it is computed:
+``trainer.args.nll_impl``) chooses how it is computed:
 
 - ``logits``: the model's forward returns the logits over the answer span
   (``model.forward.answer_span_logits``), then ``cross_entropy``. Keeps a ``[rows, span, vocab]``
@@ -31,6 +31,7 @@ always use ``logits``.
 from __future__ import annotations
 
 import importlib.metadata
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,6 +50,29 @@ from trainer.packing import (
 )
 
 NLL_IMPLS = ("logits", "chunked", "liger")
+
+
+@dataclass(frozen=True)
+class AnswerNLL:
+    """The answer-token NLLs of one batch: ``per_token`` ``[B, L']`` (``NLL_t``, 0 where masked) and ``mask``
+    ``[B, L']`` (True at answer tokens), as ``answer_token_nll`` returns them."""
+
+    per_token: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def summed(self) -> torch.Tensor:
+        """``S = sum_t NLL_t`` per sample ``[B]``."""
+        return self.per_token.sum(dim=-1)
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """``T``, the number of answer tokens per sample ``[B]``."""
+        return self.mask.sum(dim=-1)
+
+    @property
+    def rows(self) -> int:
+        return self.per_token.shape[0]
 #: Oldest liger-kernel whose fused linear cross-entropy has correct gradients with reduction="none".
 LIGER_MIN_VERSION = "0.8.5"
 #: Logits per chunk of ``chunked_linear_nll`` (rows = this / vocabulary size): 64 MiB of float32 on a
@@ -84,7 +108,7 @@ def check_nll_impl(impl: str, model: torch.nn.Module | None = None, sharded: boo
     ``sharded``: the model's weights are split over the processes (FSDP, DeepSpeed ZeRO-3), so the
     output-layer weight is only whole inside the model's forward, where ``chunked`` and ``liger`` cannot reach it.
     """
-    check_choice("trainer.method_args.nll_impl", impl, NLL_IMPLS)
+    check_choice("trainer.args.nll_impl", impl, NLL_IMPLS)
     if impl == "logits" or model is None:
         return
     problem = _output_layer_problem(model, sharded)
@@ -109,7 +133,7 @@ def check_nll_impl(impl: str, model: torch.nn.Module | None = None, sharded: boo
 
 
 def resolve_pack_rows(value: Any, model: torch.nn.Module, sharded: bool = False) -> bool:
-    """Whether the trainer packs rows (``trainer.method_args.pack_rows``: true, false or auto; see
+    """Whether the trainer packs rows (``trainer.args.pack_rows``: true, false or auto; see
     ``trainer.packing``). ``true`` on a model that cannot be packed is an error naming why; ``auto``
     then stays off."""
     check_pack_rows(value, model)
@@ -117,7 +141,7 @@ def resolve_pack_rows(value: Any, model: torch.nn.Module, sharded: bool = False)
         return False
     problem = _output_layer_problem(model, sharded)
     if value is True and problem:
-        raise ValueError(f"pack_rows=true {problem}; set trainer.method_args.pack_rows=false"
+        raise ValueError(f"pack_rows=true {problem}; set trainer.args.pack_rows=false"
                          f"{SHARDED_NOTE if sharded else ''}")
     return problem is None
 
@@ -276,5 +300,5 @@ def answer_positions(mask: torch.Tensor, count: int | None = None) -> torch.Tens
     return torch.nonzero_static(flat, size=int(count)).squeeze(1)
 
 
-__all__ = ["NLL_IMPLS", "check_nll_impl", "resolve_pack_rows",
+__all__ = ["NLL_IMPLS", "AnswerNLL", "check_nll_impl", "resolve_pack_rows",
            "chunked_linear_nll", "packed_layout", "packed_hidden_states", "answer_token_nll", "answer_positions"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -21,9 +22,9 @@ from core.distributed import is_sharded
 from evals.benchmark import Benchmark
 from evals.result import EvalResult
 from run_folder import EVAL_HISTORY_FILE, RESULT_EVALS_DIR, write_atomic, write_json_atomic
-from trainer.answer_nll import answer_token_nll, check_nll_impl, resolve_pack_rows
-from trainer.losses import token_mean, tokens_counted_over_processes
-from trainer.packing import check_pack_rows
+from trainer.answer_nll import AnswerNLL, answer_token_nll, check_nll_impl, resolve_pack_rows
+from trainer.arguments import FinetuneArguments
+from trainer.losses import token_mean
 from trainer.selection import MetricConstraint
 
 log = logging.getLogger(__name__)
@@ -44,41 +45,44 @@ class FinetuneTrainer(Trainer):
     every evaluation (``eval_strategy`` / ``eval_on_start``), writing
     ``<output_dir>/checkpoint-<step>/evals/`` and logging their headline numbers.
 
-    ``nll_impl`` (``trainer.method_args.nll_impl``, every trainer): how answer-token NLLs are computed
-    from the model, ``logits`` (default), ``chunked`` or ``liger``; see ``trainer.answer_nll``. NLL-based
-    losses go through ``answer_token_nll`` / ``answer_nll`` / ``answer_mean_nll`` below to honour it.
-    ``pack_rows`` (``trainer.method_args.pack_rows``, every trainer: ``false``, ``true`` or ``auto``):
-    those NLLs come from the batch's rows packed into padding-free sequences that compute their common
-    prompt prefix once (``trainer.packing``; ``auto``: on a CPU with SDPA or eager attention).
+    ``args`` is a ``FinetuneArguments`` (``arguments_class``; ``trainer.arguments``): ``args.nll_impl`` says
+    how answer-token NLLs are computed (``logits``, ``chunked`` or ``liger``; ``trainer.answer_nll``) and
+    ``args.pack_rows`` whether a batch's rows run packed (``trainer.packing``). NLL-based losses go through
+    ``answer_token_nll`` / ``answer_nll`` / ``answer_mean_nll`` below to honour them.
     """
 
-    def __init__(self, *args: Any, evaluators: Mapping[str, Benchmark] | None = None, nll_impl: str = "logits",
-                 pack_rows: bool | str = False, compat: Compat = OURS,
+    #: The ``TrainingArguments`` subclass this trainer takes (``build_training_args`` builds it).
+    arguments_class: type[FinetuneArguments] = FinetuneArguments
+
+    def __init__(self, model: torch.nn.Module | None = None, args: FinetuneArguments | None = None, *rest: Any,
+                 evaluators: Mapping[str, Benchmark] | None = None, compat: Compat = OURS,
                  best_model_constraint: MetricConstraint | None = None, **kwargs: Any):
-        check_nll_impl(nll_impl)  # the name, before the Trainer's set-up; the model's needs below
-        check_pack_rows(pack_rows)
-        self.nll_impl = nll_impl
+        if "num_items_in_batch" not in inspect.signature(type(self).compute_loss).parameters:
+            raise TypeError(f"{type(self).__name__}.compute_loss must have Hugging Face's signature, which the Trainer "
+                            "calls: def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None)")
+        if not isinstance(args, self.arguments_class):
+            raise TypeError(f"{type(self).__name__} takes args={self.arguments_class.__name__} (trainer.arguments), got "
+                            f"{type(args).__name__}: build it with trainer.build_training_args")
         self.best_model_constraint = best_model_constraint
         self.compat = get_compat(compat)  # the run's root `compat` (methods read its switches)
         self.evaluators = dict(evaluators or {})
         #: Evaluation results in memory by step: the latest and the best so far (the result's evaluation reuses one).
         self.evaluations: dict[int, dict[str, EvalResult]] = {}
-        args_obj = kwargs.get("args") if "args" in kwargs else (args[1] if len(args) > 1 else None)
-        strategy = getattr(args_obj, "eval_strategy", "no")
+        strategy = args.eval_strategy
         no_eval_data = kwargs.get("eval_dataset") is None
         if self.evaluators and no_eval_data and str(getattr(strategy, "value", strategy)) != "no":
             # transformers refuses an eval_strategy without eval_dataset; our evaluators need none.
-            args_obj.eval_strategy = "no"
-            super().__init__(*args, **kwargs)
-            args_obj.eval_strategy = strategy
+            args.eval_strategy = "no"
+            super().__init__(model, args, *rest, **kwargs)
+            args.eval_strategy = strategy
         else:
-            super().__init__(*args, **kwargs)
+            super().__init__(model, args, *rest, **kwargs)
         # Under FSDP and ZeRO-3 the evaluators run the sharded model with their plain passes, in lockstep
         # (Evaluator.evaluate).
         sharded = getattr(self, "is_fsdp_enabled", False) or is_sharded(self.model) or (
             getattr(self, "is_deepspeed_enabled", False) and is_deepspeed_zero3_enabled())
-        check_nll_impl(nll_impl, self.model, sharded=sharded)
-        self.pack_rows = resolve_pack_rows(pack_rows, self.model, sharded=sharded)
+        check_nll_impl(self.args.nll_impl, self.model, sharded=sharded)
+        self.pack_rows = resolve_pack_rows(self.args.pack_rows, self.model, sharded=sharded)
         if self.pack_rows:
             log.info("pack_rows: answer NLLs from packed rows (common prompt prefix once, no padding)")
         # Our losses are per-batch means; the Trainer divides them by the accumulation steps.
@@ -102,21 +106,34 @@ class FinetuneTrainer(Trainer):
         return super()._get_train_sampler(train_dataset)
 
     # ----- answer-token NLLs under nll_impl ---------------------------------------------------------
-    def answer_token_nll(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token answer NLL ``[B, L']`` (0 where masked) and the answer mask (``trainer.answer_nll``)."""
-        return answer_token_nll(model, batch, self.nll_impl, pack=self.pack_rows)
+    @property
+    def token_mean_processes(self) -> int:
+        """The processes whose answer tokens a token-mean loss counts together (``trainer.losses.token_average``):
+        all of them in a training step, where the processes' gradients are averaged; 1 otherwise (an evaluation
+        loss is each process's own mean)."""
+        return self.accelerator.num_processes if self.model.training else 1
+
+    def token_mean(self, total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """``sum_i S_i / sum_i T_i`` over the batch (``trainer.losses.token_mean``) with ``token_mean_processes``."""
+        return token_mean(total, count, num_processes=self.token_mean_processes)
+
+    def answer_token_nll(self, model: torch.nn.Module, batch: dict[str, Any]) -> AnswerNLL:
+        """Per-token answer NLLs of a batch and their mask (``trainer.answer_nll``), as ``args.nll_impl`` and
+        ``args.pack_rows`` say."""
+        return AnswerNLL(*answer_token_nll(model, batch, self.args.nll_impl, pack=self.pack_rows))
 
     def answer_nll(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample summed answer NLL ``S`` ``[B]`` and answer-token count ``T`` ``[B]``."""
-        nll, mask = self.answer_token_nll(model, batch)
-        return nll.sum(dim=-1), mask.sum(dim=-1)
+        nll = self.answer_token_nll(model, batch)
+        return nll.summed, nll.counts
 
     def answer_mean_nll(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """Mean NLL over all answer tokens of the batch, ``sum_i S_i / sum_i T_i``."""
-        return token_mean(*self.answer_nll(model, batch))
+        return self.token_mean(*self.answer_nll(model, batch))
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
+                     num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor | tuple[torch.Tensor, dict]:
+        """Fine-tuning: the mean answer-token NLL of the batch."""
         loss = self.answer_mean_nll(model, inputs)
         return (loss, {}) if return_outputs else loss
 
@@ -143,10 +160,7 @@ class FinetuneTrainer(Trainer):
                 self._loss_terms[name].append(value)
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
-        # Token means over the tokens of every process: the step's gradient does not depend on how many
-        # processes share the batch (trainer.losses.tokens_counted_over_processes).
-        with tokens_counted_over_processes(self.accelerator.num_processes):
-            loss = super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
         self._unchecked_losses.append((self.state.global_step + 1, loss.detach(), dict(self._last_terms)))
         if len(self._unchecked_losses) >= MAX_UNCHECKED_LOSSES:
             self.check_finite_losses()

@@ -1,6 +1,8 @@
-"""Loss functions of unlearning methods, importable on their own: functions of tensors, except that the
-token means (``token_average``) divide by every process's token count inside ``tokens_counted_over_processes``
-(one ``all_reduce``; a loss called on one rank only would then wait for the others).
+"""Loss functions of unlearning methods: functions of tensors.
+
+The token means (``token_average``) take ``num_processes``: with more than one, the count is that of
+every process together (one ``all_reduce``, so every process must call the loss; see ``token_average``).
+The trainers pass ``FinetuneTrainer.token_mean_processes``.
 
 Notation (per sample): ``NLL_t`` the negative log-likelihood of answer token t, ``S = sum_t NLL_t``,
 ``T`` the number of answer tokens (label != -100), ``A = S / T``; ``log pi(y|x) = -S``.
@@ -10,49 +12,28 @@ i+1). Every function computes in float32 whatever the model's dtype.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
-#: Set by ``tokens_counted_over_processes`` while a training step runs on several processes.
-_PROCESS_COUNT: contextvars.ContextVar[int | None] = contextvars.ContextVar("token_average_processes", default=None)
 
-
-@contextlib.contextmanager
-def tokens_counted_over_processes(num_processes: int) -> Iterator[None]:
-    """Within the block, ``token_average`` divides by the token count of every process together.
-
-    Data-parallel training averages the gradients of the processes. A per-process token mean
-    ``S_r / T_r`` would then give ``mean_r (S_r / T_r)``, which is not the ``sum_r S_r / sum_r T_r`` one
-    process computes from the same rows (the processes' answers differ in length). With the global
-    count ``T = sum_r T_r`` (one ``all_reduce`` per term) and the factor ``num_processes`` that undoes
-    the gradient averaging, each process contributes ``num_processes * S_r / T`` and the averaged
-    gradient is exactly the one-process one. Used by ``FinetuneTrainer.training_step``.
-    """
-    token = _PROCESS_COUNT.set(num_processes if num_processes > 1 else None)
-    try:
-        yield
-    finally:
-        _PROCESS_COUNT.reset(token)
-
-
-def token_average(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+def token_average(total: torch.Tensor, count: torch.Tensor, num_processes: int = 1) -> torch.Tensor:
     """``total / count`` (``count`` at least 1): a sum over a batch's tokens divided by their number.
 
-    Every token-mean loss term goes through it; inside ``tokens_counted_over_processes`` the count is
-    that of all processes and the result is scaled by their number (see there).
+    Every token-mean loss term goes through it. Data-parallel training averages the gradients of the
+    processes; a per-process mean ``S_r / T_r`` would then give ``mean_r (S_r / T_r)``, which is not the
+    ``sum_r S_r / sum_r T_r`` one process computes from the same rows (the processes' answers differ in
+    length). With ``num_processes > 1`` (a training step on several processes) the count is the global
+    ``T = sum_r T_r`` (one ``all_reduce``) and the result is scaled by ``num_processes``, which undoes the
+    gradient averaging: each process contributes ``num_processes * S_r / T``, and the averaged gradient
+    is exactly the one-process one. Without a process group the count stays local.
     """
-    processes = _PROCESS_COUNT.get()
     count = count.detach().float()
-    if processes is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if num_processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         count = count.clone()
         torch.distributed.all_reduce(count)
-        return total * processes / count.clamp(min=1)
+        return total * num_processes / count.clamp(min=1)
     return total / count.clamp(min=1)
 
 
@@ -83,12 +64,12 @@ def per_sample_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     return total / count
 
 
-def token_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """``sum_i S_i / sum_i T_i``: the mean NLL over all answer tokens of the batch."""
-    return token_average(total.sum(), count.sum())
+def token_mean(total: torch.Tensor, count: torch.Tensor, num_processes: int = 1) -> torch.Tensor:
+    """``sum_i S_i / sum_i T_i``: the mean NLL over all answer tokens of the batch (``token_average``)."""
+    return token_average(total.sum(), count.sum(), num_processes)
 
 
-def answer_kl(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def answer_kl(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, num_processes: int = 1) -> torch.Tensor:
     """``KL(p_ref || p_model)`` of the next-token distributions, averaged over answer tokens.
 
     ``sum_v p_ref(v) (log p_ref(v) - log p_model(v))`` at each answer position; prompt and padding
@@ -98,7 +79,7 @@ def answer_kl(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tens
     logp = F.log_softmax(logits[:, :-1, :].float(), dim=-1)[mask]
     ref_logp = F.log_softmax(ref_logits[:, :-1, :].float(), dim=-1)[mask]
     kl = F.kl_div(logp, ref_logp, reduction="none", log_target=True).sum(dim=-1)
-    return token_average(kl.sum(), mask.sum())
+    return token_average(kl.sum(), mask.sum(), num_processes)
 
 
 def npo_loss(nll: torch.Tensor, ref_nll: torch.Tensor, beta: float) -> torch.Tensor:
@@ -164,7 +145,7 @@ def satimp_weights(p: torch.Tensor, beta1: float, beta2: float) -> torch.Tensor:
     return p**beta1 * (1.0 - p) ** beta2
 
 
-def token_weighted_ascent(nll: torch.Tensor, mask: torch.Tensor, weights) -> torch.Tensor:
+def token_weighted_ascent(nll: torch.Tensor, mask: torch.Tensor, weights, num_processes: int = 1) -> torch.Tensor:
     """Token-weighted gradient ascent: ``-sum_t w_t NLL_t / sum_t 1`` over the batch's answer tokens.
 
     ``nll`` and ``mask`` are per-token NLLs and the answer mask (``per_token_nll``); ``weights`` maps
@@ -176,10 +157,10 @@ def token_weighted_ascent(nll: torch.Tensor, mask: torch.Tensor, weights) -> tor
     with torch.no_grad():
         w = weights(torch.exp(-nll))
     # torch.where, not boolean indexing: a mask index makes the host wait for the device (a sync per step)
-    return -token_average(torch.where(mask, w * nll, 0.0).sum(), mask.sum())
+    return -token_average(torch.where(mask, w * nll, 0.0).sum(), mask.sum(), num_processes)
 
 
-def logit_margin_flattening_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def logit_margin_flattening_loss(logits: torch.Tensor, labels: torch.Tensor, num_processes: int = 1) -> torch.Tensor:
     """Logit-margin flattening (Entesari et al. 2025, "Constrained Entropic Unlearning", arXiv:2506.05314).
 
     ``L = mean_t (max_v z_t(v) - (1/V) sum_v z_t(v))^2`` over the positions that predict an answer
@@ -190,7 +171,7 @@ def logit_margin_flattening_loss(logits: torch.Tensor, labels: torch.Tensor) -> 
     z = logits[:, :-1, :].float()
     mask = labels[:, 1:] != IGNORE_INDEX
     margin = z.max(dim=-1).values - z.mean(dim=-1)
-    return token_average(torch.where(mask, margin**2, 0.0).sum(), mask.sum())
+    return token_average(torch.where(mask, margin**2, 0.0).sum(), mask.sum(), num_processes)
 
 
 def lagrangian_loss(forget_loss: torch.Tensor, retain_loss: torch.Tensor, dual: float | torch.Tensor,
@@ -206,7 +187,7 @@ def lagrangian_loss(forget_loss: torch.Tensor, retain_loss: torch.Tensor, dual: 
     return forget_loss + dual * (retain_loss - retain_loss_eps)
 
 
-def masked_token_mse(hidden: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def masked_token_mse(hidden: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, num_processes: int = 1) -> torch.Tensor:
     """Mean over the tokens selected by ``mask`` of the per-token mean squared error to ``target``.
 
     ``mean_{t in mask} (1/d) ||hidden_t - target_t||^2`` with ``hidden`` ``[B, L, d]``, ``target``
@@ -217,10 +198,10 @@ def masked_token_mse(hidden: torch.Tensor, target: torch.Tensor, mask: torch.Ten
     """
     mask = mask.bool()
     per_token = (hidden.float() - target.float()).pow(2).mean(dim=-1)
-    return token_average(per_token[mask].sum(), mask.sum())
+    return token_average(per_token[mask].sum(), mask.sum(), num_processes)
 
 
-def undial_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, beta: float) -> torch.Tensor:
+def undial_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Tensor, beta: float, num_processes: int = 1) -> torch.Tensor:
     """UNDIAL (Dong et al. 2025, "UNDIAL: Self-Distillation with Adjusted Logits...", arXiv:2402.10052).
 
     Target at each answer position: ``q = softmax(z_ref - beta * onehot(y_t))``, the reference model's
@@ -236,10 +217,10 @@ def undial_loss(logits: torch.Tensor, ref_logits: torch.Tensor, labels: torch.Te
     target_logits = ref_logits[:, :-1, :].float()[mask].detach()
     target_logits = target_logits - beta * F.one_hot(labels[:, 1:][mask], target_logits.size(-1)).float()
     q = F.softmax(target_logits, dim=-1)
-    return -token_average((q * logp).sum(dim=-1).sum(), mask.sum())
+    return -token_average((q * logp).sum(dim=-1).sum(), mask.sum(), num_processes)
 
 
-def ceu_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_first_n_answer_tokens: int = 0) -> torch.Tensor:
+def ceu_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_first_n_answer_tokens: int = 0, num_processes: int = 1) -> torch.Tensor:
     """CE-U (Yang 2025, "CE-U: Cross Entropy Unlearning", arXiv:2503.01224).
 
     At each answer position the target is the model's own next-token distribution, detached, with the
@@ -259,4 +240,4 @@ def ceu_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_first_n_answer_t
     target_logits[torch.arange(target.numel(), device=z.device), target] = float("-inf")
     q = F.softmax(target_logits, dim=-1)
     logp = F.log_softmax(z, dim=-1)
-    return -token_average((q * logp).sum(dim=-1).sum(), mask.sum())
+    return -token_average((q * logp).sum(dim=-1).sum(), mask.sum(), num_processes)

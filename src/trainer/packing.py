@@ -1,4 +1,4 @@
-"""Packed rows (``trainer.method_args.pack_rows``): a batch's rows as a few padding-free sequences that
+"""Packed rows (``trainer.args.pack_rows``): a batch's rows as a few padding-free sequences that
 compute their common prompt prefix once.
 
 A right-padded question-answer batch spends compute on two things no loss reads: the padding after
@@ -159,13 +159,13 @@ def attention_implementation(model: torch.nn.Module) -> str | None:
 def check_pack_rows(value: Any, model: torch.nn.Module | None = None) -> None:
     """ValueError naming the problem when ``pack_rows=value`` cannot run on ``model``."""
     if value not in PACK_ROWS_CHOICES or not isinstance(value, (bool, str)):
-        raise ValueError(f"trainer.method_args.pack_rows={value!r}; valid: true, false, auto")
+        raise ValueError(f"trainer.args.pack_rows={value!r}; valid: true, false, auto")
     if value is not True or model is None:
         return
     impl = attention_implementation(model)
     if impl not in PACKABLE_ATTENTION:
         raise ValueError(f"pack_rows=true needs attention that takes a 4-D mask ({', '.join(PACKABLE_ATTENTION)}); "
-                         f"this model uses attn_implementation={impl!r}: set trainer.method_args.pack_rows=false "
+                         f"this model uses attn_implementation={impl!r}: set trainer.args.pack_rows=false "
                          "(or auto)")
 
 

@@ -1,39 +1,44 @@
 """``UnlearningTrainer``: the base class of every unlearning method.
 
 A method subclasses it, takes its hyperparameters as keyword arguments of ``__init__`` (they arrive
-from ``trainer.method_args``), and implements ``compute_loss(model, inputs, return_outputs=False)``
-where ``inputs = {"forget": batch, "retain": batch}`` (``retain`` absent when no retain set is given).
-Shared pieces live here so each method file holds only its loss:
+from ``trainer.method_args``), and implements Hugging Face's
+``compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None)`` where
+``inputs = {"forget": batch, "retain": batch}`` (``retain`` absent when no retain set is given). The
+``compute_loss`` a method writes is the one that runs. Shared pieces live here so each method file holds
+only its loss:
 
 - ``answer_nll`` / ``answer_mean_nll`` / ``answer_token_nll`` (from ``FinetuneTrainer``): per-sample
-  summed, batch token-mean and per-token answer NLLs, computed as ``nll_impl`` says; ``forward_nll``
-  also returns the logits (``nll_impl=logits``);
+  summed, batch token-mean and per-token answer NLLs, computed as ``trainer.args.nll_impl`` says;
+  ``answer_nlls(model, *batches)`` gives those of several batches, from one forward pass when
+  ``trainer.args.joint_forward`` is on (methods that call it declare ``supports_joint_forward``);
 - ``reference_nll`` / ``reference_logits``: the same under a frozen copy of the model taken before
   unlearning, created only when ``needs_reference_model()`` is true. For methods whose reference
   enters only through ``reference_nll`` of forget samples (``reference_nll_only``: NPO, DPO, AltPO),
-  those values are computed once before training (``precompute_ref_log_probs``, on by default) and
-  the copy is freed unless a KL retain term still needs it;
-- ``retain_loss``: the retain term, NLL or KL to the reference over answer tokens;
+  those values are computed once before training (``trainer.args.precompute_ref_log_probs``, on by
+  default) and the copy is freed unless a KL retain term still needs it;
+- ``retain_loss`` / ``weighted_total``: the retain term, NLL or KL to the reference over answer tokens,
+  and ``gamma * forget + alpha * retain``;
 - ``log_loss_terms``: per-term logging (forget and retain terms appear separately in the log);
+- ``token_mean_processes``: the process count every token-mean loss takes (``trainer.losses``);
 - ``evaluators`` (from ``FinetuneTrainer``): benchmarks run at each evaluation (``eval_strategy``).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
 import logging
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, TrainerCallback
 
-from checks import check_bool, check_choice, check_number
+from checks import check_choice, check_number
 from core.distributed import gather_dicts, is_sharded, lockstep_total, rank_shard
 from data.collators import concat_batches
 from model.forward import answer_span_logits
 from model.peft import AdapterDisabled, is_peft_model
+from trainer.answer_nll import AnswerNLL
+from trainer.arguments import UnlearningArguments
 from trainer.base import FinetuneTrainer
 from trainer.losses import answer_kl, sequence_nll
 from trainer.reference_cache import KeyedCollator, ReferenceNLLCache, leaf_samples
@@ -72,49 +77,31 @@ class UnlearningTrainer(FinetuneTrainer):
     #: (NPO, DPO, AltPO): then those values can be computed once before training.
     reference_nll_only: bool = False
 
-    def __init_subclass__(cls, **kwargs: Any):
-        # Methods may write compute_loss(self, model, inputs, return_outputs=False) as in the docs;
-        # the Hugging Face Trainer also passes num_items_in_batch, which such methods do not need.
-        # The wrapper also runs the joint forward pass (joint_forward) before the method's loss.
-        super().__init_subclass__(**kwargs)
-        fn = cls.__dict__.get("compute_loss")
-        if fn is None:
-            return
-        params = inspect.signature(fn).parameters
-        takes_count = "num_items_in_batch" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    #: Whether the loss reads its answer NLLs through ``answer_nlls`` with more than one batch, so that
+    #: ``trainer.args.joint_forward`` can run them as one forward pass (refused for the other methods).
+    supports_joint_forward: bool = False
+    arguments_class = UnlearningArguments
 
-        @functools.wraps(fn)
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            extra = {"num_items_in_batch": num_items_in_batch} if takes_count else {}
-            if not getattr(self, "joint_forward", False) or self._joint_nll is not None:
-                return fn(self, model, inputs, return_outputs=return_outputs, **extra)
-            self._joint_nll = self._joint_answer_token_nll(model, self.joint_forward_batches(inputs))
-            try:
-                return fn(self, model, inputs, return_outputs=return_outputs, **extra)
-            finally:
-                self._joint_nll = None
-
-        cls.compute_loss = compute_loss
-
-    def __init__(self, *args: Any, precompute_ref_log_probs: bool = True, joint_forward: bool = False,
+    def __init__(self, model: torch.nn.Module | None = None, args: UnlearningArguments | None = None, *rest: Any,
                  **kwargs: Any):
-        """``precompute_ref_log_probs`` (``trainer.method_args``, methods with ``reference_nll_only``):
-        compute the reference model's answer NLL of every forget sample once before training and
-        reuse it every step and epoch (the same loss values; false: one reference forward per step).
+        """The Trainer's arguments (``model``, ``args``: an ``UnlearningArguments``, datasets, ...); a method's
+        own ``__init__`` takes its hyperparameters first and passes the rest here.
 
-        ``joint_forward`` (``trainer.method_args``, methods that define ``joint_forward_batches``): the
-        batches whose answer NLLs a step's loss reads (forget and retain, DPO's two answers) run as one
-        forward pass, padded to a common width, instead of one pass each: fewer, larger matrix
-        products and kernel launches, the same losses (tested)."""
-        self._joint_nll: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
-        precompute_ref_log_probs = check_bool("trainer.method_args.precompute_ref_log_probs", precompute_ref_log_probs,
-                                              owner=type(self).__name__)
-        self.joint_forward = check_bool("trainer.method_args.joint_forward", joint_forward, owner=type(self).__name__)
-        if self.joint_forward and type(self).joint_forward_batches is UnlearningTrainer.joint_forward_batches:
-            raise ValueError(f"joint_forward=true: {type(self).__name__} does not support it (its loss reads logits or "
-                             "hidden states, or a single batch per step); methods that do: GradDiff, NPO, SimNPO, "
-                             "DPO, AltPO, IdkNLL, WGA, SatImp")
-        super().__init__(*args, **kwargs)
+        ``args.precompute_ref_log_probs`` (methods with ``reference_nll_only``): compute the reference model's
+        answer NLL of every forget sample once before training and reuse it every step and epoch (the same
+        loss values; false: one reference forward per step). ``args.joint_forward`` (methods with
+        ``supports_joint_forward``): ``answer_nlls`` runs its batches as one forward pass, padded to a common
+        width, instead of one pass each: fewer, larger matrix products and kernel launches, the same losses
+        (tested)."""
+        super().__init__(model, args, *rest, **kwargs)
+        if self.args.joint_forward and not self.supports_joint_forward:
+            from trainer import TRAINER_REGISTRY  # the registry sits above the methods
+
+            methods = sorted(n for n, c in TRAINER_REGISTRY.items()
+                             if issubclass(c, UnlearningTrainer) and c.supports_joint_forward)
+            raise ValueError(f"trainer.args.joint_forward=true: {type(self).__name__} does not support it (its loss "
+                             "reads logits or hidden states, or a single batch per step); methods that do: "
+                             f"{', '.join(methods)}")
         retain = getattr(self.train_dataset, "retain", None)
         if self.uses_retain and self.train_dataset is not None and retain is None:
             raise ValueError(
@@ -126,7 +113,7 @@ class UnlearningTrainer(FinetuneTrainer):
         self.ref_model = self._make_reference_model() if self.needs_reference_model() else None
         self.reference_cache: ReferenceNLLCache | None = None
         has_forget = getattr(self.train_dataset, "forget", None) is not None
-        if precompute_ref_log_probs and self.reference_nll_only and self.ref_model is not None and has_forget:
+        if self.args.precompute_ref_log_probs and self.reference_nll_only and self.ref_model is not None and has_forget:
             self.reference_cache = self._precompute_reference_nll()
             if len(self.reference_cache) == 0:  # forget items without samples (hand-built batches): per step
                 self.reference_cache = None
@@ -165,12 +152,18 @@ class UnlearningTrainer(FinetuneTrainer):
         self.uses_retain = retain_loss_type is not None
 
     def weighted_total(self, model: torch.nn.Module, inputs: dict[str, Any], forget_loss: torch.Tensor,
-                       **extra_terms: Any) -> torch.Tensor:
-        """``gamma * forget_loss + alpha * retain_loss`` (retain term only if configured); logs each term."""
+                       retain_nll: AnswerNLL | None = None, **extra_terms: Any) -> torch.Tensor:
+        """``gamma * forget_loss + alpha * retain_loss`` (retain term only if configured); logs each term.
+
+        ``retain_nll``: the retain batch's answer NLLs when the method already has them (``answer_nlls`` with
+        ``nll_retain_batch``); the NLL retain term is then their token mean, else it is computed here."""
         loss = self.gamma * forget_loss
         terms = {"forget_loss": forget_loss, **extra_terms}
         if self.retain_loss_type is not None:
-            terms["retain_loss"] = self.retain_loss(model, inputs["retain"], self.retain_loss_type)
+            if retain_nll is not None and self.retain_loss_type == "NLL":
+                terms["retain_loss"] = self.token_mean(retain_nll.summed, retain_nll.counts)
+            else:
+                terms["retain_loss"] = self.retain_loss(model, inputs["retain"], self.retain_loss_type)
             loss = loss + self.alpha * terms["retain_loss"]
         self.log_loss_terms(**terms)
         return loss
@@ -271,7 +264,7 @@ class UnlearningTrainer(FinetuneTrainer):
                 raise RuntimeError(
                     f"{type(self).__name__}: a training sample is not among the forget samples whose reference NLL "
                     "was precomputed (does the forget dataset change its items between calls?); set "
-                    "trainer.method_args.precompute_ref_log_probs=false to compute it at every step"
+                    "trainer.args.precompute_ref_log_probs=false to compute it at every step"
                 )
         return sequence_nll(*answer_span_logits(self._reference(), batch))[0]
 
@@ -295,45 +288,39 @@ class UnlearningTrainer(FinetuneTrainer):
         log.info("%s: reference NLL of %d forget samples precomputed", type(self).__name__, len(cache))
         return cache
 
-    # ----- joint forward pass (joint_forward) -------------------------------------------------------
-    def joint_forward_batches(self, inputs: dict[str, Any]) -> list[dict[str, Any]]:
-        """The batches of ``inputs`` whose answer NLLs the loss reads through ``answer_token_nll`` /
-        ``answer_nll`` / ``answer_mean_nll``; a method that defines it supports ``joint_forward``."""
-        raise NotImplementedError
+    # ----- answer NLLs of several batches (joint_forward) -------------------------------------------
+    def nll_retain_batch(self, inputs: dict[str, Any]) -> dict[str, Any] | None:
+        """``inputs["retain"]`` when the retain term is the NLL one (its NLLs can join ``answer_nlls``), else None."""
+        return inputs["retain"] if self.retain_loss_type == "NLL" else None
 
-    def nll_retain_batches(self, inputs: dict[str, Any]) -> list[dict[str, Any]]:
-        """``[inputs["retain"]]`` when the retain term is the NLL one, else ``[]`` (for ``joint_forward_batches``)."""
-        return [inputs["retain"]] if self.retain_loss_type == "NLL" and "retain" in inputs else []
+    def answer_nlls(self, model: torch.nn.Module, *batches: dict[str, Any] | None) -> list[AnswerNLL | None]:
+        """The answer NLLs of each batch (None for a None batch), in order.
 
-    def forget_and_nll_retain_batches(self, inputs: dict[str, Any]) -> list[dict[str, Any]]:
-        """``joint_forward_batches`` of methods whose forget term reads the NLLs of ``inputs["forget"]``:
-        set ``joint_forward_batches = UnlearningTrainer.forget_and_nll_retain_batches`` in the class."""
-        return [inputs["forget"], *self.nll_retain_batches(inputs)]
-
-    def _joint_answer_token_nll(self, model: torch.nn.Module,
-                                batches: list[dict[str, Any]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """``(NLL_t, mask)`` of each batch (by ``id``) from one forward pass over their rows."""
-        if len(batches) < 2:  # nothing to join: answer_token_nll computes it as usual
-            return {}
-        nll, mask = super().answer_token_nll(model, concat_batches(batches))
-        results, row = {}, 0
+        With ``trainer.args.joint_forward`` the batches run as one forward pass over their rows, padded to a
+        common width (``data.collators.concat_batches``), and the result is split back by rows: the same
+        values as one pass each, up to float rounding. A method that calls this with more than one batch sets
+        ``supports_joint_forward = True``.
+        """
+        present = [batch for batch in batches if batch is not None]
+        if not (self.args.joint_forward and len(present) > 1):
+            return [None if batch is None else self.answer_token_nll(model, batch) for batch in batches]
+        joint = self.answer_token_nll(model, concat_batches(present))
+        results, row = [], 0
         for batch in batches:
+            if batch is None:
+                results.append(None)
+                continue
             rows = slice(row, row + batch["input_ids"].shape[0])
-            results[id(batch)] = (nll[rows], mask[rows])
+            results.append(AnswerNLL(joint.per_token[rows], joint.mask[rows]))
             row = rows.stop
         return results
-
-    def answer_token_nll(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._joint_nll is not None and id(batch) in self._joint_nll:
-            return self._joint_nll.pop(id(batch))
-        return super().answer_token_nll(model, batch)
 
     # ----- shared pieces ---------------------------------------------------------------------------
     def forward_nll(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor,
                                                                                    torch.Tensor | None]:
         """``(S [B], T [B], logits)`` of a batch: per-sample summed answer NLL, answer-token counts and the
-        answer-span logits (None unless ``nll_impl`` is ``logits``: the other ways never hold them all)."""
-        if self.nll_impl == "logits":
+        answer-span logits (None unless ``args.nll_impl`` is ``logits``: the other ways never hold them all)."""
+        if self.args.nll_impl == "logits":
             logits, labels = answer_span_logits(model, batch)
             return *sequence_nll(logits, labels), logits
         return *self.answer_nll(model, batch), None
@@ -344,5 +331,5 @@ class UnlearningTrainer(FinetuneTrainer):
             return self.answer_mean_nll(model, batch)
         if loss_type == "KL":
             logits, labels = answer_span_logits(model, batch)
-            return answer_kl(logits, self.reference_logits(batch), labels)
+            return answer_kl(logits, self.reference_logits(batch), labels, self.token_mean_processes)
         raise ValueError(f"retain_loss_type={loss_type!r}; valid: {', '.join(RETAIN_LOSS_TYPES)}")

@@ -34,9 +34,9 @@ class CEU(UnlearningTrainer):
         self.set_loss_weights(gamma, alpha, retain_loss_type)
         super().__init__(*args, **kwargs)
 
-    def compute_loss(self, model, inputs, return_outputs=False):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         forget = inputs["forget"]
         logits, labels = answer_span_logits(model, forget)
-        forget_loss = ceu_loss(logits, labels, self.ignore_first_n_answer_tokens)
+        forget_loss = ceu_loss(logits, labels, self.ignore_first_n_answer_tokens, self.token_mean_processes)
         loss = self.weighted_total(model, inputs, forget_loss)
         return (loss, {"logits": logits}) if return_outputs else loss

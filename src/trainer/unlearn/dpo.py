@@ -68,14 +68,12 @@ class DPO(UnlearningTrainer):
         self.set_loss_weights(gamma, alpha, retain_loss_type)
         super().__init__(*args, **kwargs)
 
-    def joint_forward_batches(self, inputs):
-        return [*paired_forget(inputs["forget"], type(self).__name__, self.paired_data_hint),
-                *self.nll_retain_batches(inputs)]
+    supports_joint_forward = True
 
-    def compute_loss(self, model, inputs, return_outputs=False):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rejected, preferred = paired_forget(inputs["forget"], type(self).__name__, self.paired_data_hint)
-        nll_w, _ = self.answer_nll(model, preferred)
-        nll_l, _ = self.answer_nll(model, rejected)
-        forget_loss = dpo_loss(nll_w, self.reference_nll(preferred), nll_l, self.reference_nll(rejected), self.beta)
-        loss = self.weighted_total(model, inputs, forget_loss)
+        nll_l, nll_w, retain = self.answer_nlls(model, rejected, preferred, self.nll_retain_batch(inputs))
+        forget_loss = dpo_loss(nll_w.summed, self.reference_nll(preferred), nll_l.summed, self.reference_nll(rejected),
+                               self.beta)
+        loss = self.weighted_total(model, inputs, forget_loss, retain_nll=retain)
         return (loss, {}) if return_outputs else loss

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from trainer.answer_nll import AnswerNLL
 from trainer.unlearn.base import UnlearningTrainer
 
 
@@ -22,12 +25,13 @@ class GradDiff(UnlearningTrainer):
         self.set_loss_weights(gamma, alpha, retain_loss_type, retain_required=True)
         super().__init__(*args, **kwargs)
 
-    joint_forward_batches = UnlearningTrainer.forget_and_nll_retain_batches
+    supports_joint_forward = True
 
-    def forget_loss(self, model, forget):
+    def forget_loss(self, forget: AnswerNLL) -> torch.Tensor:
         """Gradient ascent on the forget answers: ``-mean_t NLL_t`` over the batch's answer tokens."""
-        return -self.answer_mean_nll(model, forget)
+        return -self.token_mean(forget.summed, forget.counts)
 
-    def compute_loss(self, model, inputs, return_outputs=False):
-        loss = self.weighted_total(model, inputs, self.forget_loss(model, inputs["forget"]))
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        forget, retain = self.answer_nlls(model, inputs["forget"], self.nll_retain_batch(inputs))
+        loss = self.weighted_total(model, inputs, self.forget_loss(forget), retain_nll=retain)
         return (loss, {}) if return_outputs else loss

@@ -28,11 +28,11 @@ class IdkNLL(UnlearningTrainer):
         self.set_loss_weights(gamma, alpha, retain_loss_type)
         super().__init__(*args, **kwargs)
 
-    def joint_forward_batches(self, inputs):
-        _, refusal = paired_forget(inputs["forget"], type(self).__name__, IDK_HINT)
-        return [refusal, *self.nll_retain_batches(inputs)]
+    supports_joint_forward = True
 
-    def compute_loss(self, model, inputs, return_outputs=False):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         _, refusal = paired_forget(inputs["forget"], type(self).__name__, IDK_HINT)
-        loss = self.weighted_total(model, inputs, self.answer_mean_nll(model, refusal))
+        refusal_nll, retain = self.answer_nlls(model, refusal, self.nll_retain_batch(inputs))
+        forget_loss = self.token_mean(refusal_nll.summed, refusal_nll.counts)
+        loss = self.weighted_total(model, inputs, forget_loss, retain_nll=retain)
         return (loss, {}) if return_outputs else loss

@@ -30,11 +30,10 @@ class NPO(UnlearningTrainer):
         self.set_loss_weights(gamma, alpha, retain_loss_type)
         super().__init__(*args, **kwargs)
 
-    joint_forward_batches = UnlearningTrainer.forget_and_nll_retain_batches
+    supports_joint_forward = True
 
-    def compute_loss(self, model, inputs, return_outputs=False):
-        forget = inputs["forget"]
-        nll, _ = self.answer_nll(model, forget)
-        forget_loss = npo_loss(nll, self.reference_nll(forget), self.beta)
-        loss = self.weighted_total(model, inputs, forget_loss)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        forget, retain = self.answer_nlls(model, inputs["forget"], self.nll_retain_batch(inputs))
+        forget_loss = npo_loss(forget.summed, self.reference_nll(inputs["forget"]), self.beta)
+        loss = self.weighted_total(model, inputs, forget_loss, retain_nll=retain)
         return (loss, {}) if return_outputs else loss

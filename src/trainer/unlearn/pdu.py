@@ -109,10 +109,10 @@ class PDU(UnlearningTrainer):
             mean = self.accelerator.reduce(mean, reduction="mean")
         self.dual = self.dual_step(self.dual, mean, self.dual_step_size)
 
-    def compute_loss(self, model, inputs, return_outputs=False):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         forget = inputs["forget"]
         logits, labels = answer_span_logits(model, forget)
-        forget_loss = logit_margin_flattening_loss(logits, labels)
+        forget_loss = logit_margin_flattening_loss(logits, labels, self.token_mean_processes)
         retain_loss = self.retain_loss(model, inputs["retain"], self.retain_loss_type)
         loss = lagrangian_loss(self.gamma * forget_loss, retain_loss, self.dual, self.retain_loss_eps)
         violation = retain_loss.detach() - self.retain_loss_eps

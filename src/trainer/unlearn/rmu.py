@@ -135,15 +135,15 @@ class RMU(UnlearningTrainer):
         """``h_l`` ``[B, L, d]`` of a batch (the forward stops after layer ``l``)."""
         return hidden_states_at(model, self.layer_id, **model_inputs(batch))
 
-    def compute_loss(self, model, inputs, return_outputs=False):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         forget, retain = inputs["forget"], inputs["retain"]
         h_forget = self.hidden(model, forget)
         target = self.control_vec.to(h_forget.device)
-        forget_loss = masked_token_mse(h_forget, target, self._token_mask(forget))
+        forget_loss = masked_token_mse(h_forget, target, self._token_mask(forget), self.token_mean_processes)
         h_retain = self.hidden(model, retain)
         with torch.no_grad():
             h_frozen = self.hidden(self.ref_model, retain)
-        retain_loss = masked_token_mse(h_retain, h_frozen, self._token_mask(retain))
+        retain_loss = masked_token_mse(h_retain, h_frozen, self._token_mask(retain), self.token_mean_processes)
         loss = forget_loss + self.alpha * retain_loss
         self.log_loss_terms(forget_loss=forget_loss, retain_loss=retain_loss)
         return (loss, {"hidden_states": h_forget}) if return_outputs else loss

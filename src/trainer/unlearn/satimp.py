@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from trainer.answer_nll import AnswerNLL
 from trainer.losses import satimp_weights, token_weighted_ascent
 from trainer.unlearn.grad_diff import GradDiff
 
@@ -28,6 +31,6 @@ class SatImp(GradDiff):
         self.beta2 = self.check_arg("beta2", beta2, low=0)
         super().__init__(*args, alpha=alpha, **kwargs)
 
-    def forget_loss(self, model, forget):
+    def forget_loss(self, forget: AnswerNLL) -> torch.Tensor:
         weights = lambda p: satimp_weights(p, self.beta1, self.beta2)  # noqa: E731
-        return token_weighted_ascent(*self.answer_token_nll(model, forget), weights)
+        return token_weighted_ascent(forget.per_token, forget.mask, weights, self.token_mean_processes)

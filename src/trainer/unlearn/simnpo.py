@@ -35,12 +35,12 @@ class SimNPO(UnlearningTrainer):
         self.set_loss_weights(gamma, alpha, retain_loss_type)
         super().__init__(*args, **kwargs)
 
-    joint_forward_batches = UnlearningTrainer.forget_and_nll_retain_batches
+    supports_joint_forward = True
 
-    def compute_loss(self, model, inputs, return_outputs=False):
-        forget = inputs["forget"]
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        forget, retain = self.answer_nlls(model, inputs["forget"], self.nll_retain_batch(inputs))
         # compat=open_unlearning: its delta is subtracted before the scaling, beta * (A - delta)
         delta = self.beta * self.delta if self.compat.simnpo_delta_before_scaling else self.delta
-        forget_loss = simnpo_loss(per_sample_mean(*self.answer_nll(model, forget)), self.beta, delta)
-        loss = self.weighted_total(model, inputs, forget_loss)
+        forget_loss = simnpo_loss(per_sample_mean(forget.summed, forget.counts), self.beta, delta)
+        loss = self.weighted_total(model, inputs, forget_loss, retain_nll=retain)
         return (loss, {}) if return_outputs else loss

@@ -40,7 +40,7 @@ class TaskVector(UnlearningTrainer):
                              "sharded over the processes: run it on one process or with DDP "
                              "(configs/accelerate/ddp.yaml), or with LoRA (peft=lora) to fit a large model")
 
-    def compute_loss(self, model, inputs, return_outputs=False):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         forget = inputs["forget"]
         loss = self.answer_mean_nll(model, forget)
         self.log_loss_terms(forget_loss=loss)

@@ -39,9 +39,10 @@ class UNDIAL(UnlearningTrainer):
         self.set_loss_weights(gamma, alpha, retain_loss_type)
         super().__init__(*args, **kwargs)
 
-    def compute_loss(self, model, inputs, return_outputs=False):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         forget = inputs["forget"]
         logits, labels = answer_span_logits(model, forget)
-        forget_loss = undial_loss(logits, self.reference_logits(forget), labels, self.beta)
+        forget_loss = undial_loss(logits, self.reference_logits(forget), labels, self.beta,
+                                  self.token_mean_processes)
         loss = self.weighted_total(model, inputs, forget_loss)
         return (loss, {"logits": logits}) if return_outputs else loss

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from trainer.answer_nll import AnswerNLL
 from trainer.losses import token_weighted_ascent, wga_weights
 from trainer.unlearn.grad_diff import GradDiff
 
@@ -24,5 +27,6 @@ class WGA(GradDiff):
         self.beta = self.check_arg("beta", beta, low=0)  # 0: GradDiff
         super().__init__(*args, **kwargs)
 
-    def forget_loss(self, model, forget):
-        return token_weighted_ascent(*self.answer_token_nll(model, forget), lambda p: wga_weights(p, self.beta))
+    def forget_loss(self, forget: AnswerNLL) -> torch.Tensor:
+        return token_weighted_ascent(forget.per_token, forget.mask, lambda p: wga_weights(p, self.beta),
+                                     self.token_mean_processes)
