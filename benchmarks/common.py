@@ -160,15 +160,16 @@ def default_tofu_dir() -> Path:
 
 
 def compose(config_name: str, overrides: Sequence[str]) -> Any:
-    """The run config exactly as ``python src/<script>.py --config-name=<config_name> <overrides>`` builds it."""
+    """The run config exactly as ``python src/<script>.py --config-name=<config_name> <overrides>`` builds it
+    (dataset and PEFT names composed, ``resolvers.compose_names``)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from resolvers import register_resolvers
+    from resolvers import command_line_overrides, compose_names, register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+        return compose_names(hydra_compose(config_name=config_name, overrides=command_line_overrides(overrides)))
 
 
 @contextlib.contextmanager

@@ -135,7 +135,7 @@ class PassRecorder:
         @functools.wraps(build)
         def labelled(spec: Any, *a: Any, **k: Any) -> Any:
             dataset = build(spec, *a, **k)
-            name = spec if isinstance(spec, str) else ((spec.get("args") or {}).get("hf_args") or {}).get("name")
+            name = ((spec.get("args") or {}).get("hf_args") or {}).get("name")
             try:
                 dataset.bench_label = f"{name}:{getattr(dataset, 'answer_key', '?')}"
             except AttributeError:

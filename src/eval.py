@@ -30,7 +30,7 @@ from checks import check_number  # noqa: E402
 from evals import EvalResult, format_summary, get_evaluators  # noqa: E402
 from model import get_model  # noqa: E402
 from progress import quiet_library_bars  # noqa: E402
-from resolvers import register_resolvers  # noqa: E402
+from resolvers import compose_names, register_resolvers  # noqa: E402
 from run_folder import RUN_CONFIG, robustness_file, write_atomic, write_json_atomic  # noqa: E402
 from sweep import run_job, write_job_status  # noqa: E402
 
@@ -49,7 +49,9 @@ def model_identity(model_cfg: DictConfig) -> str:
 
 def run(cfg: DictConfig) -> dict[str, EvalResult]:
     """Evaluate the configured model on every benchmark of ``cfg.eval`` (and under ``cfg.attack``); each
-    result is saved once into ``paths.output_dir`` and returned."""
+    result is saved once into ``paths.output_dir`` and returned. Configs given by name (``model.peft=lora``,
+    ``attack.relearn.data``) are composed first (``compose_names``)."""
+    compose_names(cfg)
     set_seed(check_number("seed", cfg.get("seed", 0), integer=True, low=0))
     quiet_library_bars()
     if not cfg.get("eval"):
@@ -61,7 +63,8 @@ def run(cfg: DictConfig) -> dict[str, EvalResult]:
     model, tokenizer = get_model(cfg.model)
     model = model.to(state.device)
     template_args = cfg.model.get("template_args")
-    evaluators = get_evaluators(cfg.eval, tokenizer=tokenizer, template_args=template_args, root_cfg=cfg)
+    evaluators = get_evaluators(cfg.eval, tokenizer=tokenizer, template_args=template_args, compat=cfg.get("compat"),
+                                paths=cfg.get("paths"))
     out_dir = Path(cfg.paths.output_dir)
     if state.is_main_process:  # what was evaluated and how, for src/report.py (written before the results)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -75,7 +78,8 @@ def run(cfg: DictConfig) -> dict[str, EvalResult]:
         if attacks:  # every process: the attacked evaluations are sharded like the clean one
             try:
                 attacked, baselines = run_attacks(attacks, evaluator, model, model_id, tokenizer,
-                                                  evaluator.template_args, cfg, evaluator.cfg.get("retain_logs_path"))
+                                                  evaluator.template_args, cfg.get("compat"),
+                                                  evaluator.cfg.get("retain_logs_path"))
             except BaseException:
                 if state.is_main_process:
                     result.save(out_dir)

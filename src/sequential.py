@@ -41,7 +41,7 @@ import eval as eval_script  # noqa: E402
 import train as train_script  # noqa: E402
 from checks import check_bool, check_choice, check_number  # noqa: E402
 from data import available_datasets  # noqa: E402
-from resolvers import register_resolvers  # noqa: E402
+from resolvers import command_line_overrides, compose_names, register_resolvers  # noqa: E402
 from run_folder import COMPLETION_MARKER, RUN_CONFIG, is_finished_run, write_atomic, write_json_atomic  # noqa: E402
 from trainer import check_moved_overrides  # noqa: E402
 
@@ -90,10 +90,13 @@ def _with_model(cfg: DictConfig, model_dir: str | None) -> None:
 
 
 def base_config(cfg: DictConfig, seq: dict[str, Any]) -> DictConfig:
-    """``cfg`` with ``data.forget`` set to the fold dataset and the task name and output folder resolved."""
+    """``cfg`` with ``data.forget`` set to the fold dataset, every config given by name composed (``compose_names``:
+    each fold's run and its saved config then hold the same composed nodes) and the task name and output folder
+    resolved."""
     base = copy.deepcopy(cfg)
     OmegaConf.set_struct(base, False)
     base.data.forget = seq["forget"]
+    compose_names(base)
     base.fold = seq["folds"][0]
     base.task_name = str(base.task_name)
     base.paths.output_dir = str(base.paths.output_dir)
@@ -224,4 +227,5 @@ if __name__ == "__main__":
         check_moved_overrides(sys.argv[1:])
     except ValueError as error:
         sys.exit(f"Error: {error}")
+    sys.argv[1:] = command_line_overrides(sys.argv[1:])  # data.retain=[A,B] in place of a composed default
     main()

@@ -36,7 +36,7 @@ from evals import Benchmark, EvalResult, get_evaluators  # noqa: E402
 from model import get_model  # noqa: E402
 from model.peft import is_peft_model, peft_settings, save_merged  # noqa: E402
 from progress import quiet_library_bars  # noqa: E402
-from resolvers import register_resolvers  # noqa: E402
+from resolvers import command_line_overrides, compose_names, register_resolvers  # noqa: E402
 from run_folder import (  # noqa: E402
     BEST_CHECKPOINT_FILE,
     RESULT_EVALS_DIR,
@@ -79,7 +79,7 @@ def run_inputs(cfg: DictConfig, benchmarks: dict[str, Benchmark]) -> list[str]:
     ``input_paths``): the output folder must not hold them."""
     found = [cfg.model.model_args.get("pretrained_model_name_or_path"),
              cfg.model.get("tokenizer_args", {}).get("pretrained_model_name_or_path"),
-             *data_input_paths(cfg.data, cfg), cfg.get("retain_logs_path")]
+             *data_input_paths(cfg.data), cfg.get("retain_logs_path")]
     for bench in benchmarks.values():
         found += bench.input_paths()
     return [str(p) for p in found if p]
@@ -108,7 +108,9 @@ def _start_folder(folder: RunFolder, resume) -> tuple[Path, Path | None]:
 
 def run(cfg: DictConfig) -> TrainRun:
     """Train as the config says; returns the output folder and the result's evaluations (see ``run_folder`` for
-    the folder's safety rules)."""
+    the folder's safety rules). Dataset and PEFT configs given by name are composed first (``compose_names``):
+    the saved config.yaml records what was used."""
+    compose_names(cfg)
     check_mode(cfg)
     quiet_library_bars()
     if cfg.get("sequence"):
@@ -121,7 +123,8 @@ def run(cfg: DictConfig) -> TrainRun:
     set_seed(cfg.seed)
     check_eval_splits(cfg)
     # the benchmarks' configs checked, and their inputs known, before the output folder is taken
-    benchmarks = get_evaluators(cfg.get("eval"), template_args=cfg.model.get("template_args"), root_cfg=cfg)
+    benchmarks = get_evaluators(cfg.get("eval"), template_args=cfg.model.get("template_args"),
+                                compat=cfg.get("compat"), paths=cfg.get("paths"))
     folder = RunFolder(cfg.paths.output_dir, inputs=run_inputs(cfg, benchmarks))
     resume = cfg.trainer.get("args", {}).get("resume_from_checkpoint")
     staging, checkpoint = _start_folder(folder, resume)
@@ -134,11 +137,11 @@ def run(cfg: DictConfig) -> TrainRun:
         training_args = build_training_args(trainer_cfg["args"], str(staging),
                                             trainer_class(trainer_cfg["handler"]).arguments_class)
         model, tokenizer = get_model(cfg.model)
-        data = get_data(cfg.data, cfg.mode, tokenizer, cfg.model.get("template_args"), root_cfg=cfg,
-                        seed=cfg.seed, need_eval=evaluates(cfg.trainer.get("args")))
+        data = get_data(cfg.data, cfg.mode, tokenizer, cfg.model.get("template_args"), seed=cfg.seed,
+                        need_eval=evaluates(cfg.trainer.get("args")), compat=cfg.get("compat"))
         collator = get_collator(cfg.collator, tokenizer, compat=cfg.get("compat"))
-        evaluators = get_evaluators(cfg.get("eval"), tokenizer=tokenizer,
-                                    template_args=cfg.model.get("template_args"), root_cfg=cfg)
+        evaluators = get_evaluators(cfg.get("eval"), tokenizer=tokenizer, template_args=cfg.model.get("template_args"),
+                                    compat=cfg.get("compat"), paths=cfg.get("paths"))
         for evaluator in evaluators.values():
             evaluator.check_inputs()  # before training, not at its first evaluation
         trainer = load_trainer(trainer_cfg, model, data["train"], data["eval"], tokenizer, collator,
@@ -210,4 +213,5 @@ if __name__ == "__main__":
         check_moved_overrides(sys.argv[1:])
     except ValueError as error:
         sys.exit(f"Error: {error}")
+    sys.argv[1:] = command_line_overrides(sys.argv[1:])  # data.train=[A,B] in place of a composed default
     main()

@@ -167,8 +167,12 @@ class StubLM(torch.nn.Module):
         return SimpleNamespace(logits=self.table[input_ids])
 
 
-def make_batch(ids, labels, attention_mask=None):
-    """A collated batch from nested lists (attention 1 everywhere unless given)."""
+def make_batch(ids, labels, attention_mask=None, padding_side="right"):
+    """A collated batch from nested lists (attention 1 everywhere unless given), with the layout a collator
+    gives it (``data.collators.layout_of``)."""
+    from data.collators import layout_of
+
     ids = torch.tensor(ids)
     mask = torch.ones_like(ids) if attention_mask is None else torch.tensor(attention_mask)
-    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor(labels)}
+    labels = torch.tensor(labels)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "layout": layout_of(labels, padding_side)}

@@ -44,7 +44,7 @@ def _tofu_summary(model, tokenizer, tofu: Path, out: Path) -> dict:
                                                "eval.tofu.metrics.forget_Q_A_ROUGE.generation_args.max_new_tokens=4",
                                                *short])
     evaluator = get_evaluators(cfg.eval, tokenizer=tokenizer, template_args=cfg.model.get("template_args"),
-                               root_cfg=cfg)["tofu"]
+                               compat=cfg.get("compat"), paths=cfg.paths)["tofu"]
     return evaluator.evaluate(model, output_dir=str(out), model_id="fsdp2-check").summary
 
 
@@ -54,7 +54,7 @@ def _evaluation_passes(folder: Path) -> dict:
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer
 
-    from data import build_dataset
+    from data import build_dataset, compose_dataset
     from evals.base import FirstRows
     from evals.passes import plain_generation_pass, plain_token_stats_pass
     from synthetic_tofu import generate_tofu_like
@@ -65,8 +65,8 @@ def _evaluation_passes(folder: Path) -> dict:
     dist.barrier()
     tokenizer = AutoTokenizer.from_pretrained(str(Path(__file__).resolve().parents[1] / ".cache" / "models" /
                                                   "SmolLM2-135M-Instruct"))
-    dataset = FirstRows(build_dataset("TOFU_QA_FORGET10", tokenizer, root_cfg=OmegaConf.create(
-        {"paths": {"tofu": str(tofu)}, "seed": 0})), 5)
+    dataset = FirstRows(build_dataset(compose_dataset("TOFU_QA_FORGET10", OmegaConf.create(
+        {"paths": {"tofu": str(tofu)}, "seed": 0})), tokenizer), 5)
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)

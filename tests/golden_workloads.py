@@ -60,11 +60,12 @@ STEP_KEYS_SKIPPED = ("epoch", "learning_rate", "step")
 def _compose(config_name: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
-    from resolvers import register_resolvers
+    from resolvers import command_line_overrides, compose_names, register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
-        return compose(config_name=config_name, overrides=[*overrides, f"paths.model_cache_dir={MODEL_CACHE}"])
+        return compose_names(compose(config_name=config_name, overrides=command_line_overrides(
+            [*overrides, f"paths.model_cache_dir={MODEL_CACHE}"])))
 
 
 def _short_generations(bench: str, metrics: Iterable[str]) -> list[str]:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import trainer.answer_nll as answer_nll_module
+from data.collators import BatchLayout, layout_of
 from model.forward import last_hidden_states, model_inputs
 from trainer.answer_nll import answer_positions, answer_token_nll, check_nll_impl, chunked_linear_nll
 from trainer.losses import per_token_nll
@@ -68,7 +69,7 @@ def _batch() -> dict:
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 0, 0, 0]])
     labels = torch.tensor([[-100, -100, -100, 8, 9, 10, 11], [-100, -100, 14, 15, -100, -100, -100]])
     mask = torch.tensor([[1] * 7, [1, 1, 1, 1, 0, 0, 0]])
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "answer_start": 2, "answer_tokens": 6}
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "layout": layout_of(labels)}
 
 
 def test_last_hidden_states_are_the_output_layer_input():
@@ -81,7 +82,7 @@ def test_last_hidden_states_are_the_output_layer_input():
 
 @pytest.mark.parametrize("arch", ["llama", "mistral_sliding_window"])
 def test_right_padded_batches_run_without_mask_with_equal_real_positions(arch):
-    """``model_inputs`` drops the mask of a right-padded batch (it has ``answer_start``); causal attention
+    """``model_inputs`` drops the mask of a right-padded batch (its layout says so); causal attention
     alone gives every real position the logits of the masked forward pass, also under a sliding window
     (here 3 positions, shorter than the rows, so the window is really applied)."""
     from transformers import MistralConfig, MistralForCausalLM
@@ -95,7 +96,7 @@ def test_right_padded_batches_run_without_mask_with_equal_real_positions(arch):
                                                  sliding_window=3, attn_implementation="sdpa")).eval()
     batch = _batch()
     assert set(model_inputs(batch)) == {"input_ids"}
-    left_padded = {k: v for k, v in batch.items() if k != "answer_start"}
+    left_padded = {**batch, "layout": layout_of(batch["labels"], "left")}  # the same tensors, read as left-padded
     assert set(model_inputs(left_padded)) == {"input_ids", "attention_mask"}
     with torch.no_grad():
         masked = model(**model_inputs(left_padded)).logits
@@ -227,8 +228,8 @@ def test_answer_positions_by_hand():
 
 def test_chunked_nll_equal_with_and_without_the_collated_answer_count():
     model, batch = _tiny_llama(), _batch()
-    assert batch["answer_tokens"] == int((batch["labels"][:, 1:] != -100).sum())
+    assert batch["layout"].answer_tokens == int((batch["labels"][:, 1:] != -100).sum()) == 6
     with_count, mask = answer_token_nll(model, batch, "chunked")
-    without = {k: v for k, v in batch.items() if k != "answer_tokens"}
+    without = {**batch, "layout": BatchLayout("right", True, answer_start=2, answer_tokens=None)}
     assert torch.equal(answer_token_nll(model, without, "chunked")[0], with_count)
     assert torch.equal(mask, batch["labels"][:, 1:] != -100) and bool((with_count[~mask] == 0).all())

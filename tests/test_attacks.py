@@ -70,14 +70,14 @@ def test_relearning_rows_are_a_seeded_fraction():
 
 
 def test_two_relearning_steps_raise_the_forget_answer_probability(tofu_dir, repo, monkeypatch):
-    from data import build_dataset
+    from data import build_dataset, compose_dataset
     from data.collators import DataCollatorForSupervisedDataset
     from trainer.answer_nll import answer_token_nll
 
     monkeypatch.chdir(repo)
     model, tokenizer = _tiny()
     root = OmegaConf.create({"paths": {"tofu": str(tofu_dir)}, "seed": 0})
-    forget = build_dataset("TOFU_QA_FORGET10", tokenizer, template_args={"apply_chat_template": True}, root_cfg=root)
+    forget = build_dataset(compose_dataset("TOFU_QA_FORGET10", root), tokenizer, template_args={"apply_chat_template": True})
     batch = DataCollatorForSupervisedDataset(tokenizer)([forget[i] for i in range(len(forget))])
 
     def mean_nll(m):
@@ -121,6 +121,21 @@ def test_variants_change_one_thing_each():
     assert varied["datasets"]["main"]["args"]["question_key"] == "paraphrased_question"
     assert varied["pre_compute"]["p"]["datasets"]["main"]["args"]["question_key"] == "paraphrased_question"
     assert metric["datasets"]["main"]["args"]["question_key"] == "question"  # the given config is not changed
+    # a raw-text dataset (MUSE's verbatim continuations: CompletionDataset) has no question column: left as it is
+    raw = {"handler": "rouge", "datasets": {"main": {"handler": "CompletionDataset", "args": {"text_key": "gt"}}}}
+    assert with_question_key(raw, "paraphrased_question")["datasets"]["main"]["args"] == {"text_key": "gt"}
+
+
+def test_relearning_set_is_the_composed_dataset(tofu_dir, smollm2_tokenizer):
+    """attack.relearn.data reaches the attack composed (src/eval.py composes its name): a name is refused."""
+    from attacks.relearn import relearning_set
+    from data import compose_dataset
+
+    data = compose_dataset("TOFU_QA_FORGET10", {"paths": {"tofu": str(tofu_dir)}, "seed": 0})
+    rows = relearning_set({"data": data, "fraction": 0.5, "dataset_args": {"max_length": 128}}, smollm2_tokenizer, None)
+    assert len(rows) == 4 and rows.dataset.name == "TOFU_QA_FORGET10"
+    with pytest.raises(ValueError, match=r"'TOFU_QA_FORGET10' is a dataset name.*valid names: .*TOFU_QA_RA"):
+        relearning_set({"data": "TOFU_QA_FORGET10"}, smollm2_tokenizer, None)
 
 
 # ----- the summary and the command line -------------------------------------------------------------

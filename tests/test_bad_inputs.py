@@ -222,9 +222,9 @@ def _root(folder):
 
 
 def _build(tokenizer, folder, name="TOFU_QA_FORGET01"):
-    from data import build_dataset
+    from data import build_dataset, compose_dataset
 
-    return build_dataset(name, tokenizer, root_cfg=_root(folder))
+    return build_dataset(compose_dataset(name, _root(folder)), tokenizer)
 
 
 ROW = '{"question": "Who wrote it?", "answer": "Ann."}\n'
@@ -289,23 +289,26 @@ def test_bad_refusal_file_names_file_and_line(smollm2_tokenizer, tmp_path):
 
 
 def test_bad_max_length_is_refused(smollm2_tokenizer, tmp_path):
-    from data import build_dataset
+    from data import build_dataset, compose_dataset
 
     (tmp_path / "forget01.json").write_text(ROW)
     with pytest.raises(ValueError, match=r"TOFU_QA_FORGET01: max_length='long' is a str; must be an integer >= 1"):
-        build_dataset("TOFU_QA_FORGET01", smollm2_tokenizer, root_cfg=_root(tmp_path),
+        build_dataset(compose_dataset("TOFU_QA_FORGET01", _root(tmp_path)), smollm2_tokenizer,
                       dataset_args={"max_length": "long"})
 
 
 def test_eval_dataset_not_loaded_when_the_run_does_not_evaluate(smollm2_tokenizer, tmp_path):
     from data import get_data
+    from resolvers import compose_names
 
     (tmp_path / "forget01.json").write_text(ROW * 2)
-    data_cfg = OmegaConf.create({"forget": "TOFU_QA_FORGET01", "retain": None, "eval": "TOFU_QA_FORGET10_P"})
-    data = get_data(data_cfg, "unlearn", smollm2_tokenizer, root_cfg=_root(tmp_path), need_eval=False)
+    run_cfg = OmegaConf.merge(_root(tmp_path), {"data": {"forget": "TOFU_QA_FORGET01", "retain": None,
+                                                         "eval": "TOFU_QA_FORGET10_P"}})
+    data_cfg = compose_names(run_cfg).data
+    data = get_data(data_cfg, "unlearn", smollm2_tokenizer, need_eval=False)
     assert data["eval"] is None and len(data["train"]) == 2  # forget10_perturbed.json is not there: never read
     with pytest.raises(FileNotFoundError, match="forget10_perturbed.json not found"):
-        get_data(data_cfg, "unlearn", smollm2_tokenizer, root_cfg=_root(tmp_path), need_eval=True)
+        get_data(data_cfg, "unlearn", smollm2_tokenizer, need_eval=True)
 
 
 # ----- evaluator inputs ---------------------------------------------------------------------------
@@ -314,7 +317,7 @@ def _tofu_evaluator(tofu_dir, retain_logs_path="null"):
 
     cfg = _compose("eval.yaml", ["model=tiny-random-llama", f"paths.tofu={tofu_dir}",
                                  f"retain_logs_path={retain_logs_path}"])
-    return get_evaluators(cfg.eval, root_cfg=cfg)["tofu"]
+    return get_evaluators(cfg.eval, compat=cfg.get("compat"), paths=cfg.paths)["tofu"]
 
 
 def test_retain_logs_are_checked_before_any_pass(tofu_dir, tmp_path):

@@ -56,9 +56,10 @@ def test_pad_derived_mask_hides_in_sample_pad_tokens(smollm2_tokenizer):
     b = {"input_ids": torch.tensor([5, 6]), "labels": torch.tensor([-100, 6]), "attention_mask": torch.ones(2, dtype=torch.long)}
     ours = DataCollatorForSupervisedDataset(smollm2_tokenizer)([a, b])
     theirs = DataCollatorForSupervisedDataset(smollm2_tokenizer, attention_mask_from_pad=True)([a, b])
-    assert ours["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]] and ours["answer_start"] == 1
+    assert ours["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]] and ours["layout"].answer_start == 1
+    assert ours["layout"].causal_attention_suffices
     assert theirs["attention_mask"].tolist() == [[1, 0, 1, 0], [1, 1, 0, 0]]
-    assert "answer_start" not in theirs  # trainers must pass this mask to the model
+    assert not theirs["layout"].causal_attention_suffices  # trainers must pass this mask to the model
 
 
 def test_extraction_strength_floor():

@@ -8,8 +8,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from data import available_datasets, dataset_config, get_collator
+from data import available_datasets, compose_dataset, get_collator
 from model import available_model_configs
+from resolvers import command_line_overrides, compose_names
 from trainer import TRAINER_REGISTRY
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -18,8 +19,9 @@ COLLATORS = sorted(p.stem for p in (CONFIGS / "collator").glob("*.yaml"))
 
 
 def _compose(name: str, overrides: list[str]):
+    """The config as the entry points see it: composed, then the names in it composed (``compose_names``)."""
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        cfg = compose(config_name=name, overrides=overrides)
+        cfg = compose_names(compose(config_name=name, overrides=command_line_overrides(overrides)))
     resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation must resolve
     return cfg, resolved
 
@@ -59,12 +61,20 @@ def test_seed_quick_start_overrides_compose():
         {"nll_impl": "logits", "pack_rows": "auto", "joint_forward": False}
     assert r["model"]["tokenizer_args"]["pretrained_model_name_or_path"] == "/my/model"
     assert r["paths"]["output_dir"] == "./saves/unlearn/GradDiff_TOFU_QA_FORGET10"
+    # the names became composed dataset configs (handler and args), data.dataset_args kept for every dataset
+    forget = r["data"]["forget"]
+    assert (forget["name"], forget["handler"]) == ("TOFU_QA_FORGET10", "QADataset")
+    assert forget["args"]["hf_args"] == {"path": "locuslab/TOFU", "split": "train", "name": "forget10"}
+    assert (r["data"]["retain"]["name"], r["data"]["eval"]["args"]["hf_args"]["name"]) == \
+        ("TOFU_QA_RETAIN90", "forget10_perturbed")
+    assert r["data"]["dataset_args"]["max_length"] == 256 and r["forget_split"] == "forget10"
 
 
 @pytest.mark.parametrize("name", available_datasets())
 def test_every_dataset_config_resolves(name):
     root = OmegaConf.create({"paths": {"tofu": "/data/tofu", "muse_news": "/data/muse", "wmdp": "/data/wmdp"}, "seed": 3})
-    cfg = dataset_config(name, root)
+    cfg = OmegaConf.to_container(compose_dataset(name, root))
+    assert cfg["name"] == name  # each file names itself (messages, task names)
     if name.startswith("WMDP_"):
         assert cfg["args"]["local_dir"] == "/data/wmdp" and cfg["args"]["local_name"] and cfg["args"]["hf_args"]["path"]
         return
@@ -84,13 +94,13 @@ def test_every_sequence_config_composes(sequence):
     cfg, _ = _compose("unlearn.yaml", [f"sequence={sequence}", "eval=muse", "model.model_args.pretrained_model_name_or_path=/m"])
     seq = check_sequence(cfg)
     base = base_config(cfg, seq)
-    assert base.data.forget == seq["forget"] and base.task_name == f"GradDiff_{seq['forget']}"
+    assert base.data.forget.name == seq["forget"] and base.task_name == f"GradDiff_{seq['forget']}"
     fold = fold_config(base, 3, "/prev" if seq["start_from"] == "previous" else None)
     resolved = OmegaConf.to_container(fold, resolve=True)
     assert resolved["paths"]["output_dir"] == f"saves/unlearn/GradDiff_{seq['forget']}/fold_3"
     assert resolved["model"]["model_args"]["pretrained_model_name_or_path"] == \
         {"previous": "/prev", "target": "/m"}[seq["start_from"]]
-    forget = dataset_config(resolved["data"]["forget"], fold)
+    forget = resolved["data"]["forget"]
     assert forget["args"]["hf_args"]["split"] == "forget_3" and forget["args"]["local_fold"]["index"] == 3
     assert forget["args"]["local_fold"]["nested"] == (sequence == "muse_scal")
 
@@ -145,6 +155,8 @@ def _check_experiment(experiment: str, every: bool) -> None:
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
         for override in overrides:
             cfg = compose(config_name=top, overrides=override)
+            if not every or override is overrides[0]:  # the names in it compose too (as at the entry point)
+                compose_names(cfg)
             resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
             if top == "eval.yaml":
                 assert resolved["eval"], override
@@ -173,8 +185,8 @@ def test_every_experiment_composes_with_every_trainer_and_model(experiment):
 def test_tofu_experiment_follows_the_splits_given():
     _, r = _compose("unlearn.yaml", ["experiment=unlearn/tofu/default", "trainer=NPO", "forget_split=forget05",
                                      "retain_split=retain95"])
-    assert (r["data"]["forget"], r["data"]["retain"], r["holdout_split"]) == ("TOFU_QA_FORGET05", "TOFU_QA_RETAIN95",
-                                                                             "holdout05")
+    assert (r["data"]["forget"]["name"], r["data"]["retain"]["name"], r["holdout_split"]) == (
+        "TOFU_QA_FORGET05", "TOFU_QA_RETAIN95", "holdout05")
     assert r["eval"]["tofu"]["forget_split"] == "forget05" and r["trainer"]["handler"] == "NPO"
     args = r["trainer"]["args"]
     assert (args["learning_rate"], args["weight_decay"], args["num_train_epochs"], args["warmup_steps"]) == \
@@ -182,4 +194,4 @@ def test_tofu_experiment_follows_the_splits_given():
     assert args["per_device_train_batch_size"] * args["gradient_accumulation_steps"] == 32
     assert r["paths"]["output_dir"] == "./saves/unlearn/tofu_NPO_forget05"
     _, idk = _compose("unlearn.yaml", ["experiment=unlearn/tofu/idk", "forget_split=forget01", "retain_split=retain99"])
-    assert (idk["trainer"]["handler"], idk["data"]["forget"]) == ("DPO", "TOFU_QA_FORGET01_IDK")
+    assert (idk["trainer"]["handler"], idk["data"]["forget"]["name"]) == ("DPO", "TOFU_QA_FORGET01_IDK")

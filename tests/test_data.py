@@ -21,10 +21,17 @@ from data import (
     QADataset,
     available_datasets,
     build_dataset,
+    compose_dataset,
     get_collator,
     get_data,
 )
-from data.collators import DataCollatorForSupervisedDataset, DataCollatorForSupervisedDatasetWithIndices
+from data.collators import (
+    BatchLayout,
+    DataCollatorForSupervisedDataset,
+    DataCollatorForSupervisedDatasetWithIndices,
+    Parts,
+    layout_of,
+)
 from data.utils import IGNORE_INDEX, PromptTemplate, answer_end_token_id, to_sample, tokenize_qa_batch
 from synthetic_tofu import generate_tofu_like
 
@@ -291,14 +298,17 @@ def test_collator_pads_right_and_left(data_tok):
     assert right["input_ids"].dtype == torch.long
     assert "index" not in right
     # host-side facts for the trainers: first answer label at position 1; answer targets 12, 23, 24
-    assert right["answer_start"] == 1 and right["answer_tokens"] == 3
+    assert right["layout"] == BatchLayout("right", True, answer_start=1, answer_tokens=3)
+    assert right["layout"].causal_attention_suffices
 
     left = DataCollatorForSupervisedDataset(data_tok, padding_side="left")([short, long])
     assert left["input_ids"].tolist() == [[pad, pad, 11, 12], [21, 22, 23, 24]]
     assert left["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX, 12],
                                        [IGNORE_INDEX, IGNORE_INDEX, 23, 24]]
     assert left["attention_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
-    assert "answer_start" not in left and "answer_tokens" not in left  # they mark right padding
+    # the answer span is known on the host for either side; only right padding runs without the mask
+    assert left["layout"] == BatchLayout("left", True, answer_start=2, answer_tokens=3)
+    assert not left["layout"].causal_attention_suffices
 
 
 def test_collator_keeps_attention_on_inner_pad_tokens(data_tok):
@@ -315,8 +325,8 @@ def test_collator_keeps_attention_on_inner_pad_tokens(data_tok):
 def test_collator_nested_batches(data_tok):
     pad = data_tok.pad_token_id
     items = [
-        {"forget": _sample([1, 2], index=0), "retain": _sample([3, 4, 5], index=9)},
-        {"forget": _sample([6, 7, 8], index=1), "retain": _sample([9], index=4)},
+        Parts(forget=_sample([1, 2], index=0), retain=_sample([3, 4, 5], index=9)),
+        Parts(forget=_sample([6, 7, 8], index=1), retain=_sample([9], index=4)),
     ]
     batch = DataCollatorForSupervisedDataset(data_tok)(items)
     assert set(batch) == {"forget", "retain"}
@@ -326,7 +336,7 @@ def test_collator_nested_batches(data_tok):
     assert "index" not in batch["forget"]
 
     # Doubly nested (IdkDPO): {"forget": {"original", "alternate"}, "retain"}.
-    idk_items = [{"forget": {"original": _sample([1]), "alternate": _sample([2, 3])}, "retain": _sample([4])}]
+    idk_items = [Parts(forget=Parts(original=_sample([1]), alternate=_sample([2, 3])), retain=_sample([4]))]
     nested = DataCollatorForSupervisedDatasetWithIndices(data_tok)(idk_items)
     assert nested["forget"]["alternate"]["input_ids"].tolist() == [[2, 3]]
     assert nested["forget"]["original"]["index"].tolist() == [0]
@@ -406,7 +416,7 @@ def test_every_dataset_builds_from_local_folder(data_tok, data_tofu_dir, data_ro
             continue
         if name.startswith(("MUSE_", "WMDP_")):  # other benchmarks: paths.muse_news / paths.wmdp (test_muse.py, test_wmdp.py)
             continue
-        ds = build_dataset(name, data_tok, root_cfg=data_root_cfg)
+        ds = build_dataset(compose_dataset(name, data_root_cfg), data_tok)
         assert len(ds) > 0, name
         item = ds[0]
         if name.endswith("_IDK"):
@@ -421,16 +431,16 @@ def test_every_dataset_builds_from_local_folder(data_tok, data_tofu_dir, data_ro
         else:
             assert set(item) == {"input_ids", "labels", "attention_mask", "index"}, name
     # Row counts follow the files named by each config.
-    full = build_dataset("TOFU_QA_FULL", data_tok, root_cfg=data_root_cfg)
+    full = build_dataset(compose_dataset("TOFU_QA_FULL", data_root_cfg), data_tok)
     assert len(full) == len(_rows(data_tofu_dir / "full.json")) == 30
-    ra = build_dataset("TOFU_QA_RA", data_tok, root_cfg=data_root_cfg)
+    ra = build_dataset(compose_dataset("TOFU_QA_RA", data_root_cfg), data_tok)
     assert len(ra) == len(_rows(data_tofu_dir / "real_authors_perturbed.json"))
 
 
 def test_idk_refusal_depends_on_seed_only(data_tok, data_root_cfg):
     def picks(seed):
         root = OmegaConf.merge(data_root_cfg, {"seed": seed})
-        ds = build_dataset("TOFU_QA_FORGET10_IDK", data_tok, root_cfg=root)
+        ds = build_dataset(compose_dataset("TOFU_QA_FORGET10_IDK", root), data_tok)
         return [ds[i]["alternate"]["input_ids"].tolist() for i in range(len(ds))]
 
     assert picks(0) == picks(0)
@@ -438,7 +448,7 @@ def test_idk_refusal_depends_on_seed_only(data_tok, data_root_cfg):
 
 
 def test_dataset_args_and_template_args_reach_datasets(data_tok, data_root_cfg):
-    ds = build_dataset("TOFU_QA_FORGET01", data_tok, root_cfg=data_root_cfg,
+    ds = build_dataset(compose_dataset("TOFU_QA_FORGET01", data_root_cfg), data_tok,
                        template_args=OmegaConf.create({"apply_chat_template": False}),
                        dataset_args={"max_length": 30})
     assert all(len(ds[i]["input_ids"]) <= 30 for i in range(len(ds)))
@@ -447,14 +457,14 @@ def test_dataset_args_and_template_args_reach_datasets(data_tok, data_root_cfg):
 
 def test_unknown_dataset_name(data_tok, data_root_cfg):
     with pytest.raises(ValueError, match="TOFU_QA_NOPE") as exc:
-        build_dataset("TOFU_QA_NOPE", data_tok, root_cfg=data_root_cfg)
+        build_dataset(compose_dataset("TOFU_QA_NOPE", data_root_cfg), data_tok)
     assert "TOFU_QA_FORGET01" in str(exc.value) and "TOFU_QA_RETAIN90" in str(exc.value)
 
 
 def test_missing_local_file(data_tok, tmp_path):
     root = OmegaConf.create({"paths": {"tofu": str(tmp_path)}, "seed": 0})
     with pytest.raises(FileNotFoundError) as exc:
-        build_dataset("TOFU_QA_FORGET05", data_tok, root_cfg=root)
+        build_dataset(compose_dataset("TOFU_QA_FORGET05", root), data_tok)
     msg = str(exc.value)
     assert "forget05.json" in msg and f"paths.tofu={tmp_path}" in msg
 
@@ -463,23 +473,30 @@ def test_missing_idk_file(data_tok, data_tofu_dir, tmp_path):
     (tmp_path / "forget01.json").write_text((data_tofu_dir / "forget01.json").read_text())
     root = OmegaConf.create({"paths": {"tofu": str(tmp_path)}, "seed": 0})
     with pytest.raises(FileNotFoundError, match="idontknow.jsonl"):
-        build_dataset("TOFU_QA_FORGET01_IDK", data_tok, root_cfg=root)
+        build_dataset(compose_dataset("TOFU_QA_FORGET01_IDK", root), data_tok)
 
 
 def test_wrong_answer_key(data_tok, data_root_cfg):
     from data.utils import DataFileError
 
     with pytest.raises(DataFileError) as exc:
-        build_dataset("TOFU_QA_FORGET01", data_tok, root_cfg=data_root_cfg, dataset_args={"answer_key": "nope"})
+        build_dataset(compose_dataset("TOFU_QA_FORGET01", data_root_cfg), data_tok, dataset_args={"answer_key": "nope"})
     msg = str(exc.value)
     assert "forget01.json, line 1: no 'nope' field (answer_key='nope')" in msg
     assert re.search(r"the row has: .*answer.*question", msg) and "\n" not in msg
 
 
+def _data(data: dict, root) -> object:
+    """``data`` with its dataset names composed in a run config of ``root`` (as the entry point does)."""
+    from resolvers import compose_names
+
+    return compose_names(OmegaConf.merge(root, {"data": data})).data
+
+
 def test_get_data_modes(data_tok, data_root_cfg):
-    data_cfg = OmegaConf.create({"forget": "TOFU_QA_FORGET10", "retain": "TOFU_QA_RETAIN90",
-                                 "eval": None, "dataset_args": {"max_length": 64}})
-    out = get_data(data_cfg, "unlearn", data_tok, root_cfg=data_root_cfg, seed=5)
+    data_cfg = _data({"forget": "TOFU_QA_FORGET10", "retain": "TOFU_QA_RETAIN90",
+                      "eval": None, "dataset_args": {"max_length": 64}}, data_root_cfg)
+    out = get_data(data_cfg, "unlearn", data_tok, seed=5)
     train = out["train"]
     assert isinstance(train, ForgetRetainDataset)
     assert len(train) == len(out["forget"]) == 3
@@ -490,20 +507,21 @@ def test_get_data_modes(data_tok, data_root_cfg):
     assert set(item) == {"forget", "retain"}
     assert len(item["retain"]["input_ids"]) <= 64
 
-    no_retain = get_data(OmegaConf.create({"forget": "TOFU_QA_FORGET01"}), "unlearn", data_tok,
-                         root_cfg=data_root_cfg)
+    no_retain = get_data(_data({"forget": "TOFU_QA_FORGET01"}, data_root_cfg), "unlearn", data_tok)
     assert set(no_retain["train"][0]) == {"forget"}
 
-    train_out = get_data({"train": "TOFU_QA_FULL", "eval": "TOFU_QA_FORGET01"}, "train", data_tok,
-                         root_cfg=data_root_cfg)
+    train_out = get_data(_data({"train": "TOFU_QA_FULL", "eval": "TOFU_QA_FORGET01"}, data_root_cfg), "train", data_tok)
     assert len(train_out["train"]) == 30 and len(train_out["eval"]) == 3
 
     with pytest.raises(ValueError, match="bogus"):
-        get_data(data_cfg, "bogus", data_tok, root_cfg=data_root_cfg)
+        get_data(data_cfg, "bogus", data_tok)
     with pytest.raises(ValueError, match="data.forget"):
-        get_data({"retain": "TOFU_QA_RETAIN90"}, "unlearn", data_tok, root_cfg=data_root_cfg)
+        get_data(_data({"retain": "TOFU_QA_RETAIN90"}, data_root_cfg), "unlearn", data_tok)
     with pytest.raises(ValueError, match="data.train"):
-        get_data({"forget": "TOFU_QA_FORGET01"}, "train", data_tok, root_cfg=data_root_cfg)
+        get_data(_data({"forget": "TOFU_QA_FORGET01"}, data_root_cfg), "train", data_tok)
+    # a name reaches get_data only composed: get_data refuses one, naming the setting and the valid names
+    with pytest.raises(ValueError, match=r"data.forget='TOFU_QA_FORGET01' is a dataset name.*valid names: .*TOFU_QA_RA"):
+        get_data({"forget": "TOFU_QA_FORGET01"}, "unlearn", data_tok)
 
 
 def test_get_collator(data_tok):
@@ -526,25 +544,68 @@ def test_get_collator(data_tok):
 @pytest.mark.skipif(not REAL_TOFU.is_dir(), reason=f"real TOFU files not found at {REAL_TOFU}")
 def test_real_tofu_sizes(data_tok):
     root = OmegaConf.create({"paths": {"tofu": str(REAL_TOFU)}, "seed": 0})
-    forget = build_dataset("TOFU_QA_FORGET01", data_tok, root_cfg=root)
+    forget = build_dataset(compose_dataset("TOFU_QA_FORGET01", root), data_tok)
     assert len(forget) == 40
     assert forget[0]["labels"][-1].item() == _im_end(data_tok)
-    assert len(build_dataset("TOFU_QA_RA", data_tok, root_cfg=root)) == 100
+    assert len(build_dataset(compose_dataset("TOFU_QA_RA", root), data_tok)) == 100
 
 
 def test_concat_batches_pads_to_the_widest_and_keeps_rows():
     from data.collators import concat_batches
 
     a = {"input_ids": torch.tensor([[5, 6, 7]]), "labels": torch.tensor([[-100, 6, 7]]),
-         "attention_mask": torch.tensor([[1, 1, 1]]), "answer_start": 1, "answer_tokens": 2}
+         "attention_mask": torch.tensor([[1, 1, 1]]), "layout": BatchLayout("right", True, 1, 2)}
     b = {"input_ids": torch.tensor([[8, 9], [10, 11]]), "labels": torch.tensor([[-100, -100], [-100, 11]]),
-         "attention_mask": torch.tensor([[1, 1], [1, 0]]), "answer_start": 1, "answer_tokens": 1,
+         "attention_mask": torch.tensor([[1, 1], [1, 0]]), "layout": BatchLayout("right", True, 1, 1),
          "index": torch.tensor([3, 4])}
     joint = concat_batches([b, a])
     assert joint["input_ids"].tolist() == [[8, 9, 0], [10, 11, 0], [5, 6, 7]]
     assert joint["labels"].tolist() == [[-100, -100, -100], [-100, 11, -100], [-100, 6, 7]]
     assert joint["attention_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1]]
-    assert joint["answer_start"] == 1 and joint["answer_tokens"] == 3 and "index" not in joint
+    assert joint["layout"] == BatchLayout("right", True, 1, 3) and "index" not in joint
+
+
+def test_batch_contracts_are_checked():
+    """A batch's layout is a typed field, and code that needs it refuses a batch without one; batches that
+    cannot be joined, unknown item shapes, a bad padding side and labels changed after collation are refused
+    with what to do."""
+    from conftest import StubLM
+    from data.collators import concat_batches, relabelled
+    from model.forward import answer_span_logits, model_inputs
+    from trainer.answer_nll import answer_token_nll
+
+    bare = {"input_ids": torch.tensor([[0, 2]]), "labels": torch.tensor([[-100, 2]]),
+            "attention_mask": torch.tensor([[1, 1]])}
+    for use in (model_inputs, lambda b: answer_span_logits(StubLM(), b)):
+        with pytest.raises(ValueError, match=r"must carry its layout .*\['attention_mask', 'input_ids', 'labels'\].*"
+                                             r"layout_of"):
+            use(bare)
+    right = {**bare, "layout": layout_of(bare["labels"])}
+    # right padding with a mask that hides padding only: the model runs without the mask ...
+    assert set(model_inputs(right)) == {"input_ids"}
+    # ... left padding, or a mask that also hides real tokens (compat's), keeps it: decided by the layout
+    assert set(model_inputs({**bare, "layout": layout_of(bare["labels"], "left")})) == {"input_ids", "attention_mask"}
+    hides_tokens = {**bare, "layout": layout_of(bare["labels"], mask_hides_padding_only=False)}
+    assert set(model_inputs(hides_tokens)) == {"input_ids", "attention_mask"}
+    with pytest.raises(ValueError, match=r"right-padded batches whose masks are of one kind"):
+        concat_batches([right, {**bare, "layout": layout_of(bare["labels"], "left")}])
+    with pytest.raises(ValueError, match=r"right-padded batches whose masks are of one kind"):
+        concat_batches([right, hides_tokens])
+    with pytest.raises(ValueError, match=r"padding_side='middle'; valid: left, right"):
+        BatchLayout("middle")
+    with pytest.raises(ValueError, match=r"a dataset item must be a sample .*Parts.*got \['forget', 'retain'\]"):
+        DataCollatorForSupervisedDataset(_Tok())([{"forget": {}, "retain": {}}])
+    # labels edited after collation: the layout's answer count is stale, and the NLL paths that rely on it say so
+    changed = {**right, "labels": torch.tensor([[-100, -100]])}
+    with pytest.raises(RuntimeError, match=r"layout counts 1 answer tokens but its labels hold another number.*"
+                                           r"relabelled"):
+        answer_token_nll(StubLM(), changed, impl="chunked")
+    fixed = relabelled(right, torch.tensor([[-100, -100]]))
+    assert fixed["layout"].answer_tokens == 0 and fixed["layout"].answer_start == 2
+
+
+class _Tok:
+    pad_token_id = 0
 
 
 class _Sized(torch.utils.data.Dataset):

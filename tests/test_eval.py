@@ -43,6 +43,12 @@ def _load(path):
     return json.loads(path.read_text())
 
 
+def _container(cfg):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
 def test_eval_writes_every_metric_and_reuses_them(tofu_dir, tmp_path, caplog):
     out = tmp_path / "eval"
     first = _eval(tofu_dir, out)
@@ -148,7 +154,7 @@ def test_every_benchmark_config_builds_its_evaluator(bench, repo):
     with initialize_config_dir(config_dir=str(repo / "configs"), version_base=None):
         cfg = compose(config_name="eval.yaml", overrides=[f"eval={bench}", "paths.tofu=/data",
                                                           "+eval/tofu_metrics@eval.tofu.metrics.mia_reference=mia_reference"])
-    evaluator = get_evaluators(cfg.eval, root_cfg=cfg)["tofu"]  # validates handlers and options of every metric
+    evaluator = get_evaluators(cfg.eval, paths=cfg.paths)["tofu"]  # validates handlers and options of every metric
     assert "mia_reference" in evaluator.metrics_cfg and "model_utility" in evaluator.metrics_cfg
 
 
@@ -196,7 +202,7 @@ def test_privleak_is_negative_for_a_model_trained_on_the_forget_rows(tofu_dir, t
         bench["metrics"] = {k: bench["metrics"][k] for k in ("mia_min_k", "privleak")}
         model, tok = get_model(cfg.model)
         out = tmp_path / "eval" / folder.name
-        Evaluator(bench, tokenizer=tok, template_args=cfg.model.template_args, root_cfg=cfg).evaluate(model, output_dir=out)
+        Evaluator(bench, tokenizer=tok, template_args=cfg.model.template_args, paths=cfg.paths).evaluate(model, output_dir=out)
         return _load(out / "TOFU_EVAL.json")
 
     retain_logs = evaluate(retain, "null")
@@ -222,11 +228,11 @@ def test_code_version_runs_git_once_per_process(monkeypatch):
 
     monkeypatch.setattr(result.subprocess, "run", counting_run)
     result.code_version.cache_clear()
-    from omegaconf import OmegaConf
+    from data import compose_dataset
 
-    evaluator = base.Evaluator({"metrics": {name: {"handler": "rouge", "datasets": {"main": "TOFU_QA_FORGET10"}}
-                                            for name in ("a", "b", "c")}},
-                               root_cfg=OmegaConf.create({"paths": {"tofu": None}, "seed": 0}))
+    dataset = _container(compose_dataset("TOFU_QA_FORGET10", {"paths": {"tofu": None}, "seed": 0}))
+    evaluator = base.Evaluator({"metrics": {name: {"handler": "rouge", "datasets": {"main": dataset}}
+                                            for name in ("a", "b", "c")}})
     for _ in range(3):  # three evaluations of three metrics
         for name in ("a", "b", "c"):
             evaluator.fingerprint(name, "model", "fast")
@@ -267,7 +273,7 @@ def test_vocabulary_moments_only_for_the_datasets_min_k_plus_plus_reads(tofu_dir
             return result
 
         monkeypatch.setattr(passes, "token_stats_passes", spy)
-        Evaluator(bench, tokenizer=tok, template_args=cfg.model.template_args, root_cfg=cfg).evaluate(model, output_dir=out)
+        Evaluator(bench, tokenizer=tok, template_args=cfg.model.template_args, paths=cfg.paths).evaluate(model, output_dir=out)
         return calls, _load(out / "TOFU_EVAL.json")
 
     calls, logs = run(tmp_path / "skip", False)

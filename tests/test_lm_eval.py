@@ -341,7 +341,7 @@ def test_shipped_config_builds():
         cfg = compose(config_name="eval.yaml", overrides=["eval=lm_eval", "model=tiny-random-llama"])
     resolved = OmegaConf.to_container(cfg.eval.lm_eval, resolve=True)
     assert resolved["tasks"] == ["wmdp_bio", "wmdp_cyber", "mmlu"] and resolved["name"] == "LMEval"
-    evaluator = get_evaluators(cfg.eval, template_args=cfg.model.template_args, root_cfg=cfg)["lm_eval"]
+    evaluator = get_evaluators(cfg.eval, template_args=cfg.model.template_args)["lm_eval"]
     assert evaluator.summary_names() == ["wmdp_bio_acc", "wmdp_cyber_acc", "mmlu_acc"]
     assert evaluator.apply_chat_template is False and evaluator.fewshot_as_multiturn is False
 
@@ -355,7 +355,7 @@ def test_error_without_lm_eval(monkeypatch):
         cfg = compose(config_name="eval.yaml", overrides=["eval=lm_eval", "model=tiny-random-llama"])
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` now fails as if it were not installed
     with pytest.raises(ImportError, match=r'not installed: pip install -e "\.\[lm_eval\]" \(or pip install lm-eval==0\.4\.13\)'):
-        get_evaluators(cfg.eval, template_args=cfg.model.template_args, root_cfg=cfg)
+        get_evaluators(cfg.eval, template_args=cfg.model.template_args)
 
 
 @needs_lm_eval

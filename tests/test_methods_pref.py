@@ -17,8 +17,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import MODEL_CACHE, REPO, StubLM, make_batch, train_in_process
-from data import build_dataset
-from data.collators import DataCollatorForSupervisedDataset
+from data import build_dataset, compose_dataset
+from data.collators import DataCollatorForSupervisedDataset, Parts
 from data.unlearn import ForgetRetainDataset
 from data.utils import PromptTemplate, to_sample, tokenize_qa_batch
 from model import get_model
@@ -38,7 +38,7 @@ ORIGINAL = make_batch([[0, 2], [1, 3]], [[-100, 2], [-100, 3]])
 ALTERNATE = make_batch([[0, 1], [1, 4]], [[-100, 1], [-100, 4]])
 # Retain: NLLs ln 8 and ln 5                                     -> token mean ln(40)/2
 RETAIN = make_batch([[0, 1], [1, 1]], [[-100, 1], [-100, 1]])
-PAIRED = {"forget": {"original": ORIGINAL, "alternate": ALTERNATE}, "retain": RETAIN}
+PAIRED = {"forget": Parts(original=ORIGINAL, alternate=ALTERNATE), "retain": RETAIN}
 # Longer forget answers for SimNPO's length normalisation (padding positions are masked):
 #   row 1: 0->2 (ln 2), 2->0 (ln 5), 0->2 (ln 2): S = ln 20, T = 3, A = ln(20)/3
 #   row 2: 1->3 (ln 5):                            S = ln 5,  T = 1, A = ln 5
@@ -133,7 +133,7 @@ def test_idknll_hand_value(tmp_path):
     # refusals: row 1 0->2 (ln 2), 2->0 (ln 5), 0->1 (ln 8); row 2 1->4 (ln 5)
     # token mean over the batch: (ln 2 + ln 5 + ln 8 + ln 5) / 4 = ln(400)/4
     refusals = make_batch([[0, 2, 0, 1], [1, 4, 0, 0]], [[-100, 2, 0, 1], [-100, 4, -100, -100]])
-    inputs = {"forget": {"original": ORIGINAL, "alternate": refusals}, "retain": RETAIN}
+    inputs = {"forget": Parts(original=ORIGINAL, alternate=refusals), "retain": RETAIN}
     expected = 2.0 * LN(400) / 4 + 0.5 * LN(40) / 2
     assert t.compute_loss(t.model, inputs).item() == pytest.approx(expected, abs=1e-5)
 
@@ -232,7 +232,7 @@ def test_one_sgd_step_moves_the_right_way(tmp_path, tiny, handler):
     # and the gradient, ~exp(-beta A), vanishes in float32; beta 0.1 keeps it visible.
     extra = {"beta": 0.1} if handler == "SimNPO" else {}
     t = make(handler, tmp_path, retain=False, model=model, retain_loss_type=None, **extra)
-    inputs = {"forget": forget if handler == "SimNPO" else {"original": forget, "alternate": alternate}}
+    inputs = {"forget": forget if handler == "SimNPO" else Parts(original=forget, alternate=alternate)}
 
     def nll(batch):
         with torch.no_grad():
@@ -269,7 +269,7 @@ def test_alternate_dataset_items_and_seeded_draws(tmp_path, tiny):
     root = _write_alt(tmp_path / "tofu", rows)
 
     def picks(seed):
-        ds = build_dataset("TOFU_QA_FORGET10_ALT", tok, root_cfg=OmegaConf.merge(root, {"seed": seed}))
+        ds = build_dataset(compose_dataset("TOFU_QA_FORGET10_ALT", OmegaConf.merge(root, {"seed": seed})), tok)
         assert len(ds) == 6 and set(ds[0]) == {"original", "alternate"}
         out = []
         for i in range(len(ds)):
@@ -285,7 +285,7 @@ def test_alternate_dataset_items_and_seeded_draws(tmp_path, tiny):
     assert picks(0) == first and picks(1) != first
     # A string column is taken as is.
     root = _write_alt(tmp_path / "tofu_str", [{**r, "alternate_answer": f"Only {i}."} for i, r in enumerate(rows)])
-    ds = build_dataset("TOFU_QA_FORGET10_ALT", tok, root_cfg=root)
+    ds = build_dataset(compose_dataset("TOFU_QA_FORGET10_ALT", root), tok)
     n = int((ds[2]["alternate"]["labels"] == -100).sum())
     assert tok.decode(ds[2]["alternate"]["input_ids"][n:-1]) == "Only 2."
 
@@ -295,11 +295,11 @@ def test_alternate_dataset_without_the_column_says_how_to_make_it(tmp_path, tiny
     root = _write_alt(tmp_path / "tofu", [{"question": "Q?", "answer": "A."}])
     with pytest.raises(ValueError, match=r"line 1: no 'alternate_answer' field \(alternate_key='alternate_answer'\)"
                                          ".*generate_alternates.py"):
-        build_dataset("TOFU_QA_FORGET10_ALT", tok, root_cfg=root)
+        build_dataset(compose_dataset("TOFU_QA_FORGET10_ALT", root), tok)
     with pytest.raises(FileNotFoundError, match="forget05_alternate.json not found.*generate_alternates.py"):
-        build_dataset("TOFU_QA_FORGET05_ALT", tok, root_cfg=root)
+        build_dataset(compose_dataset("TOFU_QA_FORGET05_ALT", root), tok)
     with pytest.raises(ValueError, match="paths.tofu is not set.*generate_alternates.py"):
-        build_dataset("TOFU_QA_FORGET10_ALT", tok, root_cfg=OmegaConf.create({"paths": {"tofu": None}, "seed": 0}))
+        build_dataset(compose_dataset("TOFU_QA_FORGET10_ALT", OmegaConf.create({"paths": {"tofu": None}, "seed": 0})), tok)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import MODEL_CACHE, REPO, StubLM, make_batch, run_cli
+from data.collators import layout_of
 from data.unlearn import ForgetRetainDataset
 from model import get_model
 from trainer import load_trainer
@@ -209,7 +210,7 @@ def _qa_batch(vocab, seed=0):
     ids = torch.randint(10, vocab, (2, 10), generator=g)
     labels = ids.clone()
     labels[:, :5] = -100
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "layout": layout_of(labels)}
 
 
 def test_hidden_states_at_matches_output_hidden_states_and_skips_later_layers(tiny):
@@ -314,7 +315,8 @@ def memorised(tiny):
             ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     labels = ids.clone()
     labels[:, :5] = -100
-    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+                   "layout": layout_of(labels)}
 
 
 @pytest.mark.parametrize("handler, method_args", [

@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import MODEL_CACHE, REPO, StubLM, make_batch, run_cli
+from data.collators import layout_of
 from data.unlearn import ForgetRetainDataset
 from model import get_model
 from trainer import load_trainer
@@ -218,11 +219,11 @@ def memorised():
             ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     labels = ids.clone()
     labels[:, :5] = -100  # 5 prompt tokens, 5 answer tokens
-    forget = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    forget = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "layout": layout_of(labels)}
     rids = torch.randint(0, 5000, (2, 10), generator=g)
     rlabels = rids.clone()
     rlabels[:, :5] = -100
-    retain = {"input_ids": rids, "attention_mask": torch.ones_like(rids), "labels": rlabels}
+    retain = {"input_ids": rids, "attention_mask": torch.ones_like(rids), "labels": rlabels, "layout": layout_of(rlabels)}
     assert _forget_nll(model, forget) < 1.0
     return model, tok, {"forget": forget, "retain": retain}
 

@@ -111,7 +111,7 @@ def test_probability_single_and_list_answers():
         0: [ts([-LN2, -LN4, -LN8])],  # A = 2 ln2, prob 1/4
         1: [const(LN2), const(LN4)],  # probs [1/2, 1/4], index mean 3/8
     }
-    res = run("probability", token_stats=token_stats)
+    res = run("probability", token_stats={"main": token_stats})
     v0 = res["value_by_index"]["0"]
     assert v0["prob"] == pytest.approx(0.25) and v0["avg_loss"] == pytest.approx(2 * LN2)
     v1 = res["value_by_index"]["1"]
@@ -122,29 +122,29 @@ def test_probability_single_and_list_answers():
 
 
 def test_probability_as_list_forces_lists():
-    res = run("probability", token_stats={0: [const(LN2)]}, as_list=True)
+    res = run("probability", token_stats={"main": {0: [const(LN2)]}}, as_list=True)
     assert res["value_by_index"]["0"]["prob"] == pytest.approx([0.5])
 
 
 def test_zero_token_sample_is_excluded_not_nan():
     # index 1 has no answer token; the aggregate is over index 0 only (prob 1/2)
-    res = run("probability", token_stats={0: [const(LN2)], 1: [empty()]})
+    res = run("probability", token_stats={"main": {0: [const(LN2)], 1: [empty()]}})
     assert res["value_by_index"]["1"] == {"prob": None, "avg_loss": None}
     assert res["excluded"] == [1]
     assert res["agg_value"] == pytest.approx(0.5)
     # an index with one broken answer among K is excluded as a whole
-    res = run("probability", token_stats={0: [const(LN2), empty()]})
+    res = run("probability", token_stats={"main": {0: [const(LN2), empty()]}})
     assert res["agg_value"] is None and res["excluded"] == [0] and "note" in res
 
 
 def test_memorization_and_mia_exclude_broken_samples():
     stats = {0: [ts([-LN2, -LN2, -LN2], match=[True, False, True])], 1: [empty()], 2: [ts([-LN2])]}
     for name in ("exact_memorization", "extraction_strength"):
-        res = run(name, token_stats=stats)
+        res = run(name, token_stats={"main": stats})
         # index 2 has only the EOS token: nothing left once EOS is dropped
         assert res["excluded"] == [1, 2]
         assert res["value_by_index"]["1"] == {"score": None}
-    em = run("exact_memorization", token_stats=stats)
+    em = run("exact_memorization", token_stats={"main": stats})
     assert em["agg_value"] == pytest.approx(0.5)  # [T, F] -> 1/2
     res = run("mia_loss", token_stats={"forget": stats, "holdout": {0: [const(LN8)], 1: [ts([-np.inf, -1.0])]}})
     assert res["forget"]["excluded"] == [1] and res["holdout"]["excluded"] == [1]
@@ -249,18 +249,19 @@ def test_rouge_metric_layout_and_rouge_type():
         0: {"input": "q0", "ground_truth": "the cat sat", "generation": "the cat"},
         1: {"input": "q1", "ground_truth": "a b c", "generation": "c b a"},
     }
-    res = run("rouge", generations=gens)
+    res = run("rouge", generations={"main": gens})
     v0 = res["value_by_index"]["0"]
     assert set(v0) == {"rouge1_recall", "rougeL_f1", "rougeL_recall", "input", "ground_truth", "generation"}
     assert v0["input"] == "q0" and v0["generation"] == "the cat"
     # rougeL recall: (2/3 + 1/3) / 2 = 1/2
     assert res["agg_value"] == pytest.approx(0.5)
     # rouge1 recall: (2/3 + 1) / 2 = 5/6
-    assert run("rouge", generations=gens, rouge_type="rouge1_recall")["agg_value"] == pytest.approx(5 / 6)
+    assert run("rouge", generations={"main": gens}, rouge_type="rouge1_recall")["agg_value"] == pytest.approx(5 / 6)
     # rougeL F1: gen "c b a" LCS 1 -> P = R = 1/3 -> F1 1/3 ; (0.8 + 1/3) / 2
-    assert run("rouge", generations=gens, rouge_type="rougeL_f1")["agg_value"] == pytest.approx((0.8 + 1 / 3) / 2)
+    assert run("rouge", generations={"main": gens}, rouge_type="rougeL_f1")["agg_value"] == \
+        pytest.approx((0.8 + 1 / 3) / 2)
     with pytest.raises(ValueError, match="rougeL_recall"):
-        run("rouge", generations=gens, rouge_type="rouge2")
+        run("rouge", generations={"main": gens}, rouge_type="rouge2")
 
 
 # ------------------------------------------------------------------------------------------ memorization
@@ -269,16 +270,16 @@ def test_rouge_metric_layout_and_rouge_type():
 def test_exact_memorization_and_extraction_strength_exclude_eos():
     # match [T, F, T, T, EOS: F]: EOS dropped -> EM 3/4 ; exact from position 2 on -> ES 1 - 2/4 = 1/2
     stats = {0: [ts([-1.0] * 5, match=[True, False, True, True, False])]}
-    assert run("exact_memorization", token_stats=stats)["value_by_index"]["0"]["score"] == pytest.approx(0.75)
-    assert run("extraction_strength", token_stats=stats)["value_by_index"]["0"]["score"] == pytest.approx(0.5)
+    assert run("exact_memorization", token_stats={"main": stats})["value_by_index"]["0"]["score"] == pytest.approx(0.75)
+    assert run("extraction_strength", token_stats={"main": stats})["value_by_index"]["0"]["score"] == pytest.approx(0.5)
     # last (non-EOS) token wrong -> ES 0 ; all right (EOS wrong is ignored) -> ES 1, EM 1
     assert extraction_strength_score([True, True, False]) == 0.0
     stats = {0: [ts([-1.0] * 4, match=[True, True, False, True])], 1: [ts([-1.0] * 4, match=[True] * 3 + [False])]}
-    es = run("extraction_strength", token_stats=stats)
+    es = run("extraction_strength", token_stats={"main": stats})
     assert es["value_by_index"]["0"]["score"] == 0.0
     assert es["value_by_index"]["1"]["score"] == 1.0
     assert es["agg_value"] == pytest.approx(0.5)
-    assert run("exact_memorization", token_stats=stats)["value_by_index"]["1"]["score"] == 1.0
+    assert run("exact_memorization", token_stats={"main": stats})["value_by_index"]["1"]["score"] == 1.0
     assert exact_memorization_score([False, False, True]) == pytest.approx(1 / 3)
     assert extraction_strength_score([False, False, False, False]) == 0.0
 
@@ -480,3 +481,15 @@ def test_every_pass_input_has_one_runner():
         register_pass("logits")
     with pytest.raises(ValueError, match="already registered"):
         register_pass("token_stats")(lambda ctx, spec, mcfg: None)
+
+
+def test_single_dataset_metrics_take_inputs_keyed_by_role():
+    """A metric's pass inputs are always keyed by dataset role, whether its config lists one dataset or several;
+    a metric that reads one dataset refuses a bare per-index map and several roles, saying what it got."""
+    stats = {0: [const(LN2)]}
+    assert run("probability", token_stats={"forget": stats})["agg_value"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match=r"'probability' reads one dataset: token_stats must be keyed by its dataset "
+                                         r"role .*got \['0'\]"):
+        run("probability", token_stats=stats)
+    with pytest.raises(ValueError, match=r"'rouge' reads one dataset.*one role; got \['forget', 'retain'\]"):
+        run("rouge", generations={"forget": {}, "retain": {}})

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import REPO, run_cli
-from data import build_dataset, dataset_config
+from data import build_dataset, compose_dataset
 from data.text import CompletionDataset, ConcatenatedDataset, PretrainingDataset, leading_special_tokens
 from data.utils import IGNORE_INDEX, PromptTemplate, format_prompt
 from evals.metrics import TokenStats, get_metric
@@ -142,7 +142,7 @@ def test_completion_masks_the_prefix(smollm2_tokenizer, tmp_path):
 def test_knowmem_prompt_golden(muse_dir, smollm2_tokenizer):
     """MUSE's knowledge prompt: the 10 in-context examples as "Question: q\\nAnswer: a\\n\\n", then the question."""
     root = OmegaConf.create({"paths": {"muse_news": str(muse_dir)}})
-    data = build_dataset("MUSE_forget_knowmem", smollm2_tokenizer, PLAIN_TAGS, root_cfg=root)
+    data = build_dataset(compose_dataset("MUSE_forget_knowmem", root), smollm2_tokenizer, PLAIN_TAGS)
     icl = [json.loads(line) for line in (muse_dir / "knowmem_forget_qa_icl.json").read_text().splitlines()]
     first = json.loads((muse_dir / "knowmem_forget_qa.json").read_text().splitlines()[0])
     assert len(icl) == 10 and data.fewshot == [(r["question"], r["answer"]) for r in icl]
@@ -198,11 +198,11 @@ def test_min_k_and_memorisation_score_every_token_of_raw_text():
     assert raw["forget"]["value_by_index"]["0"]["score"] == pytest.approx(4.5)
     assert qa["forget"]["value_by_index"]["0"]["score"] == pytest.approx(4.0)
     em = get_metric("exact_memorization").fn
-    assert em(token_stats=stats(False)["forget"])["agg_value"] == pytest.approx(4 / 5)
-    assert em(token_stats=stats(True)["forget"])["agg_value"] == pytest.approx(3 / 4)
+    assert em(token_stats={"forget": stats(False)["forget"]})["agg_value"] == pytest.approx(4 / 5)
+    assert em(token_stats={"forget": stats(True)["forget"]})["agg_value"] == pytest.approx(3 / 4)
     es = get_metric("extraction_strength").fn  # last wrong at position 1: k = 2 of T'
-    assert es(token_stats=stats(False)["forget"])["agg_value"] == pytest.approx(1 - 2 / 5)
-    assert es(token_stats=stats(True)["forget"])["agg_value"] == pytest.approx(1 - 2 / 4)
+    assert es(token_stats={"forget": stats(False)["forget"]})["agg_value"] == pytest.approx(1 - 2 / 5)
+    assert es(token_stats={"forget": stats(True)["forget"]})["agg_value"] == pytest.approx(1 - 2 / 4)
 
 
 def test_token_stats_of_a_raw_chunk_cover_every_predicted_token(smollm2_tokenizer, tmp_path):
@@ -226,20 +226,28 @@ def test_token_stats_of_a_raw_chunk_cover_every_predicted_token(smollm2_tokenize
 
 # ----- configs ---------------------------------------------------------------------------------------------------
 def _compose(overrides: list[str], config: str = "eval.yaml"):
+    """The config as the command line composes it (``data.train=[A,B]`` included: ``command_line_overrides``)."""
+    from resolvers import command_line_overrides
+
     with initialize_config_dir(str(REPO / "configs"), version_base=None):
-        return compose(config, overrides=overrides)
+        return compose(config, overrides=command_line_overrides(overrides))
+
+
+def _dataset(name: str, cfg) -> dict:
+    """The dataset config ``name`` composed by Hydra, resolved in the run config ``cfg``."""
+    return OmegaConf.to_container(compose_dataset(name, cfg))
 
 
 def test_muse_configs_follow_data_split_and_paths(muse_dir):
     cfg = _compose(["eval=muse", f"paths.muse_news={muse_dir}"])
-    forget = dataset_config("MUSE_forget", cfg)["args"]
+    forget = _dataset("MUSE_forget", cfg)["args"]
     assert forget["hf_args"] == {"path": "muse-bench/MUSE-News", "name": "raw", "split": "forget"}
     assert forget["local_dir"] == str(muse_dir) and forget["local_name"] == "raw_forget"
-    assert dataset_config("MUSE_retain", cfg)["args"]["local_name"] == "privleak_retain2"  # the local stand-in
+    assert _dataset("MUSE_retain", cfg)["args"]["local_name"] == "privleak_retain2"  # the local stand-in
     assert OmegaConf.to_container(cfg.eval.muse, resolve=True)["metrics"]["privleak"]["ref_value"] == 0.5228
 
     books = _compose(["eval=muse", f"paths.muse_news={muse_dir}", "+data_split=Books"])
-    args = dataset_config("MUSE_forget_knowmem", books)["args"]
+    args = _dataset("MUSE_forget_knowmem", books)["args"]
     assert args["hf_args"]["path"] == "muse-bench/MUSE-Books" and args["local_dir"] is None  # no local Books copy
     assert args["fewshot"]["hf_args"]["path"] == "muse-bench/MUSE-Books"
     assert OmegaConf.to_container(books.eval.muse, resolve=True)["metrics"]["privleak"]["ref_value"] == 0.4607
@@ -301,6 +309,9 @@ def test_target_model_trains_on_both_corpora(muse_dir, tmp_path):
     assert (out / "model.safetensors").is_file()
     cfg = _compose(["data.train=[MUSE_forget,MUSE_retain]"], "train.yaml")
     assert cfg.task_name == "finetune_MUSE_forget+MUSE_retain"
+    saved = OmegaConf.load(out / "config.yaml").data.train  # the run recorded the composed datasets
+    assert [(d.name, d.handler, d.args.local_name) for d in saved] == [
+        ("MUSE_forget", "PretrainingDataset", "raw_forget"), ("MUSE_retain", "PretrainingDataset", "privleak_retain2")]
 
 
 def test_rmu_two_steps_on_muse_chunks(muse_dir, tmp_path):
@@ -334,8 +345,8 @@ def test_muse_fold_datasets_cut_raw_forget(muse_dir, smollm2_tokenizer):
 
     def fold_tokens(name: str, fold: int) -> tuple[int, dict]:
         root = _compose(["eval=muse", f"paths.muse_news={muse_dir}", f"+fold={fold}"])
-        cfg = dataset_config(name, root)
-        ds = build_dataset(name, smollm2_tokenizer, root_cfg=root, dataset_args={"max_length": 4096})
+        cfg = _dataset(name, root)
+        ds = build_dataset(compose_dataset(name, root), smollm2_tokenizer, dataset_args={"max_length": 4096})
         return ds.num_tokens, cfg
 
     def tokens_of(rows) -> int:
@@ -371,7 +382,9 @@ def test_sequential_driver_runs_two_folds(muse_dir, tmp_path):
     assert rows[2]["exact_memorization"] != rows[0]["exact_memorization"]  # the folds did change the model
     # each fold is a run of its own fold, fold 2 starting from fold 1's model
     first, second = (OmegaConf.load(out / f"fold_{k}" / "config.yaml") for k in (1, 2))
-    assert (first.fold, second.fold) == (1, 2) and first.data.forget == second.data.forget == "MUSE_forget_sust"
+    assert (first.fold, second.fold) == (1, 2) and first.data.forget.name == second.data.forget.name == "MUSE_forget_sust"
+    # the saved configs hold the composed fold datasets, each resolved for its fold
+    assert (first.data.forget.args.hf_args.split, second.data.forget.args.local_fold.index) == ("forget_1", 2)
     assert first.model.model_args.pretrained_model_name_or_path is None  # the original (random-init) model
     assert second.model.model_args.pretrained_model_name_or_path == str(out / "fold_1")
     markdown = (out / "SEQUENCE_SUMMARY.md").read_text()

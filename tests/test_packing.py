@@ -8,6 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import REPO, train_in_process
+from data.collators import layout_of
 from trainer.answer_nll import answer_token_nll, resolve_pack_rows
 from trainer.packing import common_prefix_length, needed_inputs, pack_rows_layout, packs_rows
 
@@ -76,9 +77,9 @@ def _batch(holes: bool = False) -> dict:
     mask = (torch.arange(12)[None] < torch.tensor(lengths)[:, None]).long()
     if holes:  # compat=open_unlearning's pad-derived mask: no answer_start, a masked key inside the prompt
         mask[:, 2] = 0
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "answer_start": prompt,
-            "answer_tokens": int((labels != X).sum())}
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+                "layout": layout_of(labels, mask_hides_padding_only=False)}
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "layout": layout_of(labels)}
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -161,11 +162,11 @@ def test_batches_that_packing_would_barely_shrink_run_padded(monkeypatch):
     # Two 6-token rows, no padding, different first tokens: packing keeps 10 of 12 tokens (83 %: each
     # row's last token is no input), so it packs; 20-token rows would keep 38 of 40 (95 %): padded.
     short = torch.tensor([[1, 2, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]])
-    assert answer_nll.packed_layout({"input_ids": short, "labels": short.clone(), "answer_start": 0}) is not None
+    assert answer_nll.packed_layout({"input_ids": short, "labels": short.clone(), "layout": layout_of(short)}) is not None
     torch.manual_seed(0)
     long = torch.randint(1, 96, (2, 20))
     long[1, 0] = long[0, 0] + 1
-    batch = {"input_ids": long, "labels": long.clone(), "answer_start": 0, "answer_tokens": 38}
+    batch = {"input_ids": long, "labels": long.clone(), "layout": layout_of(long)}
     assert answer_nll.packed_layout(batch) is None
     calls = []
     monkeypatch.setattr(answer_nll, "packed_hidden_states", lambda *a: calls.append(1))

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import MODEL_CACHE, REPO
-from data import build_dataset
+from data import build_dataset, compose_dataset
 from data.collators import DataCollatorForSupervisedDataset, pad_sequences
 from evals.passes import (
     answer_logits,
@@ -31,7 +31,7 @@ def _tiny():
 
 def _dataset(tok, tofu_dir, name: str, answer_key: str = "answer"):
     root = OmegaConf.create({"paths": {"tofu": str(tofu_dir)}, "seed": 0})
-    return build_dataset(name, tok, {"apply_chat_template": True}, root_cfg=root, dataset_args={"answer_key": answer_key})
+    return build_dataset(compose_dataset(name, root), tok, {"apply_chat_template": True}, dataset_args={"answer_key": answer_key})
 
 
 def test_answer_logits_equal_full_forward():

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from conftest import MODEL_CACHE, REPO, train_in_process
-from data import build_dataset
+from data import build_dataset, compose_dataset
 from data.collators import DataCollatorForSupervisedDataset
 from model import get_model
 from model.forward import unwrap
@@ -44,9 +44,16 @@ def test_peft_settings_by_name_and_bad_values():
         peft_settings({"rank": 8})
     with pytest.raises(ValueError, match="model.peft.method='ia3'; valid: lora"):
         peft_settings({"method": "ia3"})
-    # both spellings compose to the same settings
+    # both spellings compose to the same settings: peft=lora by Hydra's defaults, model.peft=lora (a name) by the
+    # entry point (resolvers.compose_names, Hydra's compose API), which the run's saved config then records
+    from resolvers import compose_names
+
     assert OmegaConf.to_container(_cfg(["peft=lora"]).model.peft) == {**settings, "target_modules": list(TARGETS)}
     assert _cfg(["model.peft=lora"]).model.peft == "lora"
+    assert OmegaConf.to_container(compose_names(_cfg(["model.peft=lora"])).model.peft) == \
+        OmegaConf.to_container(_cfg(["peft=lora"]).model.peft)
+    with pytest.raises(ValueError, match="model.peft='lorra': no configs/peft/lorra.yaml; valid: lora, qlora"):
+        compose_names(_cfg(["model.peft=lorra"]))
 
 
 def _perturbed_lora_model():
@@ -123,7 +130,7 @@ def test_adapter_folder_evaluates_like_its_merged_model(tofu_dir, tmp_path):
 
 def _forget_nll(model, tokenizer, tofu_dir) -> float:
     root = OmegaConf.create({"paths": {"tofu": str(tofu_dir)}, "seed": 0})
-    ds = build_dataset("TOFU_QA_FORGET10", tokenizer, root_cfg=root)
+    ds = build_dataset(compose_dataset("TOFU_QA_FORGET10", root), tokenizer)
     batch = DataCollatorForSupervisedDataset(tokenizer)([ds[i] for i in range(len(ds))])
     with torch.no_grad():
         return float(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -183,9 +190,9 @@ def test_every_method_runs_with_lora(method, forget, tofu_dir, tmp_path):
 
 def test_qlora_settings_and_where_they_are_refused():
     """peft=qlora: LoRA's keys plus a 4-bit BitsAndBytesConfig; on a machine without CUDA it is refused before loading."""
-    from model.peft import _load_peft_file, quantization_config
+    from model.peft import compose_peft, quantization_config
 
-    raw = OmegaConf.to_container(_load_peft_file("qlora"))
+    raw = OmegaConf.to_container(compose_peft("qlora"))  # Hydra composes it: lora.yaml, then qlora's own keys
     assert raw["r"] == 8 and raw["quantization"]["bnb_4bit_quant_type"] == "nf4"
     assert OmegaConf.to_container(_cfg(["peft=qlora"]).model.peft) == {**raw, "target_modules": list(TARGETS)}
     config = quantization_config(raw)

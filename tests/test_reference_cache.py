@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import StubLM, make_batch
+from data.collators import Parts
 from data.unlearn import ForgetRetainDataset
 from trainer import load_trainer
 from trainer.reference_cache import KeyedCollator, ReferenceNLLCache, batch_keys, leaf_samples, sample_key
@@ -35,7 +36,7 @@ def test_cache_lookup_needs_every_row():
 def test_keyed_collator_adds_the_keys_of_every_nested_batch():
     import pickle
 
-    from data.collators import DataCollatorForSupervisedDataset
+    from data.collators import DataCollatorForSupervisedDataset, Parts
 
     class _Tok:
         pad_token_id = 0
@@ -44,8 +45,8 @@ def test_keyed_collator_adds_the_keys_of_every_nested_batch():
     other = {"input_ids": torch.tensor([1, 3, 4]), "labels": torch.tensor([-100, 3, 4]),
              "attention_mask": torch.tensor([1, 1, 1])}
     collate = KeyedCollator(DataCollatorForSupervisedDataset(_Tok()))
-    batch = collate([{"forget": {"original": sample, "alternate": other}, "retain": other},
-                     {"forget": {"original": other, "alternate": sample}, "retain": sample}])
+    batch = collate([Parts(forget=Parts(original=sample, alternate=other), retain=other),
+                     Parts(forget=Parts(original=other, alternate=sample), retain=sample)])
     original = batch["forget"]["original"]
     assert original["sample_keys"] == [sample_key(sample["input_ids"], sample["labels"]),
                                        sample_key(other["input_ids"], other["labels"])]
@@ -58,7 +59,7 @@ def test_keyed_collator_adds_the_keys_of_every_nested_batch():
 
 def test_leaf_samples_of_pairs_and_lists():
     a, b = {"input_ids": torch.tensor([1])}, {"input_ids": torch.tensor([2])}
-    assert list(leaf_samples({"original": a, "alternate": b})) == [a, b]
+    assert list(leaf_samples(Parts(original=a, alternate=b))) == [a, b]
     assert list(leaf_samples([a, b])) == [a, b]
     assert list(leaf_samples(3)) == []
 

@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import MODEL_CACHE, REPO
-from data import build_dataset
+from data import build_dataset, compose_dataset
 from data.collators import DataCollatorForSupervisedDataset
 from data.unlearn import ForgetRetainDataset
 from model import get_model
@@ -39,7 +39,7 @@ def _first_step_ratios(tiny, tofu_dir, tmp_path, monkeypatch, handler, forget, b
     model = copy.deepcopy(base)
     assert next(model.parameters()).dtype == torch.float32
     root = OmegaConf.create({"paths": {"tofu": str(tofu_dir)}, "seed": 0})
-    data = ForgetRetainDataset(build_dataset(forget, tok, {"apply_chat_template": True}, root_cfg=root), None)
+    data = ForgetRetainDataset(build_dataset(compose_dataset(forget, root), tok, {"apply_chat_template": True}), None)
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     if handler == "NPO":
         loss = npo_module.npo_loss

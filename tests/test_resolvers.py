@@ -49,3 +49,19 @@ def test_every_entry_point_registers_the_resolvers_when_imported():
                           timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[-1] == "ok"
+
+
+def test_the_dataset_resolvers_read_names_and_composed_nodes_alike():
+    """``${dataset_names:${data.forget}}`` (a task name) and ``${forget_split_of:${data.forget}}`` give the same
+    answer whether data.forget is still a name or already the composed config (resolvers.compose_names)."""
+    from omegaconf import OmegaConf
+
+    from data import compose_dataset
+    from resolvers import register_resolvers
+
+    register_resolvers()
+    for forget in ("TOFU_QA_FORGET05_IDK", compose_dataset("TOFU_QA_FORGET05_IDK")):
+        cfg = OmegaConf.create({"data": {"forget": forget, "train": ["MUSE_forget", compose_dataset("MUSE_retain")]},
+                                "task": "x_${dataset_names:${data.forget}}", "split": "${forget_split_of:${data.forget}}",
+                                "both": "${dataset_names:${data.train}}"})
+        assert (cfg.task, cfg.split, cfg.both) == ("x_TOFU_QA_FORGET05_IDK", "forget05", "MUSE_forget+MUSE_retain")

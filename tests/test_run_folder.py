@@ -64,11 +64,12 @@ def test_run_inputs_list_every_data_folder_and_lm_eval_file():
     import train
     from conftest import REPO
     from evals import get_evaluators
+    from resolvers import compose_names
 
     def inputs(overrides):
         with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
-            cfg = compose("unlearn.yaml", overrides=overrides)
-        return set(train.run_inputs(cfg, get_evaluators(cfg.get("eval"), root_cfg=cfg)))
+            cfg = compose_names(compose("unlearn.yaml", overrides=overrides))
+        return set(train.run_inputs(cfg, get_evaluators(cfg.get("eval"), paths=cfg.paths)))
 
     assert inputs(["eval=lm_eval", "paths.tofu=/d/tofu", "eval.lm_eval.include_path=[/d/tasks]",
                    "+eval.lm_eval.task_overrides.wmdp_bio={dataset_path: json, dataset_kwargs: {data_files: "

@@ -87,7 +87,7 @@ def _mia_loss_evaluator(tofu, overrides, tokenizer=None):
     cfg = _compose("eval.yaml", ["model=tiny-random-llama", f"paths.tofu={tofu}", *overrides])
     tofu_cfg = OmegaConf.to_container(cfg.eval.tofu, resolve=True)
     tofu_cfg["metrics"] = {"mia_loss": tofu_cfg["metrics"]["mia_loss"]}
-    return Evaluator(tofu_cfg, tokenizer=tokenizer, template_args=cfg.model.template_args, root_cfg=cfg)
+    return Evaluator(tofu_cfg, tokenizer=tokenizer, template_args=cfg.model.template_args, paths=cfg.paths)
 
 
 def test_a_missing_holdout_file_names_it_and_the_override(tofu_dir, tmp_path):

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from conftest import REPO, train_in_process
-from data import build_dataset, dataset_config
+from data import build_dataset, compose_dataset
 from data.text import PretrainingDataset
 from data.utils import IGNORE_INDEX
 
@@ -61,9 +61,9 @@ def test_per_row_rejects_bad_settings(smollm2_tokenizer, tmp_path):
 @pytest.mark.parametrize("name", WMDP_DATASETS)
 def test_wmdp_corpora_follow_rmu(name):
     """RMU's data rules on every corpus: per document, 512 tokens, > 50 characters; paths.wmdp switches to local files."""
-    hub = dataset_config(name, OmegaConf.create({"paths": {"wmdp": None}}))["args"]
+    hub = OmegaConf.to_container(compose_dataset(name, {"paths": {"wmdp": None}}))["args"]
     assert hub["local_dir"] is None and hub["hf_args"]["split"] in ("train", "test")
-    args = dataset_config(name, OmegaConf.create({"paths": {"wmdp": "/data/wmdp"}}))["args"]
+    args = OmegaConf.to_container(compose_dataset(name, {"paths": {"wmdp": "/data/wmdp"}}))["args"]
     assert (args["chunking"], args["max_length"], args["min_len_chars"]) == ("per_row", 512, 50)
     assert args["local_dir"] == "/data/wmdp" and args["local_dir_key"] == "paths.wmdp"
 
@@ -108,7 +108,7 @@ def test_rmu_experiment_runs_on_local_corpora(wmdp_dir, tmp_path, smollm2_tokeni
     assert len(steps) == 2 and all(math.isfinite(s["loss"]) for s in steps)
     # the forget set: both corpora, one sample per kept document, each cut to 32 tokens
     root = _compose([f"paths.wmdp={wmdp_dir}"])
-    bio = build_dataset("WMDP_forget_bio", smollm2_tokenizer, root_cfg=root, dataset_args={"max_length": 32})
+    bio = build_dataset(compose_dataset("WMDP_forget_bio", root), smollm2_tokenizer, dataset_args={"max_length": 32})
     assert len(bio) == 6 and max(bio.lengths()) == 32 and all(IGNORE_INDEX not in bio[i]["labels"] for i in range(6))
 
     import model as model_pkg

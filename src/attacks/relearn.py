@@ -79,26 +79,28 @@ def _first(item: Any) -> dict:
     return item[0] if isinstance(item, list) else item
 
 
-def relearning_set(cfg: Mapping[str, Any], tokenizer: Any, template_args: Any, root_cfg: Any) -> Any:
-    """The rows relearned on: ``attack.relearn.data`` (a dataset config name) cut to ``fraction`` of its rows."""
+def relearning_set(cfg: Mapping[str, Any], tokenizer: Any, template_args: Any, compat: Any = None) -> Any:
+    """The rows relearned on: ``attack.relearn.data`` (a dataset config, composed by the entry point from its
+    name) cut to ``fraction`` of its rows."""
     from torch.utils.data import Subset
 
     from data import build_dataset
+    from data.splits import dataset_names
 
-    name = cfg.get("data")
-    if not name:
+    data = cfg.get("data")
+    if not data:
         raise BadValueError("attack.relearn.data is not set: name a dataset config (e.g. TOFU_QA_FORGET10)")
-    dataset = build_dataset(name, tokenizer, template_args=template_args, root_cfg=root_cfg,
-                            dataset_args=cfg.get("dataset_args") or {})
+    dataset = build_dataset(data, tokenizer, template_args=template_args,
+                            dataset_args=cfg.get("dataset_args") or {}, compat=compat)
     rows = relearning_rows(len(dataset), float(cfg.get("fraction", 0.5)), int(cfg.get("seed", 0)))
-    log.info("relearn: %d of %d rows of %s, %d steps", len(rows), len(dataset), name, cfg.get("steps"))
+    log.info("relearn: %d of %d rows of %s, %d steps", len(rows), len(dataset), dataset_names(data), cfg.get("steps"))
     return Subset(dataset, rows)
 
 
 def relearn(model: torch.nn.Module, cfg: Mapping[str, Any], tokenizer: Any, template_args: Any,
-            root_cfg: Any) -> torch.nn.Module:
+            compat: Any = None) -> torch.nn.Module:
     """The attacked model of ``attack.relearn``."""
-    dataset = relearning_set(cfg, tokenizer, template_args, root_cfg)
+    dataset = relearning_set(cfg, tokenizer, template_args, compat)
     return relearned_copy(model, dataset, tokenizer, cfg.get("steps", 30), cfg.get("learning_rate", 1e-5),
                           cfg.get("batch_size", 4), int(cfg.get("seed", 0)))
 

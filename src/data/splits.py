@@ -6,7 +6,7 @@ membership-inference metrics and privleak compare the two sets, so a mismatch (4
 40 holdout rows) changes what the AUCs measure. In an unlearning run the evaluation scores the split
 being unlearned: ``data.forget=TOFU_QA_FORGET01`` is split ``forget01``.
 
-The top-level configs say so with two resolvers, registered when ``data`` is imported::
+The top-level configs say so with two resolvers (registered by ``resolvers.register_resolvers``)::
 
     forget_split: ${forget_split_of:${data.forget}}   # unlearn.yaml: the split of data.forget
     holdout_split: ${holdout_for:${forget_split}}     # every top-level config
@@ -17,6 +17,7 @@ refuses an unlearning run whose evaluation would score another split than the on
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 
@@ -37,12 +38,19 @@ def holdout_for(forget_split: str | None) -> str | None:
     return f"holdout{match.group(1)}"
 
 
-def _hub_config_name(dataset: str | Mapping) -> str | None:
-    """``hf_args.name`` of a dataset given by config name (configs/data/datasets) or inline config."""
-    if isinstance(dataset, str):
-        from data import _load_dataset_file  # the dataset registry imports this module
+@functools.cache
+def _named_hub_config_name(name: str) -> str | None:
+    """``hf_args.name`` of the dataset config ``name``, composed by Hydra once per process (a config that names
+    its dataset before the entry point composes it: ``forget_split`` resolves many times)."""
+    from data import compose_dataset  # the dataset registry imports this module
 
-        dataset = _load_dataset_file(dataset)
+    return _hub_config_name(compose_dataset(name, where="data.forget"))
+
+
+def _hub_config_name(dataset: str | Mapping) -> str | None:
+    """``hf_args.name`` of a dataset given by config name (configs/data/datasets) or as a composed config."""
+    if isinstance(dataset, str):
+        return _named_hub_config_name(dataset)
     if isinstance(dataset, DictConfig):
         dataset = OmegaConf.to_container(dataset, resolve=False)
     name = ((dataset.get("args") or {}).get("hf_args") or {}).get("name") if isinstance(dataset, Mapping) else None
@@ -68,8 +76,8 @@ def check_eval_splits(cfg: DictConfig) -> None:
     """
     if cfg.get("mode") != "unlearn" or not cfg.get("eval"):
         return
-    forget = cfg.data.get("forget")
-    unlearned = forget_split_of(forget)
+    forget = dataset_names(cfg.data.get("forget"))
+    unlearned = forget_split_of(cfg.data.get("forget"))
     for bench, eval_cfg in cfg.eval.items():
         if "forget_split" not in eval_cfg:
             continue
@@ -96,9 +104,13 @@ def muse_corpus(name: str) -> str:
 
 
 def dataset_names(spec: object) -> str:
-    """A dataset name, or several joined with ``+`` (``data.train=[MUSE_forget,MUSE_retain]`` in a task name)."""
+    """A dataset's name, or several joined with ``+`` (``data.train=[MUSE_forget,MUSE_retain]`` in a task name):
+    a name as given, or the ``name`` of a composed dataset config (else its ``hf_args.name``)."""
     if isinstance(spec, (list, tuple)) or OmegaConf.is_list(spec):
-        return "+".join(str(s) for s in spec)
+        return "+".join(dataset_names(s) for s in spec)
+    if isinstance(spec, Mapping) or OmegaConf.is_dict(spec):
+        name = spec.get("name")
+        return str(name) if name else str(_hub_config_name(spec) or "dataset")
     return str(spec)
 
 

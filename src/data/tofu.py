@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from checks import check_number
 from compat import get_compat
+from data.collators import Parts
 from data.utils import (
     DataFileError,
     PromptTemplate,
@@ -229,8 +230,8 @@ class QAwithIdkDataset(QADataset):
         self._idk = tokenize_qa_batch(tokenizer, self.template, questions, picks, max_length,
                                       labels_cover_chat_tail=self.compat.labels_cover_chat_tail)
 
-    def __getitem__(self, index: int) -> dict:
-        return {"original": super().__getitem__(index), "alternate": to_sample(self._idk[index], index)}
+    def __getitem__(self, index: int) -> Parts:
+        return Parts(original=super().__getitem__(index), alternate=to_sample(self._idk[index], index))
 
 
 class QAwithAlternateDataset(QADataset):
@@ -281,5 +282,5 @@ class QAwithAlternateDataset(QADataset):
         if n_cut:
             log.warning("%s: %d of %d alternate answers cut to max_length=%d", self.name, n_cut, len(picks), max_length)
 
-    def __getitem__(self, index: int) -> dict:
-        return {"original": super().__getitem__(index), "alternate": to_sample(self._alternates[index], index)}
+    def __getitem__(self, index: int) -> Parts:
+        return Parts(original=super().__getitem__(index), alternate=to_sample(self._alternates[index], index))

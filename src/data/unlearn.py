@@ -7,6 +7,8 @@ import random
 import torch
 from torch.utils.data import Dataset
 
+from data.collators import Parts
+
 RETAIN_PAIRINGS = ("random", "length_matched")
 
 
@@ -89,8 +91,7 @@ class ForgetRetainDataset(Dataset):
         raise TypeError(f"the forget dataset {type(self.forget).__name__} has no lengths(); "
                         "train_sampling_strategy=group_by_length needs one")
 
-    def __getitem__(self, index: int) -> dict:
-        item = {"forget": self.forget[index]}
-        if self.retain is not None:
-            item["retain"] = self.retain[self.retain_index(index)]
-        return item
+    def __getitem__(self, index: int) -> Parts:
+        if self.retain is None:
+            return Parts(forget=self.forget[index])
+        return Parts(forget=self.forget[index], retain=self.retain[self.retain_index(index)])

@@ -30,11 +30,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from compat import compat_of
+from compat import get_compat
 from core.distributed import is_main_process, is_sharded, on_main_process
-from data import DATASET_REGISTRY, build_dataset, dataset_config
+from data import DATASET_REGISTRY, accepts_arg, build_dataset, dataset_config
 from data.tofu import local_data_file, local_stem
 from data.utils import DataFileError, check_rows_file
 from evals.benchmark import COMMON_KEYS, Benchmark
@@ -75,11 +75,11 @@ def _positive_int(value: Any) -> bool:
 
 
 def with_question_key(mcfg: Mapping, key: str) -> dict:
-    """A metric config whose every inline dataset (its own and its pre-compute metrics') reads its questions
-    from the column ``key``."""
+    """A metric config whose every question-answer dataset (its own and its pre-compute metrics'; a dataset class
+    that takes ``question_key``) reads its questions from the column ``key``."""
     out = copy.deepcopy(dict(mcfg))
     for spec in (out.get("datasets") or {}).values():
-        if isinstance(spec, dict):
+        if isinstance(spec, dict) and accepts_arg(spec, "question_key"):
             spec.setdefault("args", {})["question_key"] = key
     out["pre_compute"] = {name: with_question_key(sub, key) for name, sub in (out.get("pre_compute") or {}).items()}
     if not out["pre_compute"]:
@@ -119,11 +119,15 @@ class Evaluator(Benchmark):
             numbers are not the benchmark's; recorded in ``_meta`` and the fingerprints).
         tokenizer: the model's tokenizer.
         template_args: the model config's prompt settings.
-        root_cfg: the run's full config, to resolve dataset specs (``${paths.tofu}``).
+        compat: the run's ``compat`` mode (``compat.get_compat``: null, ``open_unlearning``, or a ``Compat``).
+        paths: the run's ``paths`` (its data folders), where ``data_folder_key`` (``paths.tofu``) is looked up.
+
+    Every metric's ``datasets`` are composed dataset configs (Hydra composes them from the metric config's
+    defaults list, ``/data/datasets@datasets.main: _TOFU_QA``), resolved with the benchmark config.
     """
 
-    def __init__(self, cfg: Mapping, tokenizer: Any = None, template_args: Any = None,
-                 root_cfg: DictConfig | None = None):
+    def __init__(self, cfg: Mapping, tokenizer: Any = None, template_args: Any = None, compat: Any = None,
+                 paths: Mapping | None = None):
         super().__init__(cfg, tokenizer, template_args)
         unknown = sorted(set(self.cfg) - COMMON_KEYS - OWN_KEYS - INTERPOLATED_KEYS)
         if unknown:
@@ -152,12 +156,11 @@ class Evaluator(Benchmark):
                                  f"so they would be missing from {self.name}_SUMMARY.json; valid: "
                                  f"{', '.join(self.metrics_cfg)}")
         self._settle_roles()
-        self.root_cfg = root_cfg
-        self.compat = compat_of(root_cfg)
+        self.paths = paths
+        self.compat = get_compat(compat)
         if self.compat.plain_passes:
             self.passes_mode = "plain"  # open-unlearning's batches: dataset order, model.generate
         self._datasets: dict[str, Any] = {}
-        self._resolved_specs: dict[str, dict] = {}  # dataset spec -> resolved config (resolving copies root_cfg)
 
     def _validate(self, name: str, mcfg: Mapping) -> None:
         spec = get_metric(mcfg.get("handler"))
@@ -186,19 +189,10 @@ class Evaluator(Benchmark):
                              + (" or 'auto'" if generation_only else " ('auto' is for generation metrics only)"))
 
     # ----- data ------------------------------------------------------------------------------------
-    @staticmethod
-    def _spec_id(spec: Any) -> str:
-        if isinstance(spec, str):
-            return f"name:{spec}"
-        return "inline:" + content_hash(OmegaConf.to_container(spec) if isinstance(spec, DictConfig) else dict(spec))
-
     def _dataset_key(self, spec: Any, without_answer: bool = False) -> str:
         """Identity of a dataset (config, file size and time, template); ``without_answer``: of its
         questions only (the same file and question column, any answer column)."""
-        spec_id = self._spec_id(spec)
-        if spec_id not in self._resolved_specs:
-            self._resolved_specs[spec_id] = dataset_config(spec, self.root_cfg)
-        resolved = self._resolved_specs[spec_id]
+        resolved = dataset_config(spec)
         if without_answer:
             resolved = {**resolved, "args": {k: v for k, v in resolved.get("args", {}).items() if k != "answer_key"}}
         args = resolved.get("args", {})
@@ -215,7 +209,7 @@ class Evaluator(Benchmark):
     def _dataset(self, spec: Any) -> Any:
         key = self._dataset_key(spec)
         if key not in self._datasets:
-            dataset = build_dataset(spec, self.tokenizer, self.template_args, root_cfg=self.root_cfg)
+            dataset = build_dataset(spec, self.tokenizer, self.template_args, compat=self.compat)
             self._datasets[key] = dataset if self.limit is None else FirstRows(dataset, self.limit)
         return self._datasets[key]
 
@@ -236,25 +230,31 @@ class Evaluator(Benchmark):
         """The benchmark's data folder (``data_folder_key``), the local data folder of every dataset the metrics
         read, the reference EVAL files and the reference model folder."""
         key = self.roles.data_folder_key
-        found: list[str] = [OmegaConf.select(self.root_cfg, key) if key and self.root_cfg is not None else None]
+        found: list[str] = [self._path_setting(key) if key else None]
         for _, mcfg in self._metric_configs():
             for spec in (mcfg.get("datasets") or {}).values():
-                self._dataset_key(spec)  # resolves the spec
-                found.append(self._resolved_specs[self._spec_id(spec)].get("args", {}).get("local_dir"))
+                found.append(dataset_config(spec).get("args", {}).get("local_dir"))
             found += [ref.get("path") for ref in (mcfg.get("reference_logs") or {}).values()]
             found.append((mcfg.get("reference_model") or {}).get("pretrained_model_name_or_path"))
         found += [self.cfg.get("retain_logs_path"), self.cfg.get("reference_model_path")]
         return [Path(p) for p in dict.fromkeys(str(p) for p in found if p)]
 
+    def _path_setting(self, key: str) -> Any:
+        """The value of ``key`` (``paths.tofu``) in the run's ``paths``; None where it is not set."""
+        if self.paths is None:
+            return None
+        paths = self.paths if OmegaConf.is_config(self.paths) else OmegaConf.create(dict(self.paths))
+        return OmegaConf.select(paths, key.split(".", 1)[1]) if key.startswith("paths.") else None
+
     def with_inputs(self, *, question_key: str | None = None,
                     template_args: Mapping[str, Any] | None = None) -> Evaluator:
-        """This benchmark with every inline dataset asking its questions from ``question_key`` and/or prompts
-        built with ``template_args`` (the rephrasing attack)."""
+        """This benchmark with every question-answer dataset asking its questions from ``question_key`` and/or
+        prompts built with ``template_args`` (the rephrasing attack)."""
         metrics = self.metrics_cfg if question_key is None else \
             {name: with_question_key(m, question_key) for name, m in self.metrics_cfg.items()}
         return Evaluator({**self.cfg, "metrics": metrics}, tokenizer=self.tokenizer,
                          template_args=self.template_args if template_args is None else template_args,
-                         root_cfg=self.root_cfg)
+                         compat=self.compat, paths=self.paths)
 
     def sample_fields(self, metric: str) -> tuple[str, ...]:
         """The ``sample_fields`` its handler registers (``MetricSpec``)."""
@@ -278,7 +278,8 @@ class Evaluator(Benchmark):
             if key in checked:
                 continue
             checked.add(key)
-            args = self._resolved_specs[self._spec_id(spec)].get("args", {})
+            resolved = dataset_config(spec)
+            args = resolved.get("args", {})
             if not args.get("local_dir"):
                 continue  # read from the Hub
             hint = ""
@@ -290,7 +291,7 @@ class Evaluator(Benchmark):
                            "(the forget and holdout sets then differ in size, which the EVAL file's _meta records)"
                            if present else ""))
             what = f"{self.name} metric {metric} ({role})"
-            handler = DATASET_REGISTRY[self._resolved_specs[self._spec_id(spec)]["handler"]]
+            handler = DATASET_REGISTRY[resolved["handler"]]
             fields, lists = handler.file_fields(args)
             path = local_data_file(args["local_dir"], local_stem(args), what, hint,
                                    local_dir_key=args.get("local_dir_key", "paths.tofu"))
@@ -381,8 +382,8 @@ class Evaluator(Benchmark):
             if kind not in needs:
                 continue
             runner = PASS_RUNNERS[kind]
-            per_role = {role: runner(ctx, spec, mcfg) for role, spec in datasets.items()}
-            inputs[kind] = next(iter(per_role.values())) if len(per_role) == 1 else per_role
+            # keyed by dataset role whatever their number: a metric reading one dataset takes its sole role
+            inputs[kind] = {role: runner(ctx, spec, mcfg) for role, spec in datasets.items()}
         return inputs
 
     # ----- metrics ---------------------------------------------------------------------------------

@@ -217,13 +217,13 @@ class LMEvalEvaluator(Benchmark):
         tokenizer: the model's tokenizer (lm-eval tokenizes with it).
         template_args: the model config's prompt settings; ``apply_chat_template: null`` follows its
             ``apply_chat_template``.
-        root_cfg: the run's full config (unused; accepted like the other evaluators).
+        compat, paths: the run's ``compat`` mode and ``paths`` (unused; accepted like the other evaluators).
     """
 
     default_name = "LMEval"
 
-    def __init__(self, cfg: Mapping, tokenizer: Any = None, template_args: Any = None,
-                 root_cfg: DictConfig | None = None):
+    def __init__(self, cfg: Mapping, tokenizer: Any = None, template_args: Any = None, compat: Any = None,
+                 paths: Mapping | None = None):
         try:
             import lm_eval  # noqa: F401
         except ImportError as e:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from core.distributed import unwrap_parallel
-from data.collators import first_answer_position
+from data.collators import batch_layout
 from model.peft import AdapterDisabled, is_peft_model
 
 
@@ -50,15 +50,15 @@ MODEL_INPUT_KEYS = ("input_ids", "attention_mask")
 def model_inputs(batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The tensors a causal LM's forward takes from a collated batch (labels and indices stay out).
 
-    A right-padded batch (one carrying ``answer_start``, which the collators set for right padding
-    only) goes in without its attention mask. With the padding after every real token, causal
-    attention alone already keeps real positions from seeing it, and position ids count from 0
-    either way, so every real position gets the same hidden state (only the padding positions,
-    which no loss reads, differ). Without a mask transformers neither reads the mask back from the
-    device to decide whether it can be skipped (two synchronisations per forward pass) nor builds a
+    A batch whose layout says causal attention suffices (``BatchLayout.causal_attention_suffices``: right
+    padding, a mask that hides padding only) goes in without its attention mask. With the padding after
+    every real token, causal attention alone already keeps real positions from seeing it, and position
+    ids count from 0 either way, so every real position gets the same hidden state (only the padding
+    positions, which no loss reads, differ). Without a mask transformers neither reads the mask back from
+    the device to decide whether it can be skipped (two synchronisations per forward pass) nor builds a
     ``[B, 1, L, L]`` mask, and SDPA runs its causal kernel (flash attention on a GPU).
     """
-    keys = ("input_ids",) if "answer_start" in batch else MODEL_INPUT_KEYS
+    keys = ("input_ids",) if batch_layout(batch).causal_attention_suffices else MODEL_INPUT_KEYS
     return {k: batch[k] for k in keys if k in batch}
 
 
@@ -66,17 +66,18 @@ def answer_span_logits(model: torch.nn.Module, batch: dict[str, Any]) -> tuple[t
     """``(logits, labels)`` of a batch over its answer span only: the output layer skips the prompts.
 
     Every loss in ``trainer.losses`` reads a logit only where it predicts an answer token (label not
-    -100). The span starts one position before the first answer label of any row
-    (``batch["answer_start"]``, set by the collator, so no device synchronisation is needed) and runs
-    to the end; the output layer runs only there, through the model's ``logits_to_keep`` argument.
-    ``labels`` is cut alike, so ``logits[:, t]`` still sits at the position of ``labels[:, t]`` and
-    every loss has the value of a full forward pass. On TOFU the prompts are about 40 % of the
-    positions: that much less output-layer compute and vocabulary-sized logit memory.
+    -100). The span starts one position before the first answer label of any row (the batch layout's
+    ``answer_start``, known on the host, so no device synchronisation is needed) and runs to the end;
+    the output layer runs only there, through the model's ``logits_to_keep`` argument. ``labels`` is cut
+    alike, so ``logits[:, t]`` still sits at the position of ``labels[:, t]`` and every loss has the value
+    of a full forward pass. On TOFU the prompts are about 40 % of the positions: that much less
+    output-layer compute and vocabulary-sized logit memory.
     """
     labels = batch["labels"]
-    start = batch.get("answer_start")
+    start = batch_layout(batch).answer_start
     if start is None:
-        start = first_answer_position(labels)
+        raise ValueError("answer_span_logits needs a batch with labels collated with them (its layout has no "
+                         "answer_start)")
     begin = max(int(start) - 1, 0)
     inputs = model_inputs(batch)
     if begin > 0 and forward_accepts(model, "logits_to_keep"):

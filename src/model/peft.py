@@ -1,10 +1,10 @@
 """LoRA / PEFT: adapters on the model, their saving and loading, and the base model seen through them.
 
 ``model.peft`` (a model config key; ``peft=lora`` on the command line fills it from
-``configs/peft/lora.yaml``, ``model.peft=lora`` names that file) holds ``peft.LoraConfig`` keyword
-arguments (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``, any other ``LoraConfig`` key) plus
-our own ``merge`` (also save the merged model to ``<output>/merged``). ``get_model`` wraps the model
-with ``peft.get_peft_model``; only the adapters are trained.
+``configs/peft/lora.yaml``; ``model.peft=lora`` names that file, which the entry point composes by Hydra)
+holds ``peft.LoraConfig`` keyword arguments (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``, any
+other ``LoraConfig`` key) plus our own ``merge`` (also save the merged model to ``<output>/merged``).
+``get_model`` wraps the model with ``peft.get_peft_model``; only the adapters are trained.
 
 - The frozen reference model of NPO-family methods is the same model with its adapters switched off
   (``AdapterDisabled``), not a second copy.
@@ -35,25 +35,24 @@ def available_peft_configs() -> list[str]:
     return sorted(p.stem for p in PEFT_CONFIG_DIR.glob("*.yaml"))
 
 
-def _load_peft_file(name: str, seen: tuple[str, ...] = ()) -> Any:
-    """``configs/peft/<name>.yaml`` with its ``defaults`` (files of the same folder) merged first, as Hydra does."""
-    path = PEFT_CONFIG_DIR / f"{name}.yaml"
-    if not path.is_file():
+def compose_peft(name: str) -> Any:
+    """``configs/peft/<name>.yaml`` composed by Hydra (its defaults list applied), as ``peft=<name>`` places it at
+    ``model.peft``; the entry point composes ``model.peft=<name>`` with it (``resolvers.compose_names``)."""
+    from data import compose_config
+
+    if not isinstance(name, str) or name not in available_peft_configs():
         raise ValueError(f"model.peft={name!r}: no configs/peft/{name}.yaml; valid: "
                          f"{', '.join(available_peft_configs())} (or null)")
-    if name in seen:
-        raise ValueError(f"configs/peft/{name}.yaml includes itself through defaults: {' -> '.join(seen + (name,))}")
-    raw = OmegaConf.load(path)
-    bases = [b for b in raw.pop("defaults", []) if b != "_self_"]
-    return OmegaConf.merge(*[_load_peft_file(b, seen + (name,)) for b in bases], raw)
+    return compose_config("peft", name, "model.peft")
 
 
 def peft_settings(value: Any) -> dict[str, Any] | None:
-    """``model.peft`` as a dict (None: no adapters). A string names a file of ``configs/peft``."""
+    """``model.peft`` as a dict (None: no adapters). A string names a file of ``configs/peft``, composed by Hydra
+    (``compose_peft``; a run's entry point has composed it already)."""
     if value is None:
         return None
     if isinstance(value, str):
-        value = _load_peft_file(value)
+        value = compose_peft(value)
     if not isinstance(value, dict):
         value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else dict(value)
     settings = dict(value)
@@ -188,4 +187,4 @@ class AdapterDisabled(torch.nn.Module):
 
 
 __all__ = ["peft_settings", "apply_peft", "save_merged", "quantization_config", "is_peft_model", "is_adapter_folder", "adapter_base", "load_adapter_folder",
-           "merged_name", "AdapterDisabled", "available_peft_configs"]
+           "merged_name", "AdapterDisabled", "available_peft_configs", "compose_peft"]

@@ -38,6 +38,7 @@ import torch
 from packaging.version import Version
 
 from checks import check_choice
+from data.collators import batch_layout
 from model.forward import answer_span_logits, last_hidden_states, unwrap
 from trainer.losses import IGNORE_INDEX, per_token_nll
 from trainer.packing import (
@@ -229,10 +230,11 @@ def packed_layout(batch: dict[str, Any]) -> PackedLayout | None:
     ``1 - PACKED_MAX_SHARE`` of its tokens (rows without padding or shared prefix, e.g. long raw-text
     chunks: there the padded batch keeps attention's causal kernel, which needs no ``N x N`` mask).
 
-    The batch's attention mask is a key mask only where it can have holes (no ``answer_start``: see
-    ``model_inputs``); a right-padded batch's rows end where their labels end.
+    The batch's attention mask is a key mask only where it can hide more than the padding after a row
+    (``BatchLayout.causal_attention_suffices`` false: see ``model_inputs``); a right-padded batch's rows
+    end where their labels end.
     """
-    key_mask = batch.get("attention_mask") if "answer_start" not in batch else None
+    key_mask = None if batch_layout(batch).causal_attention_suffices else batch.get("attention_mask")
     layout = pack_rows_layout(batch["input_ids"], batch["labels"], key_mask)
     return layout if layout.tokens <= PACKED_MAX_SHARE * batch["input_ids"].numel() else None
 
@@ -264,7 +266,7 @@ def answer_token_nll(model: torch.nn.Module, batch: dict[str, Any], impl: str = 
     check_nll_impl(impl)
     shifted = batch["labels"][:, 1:]
     mask = shifted != IGNORE_INDEX
-    positions = answer_positions(mask, batch.get("answer_tokens"))
+    positions = answer_positions(mask, batch_layout(batch).answer_tokens)
     if layout is not None:
         hidden, source = packed_hidden_states(model, batch, layout)
         answer_hidden = hidden.index_select(0, source[:, :-1].reshape(-1).index_select(0, positions))
@@ -292,11 +294,16 @@ def answer_positions(mask: torch.Tensor, count: int | None = None) -> torch.Tens
     With ``count`` (the number of True entries, known on the host: the collator's ``answer_tokens``)
     the result has a size fixed in advance (``torch.nonzero_static``), so the host does not wait for
     the device to learn it; without, ``nonzero`` does (a synchronisation on a GPU). A batch whose
-    labels are changed after collation must therefore drop (or update) ``answer_tokens``.
+    labels are changed after collation must therefore get a fresh layout (``data.collators.relabelled``). A
+    count that does not match the mask is an error, checked without a synchronisation
+    (``torch._assert_async``: at once on a CPU, at the device's next synchronisation on a GPU).
     """
     flat = mask.reshape(-1)
     if count is None:
         return flat.nonzero().squeeze(1)
+    torch._assert_async(flat.sum() == int(count),
+                        f"the batch layout counts {count} answer tokens but its labels hold another number: were the "
+                        "labels changed after collation? Rebuild the batch with data.collators.relabelled(batch, labels)")
     return torch.nonzero_static(flat, size=int(count)).squeeze(1)
 
 

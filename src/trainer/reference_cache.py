@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from data.collators import Parts
 from model.forward import answer_span_logits
 from progress import progress_over
 from trainer.losses import sequence_nll
@@ -48,11 +49,11 @@ def batch_keys(batch: Mapping[str, Any]) -> list[bytes]:
 
 def leaf_samples(item: Any) -> Iterator[dict]:
     """The samples (dicts with ``input_ids``) inside a dataset item: itself, or those of a pair/list."""
-    if isinstance(item, Mapping) and "input_ids" in item:
-        yield item
-    elif isinstance(item, Mapping):
+    if isinstance(item, Parts):
         for value in item.values():
             yield from leaf_samples(value)
+    elif isinstance(item, Mapping):
+        yield item
     elif isinstance(item, (list, tuple)):
         for value in item:
             yield from leaf_samples(value)
@@ -65,10 +66,10 @@ def add_sample_keys(batch: Any) -> Any:
     batch's tokens back from the GPU (a synchronisation per step). The keys are bytes, which the
     Trainer's move of the batch to the device leaves as they are.
     """
-    if isinstance(batch, Mapping) and "input_ids" in batch and "labels" in batch:
-        return {**batch, "sample_keys": batch_keys(batch)}
+    if isinstance(batch, Parts):
+        return Parts({key: add_sample_keys(value) for key, value in batch.items()})
     if isinstance(batch, Mapping):
-        return {key: add_sample_keys(value) for key, value in batch.items()}
+        return {**batch, "sample_keys": batch_keys(batch)}
     return batch
 
 

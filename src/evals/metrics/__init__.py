@@ -186,6 +186,18 @@ def _require(value: Any, what: str, metric: str) -> Any:
     return value
 
 
+def _one_role(value: Any, what: str, metric: str) -> Mapping:
+    """The per-index input of a metric that reads one dataset. A metric's pass inputs are always keyed by the
+    dataset roles of its config (``{role: {index: ...}}``, e.g. ``{"main": ...}``); this one must list exactly
+    one role. ValueError otherwise, naming what it got."""
+    value = _require(value, what, metric)
+    if not isinstance(value, Mapping) or len(value) != 1 or not all(isinstance(k, str) for k in value):
+        got = sorted(map(str, value)) if isinstance(value, Mapping) else type(value).__name__
+        raise ValueError(f"metric {metric!r} reads one dataset: {what} must be keyed by its dataset role "
+                         f"({{role: {{index: ...}}}}), with one role; got {got}")
+    return next(iter(value.values()))
+
+
 def _pre_compute_entry(pre_compute: Mapping | None, key: str, metric: str) -> dict:
     pre_compute = _require(pre_compute, "pre_compute", metric)
     if key not in pre_compute or pre_compute[key] is None:

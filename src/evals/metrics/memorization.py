@@ -14,7 +14,7 @@ import numpy as np
 
 from compat import OURS, Compat
 
-from . import _mean_or_none, _require, _result, _sorted_keys, register_metric
+from . import _mean_or_none, _one_role, _result, _sorted_keys, register_metric
 
 
 def exact_memorization_score(match: Sequence[bool] | np.ndarray) -> float:
@@ -50,7 +50,7 @@ def extraction_strength_score(match: Sequence[bool] | np.ndarray, floor_at_one_t
 
 
 def _memorization(token_stats, helper: Callable[[np.ndarray], float], name: str) -> dict:
-    token_stats = _require(token_stats, "token_stats", name)
+    token_stats = _one_role(token_stats, "token_stats", name)
     value_by_index: dict[str, dict] = {}
     values: list[float] = []
     excluded: list = []

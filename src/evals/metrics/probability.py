@@ -15,8 +15,8 @@ from . import (
     _as_float_list,
     _check_same_indices,
     _mean_or_none,
+    _one_role,
     _pre_compute_entry,
-    _require,
     _result,
     _sorted_keys,
     register_metric,
@@ -107,12 +107,13 @@ def truth_ratio_aggregate(ratios: Sequence[float], aggregator: str = "closer_to_
 )
 def probability_metric(*, token_stats=None, as_list: bool | None = None, **_: object) -> dict:
     """Per index {"prob", "avg_loss"}; a list of K values each when the index has K > 1 answers.
+    ``token_stats``: ``{role: {index: [TokenStats, ...]}}`` with one role.
 
     ``as_list`` forces the list form (True) or the scalar form (False, only for single answers); by default
     an index with one answer gives scalars. agg_value = mean over indices of prob (a list's mean first).
     An index with any broken answer (T = 0 or non-finite logp) is excluded as a whole.
     """
-    token_stats = _require(token_stats, "token_stats", "probability")
+    token_stats = _one_role(token_stats, "token_stats", "probability")
     value_by_index: dict[str, dict] = {}
     per_index_prob: list[float] = []
     excluded: list = []

@@ -9,7 +9,7 @@ from functools import lru_cache
 
 from rouge_score import rouge_scorer
 
-from . import _mean_or_none, _require, _result, _sorted_keys, register_metric
+from . import _mean_or_none, _one_role, _result, _sorted_keys, register_metric
 
 ROUGE_FIELDS = ("rouge1_recall", "rougeL_f1", "rougeL_recall")
 
@@ -42,12 +42,12 @@ def rouge_scores(ground_truth: str, generation: str) -> dict[str, float]:
     sample_fields=("rougeL_recall", "rougeL_f1", "rouge1_recall"),
 )
 def rouge_metric(*, generations=None, rouge_type: str = "rougeL_recall", **_: object) -> dict:
-    """generations: index -> {"input", "ground_truth", "generation"}. Per index the three ROUGE fields plus
+    """generations: {role: {index -> {"input", "ground_truth", "generation"}}} (one role). Per index the three ROUGE fields plus
     the texts; agg_value = mean of ``rouge_type``. A missing (None) generation or ground truth is excluded.
     """
     if rouge_type not in ROUGE_FIELDS:
         raise ValueError(f"unknown rouge_type {rouge_type!r}; choose one of {list(ROUGE_FIELDS)}")
-    generations = _require(generations, "generations", "rouge")
+    generations = _one_role(generations, "generations", "rouge")
     value_by_index: dict[str, dict] = {}
     values: list[float] = []
     excluded: list = []

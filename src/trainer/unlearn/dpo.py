@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from data.collators import Parts
 from trainer.losses import dpo_loss
 from trainer.unlearn.base import UnlearningTrainer
 
@@ -28,13 +29,13 @@ def check_paired_forget_dataset(train_dataset: Any, method: str, hint: str) -> N
     if forget is None or len(forget) == 0:
         return
     item = forget[0]
-    if isinstance(item, Mapping) and "input_ids" in item:
+    if isinstance(item, Mapping) and not isinstance(item, Parts):  # a plain sample, no pair
         raise _paired_error(method, hint)
 
 
 def paired_forget(forget: Mapping[str, Any], method: str, hint: str) -> tuple[dict, dict]:
     """``(original, alternate)`` batches of a paired forget batch, or a ValueError saying which data to use."""
-    if not isinstance(forget, Mapping) or "alternate" not in forget or "original" not in forget:
+    if not isinstance(forget, Parts) or set(forget) != {"original", "alternate"}:
         raise _paired_error(method, hint)
     return forget["original"], forget["alternate"]
 
