@@ -70,10 +70,6 @@ class AnswerNLL:
     def counts(self) -> torch.Tensor:
         """``T``, the number of answer tokens per sample ``[B]``."""
         return self.mask.sum(dim=-1)
-
-    @property
-    def rows(self) -> int:
-        return self.per_token.shape[0]
 #: Oldest liger-kernel whose fused linear cross-entropy has correct gradients with reduction="none".
 LIGER_MIN_VERSION = "0.8.5"
 #: Logits per chunk of ``chunked_linear_nll`` (rows = this / vocabulary size): 64 MiB of float32 on a

@@ -113,9 +113,10 @@ class FinetuneTrainer(Trainer):
         loss is each process's own mean)."""
         return self.accelerator.num_processes if self.model.training else 1
 
-    def token_mean(self, total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        """``sum_i S_i / sum_i T_i`` over the batch (``trainer.losses.token_mean``) with ``token_mean_processes``."""
-        return token_mean(total, count, num_processes=self.token_mean_processes)
+    def token_mean(self, nll: AnswerNLL) -> torch.Tensor:
+        """``sum_i S_i / sum_i T_i``, the mean NLL over a batch's answer tokens (``trainer.losses.token_mean``,
+        with ``token_mean_processes``)."""
+        return token_mean(nll.summed, nll.counts, num_processes=self.token_mean_processes)
 
     def answer_token_nll(self, model: torch.nn.Module, batch: dict[str, Any]) -> AnswerNLL:
         """Per-token answer NLLs of a batch and their mask (``trainer.answer_nll``), as ``args.nll_impl`` and
@@ -129,7 +130,7 @@ class FinetuneTrainer(Trainer):
 
     def answer_mean_nll(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         """Mean NLL over all answer tokens of the batch, ``sum_i S_i / sum_i T_i``."""
-        return self.token_mean(*self.answer_nll(model, batch))
+        return self.token_mean(self.answer_token_nll(model, batch))
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor | tuple[torch.Tensor, dict]:

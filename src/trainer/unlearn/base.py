@@ -161,7 +161,7 @@ class UnlearningTrainer(FinetuneTrainer):
         terms = {"forget_loss": forget_loss, **extra_terms}
         if self.retain_loss_type is not None:
             if retain_nll is not None and self.retain_loss_type == "NLL":
-                terms["retain_loss"] = self.token_mean(retain_nll.summed, retain_nll.counts)
+                terms["retain_loss"] = self.token_mean(retain_nll)
             else:
                 terms["retain_loss"] = self.retain_loss(model, inputs["retain"], self.retain_loss_type)
             loss = loss + self.alpha * terms["retain_loss"]

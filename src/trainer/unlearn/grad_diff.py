@@ -29,7 +29,7 @@ class GradDiff(UnlearningTrainer):
 
     def forget_loss(self, forget: AnswerNLL) -> torch.Tensor:
         """Gradient ascent on the forget answers: ``-mean_t NLL_t`` over the batch's answer tokens."""
-        return -self.token_mean(forget.summed, forget.counts)
+        return -self.token_mean(forget)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         forget, retain = self.answer_nlls(model, inputs["forget"], self.nll_retain_batch(inputs))

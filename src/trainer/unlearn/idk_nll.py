@@ -33,6 +33,6 @@ class IdkNLL(UnlearningTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         _, refusal = paired_forget(inputs["forget"], type(self).__name__, IDK_HINT)
         refusal_nll, retain = self.answer_nlls(model, refusal, self.nll_retain_batch(inputs))
-        forget_loss = self.token_mean(refusal_nll.summed, refusal_nll.counts)
+        forget_loss = self.token_mean(refusal_nll)
         loss = self.weighted_total(model, inputs, forget_loss, retain_nll=retain)
         return (loss, {}) if return_outputs else loss
