@@ -309,8 +309,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.synthetic_seq_len:
             data = synthetic_data(args, tokenizer, with_retain=cfg.data.get("retain") is not None)
         else:
-            data = get_data(cfg.data, cfg.mode, tokenizer, cfg.model.get("template_args"), seed=cfg.seed,
-                            compat=cfg.get("compat"))
+            data = get_data(cfg.data, cfg.mode, tokenizer, cfg.model.get("template_args"), seed=cfg.seed)
         data_build_s = t()
         collator = CountingCollator(get_collator(cfg.collator, tokenizer))
         t = common.Stopwatch()

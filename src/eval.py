@@ -63,8 +63,7 @@ def run(cfg: DictConfig) -> dict[str, EvalResult]:
     model, tokenizer = get_model(cfg.model)
     model = model.to(state.device)
     template_args = cfg.model.get("template_args")
-    evaluators = get_evaluators(cfg.eval, tokenizer=tokenizer, template_args=template_args, compat=cfg.get("compat"),
-                                paths=cfg.get("paths"))
+    evaluators = get_evaluators(cfg.eval, tokenizer=tokenizer, template_args=template_args, paths=cfg.get("paths"))
     out_dir = Path(cfg.paths.output_dir)
     if state.is_main_process:  # what was evaluated and how, for src/report.py (written before the results)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -78,7 +77,7 @@ def run(cfg: DictConfig) -> dict[str, EvalResult]:
         if attacks:  # every process: the attacked evaluations are sharded like the clean one
             try:
                 attacked, baselines = run_attacks(attacks, evaluator, model, model_id, tokenizer,
-                                                  evaluator.template_args, cfg.get("compat"),
+                                                  evaluator.template_args,
                                                   evaluator.cfg.get("retain_logs_path"))
             except BaseException:
                 if state.is_main_process:

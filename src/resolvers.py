@@ -27,7 +27,8 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from data import DATA_ROLES, compose_dataset
+from checks import check_choice
+from data import CONFIG_DIR, DATA_ROLES, compose_config, compose_dataset
 from data.splits import dataset_names, forget_split_of, holdout_for, muse_corpus
 from model.peft import compose_peft
 from sweep import sweep_subdir
@@ -60,7 +61,9 @@ def compose_names(cfg: DictConfig) -> DictConfig:
       becomes its configs/data/datasets file composed by Hydra (``name``, ``handler``, ``args``); its
       interpolations (``${paths.tofu}``, ``${seed}``) then resolve in ``cfg``;
     - ``attack.<name>.data`` (the relearning set): the same;
-    - ``model.peft``: the name of a configs/peft file becomes that file composed.
+    - ``model.peft``: the name of a configs/peft file becomes that file composed;
+    - ``compat``: a preset's name set as a value in a config file (``compat: open_unlearning``, where the command
+      line's ``compat=open_unlearning`` selects the config group) becomes configs/compat/<name>.yaml composed.
 
     An unknown name is a ValueError naming the setting and the valid names. Configs already composed are left
     as they are (calling this twice changes nothing). The saved ``config.yaml`` of a run records the result.
@@ -76,7 +79,17 @@ def compose_names(cfg: DictConfig) -> DictConfig:
     model = cfg.get("model")
     if isinstance(model, DictConfig) and isinstance(model.get("peft"), str):
         model["peft"] = compose_peft(model.peft)
+    if isinstance(cfg.get("compat"), str):
+        cfg["compat"] = compose_preset(cfg.compat)
     return cfg
+
+
+def compose_preset(name: str) -> DictConfig:
+    """``configs/compat/<name>.yaml`` composed (the values its preset gives the components' options); an unknown
+    name is a BadValueError listing the presets."""
+    presets = sorted(p.stem for p in (CONFIG_DIR / "compat").glob("*.yaml"))
+    check_choice("compat", name, presets, allow_none=True)
+    return compose_config("compat", name, "compat")
 
 
 _LIST_OVERRIDE = re.compile(r"^data\.(" + "|".join(DATA_ROLES) + r")=\s*\[")

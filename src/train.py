@@ -29,7 +29,6 @@ from accelerate import PartialState  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-from compat import get_compat  # noqa: E402
 from core.distributed import on_main_process, unwrap_parallel  # noqa: E402
 from data import check_eval_splits, data_input_paths, get_collator, get_data  # noqa: E402
 from evals import Benchmark, EvalResult, get_evaluators  # noqa: E402
@@ -116,15 +115,13 @@ def run(cfg: DictConfig) -> TrainRun:
     if cfg.get("sequence"):
         raise ValueError("sequence=... unlearns folds one after another: run it with src/sequential.py "
                          "--config-name=unlearn.yaml (src/train.py runs one unlearning run)")
-    get_compat(cfg.get("compat"))  # a bad value fails before any work
     # cpu=True without a GPU: otherwise the process group of a multi-process CPU run (torchrun) is not
     # set up until the Trainer's accelerator does it, and every process would take itself for the main one.
     state = PartialState(cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     check_eval_splits(cfg)
     # the benchmarks' configs checked, and their inputs known, before the output folder is taken
-    benchmarks = get_evaluators(cfg.get("eval"), template_args=cfg.model.get("template_args"),
-                                compat=cfg.get("compat"), paths=cfg.get("paths"))
+    benchmarks = get_evaluators(cfg.get("eval"), template_args=cfg.model.get("template_args"), paths=cfg.get("paths"))
     folder = RunFolder(cfg.paths.output_dir, inputs=run_inputs(cfg, benchmarks))
     resume = cfg.trainer.get("args", {}).get("resume_from_checkpoint")
     staging, checkpoint = _start_folder(folder, resume)
@@ -138,15 +135,14 @@ def run(cfg: DictConfig) -> TrainRun:
                                             trainer_class(trainer_cfg["handler"]).arguments_class)
         model, tokenizer = get_model(cfg.model)
         data = get_data(cfg.data, cfg.mode, tokenizer, cfg.model.get("template_args"), seed=cfg.seed,
-                        need_eval=evaluates(cfg.trainer.get("args")), compat=cfg.get("compat"))
-        collator = get_collator(cfg.collator, tokenizer, compat=cfg.get("compat"))
+                        need_eval=evaluates(cfg.trainer.get("args")))
+        collator = get_collator(cfg.collator, tokenizer)
         evaluators = get_evaluators(cfg.get("eval"), tokenizer=tokenizer, template_args=cfg.model.get("template_args"),
-                                    compat=cfg.get("compat"), paths=cfg.get("paths"))
+                                    paths=cfg.get("paths"))
         for evaluator in evaluators.values():
             evaluator.check_inputs()  # before training, not at its first evaluation
         trainer = load_trainer(trainer_cfg, model, data["train"], data["eval"], tokenizer, collator,
-                               output_dir=str(staging), evaluators=evaluators, compat=cfg.get("compat"),
-                               training_args=training_args)
+                               output_dir=str(staging), evaluators=evaluators, training_args=training_args)
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         trainer.save_model(str(staging))
         final: dict[str, EvalResult] = {}

@@ -44,7 +44,7 @@ def _tofu_summary(model, tokenizer, tofu: Path, out: Path) -> dict:
                                                "eval.tofu.metrics.forget_Q_A_ROUGE.generation_args.max_new_tokens=4",
                                                *short])
     evaluator = get_evaluators(cfg.eval, tokenizer=tokenizer, template_args=cfg.model.get("template_args"),
-                               compat=cfg.get("compat"), paths=cfg.paths)["tofu"]
+                               paths=cfg.paths)["tofu"]
     return evaluator.evaluate(model, output_dir=str(out), model_id="fsdp2-check").summary
 
 

@@ -35,7 +35,7 @@ EVAL_ROWS = 4
 #: Tokens of every greedy generation (the benchmarks' defaults are 200 / 128 / 32).
 MAX_NEW_TOKENS = 16
 #: The ``_meta`` fields that describe what was computed (the others name paths, times and code versions).
-STABLE_META = ("evaluator", "passes", "compat", "limit", "split_sizes", "warnings", "higher_is_better")
+STABLE_META = ("evaluator", "passes", "plain_pass_options", "limit", "split_sizes", "warnings", "higher_is_better")
 
 TOFU_GENERATION_METRICS = ("forget_Q_A_ROUGE", "model_utility.pre_compute.retain_Q_A_ROUGE",
                            "model_utility.pre_compute.ra_Q_A_ROUGE", "model_utility.pre_compute.wf_Q_A_ROUGE")

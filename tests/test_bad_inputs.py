@@ -317,7 +317,7 @@ def _tofu_evaluator(tofu_dir, retain_logs_path="null"):
 
     cfg = _compose("eval.yaml", ["model=tiny-random-llama", f"paths.tofu={tofu_dir}",
                                  f"retain_logs_path={retain_logs_path}"])
-    return get_evaluators(cfg.eval, compat=cfg.get("compat"), paths=cfg.paths)["tofu"]
+    return get_evaluators(cfg.eval, paths=cfg.paths)["tofu"]
 
 
 def test_retain_logs_are_checked_before_any_pass(tofu_dir, tmp_path):

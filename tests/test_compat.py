@@ -1,4 +1,5 @@
-"""compat=open_unlearning: each switched behaviour against a value worked out by hand, and end to end.
+"""compat=open_unlearning: the preset and the options it sets, each behaviour against a value worked out by hand,
+and end to end.
 
 The comparison with a real open-unlearning checkout is in test_vs_open_unlearning.py (run when
 OU_CHECKOUT is set).
@@ -20,14 +21,99 @@ SHORT = ["eval.tofu.metrics.forget_Q_A_ROUGE.generation_args.max_new_tokens=8",
            for p in ("retain", "ra", "wf")]]
 
 
-def test_compat_values_are_checked():
-    from checks import BadValueError
-    from compat import OPEN_UNLEARNING, OURS, get_compat
+#: Every option the preset sets, where it lands in a run's config (unlearn.yaml, trainer=SimNPO, eval=tofu).
+PRESET_OPTIONS = {
+    "data.forget.args.labels_cover_chat_tail": True,
+    "data.retain.args.labels_cover_chat_tail": True,
+    "eval.tofu.metrics.forget_Q_A_Prob.datasets.main.args.labels_cover_chat_tail": True,
+    "collator.args.attention_mask_from_pad": True,
+    "data.retain_partners_from_global_rng": True,
+    "trainer.method_args.delta_before_scaling": True,
+    "eval.tofu.passes": "plain",
+    "eval.tofu.plain_pass_options": {"attention_mask_from_pad": True, "float32_log_probs": True,
+                                     "generation_stops_at_eos_only": True, "rouge_texts_from_tokens": True},
+    "eval.tofu.metrics.extraction_strength.floor_at_one_token": True,
+}
 
-    assert get_compat(None) is OURS and get_compat("null") is OURS
-    assert get_compat("open_unlearning") is OPEN_UNLEARNING
+
+def _composed(overrides: list[str], config_name: str = "unlearn.yaml"):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from conftest import REPO
+    from resolvers import compose_names, register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        cfg = compose(config_name, overrides=overrides)
+        compose_names(cfg)
+    return cfg, OmegaConf
+
+
+def test_the_preset_sets_each_components_own_option():
+    """compat=open_unlearning is a config group whose values become the options of the components that own each
+    behaviour; without it every option is ours, and one option can be set alone."""
+    def values(cfg, omegaconf):
+        return {key: omegaconf.to_container(omegaconf.select(cfg, key), resolve=True)
+                if omegaconf.is_config(omegaconf.select(cfg, key)) else omegaconf.select(cfg, key)
+                for key in PRESET_OPTIONS}
+
+    base = ["trainer=SimNPO", "eval=tofu", "paths.tofu=/t"]
+    assert values(*_composed([*base, "compat=open_unlearning"])) == PRESET_OPTIONS
+    ours = values(*_composed(base))
+    assert ours["eval.tofu.passes"] == "fast"
+    assert not any(v for k, v in ours.items() if k not in ("eval.tofu.passes", "eval.tofu.plain_pass_options"))
+    assert not any(ours["eval.tofu.plain_pass_options"].values())
+    single = values(*_composed([*base, "collator.args.attention_mask_from_pad=true"]))
+    assert single["collator.args.attention_mask_from_pad"] and not single["data.forget.args.labels_cover_chat_tail"]
+    # a run without the component ignores its value (GradDiff has no delta; eval.py has no collator)
+    cfg, _ = _composed(["trainer=GradDiff", "compat=open_unlearning"])
+    assert "delta_before_scaling" not in cfg.trainer.method_args
+    cfg, omegaconf = _composed(["eval=muse", "paths.muse_news=/m", "compat=open_unlearning"], "eval.yaml")
+    muse = omegaconf.to_container(cfg.eval.muse, resolve=True)
+    assert muse["passes"] == "plain" and muse["metrics"]["forget_knowmem_ROUGE"]["datasets"]["main"]["args"][
+        "labels_cover_chat_tail"] is True
+
+
+def test_a_preset_named_in_a_config_file_is_composed_and_a_bad_one_refused():
+    from omegaconf import OmegaConf
+
+    from checks import BadValueError
+    from resolvers import compose_names
+
+    cfg = OmegaConf.create({"compat": "open_unlearning", "data": {}})
+    compose_names(cfg)
+    assert cfg.compat.labels_cover_chat_tail is True and cfg.compat.passes == "plain"
     with pytest.raises(BadValueError, match=r"compat='open-unlearning'; valid: open_unlearning or null"):
-        get_compat("open-unlearning")
+        compose_names(OmegaConf.create({"compat": "open-unlearning"}))
+
+
+def test_no_code_reads_a_mode_name():
+    """The behaviours are options of their components: nothing below the entry points names the preset."""
+    import ast
+
+    from conftest import REPO
+
+    for path in (REPO / "src").rglob("*.py"):
+        if path.name == "resolvers.py":  # composes a preset named in a config file
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = {node.id} if isinstance(node, ast.Name) else {node.attr} if isinstance(node, ast.Attribute) else \
+                {node.value} if isinstance(node, ast.Constant) and isinstance(node.value, str) else set()
+            assert not names & {"compat", "open_unlearning", "get_compat"}, f"{path}:{node.lineno}"
+
+
+def test_plain_pass_options_need_the_plain_passes(tofu_dir):
+    from evals.base import Evaluator
+
+    cfg, omegaconf = _composed(["eval=tofu", f"paths.tofu={tofu_dir}", "eval.tofu.plain_pass_options.float32_log_probs=true"],
+                               "eval.yaml")
+    with pytest.raises(ValueError, match=r"plain_pass_options \['float32_log_probs'\].*set eval.<bench>.passes=plain"):
+        Evaluator(omegaconf.to_container(cfg.eval.tofu, resolve=True), paths=cfg.paths)
+    cfg, omegaconf = _composed(["eval=tofu", f"paths.tofu={tofu_dir}", "+eval.tofu.plain_pass_options.fp32=true"],
+                               "eval.yaml")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['fp32'\]; valid: attention_mask_from_pad"):
+        Evaluator(omegaconf.to_container(cfg.eval.tofu, resolve=True), paths=cfg.paths)
 
 
 def test_samples_as_open_unlearning_prepares_them(smollm2_tokenizer):
@@ -45,6 +131,23 @@ def test_samples_as_open_unlearning_prepares_them(smollm2_tokenizer):
     assert theirs.input_ids == prompt + answer + [end] + newline + [tok.eos_token_id]
     assert theirs.labels == [-100] * len(prompt) + answer + [end] + newline + [tok.eos_token_id]
     assert tok.eos_token_id == end  # SmolLM2: EOS is the end-of-turn token
+
+
+def test_samples_with_in_context_examples_as_open_unlearning_prepares_them(smollm2_tokenizer):
+    """MUSE's knowledge prompts in open-unlearning: the examples as earlier turns of one text tokenized at once,
+    the labels every token after the prompt, one EOS appended (plain tags, as MUSE's datasets set)."""
+    from data.utils import PromptTemplate, tokenize_qa_batch
+
+    tok = smollm2_tokenizer
+    template = PromptTemplate(apply_chat_template=False, user_start_tag="Question: ", user_end_tag="\n",
+                              asst_start_tag="Answer: ", asst_end_tag="\n\n")
+    fewshot = [("Who won?", "Selby"), ("Where?", "Sheffield")]
+    theirs, = tokenize_qa_batch(tok, template, ["When?"], ["May"], 512, labels_cover_chat_tail=True, fewshot=fewshot)
+    prompt_text = "Question: Who won?\nAnswer: Selby\n\nQuestion: Where?\nAnswer: Sheffield\n\nQuestion: When?\nAnswer: "
+    prompt = tok(prompt_text, add_special_tokens=True)["input_ids"]
+    whole = tok(prompt_text + "May", add_special_tokens=True)["input_ids"]
+    assert theirs.input_ids == whole + [tok.eos_token_id]
+    assert theirs.labels == [-100] * len(prompt) + whole[len(prompt):] + [tok.eos_token_id]
 
 
 def test_pad_derived_mask_hides_in_sample_pad_tokens(smollm2_tokenizer):
@@ -101,7 +204,7 @@ def test_eval_in_compat_mode_end_to_end(tofu_dir, tmp_path):
                       f"paths.output_dir={out}", "compat=open_unlearning", "eval.tofu.limit=4", *SHORT])
     assert result.returncode == 0, result.stderr[-4000:]
     logs = json.loads((out / "TOFU_EVAL.json").read_text())
-    assert logs["_meta"]["compat"] == "open_unlearning" and logs["_meta"]["passes"] == "plain"
+    assert logs["_meta"]["passes"] == "plain" and all(logs["_meta"]["plain_pass_options"].values())
     record = logs["forget_Q_A_ROUGE"]["value_by_index"]["0"]
     # open-unlearning's texts: the decoded prompt (chat roles included), the answer decoded from the tokens
     assert record["input"].startswith("system\n") and record["input"].rstrip().endswith("assistant")
@@ -114,14 +217,14 @@ def test_eval_in_compat_mode_end_to_end(tofu_dir, tmp_path):
                      f"paths.output_dir={out}", "eval.tofu.limit=4", *SHORT])
     assert again.returncode == 0, again.stderr[-4000:]
     assert "reusing" not in again.stdout + again.stderr
-    assert json.loads((out / "TOFU_EVAL.json").read_text())["_meta"]["compat"] is None
+    assert not any(json.loads((out / "TOFU_EVAL.json").read_text())["_meta"]["plain_pass_options"].values())
 
 
 def test_bad_compat_value_fails_before_any_work(tmp_path):
     result = run_cli(["src/train.py", "--config-name=unlearn.yaml", "model=tiny-random-llama", "compat=openunlearning",
                       f"paths.output_dir={tmp_path / 'x'}"])
     assert result.returncode != 0
-    assert "compat='openunlearning'; valid: open_unlearning or null" in result.stderr
+    assert "compat/openunlearning" in result.stderr and "open_unlearning" in result.stderr
     assert not (tmp_path / "x").exists()
 
 
@@ -151,7 +254,6 @@ def test_vs_open_unlearning_helpers(tmp_path):
 
 def test_simnpo_delta_in_open_unlearning_units(monkeypatch):
     """open-unlearning's delta is subtracted before the scaling: log sigmoid(beta * (A - delta))."""
-    from compat import OPEN_UNLEARNING, OURS
     from trainer.unlearn import simnpo
 
     trainer = object.__new__(simnpo.SimNPO)
@@ -165,11 +267,11 @@ def test_simnpo_delta_in_open_unlearning_units(monkeypatch):
     monkeypatch.setattr(simnpo.SimNPO, "nll_retain_batch", lambda self, inputs: None)
     monkeypatch.setattr(simnpo.SimNPO, "weighted_total", lambda self, model, inputs, forget_loss, retain_nll: forget_loss)
     values = {}
-    for compat in (OURS, OPEN_UNLEARNING):
-        trainer.compat = compat
-        values[compat.name] = float(trainer.compute_loss(None, {"forget": {}}))
+    for before_scaling in (False, True):
+        trainer.delta_before_scaling = before_scaling
+        values[before_scaling] = float(trainer.compute_loss(None, {"forget": {}}))
     A = torch.tensor([1.5, 0.5])
     ours = float(-(2 / 2.0) * torch.nn.functional.logsigmoid(2.0 * A - 0.5).mean())
     theirs = float(-(2 / 2.0) * torch.nn.functional.logsigmoid(2.0 * (A - 0.5)).mean())
-    assert values[None] == pytest.approx(ours) and values["open_unlearning"] == pytest.approx(theirs)
+    assert values[False] == pytest.approx(ours) and values[True] == pytest.approx(theirs)
     assert ours != pytest.approx(theirs)

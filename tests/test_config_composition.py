@@ -109,7 +109,7 @@ def test_metric_datasets_are_composed_by_hydra_and_resolve_in_place(tofu_dir):
     main = metrics["forget_Q_A_Prob"]["datasets"]["main"]
     assert main == {"handler": "QADataset", "args": {
         "hf_args": {"path": "locuslab/TOFU", "split": "train", "name": "forget05_perturbed"}, "question_key": "question",
-        "answer_key": "answer", "max_length": 128, "local_dir": str(tofu_dir)}}
+        "answer_key": "answer", "max_length": 128, "local_dir": str(tofu_dir), "labels_cover_chat_tail": False}}
     assert metrics["mia_loss"]["datasets"]["holdout"]["args"]["hf_args"]["name"] == "holdout05"
     para = metrics["forget_Truth_Ratio"]["pre_compute"]["forget_Q_A_PARA_Prob"]["datasets"]["main"]
     assert para["args"]["answer_key"] == "paraphrased_answer" and para["args"]["local_dir"] == str(tofu_dir)
@@ -138,7 +138,7 @@ def test_the_saved_config_records_the_composed_datasets_and_peft(tofu_dir, tmp_p
     assert saved.data.forget.name == "TOFU_QA_FORGET01" and saved.data.forget.handler == "QADataset"
     assert OmegaConf.to_container(saved.data.forget.args) == {
         "hf_args": {"path": "locuslab/TOFU", "split": "train", "name": "forget01"}, "question_key": "question",
-        "answer_key": "answer", "max_length": 512, "local_dir": str(tofu_dir)}
+        "answer_key": "answer", "max_length": 512, "local_dir": str(tofu_dir), "labels_cover_chat_tail": False}
     assert saved.data.retain.args.hf_args.name == "retain99" and saved.data.eval is None
     assert saved.task_name == "GradDiff_TOFU_QA_FORGET01" and saved.forget_split == "forget01"
     assert saved.model.peft.method == "lora" and saved.model.peft.r == 8  # model.peft=lora, composed

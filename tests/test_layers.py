@@ -9,8 +9,8 @@ SRC = REPO / "src"
 #: package -> the project's top-level packages and modules it may import
 ALLOWED = {
     "core": set(),
-    "evals": {"evals", "core", "data", "model", "checks", "compat", "progress", "run_folder"},
-    "model": {"model", "core", "data", "checks", "compat", "run_folder"},
+    "evals": {"evals", "core", "data", "model", "checks", "progress", "run_folder"},
+    "model": {"model", "core", "data", "checks", "run_folder"},
 }
 PROJECT = {p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").is_file()} | \
     {p.stem for p in SRC.glob("*.py")}

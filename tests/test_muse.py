@@ -288,6 +288,28 @@ def test_muse_eval_end_to_end(muse_dir, tmp_path):
     assert "reusing 9 metric(s)" in again.stdout + again.stderr
 
 
+def test_muse_eval_with_open_unlearnings_conventions(muse_dir, tmp_path, smollm2_tokenizer):
+    """compat=open_unlearning covers MUSE: the knowledge prompts with their in-context examples are prepared as
+    open-unlearning prepares them (one text tokenized at once, the labels every token after the prompt)."""
+    out = tmp_path / "muse_ou"
+    result = run_cli(["src/eval.py", "--config-name=eval.yaml", "eval=muse", "model=tiny-random-llama",
+                      f"paths.muse_news={muse_dir}", f"paths.output_dir={out}", "eval.muse.limit=3",
+                      "compat=open_unlearning", "eval/muse_metrics@eval.muse.muse_metrics=[forget_knowmem_ROUGE,"
+                      "forget_verbmem_ROUGE,extraction_strength]",
+                      "eval.muse.metrics.forget_verbmem_ROUGE.generation_args.max_new_tokens=8"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    logs = json.loads((out / "MUSE_EVAL.json").read_text())
+    assert logs["_meta"]["passes"] == "plain" and all(logs["_meta"]["plain_pass_options"].values())
+    record = logs["forget_knowmem_ROUGE"]["value_by_index"]["0"]
+    first = json.loads((muse_dir / "knowmem_forget_qa.json").read_text().splitlines()[0])
+    # open-unlearning's ROUGE texts: the decoded prompt (a chat model's: its 10 examples as earlier turns) and
+    # the decoded answer
+    assert record["input"].count("\nassistant\n") == 11 and record["input"].rstrip().endswith("assistant")
+    assert first["question"] in record["input"]
+    assert record["ground_truth"] == first["answer"].strip()
+    assert 0.0 <= logs["extraction_strength"]["agg_value"] <= 1.0
+
+
 # ----- fine-tuning and unlearning on the MUSE corpora ------------------------------------------------------
 TRAIN_FAST = ["model=tiny-random-llama", "trainer.args.max_steps=2", "trainer.args.per_device_train_batch_size=2",
               "trainer.args.gradient_accumulation_steps=1", "trainer.args.logging_steps=1",

@@ -78,7 +78,7 @@ def _evaluate_both_modes(tmp_path: Path, overrides: list[str], caplog,
         if model is None:
             model, tokenizer = get_model(cfg.model)
         evaluator = get_evaluators(cfg.eval, tokenizer=tokenizer, template_args=cfg.model.get("template_args"),
-                                   compat=cfg.get("compat"), paths=cfg.paths)["tofu"]
+                                   paths=cfg.paths)["tofu"]
         assert evaluator.passes_mode == mode
         if mode == "plain" and before_plain is not None:
             before_plain()

@@ -110,7 +110,7 @@ def _rephrased(benchmark: Benchmark, model: torch.nn.Module, names: list[str], c
 
 
 def run_attacks(attacks: list[tuple[AttackSpec, dict]], benchmark: Benchmark, model: torch.nn.Module, model_id: str,
-                tokenizer: Any, template_args: Any, compat: Any = None,
+                tokenizer: Any, template_args: Any,
                 retain_logs_path: str | None = None) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
     """Every attack's metrics: ``({suffix: {metric: EVAL entry}}, {suffix: {metric: baseline EVAL entry}})``,
     the baseline being the retain model under the same attack (relearning with ``baseline_model_path``;
@@ -122,7 +122,7 @@ def run_attacks(attacks: list[tuple[AttackSpec, dict]], benchmark: Benchmark, mo
         if spec.attacked_model is None:
             attacked[tag] = _rephrased(benchmark, model, names, cfg, model_id)
             continue
-        context = {"tokenizer": tokenizer, "template_args": template_args, "compat": compat}
+        context = {"tokenizer": tokenizer, "template_args": template_args}
         copy_ = spec.attacked_model(model, cfg, **context)
         try:
             attacked[tag] = _attacked(benchmark, copy_, names, f"{model_id}@{tag}")

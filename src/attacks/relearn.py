@@ -79,7 +79,7 @@ def _first(item: Any) -> dict:
     return item[0] if isinstance(item, list) else item
 
 
-def relearning_set(cfg: Mapping[str, Any], tokenizer: Any, template_args: Any, compat: Any = None) -> Any:
+def relearning_set(cfg: Mapping[str, Any], tokenizer: Any, template_args: Any) -> Any:
     """The rows relearned on: ``attack.relearn.data`` (a dataset config, composed by the entry point from its
     name) cut to ``fraction`` of its rows."""
     from torch.utils.data import Subset
@@ -91,16 +91,15 @@ def relearning_set(cfg: Mapping[str, Any], tokenizer: Any, template_args: Any, c
     if not data:
         raise BadValueError("attack.relearn.data is not set: name a dataset config (e.g. TOFU_QA_FORGET10)")
     dataset = build_dataset(data, tokenizer, template_args=template_args,
-                            dataset_args=cfg.get("dataset_args") or {}, compat=compat)
+                            dataset_args=cfg.get("dataset_args") or {})
     rows = relearning_rows(len(dataset), float(cfg.get("fraction", 0.5)), int(cfg.get("seed", 0)))
     log.info("relearn: %d of %d rows of %s, %d steps", len(rows), len(dataset), dataset_names(data), cfg.get("steps"))
     return Subset(dataset, rows)
 
 
-def relearn(model: torch.nn.Module, cfg: Mapping[str, Any], tokenizer: Any, template_args: Any,
-            compat: Any = None) -> torch.nn.Module:
+def relearn(model: torch.nn.Module, cfg: Mapping[str, Any], tokenizer: Any, template_args: Any) -> torch.nn.Module:
     """The attacked model of ``attack.relearn``."""
-    dataset = relearning_set(cfg, tokenizer, template_args, compat)
+    dataset = relearning_set(cfg, tokenizer, template_args)
     return relearned_copy(model, dataset, tokenizer, cfg.get("steps", 30), cfg.get("learning_rate", 1e-5),
                           cfg.get("batch_size", 4), int(cfg.get("seed", 0)))
 

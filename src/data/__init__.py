@@ -22,7 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from compat import get_compat
+from checks import check_bool
 from data.collators import DataCollatorForSupervisedDataset, DataCollatorForSupervisedDatasetWithIndices
 from data.splits import check_eval_splits, dataset_names, forget_split_of, holdout_for
 from data.text import CompletionDataset, ConcatenatedDataset, PretrainingDataset
@@ -133,9 +133,9 @@ def dataset_config(spec: Mapping, where: str = "dataset") -> dict:
 
 
 def build_dataset(spec: Mapping, tokenizer: PreTrainedTokenizerBase, template_args: Any = None,
-                  dataset_args: Mapping | None = None, compat: Any = None) -> Dataset:
+                  dataset_args: Mapping | None = None) -> Dataset:
     """Instantiate one composed dataset config; ``dataset_args`` (``data.dataset_args``) override every dataset's
-    args; ``compat`` (the run's mode) reaches the datasets that take it.
+    args.
 
     A dataset config's own ``args.template_args`` (e.g. plain ``Question:``/``Answer:`` tags for MUSE's
     knowledge prompts) are merged over the model's ``template_args``: the template is a property of
@@ -149,8 +149,6 @@ def build_dataset(spec: Mapping, tokenizer: PreTrainedTokenizerBase, template_ar
     if args.get("template_args"):
         template_args = {**(template_args or {}), **args.pop("template_args")}
     args.pop("template_args", None)
-    if _accepts(handler, "compat"):
-        args.setdefault("compat", get_compat(compat).name)
     if cfg.get("name"):
         args["name"] = cfg["name"]
     return handler(tokenizer=tokenizer, template_args=template_args, **args)
@@ -175,14 +173,15 @@ def _role_specs(data_cfg: DictConfig | Mapping, role: str) -> list:
 
 
 def get_data(data_cfg: DictConfig | Mapping, mode: str, tokenizer: PreTrainedTokenizerBase, template_args: Any = None,
-             seed: int = 0, need_eval: bool = True, compat: Any = None) -> dict[str, Dataset | None]:
+             seed: int = 0, need_eval: bool = True) -> dict[str, Dataset | None]:
     """Datasets of a run: ``{"train": ..., "eval": ...}`` (plus ``forget``/``retain`` in unlearn mode).
 
     ``data_cfg`` holds composed dataset configs (``resolvers.compose_names`` turns names into them).
     ``mode="train"`` reads ``data.train``; ``mode="unlearn"`` reads ``data.forget`` and ``data.retain``
     (optional) and pairs them with ``ForgetRetainDataset``. ``data.eval`` is optional in both, and is
     built only with ``need_eval`` (the run evaluates: ``trainer.evaluates(cfg.trainer.args)``); otherwise
-    ``"eval"`` is None and its file is never read. ``compat``: the run's ``compat`` mode.
+    ``"eval"`` is None and its file is never read. ``data.retain_pairing`` and
+    ``data.retain_partners_from_global_rng`` configure the pairing (``ForgetRetainDataset``).
     """
     dataset_args = {k: v for k, v in dict(data_cfg.get("dataset_args") or {}).items() if v is not None}
     handlers = {DATASET_REGISTRY[dataset_config(s, f"data.{role}")["handler"]]
@@ -203,8 +202,8 @@ def get_data(data_cfg: DictConfig | Mapping, mode: str, tokenizer: PreTrainedTok
             if not spec:
                 raise ValueError(f"data.{role} is an empty list; give dataset names "
                                  f"(valid: {', '.join(available_datasets())})")
-            return ConcatenatedDataset([build_dataset(s, tokenizer, template_args, dataset_args, compat) for s in spec])
-        return build_dataset(spec, tokenizer, template_args, dataset_args, compat)
+            return ConcatenatedDataset([build_dataset(s, tokenizer, template_args, dataset_args) for s in spec])
+        return build_dataset(spec, tokenizer, template_args, dataset_args)
 
     if mode == "train":
         if data_cfg.get("train") is None:
@@ -215,7 +214,9 @@ def get_data(data_cfg: DictConfig | Mapping, mode: str, tokenizer: PreTrainedTok
             raise ValueError(f"data.forget is required to unlearn; valid names: {', '.join(available_datasets())}")
         forget, retain = build("forget"), build("retain")
         paired = ForgetRetainDataset(forget, retain, seed=seed,
-                                     retain_from_global_rng=get_compat(compat).retain_partners_from_global_rng,
+                                     retain_from_global_rng=check_bool(
+                                         "data.retain_partners_from_global_rng",
+                                         data_cfg.get("retain_partners_from_global_rng", False)),
                                      retain_pairing=data_cfg.get("retain_pairing") or "random")
         return {"train": paired, "eval": build("eval"),
                 "forget": forget, "retain": retain}
@@ -229,8 +230,8 @@ def data_input_paths(data_cfg: DictConfig | Mapping) -> list[str]:
     return [str(p) for p in dict.fromkeys(found) if p]
 
 
-def get_collator(collator_cfg: DictConfig | Mapping, tokenizer: PreTrainedTokenizerBase, compat: Any = None) -> Any:
-    """The collator of ``collator_cfg``; ``compat`` (the run's mode) sets the switches it names (the mask)."""
+def get_collator(collator_cfg: DictConfig | Mapping, tokenizer: PreTrainedTokenizerBase) -> Any:
+    """The collator of ``collator_cfg`` (``handler`` and its ``args``)."""
     handler = collator_cfg.get("handler")
     if handler not in COLLATOR_REGISTRY:
         raise ValueError(f"unknown collator {handler!r}; valid: {sorted(COLLATOR_REGISTRY)}")
@@ -238,8 +239,6 @@ def get_collator(collator_cfg: DictConfig | Mapping, tokenizer: PreTrainedTokeni
     if isinstance(args, DictConfig):
         args = OmegaConf.to_container(args, resolve=True)
     args = dict(args)
-    if get_compat(compat).attention_mask_from_pad and _accepts(COLLATOR_REGISTRY[handler], "attention_mask_from_pad"):
-        args.setdefault("attention_mask_from_pad", True)
     return COLLATOR_REGISTRY[handler](tokenizer=tokenizer, **args)
 
 

@@ -179,7 +179,7 @@ class DataCollatorForSupervisedDataset:
         tokenizer: gives the pad id.
         padding_side: "right" for training, "left" for batched generation.
         index: keep each sample's dataset index as an ``index`` tensor.
-        attention_mask_from_pad: ``compat=open_unlearning``'s mask, ``input_ids != pad_token_id``: it also
+        attention_mask_from_pad: open-unlearning's mask, ``input_ids != pad_token_id``: it also
             hides every real token equal to the pad id (SmolLM2's pad is its ``<|im_end|>``). The layout
             says so (``mask_hides_padding_only=False``), so trainers pass the mask to the model.
     """

@@ -70,10 +70,8 @@ class _TextDataset(Dataset):
     last_token_is_eos = False
     template = None  # raw text: generation stops at EOS only, no prompt tags
 
-    def __init__(self, name: str, compat: Any = None) -> None:
+    def __init__(self, name: str) -> None:
         self.name = name
-        if compat is not None:
-            log.info("%s: compat=%s has no effect on raw-text datasets", name, compat)
         self._samples: list[tuple[list[int], list[int]]] = []
 
     def __len__(self) -> int:
@@ -123,9 +121,9 @@ class PretrainingDataset(_TextDataset):
     def __init__(self, hf_args: dict, tokenizer: PreTrainedTokenizerBase, template_args: Any = None,
                  text_key: str = "text", max_length: int = 2048, separator: str = "\n\n",
                  local_dir: str | None = None, local_name: str | None = None, name: str = "PretrainingDataset",
-                 compat: Any = None, local_dir_key: str = "paths.tofu", local_fold: dict | None = None,
+                 local_dir_key: str = "paths.tofu", local_fold: dict | None = None,
                  chunking: str = "concatenate", min_len_chars: int = 0) -> None:
-        super().__init__(name, compat)
+        super().__init__(name)
         self.max_length = check_number("max_length", max_length, integer=True, low=1, owner=name,
                                        hint="data.dataset_args.max_length, or the dataset config's args.max_length")
         check_choice("chunking", chunking, CHUNKING, owner=name)
@@ -201,8 +199,8 @@ class CompletionDataset(_TextDataset):
     def __init__(self, hf_args: dict, tokenizer: PreTrainedTokenizerBase, template_args: Any = None,
                  prefix_key: str | None = "prompt", text_key: str = "text", max_length: int = 2048,
                  insert_space: bool = False, local_dir: str | None = None, local_name: str | None = None,
-                 name: str = "CompletionDataset", compat: Any = None, local_dir_key: str = "paths.tofu") -> None:
-        super().__init__(name, compat)
+                 name: str = "CompletionDataset", local_dir_key: str = "paths.tofu") -> None:
+        super().__init__(name)
         self.max_length = check_number("max_length", max_length, integer=True, low=1, owner=name,
                                        hint="data.dataset_args.max_length, or the dataset config's args.max_length")
         fields = {text_key: "text_key", **({prefix_key: "prefix_key"} if prefix_key else {})}

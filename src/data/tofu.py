@@ -17,8 +17,7 @@ import datasets
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from checks import check_number
-from compat import get_compat
+from checks import check_bool, check_number
 from data.collators import Parts
 from data.utils import (
     DataFileError,
@@ -101,8 +100,9 @@ class QADataset(Dataset):
             ..., "local_name": ...}`` of a file of the same question and answer columns, read like the
             main one (from ``local_dir`` when set); ``max_examples`` keeps the first ones only.
         name: the dataset's config name, used in messages.
-        compat: the run's ``compat`` mode (``compat.Compat``, or its name): ``open_unlearning`` prepares
-            the samples as open-unlearning does (``tokenize_qa_like_open_unlearning``).
+        labels_cover_chat_tail: prepare the samples as open-unlearning does
+            (``tokenize_qa_like_open_unlearning``: the whole chat tokenized at once, the labels every token
+            after the prompt); ``compat=open_unlearning`` sets it.
 
     The evaluation passes read a dataset through ``prompt_text(i)``, ``answer_texts(i)``, ``lengths()``,
     ``template`` (how prompts were built) and ``last_token_is_eos`` (True here: each answer ends with
@@ -119,11 +119,11 @@ class QADataset(Dataset):
 
     def __init__(self, hf_args: dict, tokenizer: PreTrainedTokenizerBase, template_args: dict | None = None,
                  question_key: str = "question", answer_key: str = "answer", max_length: int = 512,
-                 local_dir: str | None = None, name: str = "QADataset", compat: Any = None,
+                 local_dir: str | None = None, name: str = "QADataset", labels_cover_chat_tail: bool = False,
                  local_name: str | None = None, fewshot: dict | None = None, local_dir_key: str = "paths.tofu"):
         self.name = name
         self.local_dir_key = local_dir_key
-        self.compat = get_compat(compat)
+        self.labels_cover_chat_tail = check_bool("labels_cover_chat_tail", labels_cover_chat_tail, owner=name)
         max_length = check_number("max_length", max_length, integer=True, low=1, owner=name,
                                   hint="data.dataset_args.max_length, or the dataset config's args.max_length")
         self.question_key, self.answer_key = question_key, answer_key
@@ -152,7 +152,7 @@ class QADataset(Dataset):
                 owner.append(i)
         self.fewshot = self._read_fewshot(fewshot, local_dir)
         tokenized = tokenize_qa_batch(tokenizer, self.template, flat_q, flat_a, max_length, row_ids=owner,
-                                      labels_cover_chat_tail=self.compat.labels_cover_chat_tail,
+                                      labels_cover_chat_tail=self.labels_cover_chat_tail,
                                       fewshot=self.fewshot)
         n_cut = sum(t.truncated for t in tokenized)
         if n_cut:
@@ -228,7 +228,7 @@ class QAwithIdkDataset(QADataset):
         tokenizer = kwargs.get("tokenizer") or args[1]
         max_length = kwargs.get("max_length", 512)
         self._idk = tokenize_qa_batch(tokenizer, self.template, questions, picks, max_length,
-                                      labels_cover_chat_tail=self.compat.labels_cover_chat_tail)
+                                      labels_cover_chat_tail=self.labels_cover_chat_tail)
 
     def __getitem__(self, index: int) -> Parts:
         return Parts(original=super().__getitem__(index), alternate=to_sample(self._idk[index], index))
@@ -277,7 +277,7 @@ class QAwithAlternateDataset(QADataset):
             picks.append(alt)
         max_length = kwargs.get("max_length", 512)
         self._alternates = tokenize_qa_batch(tokenizer, self.template, self.rows[self.question_key], picks, max_length,
-                                             labels_cover_chat_tail=self.compat.labels_cover_chat_tail)
+                                             labels_cover_chat_tail=self.labels_cover_chat_tail)
         n_cut = sum(t.truncated for t in self._alternates)
         if n_cut:
             log.warning("%s: %d of %d alternate answers cut to max_length=%d", self.name, n_cut, len(picks), max_length)

@@ -34,7 +34,7 @@ class ForgetRetainDataset(Dataset):
         retain: the retain dataset, or None for methods that use no retain term.
         seed: base seed of the draws.
         retain_pairing: ``random`` (default) or ``length_matched``.
-        retain_from_global_rng: ``compat.retain_partners_from_global_rng``: ``j`` is drawn when the item is
+        retain_from_global_rng: (``data.retain_partners_from_global_rng``) ``j`` is drawn when the item is
             read, with ``torch.randint`` from torch's global generator, as open-unlearning draws it (the
             pairs then depend on everything else that uses that generator, and are the same on every rank).
     """

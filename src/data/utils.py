@@ -144,16 +144,13 @@ def tokenize_qa_batch(
     The answer is cut (and the sample flagged ``truncated``) when prompt + answer exceed
     ``max_length``; a prompt that alone does not fit is an error, never a silent cut.
 
-    ``labels_cover_chat_tail`` (``compat=open_unlearning``): ``tokenize_qa_like_open_unlearning``.
+    ``labels_cover_chat_tail`` (open-unlearning's preparation): ``tokenize_qa_like_open_unlearning``.
     ``fewshot``: in-context examples before every question (``format_prompt``).
     """
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
-    if labels_cover_chat_tail and fewshot:
-        raise ValueError("compat=open_unlearning's tokenization has no in-context examples here; drop the dataset's "
-                         "fewshot or run without compat")
     if labels_cover_chat_tail:
-        return [tokenize_qa_like_open_unlearning(tokenizer, template, q, a, max_length)
+        return [tokenize_qa_like_open_unlearning(tokenizer, template, q, a, max_length, fewshot)
                 for q, a in zip(questions, answers)]
     prompts = [format_prompt(tokenizer, template, q, fewshot) for q in questions]
     # Chat templates write their own BOS; plain prompts get the tokenizer's special tokens.
@@ -177,23 +174,23 @@ def tokenize_qa_batch(
 
 
 def tokenize_qa_like_open_unlearning(tokenizer: PreTrainedTokenizerBase, template: PromptTemplate, question: str,
-                                     answer: str, max_length: int) -> TokenizedQA:
+                                     answer: str, max_length: int, fewshot: Fewshot = ()) -> TokenizedQA:
     """One (question, answer) pair as open-unlearning prepares it (its ``preprocess_chat_instance``).
 
-    The whole exchange is rendered and tokenized at once; the labels are every token after the prompt:
-    the answer, the end-of-turn token and whatever the chat template writes after it (ChatML's ``"\n"``),
-    plus the tokenizer's EOS appended when the tokens do not already end with it. With a chat
-    template nothing is cut (``max_length`` is not applied, as there); a plain-tags prompt is tokenized
-    with the tokenizer's special tokens and cut to ``max_length`` before the EOS is appended.
+    The whole exchange (the ``fewshot`` examples as earlier turns, then the question and its answer) is
+    rendered and tokenized at once; the labels are every token after the prompt: the answer, the
+    end-of-turn token and whatever the chat template writes after it (ChatML's ``"\n"``), plus the
+    tokenizer's EOS appended when the tokens do not already end with it. With a chat template nothing
+    is cut (``max_length`` is not applied, as there); a plain-tags prompt is tokenized with the
+    tokenizer's special tokens and cut to ``max_length`` before the EOS is appended.
     """
+    prompt_text = format_prompt(tokenizer, template, question, fewshot)
     if template.apply_chat_template:
-        prompt_text = format_prompt(tokenizer, template, question)
-        full_text = _render_chat(tokenizer, template, question, answer)
+        full_text = _render_chat(tokenizer, template, question, answer, fewshot)
         prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         full = tokenizer(full_text, add_special_tokens=False)["input_ids"]
         truncated = False
     else:
-        prompt_text = format_prompt(tokenizer, template, question)
         prompt = tokenizer(prompt_text, add_special_tokens=True, max_length=max_length, truncation=True)["input_ids"]
         whole = tokenizer(prompt_text + answer, add_special_tokens=True)["input_ids"]
         truncated = len(whole) > max_length

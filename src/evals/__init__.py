@@ -26,11 +26,11 @@ def _register_evaluator(cls: type[Benchmark]) -> type[Benchmark]:
 
 
 def get_evaluators(eval_cfgs: DictConfig | Mapping | None, tokenizer: Any = None, template_args: Any = None,
-                   compat: Any = None, paths: Mapping | None = None) -> dict[str, Benchmark]:
+                   paths: Mapping | None = None) -> dict[str, Benchmark]:
     """Instantiate every evaluator of ``cfg.eval`` (a mapping name -> evaluator config), each resolved in place
-    (its metrics' composed datasets with it: ``${paths.tofu}``, ``${eval.tofu.forget_split}``). ``compat`` and
-    ``paths`` are the run's ``compat`` mode and ``paths`` (the data folders)."""
-    kwargs = {"tokenizer": tokenizer, "template_args": template_args, "compat": compat, "paths": paths}
+    (its metrics' composed datasets with it: ``${paths.tofu}``, ``${eval.tofu.forget_split}``). ``paths`` are
+    the run's data folders."""
+    kwargs = {"tokenizer": tokenizer, "template_args": template_args, "paths": paths}
     evaluators = {}
     for name, cfg in (eval_cfgs or {}).items():
         if isinstance(cfg, DictConfig):

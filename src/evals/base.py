@@ -32,13 +32,13 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from compat import get_compat
 from core.distributed import is_main_process, is_sharded, on_main_process
 from data import DATASET_REGISTRY, accepts_arg, build_dataset, dataset_config
 from data.tofu import local_data_file, local_stem
 from data.utils import DataFileError, check_rows_file
 from evals.benchmark import COMMON_KEYS, Benchmark
 from evals.metrics import PASS_INPUTS, get_metric
+from evals.passes import PlainPassOptions
 from evals.result import (
     EvalResult,
     ResultStore,
@@ -66,7 +66,7 @@ PASS_MODES = ("fast", "plain")
 
 #: Benchmark-config keys this evaluator reads besides ``COMMON_KEYS``, and the ones its metric configs
 #: interpolate (``${eval.tofu.forget_split}``, MUSE's published AUCs): any other key is a typo.
-OWN_KEYS = frozenset({"metrics", "summary_metrics", "passes", "limit", "retain_logs_path", "reference_model_path"})
+OWN_KEYS = frozenset({"metrics", "summary_metrics", "passes", "plain_pass_options", "limit", "retain_logs_path", "reference_model_path"})
 INTERPOLATED_KEYS = frozenset({"forget_split", "holdout_split", "data_split", "published_retrain_auc"})
 
 
@@ -115,18 +115,19 @@ class Evaluator(Benchmark):
         cfg: the benchmark config (``eval.<bench>``): ``metrics``, ``name`` (file prefix, e.g. TOFU),
             ``output_dir``, ``overwrite``, ``summary_metrics`` (headline list; default all), ``passes``
             (``fast``, the default, or ``plain``: the reference passes of ``evals.passes``, no speed tricks),
+            ``plain_pass_options`` (how the plain passes compute: ``evals.passes.PlainPassOptions``; any of
+            them set needs ``passes: plain``),
             ``limit`` (null, or the number of leading rows of every dataset to score: a quick look whose
             numbers are not the benchmark's; recorded in ``_meta`` and the fingerprints).
         tokenizer: the model's tokenizer.
         template_args: the model config's prompt settings.
-        compat: the run's ``compat`` mode (``compat.get_compat``: null, ``open_unlearning``, or a ``Compat``).
         paths: the run's ``paths`` (its data folders), where ``data_folder_key`` (``paths.tofu``) is looked up.
 
     Every metric's ``datasets`` are composed dataset configs (Hydra composes them from the metric config's
     defaults list, ``/data/datasets@datasets.main: _TOFU_QA``), resolved with the benchmark config.
     """
 
-    def __init__(self, cfg: Mapping, tokenizer: Any = None, template_args: Any = None, compat: Any = None,
+    def __init__(self, cfg: Mapping, tokenizer: Any = None, template_args: Any = None,
                  paths: Mapping | None = None):
         super().__init__(cfg, tokenizer, template_args)
         unknown = sorted(set(self.cfg) - COMMON_KEYS - OWN_KEYS - INTERPOLATED_KEYS)
@@ -157,9 +158,12 @@ class Evaluator(Benchmark):
                                  f"{', '.join(self.metrics_cfg)}")
         self._settle_roles()
         self.paths = paths
-        self.compat = get_compat(compat)
-        if self.compat.plain_passes:
-            self.passes_mode = "plain"  # open-unlearning's batches: dataset order, model.generate
+        self.plain_options = PlainPassOptions.from_config(self.cfg.get("plain_pass_options"), f"evaluator {self.name}")
+        if self.plain_options.any() and self.passes_mode != "plain":
+            chosen = [k for k, v in self.plain_options.as_dict().items() if v]
+            raise ValueError(f"evaluator {self.name}: plain_pass_options {chosen} change how the plain passes compute, "
+                             f"but passes={self.passes_mode!r}; set eval.<bench>.passes=plain (compat=open_unlearning "
+                             "sets both)")
         self._datasets: dict[str, Any] = {}
 
     def _validate(self, name: str, mcfg: Mapping) -> None:
@@ -209,7 +213,7 @@ class Evaluator(Benchmark):
     def _dataset(self, spec: Any) -> Any:
         key = self._dataset_key(spec)
         if key not in self._datasets:
-            dataset = build_dataset(spec, self.tokenizer, self.template_args, compat=self.compat)
+            dataset = build_dataset(spec, self.tokenizer, self.template_args)
             self._datasets[key] = dataset if self.limit is None else FirstRows(dataset, self.limit)
         return self._datasets[key]
 
@@ -254,7 +258,7 @@ class Evaluator(Benchmark):
             {name: with_question_key(m, question_key) for name, m in self.metrics_cfg.items()}
         return Evaluator({**self.cfg, "metrics": metrics}, tokenizer=self.tokenizer,
                          template_args=self.template_args if template_args is None else template_args,
-                         compat=self.compat, paths=self.paths)
+                         paths=self.paths)
 
     def sample_fields(self, metric: str) -> tuple[str, ...]:
         """The ``sample_fields`` its handler registers (``MetricSpec``)."""
@@ -430,8 +434,6 @@ class Evaluator(Benchmark):
             }
         if "reference_logs" in spec.needs:
             kwargs["reference_logs"] = self._reference_logs(mcfg)
-        if "compat" in inspect.signature(spec.fn).parameters:
-            kwargs["compat"] = self.compat
         cache[key] = spec.fn(**kwargs, **self._options(mcfg))
         # the time of the passes this metric was the first to need, and of its pre-compute metrics
         log.info("%s: %s done in %.1f s", self.name, name, time.perf_counter() - started)
@@ -449,7 +451,7 @@ class Evaluator(Benchmark):
 
         return content_hash({"metric": with_data(self.metrics_cfg[name]), "model": model_fingerprint(model_id),
                       "template": self.template_args, "code": code_version(), "passes": passes_mode,
-                      "compat": self.compat.name, "limit": self.limit})
+                      "plain_pass_options": self.plain_options.as_dict(), "limit": self.limit})
 
     # ----- entry point -----------------------------------------------------------------------------
     def evaluate(self, model: torch.nn.Module, *, output_dir: str | os.PathLike | None = None,
@@ -490,7 +492,7 @@ class Evaluator(Benchmark):
         model.eval()
         ctx = EvalContext(
             benchmark=self.name, model=model, tokenizer=self.tokenizer, template_args=self.template_args,
-            compat=self.compat, plain=passes_mode == "plain", dataset=self._dataset, dataset_key=self._dataset_key,
+            plain_options=self.plain_options, plain=passes_mode == "plain", dataset=self._dataset, dataset_key=self._dataset_key,
             token_stats_plan=self._plan_token_stats(to_compute),
             moment_datasets=frozenset(self._dataset_key(spec) for _, mcfg in self._metric_configs(to_compute)
                                       if "vocab_moments" in get_metric(mcfg.get("handler")).needs
@@ -508,7 +510,7 @@ class Evaluator(Benchmark):
             log.warning("%s: %s", self.name, warning)
         meta = {
             "model": model_id, "code_version": code_version(), "evaluator": self.name, "passes": passes_mode,
-            "compat": self.compat.name,
+            "plain_pass_options": self.plain_options.as_dict(),
             "limit": self.limit,
             "splits": {k: self.cfg.get(k) for k in ("forget_split", "holdout_split", "retain_logs_path")
                        if k in self.cfg},

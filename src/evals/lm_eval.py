@@ -217,12 +217,12 @@ class LMEvalEvaluator(Benchmark):
         tokenizer: the model's tokenizer (lm-eval tokenizes with it).
         template_args: the model config's prompt settings; ``apply_chat_template: null`` follows its
             ``apply_chat_template``.
-        compat, paths: the run's ``compat`` mode and ``paths`` (unused; accepted like the other evaluators).
+        paths: the run's ``paths`` (unused; accepted like the other evaluators).
     """
 
     default_name = "LMEval"
 
-    def __init__(self, cfg: Mapping, tokenizer: Any = None, template_args: Any = None, compat: Any = None,
+    def __init__(self, cfg: Mapping, tokenizer: Any = None, template_args: Any = None,
                  paths: Mapping | None = None):
         try:
             import lm_eval  # noqa: F401

@@ -13,8 +13,9 @@ takes a strided shard and the results are gathered, so every rank ends with the 
 ``plain_token_stats_pass`` and ``plain_generation_pass`` compute the same results without the speed
 tricks (whole-row forwards over the full sequence, ``model.generate``, fixed batches in dataset order):
 the reference the fast passes are tested against, and what runs with ``eval.<bench>.passes=plain``, for a
-model sharded over the processes (its forwards stay in lockstep) and in ``compat=open_unlearning`` (its
-batch layout). ``evals.runners`` picks one of the two for each pass.
+model sharded over the processes (its forwards stay in lockstep), and with open-unlearning's numerics
+(``PlainPassOptions``: its mask, float32 log-probabilities in its batch layout, stop rule and ROUGE texts).
+``evals.runners`` picks one of the two for each pass.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from compat import OURS, Compat
+from checks import check_bool
 from core.distributed import gather_dicts, is_sharded, lockstep_total, rank_shard
 from data.collators import DataCollatorForSupervisedDataset, common_prefix_length, pad_sequences
 from data.utils import IGNORE_INDEX, PromptTemplate, answer_end_token_id
@@ -39,6 +41,50 @@ from model.forward import answer_span_logits, forward_accepts
 from progress import progress, progress_over
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PlainPassOptions:
+    """How the plain passes compute (``eval.<bench>.plain_pass_options``; all False: ours). Each True is one of
+    open-unlearning's conventions, which ``compat=open_unlearning`` sets (docs/evaluation.md, "Differences
+    from open-unlearning", says which is right and what each changes).
+
+    Attributes:
+        attention_mask_from_pad: the attention mask is ``input_ids != pad id``, which also hides in-prompt
+            tokens equal to the pad id (SmolLM2's ``<|im_end|>``); ours: 1 on every real token.
+        float32_log_probs: log-probabilities in float32, from a cross-entropy over ``[B, V, L]`` logits in
+            open-unlearning's batches (items, then one batch per answer position), whose rounding depends
+            on that layout; ours: float64, by row.
+        generation_stops_at_eos_only: a base model's generation is not cut at the tag closing an answer
+            (``template_args.asst_end_tag``), only at EOS and the configured stop strings; ours cuts it.
+        rouge_texts_from_tokens: ROUGE's ground truth is the decoded sample minus the decoded prompt and
+            ``input`` the decoded prompt (tokenization spaces cleaned up); ours: the dataset's strings.
+    """
+
+    attention_mask_from_pad: bool = False
+    float32_log_probs: bool = False
+    generation_stops_at_eos_only: bool = False
+    rouge_texts_from_tokens: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: Any, owner: str) -> PlainPassOptions:
+        """The options of ``eval.<bench>.plain_pass_options`` (a mapping of the fields above; null: all False);
+        an unknown key or a non-boolean value is a BadValueError naming it."""
+        cfg = dict(cfg or {})
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(cfg) - set(valid))
+        if unknown:
+            raise ValueError(f"{owner}.plain_pass_options: unknown option(s) {unknown}; valid: {', '.join(valid)}")
+        return cls(**{k: check_bool(f"plain_pass_options.{k}", v, owner=owner) for k, v in cfg.items()})
+
+    def any(self) -> bool:
+        return any(getattr(self, f.name) for f in fields(self))
+
+    def as_dict(self) -> dict[str, bool]:
+        return asdict(self)
+
+
+OURS = PlainPassOptions()
 
 
 def _answers(dataset: Any, index: int) -> list[str]:
@@ -562,14 +608,14 @@ def _dataset_template(dataset: Any, template_args: Any) -> PromptTemplate | None
 
 
 def _stop_criteria(tokenizer: Any, template: PromptTemplate | None, stop_strings: Sequence[str],
-                   compat: Compat = OURS) -> tuple[list[str], list[int]]:
+                   options: PlainPassOptions = OURS) -> tuple[list[str], list[int]]:
     """``(stop strings, stop token ids)`` of a generation: the configured strings (plus, for a base model,
-    the tag closing an answer, unless ``compat.generation_stops_at_eos_only``) and the end-of-answer and
+    the tag closing an answer, unless ``options.generation_stops_at_eos_only``) and the end-of-answer and
     EOS token ids. Raw text (``template`` None) stops at EOS and the configured strings only."""
     stop_strings = list(stop_strings)
     if template is None:
         return stop_strings, sorted({tokenizer.eos_token_id} - {None})
-    if not template.apply_chat_template and template.asst_end_tag.strip(" ") and not compat.generation_stops_at_eos_only:
+    if not template.apply_chat_template and template.asst_end_tag.strip(" ") and not options.generation_stops_at_eos_only:
         stop_strings.append(template.asst_end_tag)  # base models: the tag that closes an answer
     stop_ids = sorted({answer_end_token_id(tokenizer, template), tokenizer.eos_token_id} - {None})
     return stop_strings, stop_ids
@@ -612,7 +658,7 @@ def _generation_records(dataset: Any, tokenizer: Any, indices: Sequence[int], ne
     """``{"input", "ground_truth", "generation"}`` per index: the decoded tokens cut at the first stop string, stripped.
 
     ``input`` and ``ground_truth`` are the row's question and (first) answer; with ``texts_from_tokens``
-    (``compat.rouge_texts_from_tokens``) they are derived from the tokens as open-unlearning does: the
+    (``PlainPassOptions.rouge_texts_from_tokens``) they are derived from the tokens as open-unlearning does: the
     decoded prompt, and the decoded sample with the decoded prompt removed, stripped (special tokens
     skipped and tokenization spaces cleaned up, in the generation too).
     """
@@ -717,7 +763,7 @@ def plain_token_stats(logits: torch.Tensor, targets: torch.Tensor,
     ``E_p[log p] = sum_v p(v) log p(v)``, ``std_p[log p] = sqrt(sum_v p(v) (log p(v) - E_p[log p])^2)``
     and ``argmax(logits) == target`` (first index on a tie). The same values as ``answer_token_stats``,
     computed independently of it (float64 tensors, one pass per formula). ``float32``
-    (``compat.float32_log_probs``): the same formulas in float32, as open-unlearning computes them
+    (``PlainPassOptions.float32_log_probs``): the same formulas in float32, as open-unlearning computes them
     (its answer log-probabilities themselves come from its cross-entropy: ``plain_token_stats_pass``).
     """
     logp = torch.log_softmax(logits.float() if float32 else logits.double(), dim=-1)
@@ -730,7 +776,7 @@ def plain_token_stats(logits: torch.Tensor, targets: torch.Tensor,
 
 @torch.no_grad()  # not inference_mode: a sharded model (FSDP2) keeps buffers from it that training then updates
 def plain_token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any,
-                           batch_size: int = 32, compat: Compat = OURS) -> dict[int, list[TokenStats]]:
+                           batch_size: int = 32, options: PlainPassOptions = OURS) -> dict[int, list[TokenStats]]:
     """``token_stats_passes`` of one dataset computed plainly: per dataset index, one ``TokenStats`` per answer.
 
     The (question, answer) rows of the dataset (every answer of a list is a row) are taken in dataset
@@ -740,15 +786,15 @@ def plain_token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any,
     ``t - 1`` (``plain_token_stats``). With several processes each takes a strided share of the
     indices and the results are gathered.
 
-    ``compat`` (open-unlearning's numerics): the mask is ``ids != pad id`` (``attention_mask_from_pad``);
+    ``options`` (open-unlearning's numerics): the mask is ``ids != pad id`` (``attention_mask_from_pad``);
     with ``float32_log_probs`` the batches are its batches (``batch_size`` items, then one batch per
     answer position) and ``logp`` is its float32 cross-entropy over the ``[B, V, L]`` logits, whose
     rounding depends on that layout.
     """
     collate = DataCollatorForSupervisedDataset(tokenizer, padding_side="right",
-                                               attention_mask_from_pad=compat.attention_mask_from_pad)
+                                               attention_mask_from_pad=options.attention_mask_from_pad)
     device = _device(model)
-    batches = _open_unlearning_batches(dataset, batch_size) if compat.float32_log_probs else \
+    batches = _open_unlearning_batches(dataset, batch_size) if options.float32_log_probs else \
         _chunks([(i, sample) for i in rank_shard(range(len(dataset))) for sample in _samples(dataset[i])], batch_size)
     out: dict[int, list[TokenStats]] = {}
     eos = _ends_with_eos(dataset)
@@ -760,15 +806,15 @@ def plain_token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any,
         if not keep:  # a padding pass of a sharded model: its result is not this process's
             continue
         labels = batch["labels"].to(device)
-        if compat.float32_log_probs:
+        if options.float32_log_probs:
             nll = F.cross_entropy(logits[:, :-1].float().transpose(-1, -2), labels[:, 1:], ignore_index=IGNORE_INDEX,
                                   reduction="none")
         for row, (i, _) in enumerate(chunk):
             targets = labels[row, 1:]
             scored = targets != IGNORE_INDEX
             logp, mean, std, match = (v.cpu().numpy() for v in plain_token_stats(
-                logits[row, :-1][scored], targets[scored], float32=compat.float32_log_probs))
-            if compat.float32_log_probs:
+                logits[row, :-1][scored], targets[scored], float32=options.float32_log_probs))
+            if options.float32_log_probs:
                 logp = -nll[row][scored].cpu().numpy()
             answers = out.setdefault(i, [])  # rows of one item come in answer order
             answers.append(TokenStats(logp=logp, mean_logp=mean, std_logp=std, argmax_match=match,
@@ -812,17 +858,17 @@ def _open_unlearning_batches(dataset: Any, batch_size: int) -> list[list[tuple[i
 @torch.no_grad()
 def plain_generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, template_args: Any = None,
                           batch_size: int | str = 32, max_new_tokens: int = 200,
-                          stop_strings: Sequence[str] = (), compat: Compat = OURS) -> dict[int, dict]:
+                          stop_strings: Sequence[str] = (), options: PlainPassOptions = OURS) -> dict[int, dict]:
     """``generation_pass`` computed plainly: ``model.generate`` (greedy) of the prompts in dataset order.
 
     The prompts are those of ``generation_pass`` (the tokens of each sample before its answer), run
     ``batch_size`` at a time (``"auto"``: ``PLAIN_AUTO_GENERATION_ROWS``, 32), left-padded with their
     attention mask, through ``model.generate(do_sample=False)`` with the same stop tokens and
     ``max_new_tokens``; the text is cut at the same stop strings and stripped. Same result layout.
-    ``compat`` switches the mask, the stop strings and the texts as open-unlearning has them
+    ``options`` switch the mask, the stop strings and the texts to open-unlearning's
     (``attention_mask_from_pad``, ``generation_stops_at_eos_only``, ``rouge_texts_from_tokens``).
     """
-    stop_strings, stop_ids = _stop_criteria(tokenizer, _dataset_template(dataset, template_args), stop_strings, compat)
+    stop_strings, stop_ids = _stop_criteria(tokenizer, _dataset_template(dataset, template_args), stop_strings, options)
     prompts = _generation_prompts(dataset)
     rows = PLAIN_AUTO_GENERATION_ROWS if batch_size == "auto" else generation_rows(batch_size, model, 0, 0)
     out: dict[int, dict] = {}
@@ -831,13 +877,13 @@ def plain_generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, 
                                      f"generate {_name(dataset)}", unit="batch"):
         chunk_prompts = [prompts[i] if i is not None else first for i in chunk]
         new_tokens = _generate(model, chunk_prompts, tokenizer, max_new_tokens, stop_ids,
-                               attention_mask_from_pad=compat.attention_mask_from_pad)
+                               attention_mask_from_pad=options.attention_mask_from_pad)
         if keep:
             out.update(_generation_records(dataset, tokenizer, chunk, new_tokens, stop_strings,
-                                           texts_from_tokens=compat.rouge_texts_from_tokens))
+                                           texts_from_tokens=options.rouge_texts_from_tokens))
     return gather_dicts(out)
 
 
-__all__ = ["token_stats_passes", "generation_pass", "grad_norm_pass", "greedy_decode",
+__all__ = ["PlainPassOptions", "token_stats_passes", "generation_pass", "grad_norm_pass", "greedy_decode",
            "answer_token_stats", "answer_logits", "plain_token_stats", "plain_token_stats_pass",
            "plain_generation_pass"]

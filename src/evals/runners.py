@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from compat import Compat
 from core.distributed import is_sharded
 from evals import passes
 from evals.metrics import PASS_INPUTS
+from evals.passes import PlainPassOptions
 from evals.result import content_hash
 
 
@@ -32,8 +32,8 @@ class EvalContext:
         model: the model evaluated.
         tokenizer: its tokenizer.
         template_args: the model config's prompt settings.
-        compat: the compatibility switches (the plain passes' batch layout, the generations' stops).
-        plain: run the plain reference passes (``passes: plain``, compat mode, or a model sharded over the
+        plain_options: how the plain passes compute (``eval.<bench>.plain_pass_options``).
+        plain: run the plain reference passes (``passes: plain``, or a model sharded over the
             processes, whose forwards must run in lockstep) instead of the fast ones.
         dataset: a dataset spec -> the dataset (built once per evaluator).
         dataset_key: ``(spec, questions_only=False)`` -> the dataset's identity (questions only: the same
@@ -48,7 +48,7 @@ class EvalContext:
     model: torch.nn.Module
     tokenizer: Any
     template_args: Mapping[str, Any] | None
-    compat: Compat
+    plain_options: PlainPassOptions
     plain: bool
     dataset: Callable[[Any], Any]
     dataset_key: Callable[..., str]
@@ -61,7 +61,8 @@ class EvalContext:
         """Teacher-forced statistics of each dataset: together (``passes.token_stats_passes``; the vocabulary
         moments only with ``vocab_moments``), or one plain pass each."""
         if self.plain:
-            return [passes.plain_token_stats_pass(model, d, self.tokenizer, batch_size=batch_size, compat=self.compat)
+            return [passes.plain_token_stats_pass(model, d, self.tokenizer, batch_size=batch_size,
+                                                 options=self.plain_options)
                     for d in datasets]
         return passes.token_stats_passes(model, datasets, self.tokenizer, batch_size=batch_size,
                                          vocab_moments=vocab_moments)
@@ -112,7 +113,7 @@ def generations_runner(ctx: EvalContext, spec: Any, mcfg: Mapping) -> Any:
     gen_args = dict(mcfg.get("generation_args") or {})
     key = ("generations", ctx.dataset_key(spec), content_hash(gen_args))
     if key not in ctx.cache:
-        generate, extra = ((passes.plain_generation_pass, {"compat": ctx.compat}) if ctx.plain
+        generate, extra = ((passes.plain_generation_pass, {"options": ctx.plain_options}) if ctx.plain
                            else (passes.generation_pass, {}))
         ctx.cache[key] = generate(ctx.model, ctx.dataset(spec), ctx.tokenizer, ctx.template_args,
                                   batch_size=mcfg.get("batch_size", 32), **extra, **gen_args)

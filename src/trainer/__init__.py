@@ -20,7 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import TrainingArguments
 
 from checks import BadValueError, check_number
-from compat import get_compat
 from trainer.arguments import (
     MOVED_METHOD_ARGS,
     FinetuneArguments,
@@ -286,9 +285,9 @@ def _start_deepspeed_comm_on_cpu() -> None:
 def load_trainer(trainer_cfg: DictConfig | Mapping, model: torch.nn.Module, train_dataset: Any = None,
                  eval_dataset: Any = None, tokenizer: Any = None, data_collator: Any = None,
                  output_dir: str = "saves/tmp", evaluators: Mapping[str, Any] | None = None,
-                 compat: Any = None, training_args: FinetuneArguments | None = None) -> FinetuneTrainer:
-    """Build the trainer named by ``trainer.handler`` with ``trainer.args`` and ``trainer.method_args``;
-    ``compat`` is the run's root ``compat`` mode (``compat.get_compat``). ``training_args``: the arguments
+                 training_args: FinetuneArguments | None = None) -> FinetuneTrainer:
+    """Build the trainer named by ``trainer.handler`` with ``trainer.args`` and ``trainer.method_args``.
+    ``training_args``: the arguments
     already built from ``trainer.args`` (``build_training_args``), e.g. before the model was loaded."""
     handler = trainer_cfg.get("handler")
     cls = trainer_class(handler)
@@ -308,7 +307,7 @@ def load_trainer(trainer_cfg: DictConfig | Mapping, model: torch.nn.Module, trai
                                              greater_is_better_given=raw_args.get("greater_is_better") is not None)
     kwargs = dict(model=model, args=training_args,
                   train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
-                  data_collator=data_collator, evaluators=evaluators, compat=get_compat(compat),
+                  data_collator=data_collator, evaluators=evaluators,
                   best_model_constraint=constraint)
     return cls(**kwargs, **method_args)
 

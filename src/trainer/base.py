@@ -17,7 +17,6 @@ from transformers.integrations import TensorBoardCallback, is_deepspeed_zero3_en
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from compat import OURS, Compat, get_compat
 from core.distributed import is_sharded
 from evals.benchmark import Benchmark
 from evals.result import EvalResult
@@ -55,7 +54,7 @@ class FinetuneTrainer(Trainer):
     arguments_class: type[FinetuneArguments] = FinetuneArguments
 
     def __init__(self, model: torch.nn.Module | None = None, args: FinetuneArguments | None = None, *rest: Any,
-                 evaluators: Mapping[str, Benchmark] | None = None, compat: Compat = OURS,
+                 evaluators: Mapping[str, Benchmark] | None = None,
                  best_model_constraint: MetricConstraint | None = None, **kwargs: Any):
         if "num_items_in_batch" not in inspect.signature(type(self).compute_loss).parameters:
             raise TypeError(f"{type(self).__name__}.compute_loss must have Hugging Face's signature, which the Trainer "
@@ -64,7 +63,6 @@ class FinetuneTrainer(Trainer):
             raise TypeError(f"{type(self).__name__} takes args={self.arguments_class.__name__} (trainer.arguments), got "
                             f"{type(args).__name__}: build it with trainer.build_training_args")
         self.best_model_constraint = best_model_constraint
-        self.compat = get_compat(compat)  # the run's root `compat` (methods read its switches)
         self.evaluators = dict(evaluators or {})
         #: Evaluation results in memory by step: the latest and the best so far (the result's evaluation reuses one).
         self.evaluations: dict[int, dict[str, EvalResult]] = {}

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from compat import OURS, Compat
+from checks import check_bool
 
 from . import _mean_or_none, _one_role, _result, _sorted_keys, register_metric
 
@@ -35,7 +35,7 @@ def extraction_strength_score(match: Sequence[bool] | np.ndarray, floor_at_one_t
     extraction; "extraction strength", Wang et al. 2025). All exact -> 1; last token wrong -> 0.
 
     ``match`` holds the T' answer tokens to score (EOS excluded); it must be non-empty.
-    ``floor_at_one_token`` (``compat.extraction_strength_floor``): k is at most T' - 1, so the score is
+    ``floor_at_one_token`` (open-unlearning's score): k is at most T' - 1, so the score is
     at least 1/T' (open-unlearning's search stops at the last suffix without testing the empty one).
     """
     match = np.asarray(match, dtype=bool).reshape(-1)
@@ -84,7 +84,9 @@ def exact_memorization_metric(*, token_stats=None, **_: object) -> dict:
     needs=("token_stats",),
     description="1 - (shortest prefix fraction after which the answer is predicted verbatim), a final EOS excluded",
 )
-def extraction_strength_metric(*, token_stats=None, compat: Compat = OURS, **_: object) -> dict:
-    """Per index {"score": ES} of the first answer's content tokens; agg = mean. Higher = more memorised."""
-    floor = compat.extraction_strength_floor
+def extraction_strength_metric(*, token_stats=None, floor_at_one_token: bool = False, **_: object) -> dict:
+    """Per index {"score": ES} of the first answer's content tokens; agg = mean. Higher = more memorised.
+
+    ``floor_at_one_token`` (open-unlearning's score; ``extraction_strength_score``): at least 1/T."""
+    floor = check_bool("floor_at_one_token", floor_at_one_token, owner="extraction_strength")
     return _memorization(token_stats, lambda m: extraction_strength_score(m, floor), "extraction_strength")
