@@ -9,7 +9,14 @@ from conftest import StubLM, make_batch
 from data.collators import Parts
 from data.unlearn import ForgetRetainDataset
 from trainer import load_trainer
-from trainer.reference_cache import KeyedCollator, ReferenceNLLCache, batch_keys, leaf_samples, sample_key
+from trainer.reference_cache import (
+    KeyedCollator,
+    ReferenceNLLCache,
+    add_sample_keys,
+    batch_keys,
+    leaf_samples,
+    sample_key,
+)
 
 
 def test_sample_key_ignores_padding_and_sees_labels():
@@ -22,15 +29,23 @@ def test_sample_key_ignores_padding_and_sees_labels():
 
 
 def test_cache_lookup_needs_every_row():
-    batch = make_batch([[0, 2], [1, 3]], [[-100, 2], [-100, 3]])
+    def keyed(ids, labels):
+        return add_sample_keys(make_batch(ids, labels))
+
+    batch = keyed([[0, 2], [1, 3]], [[-100, 2], [-100, 3]])
     cache = ReferenceNLLCache()
     assert cache.lookup(batch) is None
-    cache.store(batch, torch.tensor([1.5, 2.5]))
+    cache.store(batch_keys(batch), torch.tensor([1.5, 2.5]))
     assert cache.lookup(batch).tolist() == [1.5, 2.5]
-    swapped = make_batch([[1, 3], [0, 2]], [[-100, 3], [-100, 2]])
+    swapped = keyed([[1, 3], [0, 2]], [[-100, 3], [-100, 2]])
     assert cache.lookup(swapped).tolist() == [2.5, 1.5]  # by content, not by position
-    assert cache.lookup(make_batch([[0, 2], [1, 4]], [[-100, 2], [-100, 4]])) is None
+    assert cache.lookup(keyed([[0, 2], [1, 4]], [[-100, 2], [-100, 4]])) is None
     assert len(set(batch_keys(batch))) == 2
+    # a batch whose collator made no keys is refused, not keyed by reading its tokens back from the device
+    with pytest.raises(ValueError, match="no sample_keys.*KeyedCollator"):
+        cache.lookup(make_batch([[0, 2]], [[-100, 2]]))
+    with pytest.raises(ValueError, match="2 sample keys for 1 reference NLLs"):
+        cache.store(batch_keys(batch), torch.tensor([1.0]))
 
 
 def test_keyed_collator_adds_the_keys_of_every_nested_batch():
@@ -83,12 +98,13 @@ def _stub_trainer(tmp_path, handler, trainer_args=None, **method_args):
 def test_npo_precomputes_and_frees_the_reference(tmp_path):
     t = _stub_trainer(tmp_path, "NPO", beta=0.5, retain_loss_type=None)
     assert t.ref_model is None and len(t.reference_cache) == 2
-    batch = make_batch([[0, 2], [1, 3]], [[-100, 2], [-100, 3]])
+    batch = add_sample_keys(make_batch([[0, 2], [1, 3]], [[-100, 2], [-100, 3]]))
+    assert isinstance(t.data_collator, KeyedCollator)  # training batches carry their keys
     # StubLM: after token 0, p(2) = 4/8; after token 1 uniform over 5
     assert t.reference_nll(batch).tolist() == pytest.approx([-torch.log(torch.tensor(0.5)).item(),
                                                              torch.log(torch.tensor(5.0)).item()], abs=1e-6)
     with pytest.raises(RuntimeError, match="precompute_ref_log_probs=false"):
-        t.reference_nll(make_batch([[0, 3]], [[-100, 3]]))
+        t.reference_nll(add_sample_keys(make_batch([[0, 3]], [[-100, 3]])))
 
 
 def test_kl_retain_keeps_the_reference_and_switch_off_computes_per_step(tmp_path):

@@ -38,9 +38,7 @@ def sample_key(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: to
 
 
 def batch_keys(batch: Mapping[str, Any]) -> list[bytes]:
-    """``sample_key`` of every row of a collated batch (``batch["sample_keys"]`` when the collator added them)."""
-    if "sample_keys" in batch:
-        return list(batch["sample_keys"])
+    """``sample_key`` of every row of a collated batch, computed from its tokens (read on the host)."""
     ids, labels = batch["input_ids"].cpu(), batch["labels"].cpu()
     mask = batch.get("attention_mask")
     mask = mask.cpu() if mask is not None else torch.ones_like(ids)
@@ -97,14 +95,22 @@ class ReferenceNLLCache:
     def __len__(self) -> int:
         return len(self.values)
 
-    def store(self, batch: Mapping[str, torch.Tensor], nll: torch.Tensor) -> None:
-        for key, value in zip(batch_keys(batch), nll.detach().float().cpu().tolist()):
-            self.values[key] = value
+    def store(self, keys: Sequence[bytes], nll: torch.Tensor) -> None:
+        """Record ``S_ref`` of the rows whose ``sample_key`` are ``keys``."""
+        values = nll.detach().float().cpu().tolist()
+        if len(values) != len(keys):
+            raise ValueError(f"{len(keys)} sample keys for {len(values)} reference NLLs")
+        self.values.update(zip(keys, values))
 
-    def lookup(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-        """``S_ref [B]`` (float32, on the batch's device) if every row is cached, else None."""
+    def lookup(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """``S_ref [B]`` (float32, on the batch's device) if every row is cached, else None. The batch must carry
+        the ``sample_keys`` its collator made (``KeyedCollator``), so that no token is read back from the device."""
+        keys = batch.get("sample_keys")
+        if keys is None:
+            raise ValueError("the batch has no sample_keys: with precomputed reference values its collator must be "
+                             "wrapped in trainer.reference_cache.KeyedCollator (UnlearningTrainer does so)")
         try:
-            values = [self.values[k] for k in batch_keys(batch)]
+            values = [self.values[k] for k in keys]
         except KeyError:
             return None
         return torch.tensor(values, dtype=torch.float32, device=batch["input_ids"].device)
@@ -127,10 +133,11 @@ class ReferenceNLLCache:
         for step in progress_over(range(total), "reference log-probs", unit="batch"):
             start = starts[min(step, len(starts) - 1)]
             batch = collate([samples[i] for i in order[start:start + batch_size]])
+            keys = batch_keys(batch)  # on the host, before the move
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             nll = sequence_nll(*answer_span_logits(model, batch))[0]
             if step < len(starts):
-                self.store(batch, nll)
+                self.store(keys, nll)
 
 
 __all__ = ["ReferenceNLLCache", "sample_key", "batch_keys", "add_sample_keys", "KeyedCollator", "leaf_samples"]

@@ -95,10 +95,8 @@ class UnlearningTrainer(FinetuneTrainer):
         (tested)."""
         super().__init__(model, args, *rest, **kwargs)
         if self.args.joint_forward and not self.supports_joint_forward:
-            from trainer import TRAINER_REGISTRY  # the registry sits above the methods
-
-            methods = sorted(n for n, c in TRAINER_REGISTRY.items()
-                             if issubclass(c, UnlearningTrainer) and c.supports_joint_forward)
+            methods = sorted({c.__name__ for c in _subclasses(UnlearningTrainer)
+                              if c.supports_joint_forward and c.__module__.startswith("trainer.unlearn.")})
             raise ValueError(f"trainer.args.joint_forward=true: {type(self).__name__} does not support it (its loss "
                              "reads logits or hidden states, or a single batch per step); methods that do: "
                              f"{', '.join(methods)}")
@@ -333,3 +331,12 @@ class UnlearningTrainer(FinetuneTrainer):
             logits, labels = answer_span_logits(model, batch)
             return answer_kl(logits, self.reference_logits(batch), labels, self.token_mean_processes)
         raise ValueError(f"retain_loss_type={loss_type!r}; valid: {', '.join(RETAIN_LOSS_TYPES)}")
+
+
+def _subclasses(cls: type) -> list[type]:
+    """Every class below ``cls`` defined so far (the methods of src/trainer/unlearn/ are all imported by the
+    registry, which sits above them)."""
+    found = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_subclasses(sub)]
+    return found
