@@ -5,7 +5,9 @@
         retain_logs_path=<retain model's TOFU_EVAL.json or null> paths.tofu=<folder>
 
 Writes ``<paths.output_dir>/TOFU_EVAL.json`` (every metric, per-sample values), ``TOFU_SUMMARY.json``
-(headline numbers) and the resolved ``config.yaml``, and prints the summary as a table. With
+(headline numbers), the resolved ``config.yaml`` and the completion marker ``run_complete.json`` (the folder
+follows training's rules: built aside, put in place when complete; see ``run``), and prints the summary as
+a table. With
 ``attack=quantize`` (or ``attack=[quantize,relearn,rephrase]``) the forget metrics are evaluated again under
 each attack and added as ``<metric>@<attack>``, with ``TOFU_ROBUSTNESS.json`` (src/attacks/).
 """
@@ -25,13 +27,14 @@ from accelerate import PartialState  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-from attacks import format_robustness, get_attacks, robustness_summary, run_attacks  # noqa: E402
+from attacks import check_attacks, format_robustness, get_attacks, robustness_summary, run_attacks  # noqa: E402
 from checks import check_number  # noqa: E402
+from core.distributed import on_main_process  # noqa: E402
 from evals import EvalResult, format_summary, get_evaluators  # noqa: E402
 from model import get_model  # noqa: E402
 from progress import quiet_library_bars  # noqa: E402
 from resolvers import compose_names, register_resolvers  # noqa: E402
-from run_folder import RUN_CONFIG, robustness_file, write_atomic, write_json_atomic  # noqa: E402
+from run_folder import RUN_CONFIG, RunFolder, robustness_file, write_atomic, write_json_atomic  # noqa: E402
 from sweep import run_job, write_job_status  # noqa: E402
 
 # the resolvers our configs use, before Hydra composes (also in a launcher's worker, which imports this module)
@@ -47,10 +50,27 @@ def model_identity(model_cfg: DictConfig) -> str:
     return "random_init:" + json.dumps(recipe, sort_keys=True)
 
 
+def eval_inputs(cfg: DictConfig, benchmarks: dict, attacks: list) -> list[str]:
+    """Paths the evaluation reads (the model, its tokenizer, each benchmark's ``input_paths``, the attacks'
+    baseline models): the output folder may neither be nor contain them."""
+    found = [cfg.model.model_args.get("pretrained_model_name_or_path"),
+             cfg.model.get("tokenizer_args", {}).get("pretrained_model_name_or_path")]
+    for bench in benchmarks.values():
+        found += [*bench.input_paths(), *[attack_cfg.get("baseline_model_path") for _, attack_cfg in attacks]]
+    return [str(p) for p in found if p and p != "auto"]
+
+
 def run(cfg: DictConfig) -> dict[str, EvalResult]:
     """Evaluate the configured model on every benchmark of ``cfg.eval`` (and under ``cfg.attack``); each
-    result is saved once into ``paths.output_dir`` and returned. Configs given by name (``model.peft=lora``,
-    ``attack.relearn.data``) are composed first (``compose_names``)."""
+    result is saved once and returned. Configs given by name (``model.peft=lora``, ``attack.relearn.data``)
+    are composed first (``compose_names``).
+
+    The output folder follows training's rules (``run_folder``): the evaluation is written into a staging
+    folder that takes ``paths.output_dir``'s place in one step when it is complete, and an existing
+    ``paths.output_dir`` is replaced only if it is a finished evaluation of ours (whose results the new
+    one starts from, and reuses where their fingerprints match); a training run's folder, a user's folder
+    or a file is never touched. A failed evaluation leaves nothing behind, except that when an attack
+    fails the clean results already computed are published before the error propagates."""
     compose_names(cfg)
     set_seed(check_number("seed", cfg.get("seed", 0), integer=True, low=0))
     quiet_library_bars()
@@ -60,45 +80,59 @@ def run(cfg: DictConfig) -> dict[str, EvalResult]:
     # Under torchrun / accelerate launch every process holds the model on its own device and takes a strided
     # share of every pass; the results are gathered and process 0 writes the files (the same files as one process).
     state = PartialState(cpu=not torch.cuda.is_available())
-    model, tokenizer = get_model(cfg.model)
-    model = model.to(state.device)
     template_args = cfg.model.get("template_args")
-    evaluators = get_evaluators(cfg.eval, tokenizer=tokenizer, template_args=template_args, paths=cfg.get("paths"))
-    out_dir = Path(cfg.paths.output_dir)
-    if state.is_main_process:  # what was evaluated and how, for src/report.py (written before the results)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(out_dir / RUN_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+    # the benchmarks' configs checked, and their inputs known, before the output folder is taken
+    benchmarks = get_evaluators(cfg.eval, template_args=template_args, paths=cfg.get("paths"))
+    check_attacks(attacks, benchmarks)
+    folder = RunFolder(cfg.paths.output_dir, inputs=eval_inputs(cfg, benchmarks, attacks), mode="eval")
+    staging, _ = on_main_process(lambda: folder.start(carry_over=True))
     results: dict[str, EvalResult] = {}
-    model_id = model_identity(cfg.model)
-    for name, evaluator in evaluators.items():
-        # with attacks, the clean result is saved with the attacked metrics, once (or alone if an attack fails)
-        result = evaluator.evaluate(model, output_dir=out_dir, model_id=model_id, save=not attacks)
-        robustness = None
-        if attacks:  # every process: the attacked evaluations are sharded like the clean one
-            try:
-                attacked, baselines = run_attacks(attacks, evaluator, model, model_id, tokenizer,
-                                                  evaluator.template_args,
-                                                  evaluator.cfg.get("retain_logs_path"))
-            except BaseException:
+    try:
+        model, tokenizer = get_model(cfg.model)
+        model = model.to(state.device)
+        evaluators = get_evaluators(cfg.eval, tokenizer=tokenizer, template_args=template_args, paths=cfg.get("paths"))
+        if state.is_main_process:  # what was evaluated and how, for src/report.py
+            write_atomic(staging / RUN_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+        model_id = model_identity(cfg.model)
+        for name, evaluator in evaluators.items():
+            # with attacks, the clean result is saved with the attacked metrics, once (or alone if an attack fails)
+            result = evaluator.evaluate(model, output_dir=staging, model_id=model_id, save=not attacks)
+            robustness = None
+            if attacks:  # every process: the attacked evaluations are sharded like the clean one
+                try:
+                    attacked, baselines = run_attacks(attacks, evaluator, model, model_id, tokenizer,
+                                                      evaluator.template_args,
+                                                      evaluator.cfg.get("retain_logs_path"))
+                except BaseException as error:
+                    if state.is_main_process:
+                        result.save(staging)
+                        folder.finish({"task_name": cfg.task_name, "benchmarks": [*results, name],
+                                       "attack_failed": f"{name}: {type(error).__name__}: {error}"})
+                        print(f"{name}: an attack failed; the clean evaluation is saved in {folder.output_dir}",
+                              file=sys.stderr)
+                    raise
+                retain_path = evaluator.cfg.get("retain_logs_path")
+                retain = EvalResult.from_eval_payload(evaluator.name, json.loads(Path(retain_path).read_text())) \
+                    if retain_path else None
+                robustness = robustness_summary(result, attacked, baselines, retain)
+                result = result.with_attacked(attacked)
                 if state.is_main_process:
-                    result.save(out_dir)
-                    print(f"{name}: an attack failed; the clean evaluation is saved in {out_dir}", file=sys.stderr)
-                raise
-            retain_path = evaluator.cfg.get("retain_logs_path")
-            retain = EvalResult.from_eval_payload(evaluator.name, json.loads(Path(retain_path).read_text())) \
-                if retain_path else None
-            robustness = robustness_summary(result, attacked, baselines, retain)
-            result = result.with_attacked(attacked)
+                    result.save(staging)
+                    write_json_atomic(robustness_file(staging, evaluator.name), robustness)
+            results[name] = result
             if state.is_main_process:
-                result.save(out_dir)
-                write_json_atomic(robustness_file(out_dir, evaluator.name), robustness)
-        results[name] = result
+                print(f"\n{name} summary ({cfg.paths.output_dir}):")
+                print(format_summary({cfg.task_name: result.summary}))
+                if robustness:
+                    print(f"\n{name} under attack (clean, attacked, the retain model):")
+                    print(format_robustness(robustness))
         if state.is_main_process:
-            print(f"\n{name} summary ({cfg.paths.output_dir}):")
-            print(format_summary({cfg.task_name: result.summary}))
-            if robustness:
-                print(f"\n{name} under attack (clean, attacked, the retain model):")
-                print(format_robustness(robustness))
+            folder.finish({"task_name": cfg.task_name, "benchmarks": list(results)})
+        state.wait_for_everyone()
+    except BaseException:
+        if state.is_main_process:
+            folder.abandon()
+        raise
     return results
 
 

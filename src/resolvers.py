@@ -60,7 +60,7 @@ def compose_names(cfg: DictConfig) -> DictConfig:
     - ``data.train`` / ``data.forget`` / ``data.retain`` / ``data.eval``: a dataset name (or a list of names)
       becomes its configs/data/datasets file composed by Hydra (``name``, ``handler``, ``args``); its
       interpolations (``${paths.tofu}``, ``${seed}``) then resolve in ``cfg``;
-    - ``attack.<name>.data`` (the relearning set): the same;
+    - ``attack.<name>.data`` and each benchmark's ``relearn_data`` (the relearning set): the same;
     - ``model.peft``: the name of a configs/peft file becomes that file composed;
     - ``compat``: a preset's name set as a value in a config file (``compat: open_unlearning``, where the command
       line's ``compat=open_unlearning`` selects the config group) becomes configs/compat/<name>.yaml composed.
@@ -76,6 +76,9 @@ def compose_names(cfg: DictConfig) -> DictConfig:
     for name, attack in (cfg.get("attack") or {}).items():
         if isinstance(attack, DictConfig) and isinstance(attack.get("data"), str):
             attack["data"] = compose_dataset(attack.data, where=f"attack.{name}.data")
+    for name, bench in (cfg.get("eval") or {}).items():
+        if isinstance(bench, DictConfig) and isinstance(bench.get("relearn_data"), str):
+            bench["relearn_data"] = compose_dataset(bench.relearn_data, where=f"eval.{name}.relearn_data")
     model = cfg.get("model")
     if isinstance(model, DictConfig) and isinstance(model.get("peft"), str):
         model["peft"] = compose_peft(model.peft)

@@ -6,7 +6,8 @@ to it, ``<name>.incomplete-<pid>-<time>-<random>``, while holding a lock on the 
 When everything is written, the last file being the completion marker (``run_complete.json``, next
 to the resolved ``config.yaml``), the staging folder takes the output folder's place in one step:
 
-- an existing output folder is replaced only if it is a finished run of ours (both files present);
+- an existing output folder is replaced only if it is empty or a finished run of ours (both files present)
+  of the same kind (an evaluation never replaces a training run, nor a training run an evaluation);
   anything else (a folder of the user's files, a file, an older run without the marker) is an error
   before any work starts, as is an output folder that is, or contains, something the run reads (the
   model, the data folder, a retain model's EVAL file);
@@ -134,6 +135,58 @@ def is_finished_run(folder: Path) -> bool:
     return (folder / RUN_CONFIG).is_file() and (folder / COMPLETION_MARKER).is_file()
 
 
+def resumable_checkpoint(checkpoint: Path) -> bool:
+    """Whether a checkpoint folder holds what an exact resume needs (``RESUMABLE_FILES``; a weights-only
+    checkpoint, ``save_only_model=true``, does not)."""
+    return all((checkpoint / f).is_file() for f in RESUMABLE_FILES)
+
+
+def _size(folder: Path) -> str:
+    total = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+    return f"{total / 1e6:.1f} MB"
+
+
+def stale_folders(root: Path) -> list[Path]:
+    """Folders left by dead runs under ``root`` (at any depth): staging folders (``<name>.incomplete-*``) and
+    runs set aside during a replacement (``<name>.replaced-*``) whose output's lock no process holds."""
+    found = []
+    for path in sorted(root.rglob("*")):
+        if not path.is_dir() or not (".incomplete-" in path.name or ".replaced-" in path.name):
+            continue
+        name = path.name.split(".incomplete-")[0].split(".replaced-")[0]
+        lock_path = path.parent / f".{name}.lock"
+        if lock_path.is_file():
+            with open(lock_path, "a+") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue  # its run is alive
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        found.append(path)
+    return [p for p in found if not any(q in p.parents for q in found)]
+
+
+def finished_mode(folder: Path) -> str | None:
+    """The ``mode`` a finished run of ours records (``train``, ``unlearn``, ``eval``); None when ``folder`` is no
+    finished run. An evaluation folder written before evaluations had a completion marker (``config.yaml`` with
+    ``mode: eval`` and an ``*_EVAL.json``) counts as a finished evaluation."""
+    if is_finished_run(folder):
+        try:
+            return json.loads((folder / COMPLETION_MARKER).read_text(encoding="utf-8")).get("mode") or "unlearn"
+        except (OSError, ValueError):
+            return None
+    config = folder / RUN_CONFIG
+    if config.is_file() and any(folder.glob(f"*{EVAL_SUFFIX}")):
+        lines = config.read_text(encoding="utf-8", errors="replace").splitlines()
+        if "mode: eval" in lines:
+            return "eval"
+    return None
+
+
+def _kind(mode: str | None) -> str:
+    return "evaluation" if mode == "eval" else "training run"
+
+
 def checkpoints(folder: Path) -> list[Path]:
     """The ``checkpoint-<step>`` folders of ``folder`` with a trainer state, oldest step first."""
     found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
@@ -172,9 +225,12 @@ class RunFolder:
         output_dir: ``paths.output_dir``.
         inputs: paths the run reads (model folder, data folder, EVAL files...; names that are no local
             path, such as Hub ids, are ignored): the output folder may neither be nor contain any of them.
+        mode: the run's ``mode`` (``train``, ``unlearn``, ``eval``), recorded in the completion marker; a finished
+            training run is never replaced by an evaluation, nor an evaluation by a training run.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, inputs: list[str | os.PathLike] = ()):
+    def __init__(self, output_dir: str | os.PathLike, inputs: list[str | os.PathLike] = (), mode: str = "unlearn"):
+        self.mode = mode
         self.output_dir = Path(output_dir).absolute()
         self.parent, self.name = self.output_dir.parent, self.output_dir.name
         self.inputs = [Path(p).expanduser().absolute() for p in inputs if p and Path(p).expanduser().exists()]
@@ -182,20 +238,25 @@ class RunFolder:
         self._lock_file: Any = None
 
     # ----- start -----------------------------------------------------------------------------------
-    def start(self, resume: bool | str | None = None) -> tuple[Path, Path | None]:
+    def start(self, resume: bool | str | None = None, carry_over: bool = False) -> tuple[Path, Path | None]:
         """Check the output folder, take the lock and make (or adopt) the staging folder.
 
         Returns ``(staging folder, checkpoint to resume from or None)``. ``resume``: ``True`` (the
         latest checkpoint of this output's interrupted runs), a checkpoint folder, or None/False.
+        ``carry_over``: the staging folder starts as a copy of the finished run it will replace (an
+        evaluation adds to the results already there, and reuses them).
         """
         self._check_inputs()
         self.parent.mkdir(parents=True, exist_ok=True)
         self._lock()
         self._restore_replaced()
-        if self.output_dir.exists() and not (self.output_dir.is_dir() and is_finished_run(self.output_dir)):
+        existing = finished_mode(self.output_dir) if self.output_dir.is_dir() else None
+        empty = self.output_dir.is_dir() and not any(self.output_dir.iterdir())  # nothing to lose
+        if self.output_dir.exists() and not empty and (existing is None or _kind(existing) != _kind(self.mode)):
             what = "a file" if not self.output_dir.is_dir() else (
                 "a folder that is not a finished run of this framework (no " + COMPLETION_MARKER + " next to "
-                + RUN_CONFIG + ")")
+                + RUN_CONFIG + ")") if existing is None else \
+                f"a finished {_kind(existing)} (mode {existing}), which this {_kind(self.mode)} would replace"
             self.release()
             raise OutputFolderError(
                 f"paths.output_dir={self.output_dir} exists and is {what}: it is never replaced. Choose another "
@@ -206,6 +267,9 @@ class RunFolder:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.staging, 0o777 & ~umask)  # mkdtemp makes it private; the result should not be
+        if carry_over and self.output_dir.is_dir():
+            shutil.copytree(self.output_dir, self.staging, dirs_exist_ok=True, symlinks=True)
+            (self.staging / COMPLETION_MARKER).unlink(missing_ok=True)  # written again, last, by finish()
         if checkpoint is not None and checkpoint.parent.parent == self.parent and \
                 checkpoint.parent.name.startswith(f"{self.name}.incomplete-"):
             os.replace(checkpoint.parent, self.staging)  # adopt the interrupted run's staging folder (onto the empty one)
@@ -262,18 +326,31 @@ class RunFolder:
     def _resume_point(self, resume: bool | str | None) -> Path | None:
         if resume in (None, False, "", "false", "False"):
             for stale in self._stale("incomplete"):
-                if checkpoints(stale):
+                resumable = [c for c in checkpoints(stale) if resumable_checkpoint(c)]
+                if resumable:
                     log.warning("an interrupted run of %s left checkpoints in %s: add "
                                 "trainer.args.resume_from_checkpoint=true to continue it", self.output_dir, stale)
+                elif checkpoints(stale):
+                    log.warning("an interrupted run of %s left weights-only checkpoints in %s (saved with "
+                                "trainer.args.save_only_model=true: no optimizer state, so they cannot be resumed); "
+                                "they are removed when a run of this output finishes: copy them elsewhere to keep "
+                                "them", self.output_dir, stale)
+            for stale in self._stale("incomplete"):
+                if not checkpoints(stale):
+                    log.warning("%s is the staging folder of an interrupted run of %s (%s, nothing resumable); it "
+                                "is removed when a run of this output finishes, or now by python src/clean.py %s",
+                                stale, self.output_dir, _size(stale), self.parent)
             return None
         if resume is True or str(resume).lower() == "true":
-            candidates = [c for stale in self._stale("incomplete") for c in checkpoints(stale)[-1:]]
+            candidates = [c for stale in self._stale("incomplete") for c in checkpoints(stale)[-1:]
+                          if resumable_checkpoint(c)]
             if not candidates:
                 self.release()
                 raise OutputFolderError(
                     f"trainer.args.resume_from_checkpoint=true: no interrupted run of paths.output_dir="
-                    f"{self.output_dir} left a checkpoint (looked for {self.parent}/{self.name}.incomplete-*/"
-                    "checkpoint-*); give a checkpoint folder instead, or drop the option")
+                    f"{self.output_dir} left a resumable checkpoint (looked for {self.parent}/{self.name}.incomplete-*/"
+                    "checkpoint-* with " + ", ".join(RESUMABLE_FILES) + "); give a checkpoint folder instead, or "
+                    "drop the option")
             checkpoint = candidates[0]
         else:
             checkpoint = Path(str(resume)).expanduser().absolute()
@@ -281,8 +358,8 @@ class RunFolder:
                 self.release()
                 raise OutputFolderError(f"trainer.args.resume_from_checkpoint={resume}: not a checkpoint folder "
                                         "(no trainer_state.json in it)")
-        missing = [f for f in RESUMABLE_FILES if not (checkpoint / f).is_file()]
-        if missing:
+        if not resumable_checkpoint(checkpoint):
+            missing = [f for f in RESUMABLE_FILES if not (checkpoint / f).is_file()]
             self.release()
             raise OutputFolderError(
                 f"checkpoint {checkpoint} cannot be resumed exactly: it lacks {', '.join(missing)} (it was saved "
@@ -294,7 +371,7 @@ class RunFolder:
         """Write the completion marker last, then put the staging folder in the output folder's place."""
         assert self.staging is not None, "start() first"
         marker = {"finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  **(summary or {})}
+                  "mode": self.mode, **(summary or {})}
         write_atomic(self.staging / COMPLETION_MARKER, json.dumps(marker, indent=2) + "\n")
         if self.output_dir.exists():
             if _exchange(self.staging, self.output_dir):
@@ -308,6 +385,10 @@ class RunFolder:
             os.replace(self.staging, self.output_dir)
         self.staging = None
         for stale in self._stale("incomplete"):  # superseded by the run just finished
+            held = [c.name for c in checkpoints(stale)]
+            log.warning("removing %s, the staging folder of an interrupted run of this output (%s%s), superseded by "
+                        "the run just finished", stale, _size(stale),
+                        f"; checkpoints {', '.join(held)}" if held else "")
             shutil.rmtree(stale, ignore_errors=True)
         self.release()
 
@@ -324,4 +405,5 @@ class RunFolder:
         return kept
 
 
-__all__ = ["RunFolder", "OutputFolderError", "is_finished_run", "checkpoints", "COMPLETION_MARKER"]
+__all__ = ["RunFolder", "OutputFolderError", "is_finished_run", "finished_mode", "checkpoints", "resumable_checkpoint", "stale_folders",
+           "COMPLETION_MARKER"]

@@ -96,6 +96,37 @@ def sweep_subdir() -> str:
     return "/" + (name or f"job{hydra_cfg.job.num}")
 
 
+def own_folder(cfg: DictConfig) -> None:
+    """In a multirun job, make ``paths.output_dir`` the job's own, so that no combination replaces another.
+
+    A literal folder given on the command line (``paths.output_dir=saves/mine``, not itself swept) is the same
+    for every combination: the job's swept values become its subfolder (``saves/mine/<swept values>``), as in
+    the default folder. A folder that another job of this sweep already used (one built from settings the
+    sweep does not vary, ``paths.output_dir=saves/${task_name}``) is refused, naming that job."""
+    hydra_cfg = HydraConfig.get()
+    sub = sweep_subdir()
+    task = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)  # as typed: ${...} not resolved
+    given = [o for o in task if o.lstrip("+").startswith("paths.output_dir=")]
+    swept = _swept_keys(hydra_cfg) or set()
+    out = str(cfg.paths.output_dir).rstrip("/")
+    if given and "${" not in given[-1] and "paths.output_dir" not in swept and sub and not out.endswith(sub):
+        cfg.paths.output_dir = out + sub
+        log.info("paths.output_dir is the same for every combination of the sweep: this one's is %s",
+                 cfg.paths.output_dir)
+    sweep_dir = Path(hydra_cfg.sweep.dir)
+    for status in sorted(sweep_dir.glob(f"*/{JOB_STATUS_FILE}")):
+        try:
+            record = json.loads(status.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if record.get("job") != hydra_cfg.job.num and record.get("output_dir") == str(cfg.paths.output_dir):
+            raise BadValueError(
+                f"paths.output_dir={cfg.paths.output_dir} was already the folder of job {record['job']} of this "
+                f"sweep ({record.get('swept') or ' '.join(record.get('overrides', []))}): every combination needs "
+                "its own; put a swept key in paths.output_dir, or leave paths.output_dir at its default "
+                "(saves/<mode>/<task_name>/<swept values>)")
+
+
 def is_multirun() -> bool:
     try:
         return HydraConfig.get().mode == RunMode.MULTIRUN
@@ -197,6 +228,7 @@ def run_job(run: Any, cfg: DictConfig) -> Path | None:
     if not is_multirun():
         return run(cfg)
     try:
+        own_folder(cfg)
         out = run(cfg)
     except Exception as error:  # noqa: BLE001 - any failure of one combination
         log.error("this combination failed:\n%s", traceback.format_exc())

@@ -20,6 +20,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,6 +30,7 @@ from accelerate import PartialState  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
+from checks import BadValueError  # noqa: E402
 from core.distributed import on_main_process, unwrap_parallel  # noqa: E402
 from data import check_eval_splits, data_input_paths, get_collator, get_data  # noqa: E402
 from evals import Benchmark, EvalResult, get_evaluators  # noqa: E402
@@ -42,6 +44,8 @@ from run_folder import (  # noqa: E402
     RUN_CONFIG,
     TRAIN_LOG_FILE,
     RunFolder,
+    checkpoints,
+    resumable_checkpoint,
     write_json_atomic,
 )
 from sweep import (  # noqa: E402
@@ -84,6 +88,64 @@ def run_inputs(cfg: DictConfig, benchmarks: dict[str, Benchmark]) -> list[str]:
     return [str(p) for p in found if p]
 
 
+#: Settings a resumed run may change: where and how often it logs, saves and evaluates, and where its output
+#: goes (a key, or a prefix ending with "."). Any other difference changes the trained model, so a resume
+#: with it is refused (``resume_changes``).
+RESUME_HARMLESS = (
+    "paths.output_dir", "paths.model_cache_dir", "task_name", "hydra.", "eval.", "data.eval", "objective.",
+    "trainer.args.resume_from_checkpoint", "trainer.args.output_dir", "trainer.args.run_name",
+    "trainer.args.logging_steps", "trainer.args.logging_strategy", "trainer.args.logging_first_step",
+    "trainer.args.logging_dir", "trainer.args.report_to", "trainer.args.disable_tqdm",
+    "trainer.args.save_steps", "trainer.args.save_strategy", "trainer.args.save_total_limit",
+    "trainer.args.eval_steps", "trainer.args.eval_strategy", "trainer.args.eval_on_start", "trainer.args.do_eval",
+    "trainer.args.per_device_eval_batch_size", "trainer.args.dataloader_num_workers",
+)
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def resume_changes(before: dict, now: dict) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """``(changes that alter the result, harmless changes)`` between the resolved config of the run being
+    resumed and this run's: ``{dotted key: (before, now)}`` (a key absent on one side reads ``<absent>``).
+    Harmless are the settings of ``RESUME_HARMLESS``."""
+    old, new = _flat(before), _flat(now)
+    changed = {k: (old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(set(old) | set(new))
+               if old.get(k, "<absent>") != new.get(k, "<absent>")}
+
+    def harmless(key: str) -> bool:
+        return any(key == h or (h.endswith(".") and key.startswith(h)) for h in RESUME_HARMLESS)
+
+    return ({k: v for k, v in changed.items() if not harmless(k)}, {k: v for k, v in changed.items() if harmless(k)})
+
+
+def check_resume(cfg: DictConfig, checkpoint: Path) -> dict[str, tuple]:
+    """Refuse to resume ``checkpoint`` with a config that would give another result than the run that saved it
+    (its ``config.yaml``, written when that run started), naming every differing setting; return the harmless
+    differences (recorded in ``run_complete.json``). A checkpoint without its run's config cannot be checked:
+    a WARNING says so."""
+    saved = checkpoint.parent / RUN_CONFIG
+    if not saved.is_file():
+        log.warning("resuming %s: its run's %s is not next to it, so this run's settings cannot be compared with "
+                    "the ones it was trained with", checkpoint, RUN_CONFIG)
+        return {}
+    before = OmegaConf.to_container(OmegaConf.load(saved), resolve=False)
+    blocking, harmless = resume_changes(before, OmegaConf.to_container(cfg, resolve=True))
+    if blocking:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in blocking.items()))
+        raise BadValueError(
+            f"trainer.args.resume_from_checkpoint: {checkpoint} was trained with other settings that change the "
+            f"result ({saved} records them): {listed}. Resume with that run's settings, or start a new run "
+            "(without resume_from_checkpoint, or with another paths.output_dir)")
+    if harmless:
+        log.info("resuming %s with changed settings that do not alter the trained model: %s", checkpoint,
+                 ", ".join(harmless))
+    return harmless
+
+
 @dataclass
 class TrainRun:
     """A finished run: its output folder and the evaluation of its result (``trainer.args.do_eval``)."""
@@ -122,11 +184,14 @@ def run(cfg: DictConfig) -> TrainRun:
     check_eval_splits(cfg)
     # the benchmarks' configs checked, and their inputs known, before the output folder is taken
     benchmarks = get_evaluators(cfg.get("eval"), template_args=cfg.model.get("template_args"), paths=cfg.get("paths"))
-    folder = RunFolder(cfg.paths.output_dir, inputs=run_inputs(cfg, benchmarks))
+    folder = RunFolder(cfg.paths.output_dir, inputs=run_inputs(cfg, benchmarks), mode=cfg.mode)
     resume = cfg.trainer.get("args", {}).get("resume_from_checkpoint")
     staging, checkpoint = _start_folder(folder, resume)
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if state.is_main_process else None
     try:
+        resumed_with = check_resume(cfg, checkpoint) if checkpoint is not None else {}
+        if state.is_main_process:  # what this run trains with, for a later resume of its checkpoints to compare
+            OmegaConf.save(cfg, staging / RUN_CONFIG, resolve=True)
         trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
         trainer_cfg["args"].pop("resume_from_checkpoint", None)  # the checkpoint goes to train() below
         # Before the model: launched with a DeepSpeed ZeRO-3 config, the arguments register DeepSpeed's config,
@@ -159,15 +224,21 @@ def run(cfg: DictConfig) -> TrainRun:
                     log.warning("no evaluation passed %s: the result is the last model",
                                 best["constraint"] or f"a finite {best['metric']}")
             write_run_files(cfg, trainer, staging)
-            folder.finish({"mode": cfg.mode, "task_name": cfg.task_name, "steps": trainer.state.global_step})
+            resumed = {"resumed_from": str(checkpoint), "resume_changes": {k: list(v) for k, v in resumed_with.items()}} \
+                if checkpoint is not None else {}
+            folder.finish({"mode": cfg.mode, "task_name": cfg.task_name, "steps": trainer.state.global_step, **resumed})
             log.info("saved to %s", folder.output_dir)
         state.wait_for_everyone()
     except BaseException:
         if state.is_main_process:
             kept = folder.abandon()
-            if kept is not None:
+            if kept is not None and any(resumable_checkpoint(c) for c in checkpoints(kept)):
                 log.error("run failed; its checkpoints are kept in %s (not a result): continue it with "
                           "trainer.args.resume_from_checkpoint=true", kept)
+            elif kept is not None:
+                log.error("run failed; its weights-only checkpoints (trainer.args.save_only_model=true) are kept in "
+                          "%s (not a result, and not resumable); python src/clean.py %s removes them", kept,
+                          kept.parent)
             else:
                 log.error("run failed; removed the partial output %s", staging)
         raise

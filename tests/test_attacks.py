@@ -138,6 +138,70 @@ def test_relearning_set_is_the_composed_dataset(tofu_dir, smollm2_tokenizer):
         relearning_set({"data": "TOFU_QA_FORGET10"}, smollm2_tokenizer, None)
 
 
+def test_relearning_follows_the_benchmark_evaluated(tofu_dir, smollm2_tokenizer):
+    """attack.relearn.data null: the benchmark's relearn_data (TOFU: the forget split evaluated; MUSE: its forget
+    corpus), composed by the entry point; neither given is refused before any work."""
+    from hydra import compose, initialize_config_dir
+
+    from attacks import ATTACK_REGISTRY, check_attacks, get_attacks
+    from attacks.relearn import relearning_set
+    from checks import BadValueError
+    from conftest import REPO
+    from evals import get_evaluators
+    from omegaconf import OmegaConf
+    from resolvers import compose_names
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        tofu = compose_names(compose("eval.yaml", overrides=["eval=tofu", "attack=relearn", f"paths.tofu={tofu_dir}",
+                                                             "forget_split=forget01", "holdout_split=holdout01"]))
+        muse = compose_names(compose("eval.yaml", overrides=["eval=muse", "attack=relearn", "paths.muse_news=/m"]))
+    assert tofu.attack.relearn.data is None
+    assert tofu.eval.tofu.relearn_data.name == "TOFU_QA_FORGET01" and muse.eval.muse.relearn_data.name == "MUSE_forget"
+    bench = get_evaluators(tofu.eval, paths=tofu.paths)["tofu"]
+    attacks = get_attacks(OmegaConf.to_container(tofu.attack, resolve=True))
+    check_attacks(attacks, {"tofu": bench})
+    rows = relearning_set(attacks[0][1], smollm2_tokenizer, None, bench.relearn_data())
+    assert rows.dataset.name == "TOFU_QA_FORGET01"
+    assert ATTACK_REGISTRY["relearn"].check is not None
+    orphan = get_evaluators({"t": {**OmegaConf.to_container(tofu.eval.tofu, resolve=True), "relearn_data": None}},
+                            paths=tofu.paths)["t"]
+    with pytest.raises(BadValueError, match="attack.relearn.data is not set and the benchmark declares no relearn_data"):
+        check_attacks(attacks, {"t": orphan})
+
+
+@pytest.mark.parametrize("option, message", [
+    ("attack.quantize.group_size=0", r"attack.quantize.group_size=0; must be an integer >= 1"),
+    ("attack.quantize.bits=1", r"attack.quantize.bits=1; give an integer from 2 to 16"),
+    ("attack.quantize.method=gptq", r"attack.quantize.method='gptq'; valid: rtn, nf4, int8"),
+    ("attack.relearn.steps=0", r"attack.relearn.steps=0; must be an integer >= 1"),
+    ("attack.relearn.baseline_model_path=/no/such/model", r"baseline_model_path=/no/such/model: not a model folder"),
+    ("attack.rephrase.variants=[typo]", r"attack.rephrase.variants=\['typo'\]: give one or more of"),
+])
+def test_every_attack_option_is_checked_before_any_work(tofu_dir, tmp_path, option, message):
+    """A bad attack option fails before the model is loaded and the clean evaluation runs (it used to fail after
+    it, throwing the clean results away), and the output folder is not created."""
+    import eval as eval_script
+    from hydra import compose, initialize_config_dir
+
+    from checks import BadValueError
+    from conftest import REPO
+
+    attack = option.split(".")[1]
+    out = tmp_path / "out"
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        cfg = compose("eval.yaml", overrides=["model=tiny-random-llama", f"paths.tofu={tofu_dir}",
+                                              f"paths.output_dir={out}", f"attack={attack}", option])
+    loaded = []
+    original = eval_script.get_model
+    eval_script.get_model = lambda *a, **k: loaded.append(1) or original(*a, **k)
+    try:
+        with pytest.raises(BadValueError, match=message):
+            eval_script.run(cfg)
+    finally:
+        eval_script.get_model = original
+    assert not loaded and not out.exists()
+
+
 # ----- the summary and the command line -------------------------------------------------------------
 def test_robustness_summary_and_table():
     from evals.result import EvalResult

@@ -340,6 +340,12 @@ def test_retain_logs_are_checked_before_any_pass(tofu_dir, tmp_path):
         _tofu_evaluator(tofu_dir, bad).check_inputs()
     bad.write_text(json.dumps({"mia_min_k": {"agg_value": 0.5}, "forget_truth_ratio": {"value_by_index": {}}}))
     _tofu_evaluator(tofu_dir, bad).check_inputs()
+    # an evaluation of another benchmark (MUSE's has a mia_min_k too, whose AUC privleak would take)
+    bad.write_text(json.dumps({"mia_min_k": {"agg_value": 0.5}, "forget_truth_ratio": {"value_by_index": {}},
+                               "_meta": {"evaluator": "MUSE"}}))
+    with pytest.raises(DataFileError, match=r"bad.json \(retain_logs_path\) is an evaluation of benchmark MUSE .*not "
+                                            r"of TOFU: give the retain model's TOFU_EVAL.json"):
+        _tofu_evaluator(tofu_dir, bad).check_inputs()
 
 
 def test_evaluator_data_files_are_read_through_before_any_pass(tofu_dir, tmp_path):

@@ -24,7 +24,7 @@ def _eval(tofu, out, *extra):
     return result
 
 
-def _eval_in_process(tofu, out, *extra):
+def _eval_in_process(tofu, out, *extra, generation=SHORT_GENERATION):
     """``_eval`` run by ``eval.run`` in this process (no interpreter start-up: the command line itself is
     covered by ``_eval``)."""
     from hydra import compose, initialize_config_dir
@@ -35,7 +35,7 @@ def _eval_in_process(tofu, out, *extra):
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
         cfg = compose(config_name="eval.yaml", overrides=[
             "model=tiny-random-llama", f"paths.tofu={tofu}", f"paths.output_dir={out}",
-            f"paths.model_cache_dir={MODEL_CACHE}", *SHORT_GENERATION, *extra])
+            f"paths.model_cache_dir={MODEL_CACHE}", *generation, *extra])
     return eval_script.run(cfg)
 
 
@@ -284,3 +284,57 @@ def test_vocabulary_moments_only_for_the_datasets_min_k_plus_plus_reads(tofu_dir
     assert all(moments for _, moments, _ in forced_calls)
     for name in bench["metrics"]:
         assert logs[name] == forced[name], name
+
+
+# ----- the output folder --------------------------------------------------------------------------
+ONE_METRIC = ["eval/tofu_metrics@eval.tofu.tofu_metrics=[forget_Q_A_Prob]", "eval.tofu.limit=2"]
+
+
+def test_evaluation_output_follows_the_run_folder_rules(tofu_dir, tmp_path, monkeypatch):
+    """A finished training run and a user's folder are never touched; a failed evaluation leaves nothing; a
+    finished evaluation is replaced in one step and its results carried over; an attack that fails publishes
+    the clean results first."""
+    import attacks
+    import eval as eval_script
+    from run_folder import COMPLETION_MARKER, OutputFolderError
+
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "config.yaml").write_text("mode: unlearn\n")
+    (trained / "model.safetensors").write_text("weights")
+    (trained / COMPLETION_MARKER).write_text('{"mode": "unlearn"}')
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "config.yaml").write_text("my own\n")
+    for folder, what in ((trained, "a finished training run"), (users, "not a finished run")):
+        before = sorted((p.name, p.read_text()) for p in folder.iterdir())
+        with pytest.raises(OutputFolderError, match=what):
+            _eval_in_process(tofu_dir, folder, *ONE_METRIC, generation=[])
+        assert sorted((p.name, p.read_text()) for p in folder.iterdir()) == before
+
+    out = tmp_path / "eval"
+    monkeypatch.setattr(eval_script, "format_summary", lambda *a: 1 / 0)  # fails after the results are computed
+    with pytest.raises(ZeroDivisionError):
+        _eval_in_process(tofu_dir, out, *ONE_METRIC, generation=[])
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("eval")]  # nothing half-written
+    monkeypatch.undo()
+
+    _eval_in_process(tofu_dir, out, *ONE_METRIC, generation=[])
+    assert json.loads((out / COMPLETION_MARKER).read_text())["mode"] == "eval"
+    first = _load(out / "TOFU_EVAL.json")["forget_Q_A_Prob"]
+    # evaluated again with another metric: the first one's results are carried over (and reused)
+    _eval_in_process(tofu_dir, out, "eval/tofu_metrics@eval.tofu.tofu_metrics=[forget_Q_A_Prob,extraction_strength]",
+                     "eval.tofu.limit=2", generation=[])
+    again = _load(out / "TOFU_EVAL.json")
+    assert again["forget_Q_A_Prob"] == first and "extraction_strength" in again
+
+    def failing_attack(*args, **kwargs):
+        raise RuntimeError("attack broke")
+
+    monkeypatch.setattr(eval_script, "run_attacks", failing_attack)
+    attacked = tmp_path / "attacked"
+    with pytest.raises(RuntimeError, match="attack broke"):
+        _eval_in_process(tofu_dir, attacked, *ONE_METRIC, "attack=quantize", generation=[])
+    assert "forget_Q_A_Prob" in _load(attacked / "TOFU_EVAL.json")  # the clean result is kept
+    assert "attack broke" in json.loads((attacked / COMPLETION_MARKER).read_text())["attack_failed"]
+    assert attacks  # (the module whose entry point was replaced)

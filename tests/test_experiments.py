@@ -52,6 +52,43 @@ def test_sweep_folder_names_show_the_swept_values():
     assert job_folder_name(["data.dataset_args.max_length=64", "+x=a/b"], {"+x", "x"}) == "x=a_b"
 
 
+def test_each_combination_of_a_sweep_gets_its_own_output_folder(tmp_path, monkeypatch):
+    """A literal paths.output_dir, the same for every combination, gets the swept values as a subfolder; a
+    folder another job of the sweep already used is refused, naming that job."""
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    import sweep
+    from checks import BadValueError
+
+    def job(num, overrides):
+        root = OmegaConf.create({"paths": {"root_dir": str(tmp_path)}, "hydra": {
+            "mode": RunMode.MULTIRUN, "overrides": {"task": overrides}, "sweep": {"dir": str(tmp_path / "sweep")},
+            "job": {"num": num}, "runtime": {"output_dir": str(tmp_path / "sweep" / str(num))}, "sweeper": {}}})
+        hydra_cfg = root.hydra  # as Hydra's: a node of the run's config, where interpolations resolve
+        monkeypatch.setattr(sweep.HydraConfig, "get", staticmethod(lambda: hydra_cfg))
+        monkeypatch.setattr(sys, "argv", ["train.py", "-m", "trainer.args.learning_rate=1e-4,2e-4", *overrides[1:]])
+
+    import sys
+
+    mine = str(tmp_path / "mine")
+    job(0, ["trainer.args.learning_rate=1e-4", f"paths.output_dir={mine}"])
+    cfg = OmegaConf.create({"paths": {"output_dir": mine}})
+    sweep.own_folder(cfg)
+    assert cfg.paths.output_dir == f"{mine}/trainer.args.learning_rate=1e-4"
+    sweep.write_job_status("finished", cfg.paths.output_dir)
+    job(1, ["trainer.args.learning_rate=2e-4", f"paths.output_dir={mine}"])
+    second = OmegaConf.create({"paths": {"output_dir": mine}})
+    sweep.own_folder(second)
+    assert second.paths.output_dir == f"{mine}/trainer.args.learning_rate=2e-4"
+    # a folder built from settings the sweep does not vary: the same for both jobs, refused for the second
+    job(1, ["trainer.args.learning_rate=2e-4", "paths.output_dir=${paths.root_dir}/x"])
+    clash = OmegaConf.create({"paths": {"output_dir": f"{mine}/trainer.args.learning_rate=1e-4"}})
+    with pytest.raises(BadValueError, match=r"was already the folder of job 0 of this sweep "
+                                            r"\(trainer.args.learning_rate=1e-4\): every combination needs its own"):
+        sweep.own_folder(clash)
+
+
 def test_sweep_objective_with_a_constraint_and_a_pareto_front():
     summaries = {"tofu": {"model_utility": 0.42, "forget_quality": 0.1, "privleak": None}}
     assert sweep_objective(summaries, ["tofu.model_utility"]) == 0.42

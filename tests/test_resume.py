@@ -58,3 +58,31 @@ def test_a_killed_run_resumes_to_the_same_losses_and_weights(tofu_dir, tmp_path,
     assert weights.keys() == again.keys()
     for name in weights:
         torch.testing.assert_close(again[name], weights[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_a_resume_with_settings_that_change_the_result_is_refused(tofu_dir, tmp_path, monkeypatch):
+    """Each setting that changes the trained model is named (learning rate, method, data); settings of
+    logging, saving and output are allowed and recorded in run_complete.json."""
+    from checks import BadValueError
+
+    monkeypatch.chdir(REPO)
+    overrides = ["trainer=GradDiff", f"paths.tofu={tofu_dir}", *STEPS]
+    out = tmp_path / "run"
+    killed = run_until_signal(tmp_path, ["--config-name=unlearn.yaml", *overrides, f"paths.output_dir={out}"])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resume = "trainer.args.resume_from_checkpoint=true"
+    for changed, named in ((["trainer.args.learning_rate=2e-3"], "trainer.args.learning_rate: 0.001 -> 0.002"),
+                           (["trainer=NPO"], "trainer.handler: 'GradDiff' -> 'NPO'"),
+                           (["data.forget=TOFU_QA_FORGET05"], "data.forget.args.hf_args.name: 'forget10' -> 'forget05'")):
+        with pytest.raises(BadValueError, match="trained with other settings that change the result") as refused:
+            train_in_process(out, [*overrides, *changed, resume])
+        assert named in str(refused.value) and "config.yaml records them" in str(refused.value)
+        assert not out.exists()
+        staging, = [p for p in tmp_path.iterdir() if ".incomplete-" in p.name]
+        assert (staging / "checkpoint-2").is_dir()  # the interrupted run is kept for a resume that matches it
+
+    train_in_process(out, [*[o for o in overrides if "logging_steps" not in o], "trainer.args.logging_steps=2", resume])
+    marker = json.loads((out / "run_complete.json").read_text())
+    assert marker["resumed_from"].endswith("checkpoint-2")
+    assert marker["resume_changes"]["trainer.args.logging_steps"] == [1, 2]
+    assert "trainer.args.resume_from_checkpoint" in marker["resume_changes"]

@@ -170,14 +170,54 @@ def test_resume_adopts_the_interrupted_runs_folder(tmp_path):
     folder.abandon()
 
 
-def test_resume_refuses_weights_only_checkpoints(tmp_path):
+def test_weights_only_checkpoints_are_never_offered_and_never_removed_silently(tmp_path, caplog):
     out = tmp_path / "out"
-    _interrupted(out, resumable=False)
+    staging = _interrupted(out, resumable=False)
+    with pytest.raises(OutputFolderError, match=r"no interrupted run .* left a resumable checkpoint"):
+        RunFolder(out).start(resume=True)
     with pytest.raises(OutputFolderError, match=r"cannot be resumed exactly: it lacks optimizer.pt, scheduler.pt "
                                                 r"\(it was saved with trainer.args.save_only_model=true"):
-        RunFolder(out).start(resume=True)
+        RunFolder(out).start(resume=str(staging / "checkpoint-2"))
     with pytest.raises(OutputFolderError, match="not a checkpoint folder"):
         RunFolder(out).start(resume=str(tmp_path))
+    caplog.set_level("WARNING", logger="run_folder")
+    fresh = RunFolder(out)
+    new_staging, _ = fresh.start()
+    assert "weights-only checkpoints" in caplog.text and "cannot be resumed" in caplog.text
+    assert "add trainer.args.resume_from_checkpoint" not in caplog.text
+    (new_staging / "config.yaml").write_text("x")
+    caplog.clear()
+    fresh.finish()
+    assert not staging.exists() and f"removing {staging}" in caplog.text and "checkpoints checkpoint-2" in caplog.text
+
+
+def test_leftovers_of_killed_runs_are_listed_and_cleaned_on_request(tmp_path, caplog, capsys):
+    import clean
+
+    out = tmp_path / "saves" / "unlearn" / "run"
+    folder = RunFolder(out)
+    killed, _ = folder.start()  # a SIGKILL leaves its staging folder as it was
+    (killed / "model.safetensors").write_bytes(b"x" * 2_000_000)
+    folder.release()
+    caplog.set_level("WARNING", logger="run_folder")
+    alive = RunFolder(tmp_path / "saves" / "unlearn" / "other")
+    alive_staging, _ = alive.start()  # a run still going: never listed, never removed
+    assert f"{killed} is the staging folder of an interrupted run" not in caplog.text
+    second = RunFolder(out)
+    second.start()
+    assert f"{killed} is the staging folder of an interrupted run" in caplog.text and "src/clean.py" in caplog.text
+    second.abandon()
+
+    assert clean.main([str(tmp_path / "saves")]) == 0
+    listed = capsys.readouterr().out
+    assert str(killed) in listed and "2.0 MB" in listed and "--yes" in listed and str(alive_staging) not in listed
+    assert killed.is_dir()
+    assert clean.main([str(tmp_path / "saves"), "--yes"]) == 0
+    assert not killed.exists() and alive_staging.is_dir()
+    assert "nothing to clean" in (clean.main([str(tmp_path / "saves")]) == 0 and capsys.readouterr().out)
+    alive.abandon()
+    with pytest.raises(SystemExit):
+        clean.main([str(tmp_path / "absent")])
 
 
 TINY = ["--config-name=unlearn.yaml", "model=tiny-random-llama", "trainer=GradDiff", "data.eval=null",

@@ -43,13 +43,33 @@ class AttackSpec:
     name: str
     suffix: Callable[[Mapping[str, Any]], str]
     attacked_model: Callable[..., torch.nn.Module] | None  # None: the attack changes the inputs (rephrase)
+    #: ``check(cfg, benchmark)``: every option checked against the benchmark attacked, before any work
+    check: Callable[[Mapping[str, Any], Benchmark], None]
+
+
+def _check_rephrase(cfg: Mapping[str, Any], benchmark: Benchmark) -> None:
+    rephrase.check_variants(cfg.get("variants", rephrase.VARIANTS))
+    benchmark.with_inputs()  # a benchmark that cannot ask its questions another way refuses here
 
 
 ATTACK_REGISTRY: dict[str, AttackSpec] = {
-    "quantize": AttackSpec("quantize", quantize.suffix, lambda model, cfg, **_: quantize.quantized_copy(model, cfg)),
-    "relearn": AttackSpec("relearn", relearn.suffix, lambda model, cfg, **ctx: relearn.relearn(model, cfg, **ctx)),
-    "rephrase": AttackSpec("rephrase", rephrase.suffix, None),
+    "quantize": AttackSpec("quantize", quantize.suffix, lambda model, cfg, **_: quantize.quantized_copy(model, cfg),
+                           lambda cfg, benchmark: quantize.check_config(cfg)),
+    "relearn": AttackSpec("relearn", relearn.suffix,
+                          lambda model, cfg, tokenizer, template_args, benchmark: relearn.relearn(
+                              model, cfg, tokenizer, template_args, benchmark.relearn_data()),
+                          lambda cfg, benchmark: relearn.check_config(cfg, benchmark.relearn_data())),
+    "rephrase": AttackSpec("rephrase", rephrase.suffix, None, _check_rephrase),
 }
+
+
+def check_attacks(attacks: list[tuple[AttackSpec, dict]], benchmarks: Mapping[str, Benchmark]) -> None:
+    """Every attack's options and the metrics it would attack, for every benchmark, checked before any work (an
+    attack failing after the clean evaluation would cost that evaluation's time)."""
+    for benchmark in benchmarks.values():
+        for spec, cfg in attacks:
+            spec.check(cfg, benchmark)
+            attacked_metrics(benchmark, cfg)
 
 
 def get_attacks(attack_cfg: Mapping[str, Any] | None) -> list[tuple[AttackSpec, dict]]:
@@ -122,7 +142,7 @@ def run_attacks(attacks: list[tuple[AttackSpec, dict]], benchmark: Benchmark, mo
         if spec.attacked_model is None:
             attacked[tag] = _rephrased(benchmark, model, names, cfg, model_id)
             continue
-        context = {"tokenizer": tokenizer, "template_args": template_args}
+        context = {"tokenizer": tokenizer, "template_args": template_args, "benchmark": benchmark}
         copy_ = spec.attacked_model(model, cfg, **context)
         try:
             attacked[tag] = _attacked(benchmark, copy_, names, f"{model_id}@{tag}")
@@ -208,4 +228,4 @@ def format_robustness(robustness: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 __all__ = ["ATTACK_REGISTRY", "get_attacks", "run_attacks", "robustness_summary", "format_robustness",
-           "attacked_metrics", "baseline_model"]
+           "attacked_metrics", "baseline_model", "check_attacks"]

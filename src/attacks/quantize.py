@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from checks import BadValueError
+from checks import BadValueError, check_bool, check_choice, check_number
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +108,28 @@ def bitsandbytes_copy(model: torch.nn.Module, bits: int, method: str) -> torch.n
         return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, device_map={"": 0})
 
 
+def check_config(cfg: Mapping[str, Any]) -> None:
+    """Every option of ``attack.quantize`` checked before any work (a bad one is a BadValueError naming it)."""
+    method = check_choice("attack.quantize.method", cfg.get("method", "rtn"), METHODS)
+    bits = cfg.get("bits", 4)
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
+        raise BadValueError(f"attack.quantize.bits={bits!r}; give an integer from 2 to 16 (4 and 8 are usual)")
+    group_size = cfg.get("group_size", 128)
+    if group_size is not None:
+        check_number("attack.quantize.group_size", group_size, integer=True, low=1,
+                     hint="or null for one scale per output channel")
+    check_bool("attack.quantize.symmetric", cfg.get("symmetric", False))
+    if method != "rtn":
+        if (method, bits) not in (("nf4", 4), ("int8", 8)):
+            raise BadValueError(f"attack.quantize.method={method} with bits={bits}: nf4 is 4-bit, int8 is 8-bit")
+        if not torch.cuda.is_available():
+            raise BadValueError(f"attack.quantize.method={method}: bitsandbytes needs a CUDA GPU; on a CPU use method=rtn")
+
+
 def quantized_copy(model: torch.nn.Module, cfg: Mapping[str, Any]) -> torch.nn.Module:
     """The attacked model of ``attack.quantize`` (``bits``, ``method``, ``group_size``, ``symmetric``)."""
+    check_config(cfg)
     method = cfg.get("method", "rtn")
-    if method not in METHODS:
-        raise BadValueError(f"attack.quantize.method={method!r}; valid: {', '.join(METHODS)}")
     bits = cfg.get("bits", 4)
     if method == "rtn":
         return rtn_copy(model, bits, cfg.get("group_size", 128), bool(cfg.get("symmetric", False)))

@@ -17,6 +17,7 @@ import copy
 import logging
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -79,17 +80,34 @@ def _first(item: Any) -> dict:
     return item[0] if isinstance(item, list) else item
 
 
-def relearning_set(cfg: Mapping[str, Any], tokenizer: Any, template_args: Any) -> Any:
+def check_config(cfg: Mapping[str, Any], default_data: Mapping[str, Any] | None = None) -> None:
+    """Every option of ``attack.relearn`` checked before any work: the numbers, the data to relearn on
+    (``data``, else the benchmark's ``relearn_data``) and the baseline model folder."""
+    check_number("attack.relearn.steps", cfg.get("steps", 30), integer=True, low=1)
+    check_number("attack.relearn.batch_size", cfg.get("batch_size", 4), integer=True, low=1)
+    check_number("attack.relearn.learning_rate", cfg.get("learning_rate", 1e-5), low=0, low_open=True)
+    check_number("attack.relearn.fraction", cfg.get("fraction", 0.5), low=0, low_open=True, high=1)
+    check_number("attack.relearn.seed", cfg.get("seed", 0), integer=True, low=0)
+    if not (cfg.get("data") or default_data):
+        raise BadValueError("attack.relearn.data is not set and the benchmark declares no relearn_data: name a dataset "
+                            "config to relearn on (e.g. attack.relearn.data=TOFU_QA_FORGET10)")
+    baseline = cfg.get("baseline_model_path")
+    if baseline not in (None, "auto") and not (Path(str(baseline)).expanduser() / "config.json").is_file():
+        raise BadValueError(f"attack.relearn.baseline_model_path={baseline}: not a model folder (no config.json in it); "
+                            "give the retain model's folder, auto (the model recorded in retain_logs_path) or null")
+
+
+def relearning_set(cfg: Mapping[str, Any], tokenizer: Any, template_args: Any,
+                   default_data: Mapping[str, Any] | None = None) -> Any:
     """The rows relearned on: ``attack.relearn.data`` (a dataset config, composed by the entry point from its
-    name) cut to ``fraction`` of its rows."""
+    name), else ``default_data`` (the benchmark's ``relearn_data``), cut to ``fraction`` of its rows."""
     from torch.utils.data import Subset
 
     from data import build_dataset
     from data.splits import dataset_names
 
-    data = cfg.get("data")
-    if not data:
-        raise BadValueError("attack.relearn.data is not set: name a dataset config (e.g. TOFU_QA_FORGET10)")
+    check_config(cfg, default_data)
+    data = cfg.get("data") or default_data
     dataset = build_dataset(data, tokenizer, template_args=template_args,
                             dataset_args=cfg.get("dataset_args") or {})
     rows = relearning_rows(len(dataset), float(cfg.get("fraction", 0.5)), int(cfg.get("seed", 0)))
@@ -97,9 +115,10 @@ def relearning_set(cfg: Mapping[str, Any], tokenizer: Any, template_args: Any) -
     return Subset(dataset, rows)
 
 
-def relearn(model: torch.nn.Module, cfg: Mapping[str, Any], tokenizer: Any, template_args: Any) -> torch.nn.Module:
-    """The attacked model of ``attack.relearn``."""
-    dataset = relearning_set(cfg, tokenizer, template_args)
+def relearn(model: torch.nn.Module, cfg: Mapping[str, Any], tokenizer: Any, template_args: Any,
+            default_data: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """The attacked model of ``attack.relearn`` (``default_data``: the benchmark's ``relearn_data``)."""
+    dataset = relearning_set(cfg, tokenizer, template_args, default_data)
     return relearned_copy(model, dataset, tokenizer, cfg.get("steps", 30), cfg.get("learning_rate", 1e-5),
                           cfg.get("batch_size", 4), int(cfg.get("seed", 0)))
 

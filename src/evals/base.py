@@ -325,6 +325,11 @@ class Evaluator(Benchmark):
         if not isinstance(logs, dict):
             raise DataFileError(f"{what}={path}{from_top}: a JSON object of metric results expected, got a "
                                 f"{type(logs).__name__}")
+        meta = logs.get("_meta") if isinstance(logs.get("_meta"), dict) else {}
+        benchmark = meta.get("evaluator")
+        if benchmark is not None and benchmark != self.name:
+            raise DataFileError(f"{what}={path}{from_top} is an evaluation of benchmark {benchmark} (its _meta.evaluator), "
+                                f"not of {self.name}: give the retain model's {self.name}_EVAL.json")
         return logs
 
     def check_reference_logs(self, names: list[str] | None = None) -> None:

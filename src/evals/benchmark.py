@@ -10,7 +10,8 @@ sequences) use only these methods:
 - ``summary_names()`` / ``directions()``: the headline metrics and whether a higher value is better;
 - ``input_paths()``: the data folders and files it reads (an output folder may not hold them);
 - ``attackable_metrics()``: the metrics the robustness attacks re-evaluate (``attackable_metrics`` in the
-  config; none for a benchmark that cannot be attacked);
+  config; none for a benchmark that cannot be attacked), and ``relearn_data()``: what the relearning attack
+  relearns on by default (``relearn_data``);
 - ``with_inputs(question_key=..., template_args=...)`` and ``sample_fields(metric)``: the same benchmark
   asking its questions another way, and the per-sample fields a worst case is taken over (the rephrasing
   attack), where the benchmark supports it.
@@ -39,7 +40,8 @@ from evals.result import EvalResult
 
 #: Keys every benchmark config may set, whatever its evaluator.
 COMMON_KEYS = frozenset({"handler", "name", "output_dir", "overwrite", "data_folder_key", "headline_metrics",
-                         "trajectory_metrics", "log_axis_metrics", "attackable_metrics", "sample_metrics"})
+                         "trajectory_metrics", "log_axis_metrics", "attackable_metrics", "sample_metrics",
+                         "relearn_data"})
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,12 @@ class Benchmark(abc.ABC):
     def attackable_metrics(self) -> list[str]:
         """The metrics the robustness attacks re-evaluate by default (the config's ``attackable_metrics``)."""
         return list(self.roles.attackable_metrics)
+
+    def relearn_data(self) -> Mapping[str, Any] | None:
+        """The dataset ``attack=relearn`` relearns on unless ``attack.relearn.data`` names one: the config's
+        ``relearn_data`` (a dataset config the entry point composes from its name; TOFU: the forget split, MUSE:
+        the forget corpus), or None."""
+        return self.cfg.get("relearn_data")
 
     def sample_fields(self, metric: str) -> tuple[str, ...]:
         """The per-sample fields of ``metric`` a worst case can be taken over (higher = more known); none here."""

@@ -3,8 +3,8 @@
 A training or unlearning run of ``src/train.py`` is a folder with ``run_complete.json`` and ``config.yaml`` (its
 final evaluation under ``evals/``, the evaluations during training under ``checkpoint-<step>/evals/``, its
 trainer log in ``train_log.jsonl``, optionally ``eval_history.jsonl`` and ``best_checkpoint.json``); an
-evaluation of ``src/eval.py`` is a folder with ``<NAME>_SUMMARY.json`` / ``<NAME>_EVAL.json`` (and usually
-``config.yaml``). Staging folders (``*.incomplete*``, ``*.replaced*``), checkpoints and hidden folders are not
+evaluation of ``src/eval.py`` is a folder with ``<NAME>_SUMMARY.json`` / ``<NAME>_EVAL.json`` next to its
+``config.yaml`` (and, since evaluations follow the run-folder rules, its own ``run_complete.json``). Staging folders (``*.incomplete*``, ``*.replaced*``), checkpoints and hidden folders are not
 runs. Nothing here knows a benchmark: a benchmark is the ``<NAME>`` of its files.
 """
 
@@ -218,11 +218,10 @@ def read_summary(path: Path) -> dict[str, float | None] | None:
 def folder_kind(filenames: Iterable[str]) -> str | None:
     """``train`` for a finished run of src/train.py, ``eval`` for an evaluation folder, None otherwise."""
     names = set(filenames)
+    if any(n.endswith(SUMMARY_SUFFIX) and len(n) > len(SUMMARY_SUFFIX) for n in names):
+        return "eval"  # a training run keeps its evaluations under evals/, never next to its marker
     if RUN_MARKER in names and RUN_CONFIG in names:
         return "train"
-    if RUN_MARKER not in names and any(n.endswith(SUMMARY_SUFFIX) and len(n) > len(SUMMARY_SUFFIX)
-                                       for n in names):
-        return "eval"
     return None
 
 
