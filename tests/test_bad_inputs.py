@@ -55,7 +55,7 @@ BAD_METHOD_ARGS = [
     # counts and the rest
     ("CEU", "ignore_first_n_answer_tokens", -1), ("CEU", "ignore_first_n_answer_tokens", 1.5),
     ("TaskVector", "scale", 0.0), ("TaskVector", "scale", "1"),
-    ("RMU", "steering_coeff", 0.0), ("RMU", "alpha", NAN), ("RMU", "seed", -1), ("RMU", "seed", 1.5),
+    ("RMU", "steering_coeff", 0.0), ("RMU", "steering_coeff", 1e30), ("RMU", "alpha", NAN), ("RMU", "seed", -1), ("RMU", "seed", 1.5),
     ("RMU", "layer_id", "1"), ("RMU", "layer_id", -1), ("RMU", "token_mask", "prompt"),
     ("RMU", "trainable_params", 5), ("RMU", "trainable_params", "model\\.layers\\.(0"),
 ]
@@ -134,6 +134,8 @@ def test_good_hyperparameters_at_their_bounds_are_accepted(tmp_path):
     ({"per_device_train_batch_size": 0}, r"trainer.args.per_device_train_batch_size=0"),
     ({"num_train_epochs": 0}, r"trainer.args.num_train_epochs=0; must be a finite number > 0 \(or set trainer.args.max_steps > 0\)"),
     ({"deepspeed": "no/such/zero3.json"}, r"trainer.args.deepspeed=.no/such/zero3.json. is not a file: give a DeepSpeed JSON"),
+    ({"load_best_model_at_end": True, "eval_strategy": "no"},
+     r"trainer.args.load_best_model_at_end=true, but the run never evaluates"),
 ])
 def test_bad_training_args_are_refused_by_name(tmp_path, args, message):
     with pytest.raises(ValueError, match=message):

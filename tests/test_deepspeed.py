@@ -15,7 +15,7 @@ from conftest import MODEL_CACHE, REPO, run_cli
 deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install -e '.[deepspeed]')")
 
 TWO_PROCESSES = ["-m", "torch.distributed.run", "--nproc_per_node", "2"]
-ZERO3 = f"+trainer.args.deepspeed={REPO / 'configs' / 'deepspeed' / 'zero3.json'}"
+ZERO3 = f"trainer.args.deepspeed={REPO / 'configs' / 'deepspeed' / 'zero3.json'}"
 SHORT_GENERATION = ["eval.tofu.metrics.forget_Q_A_ROUGE.generation_args.max_new_tokens=8",
                     *[f"eval.tofu.metrics.model_utility.pre_compute.{p}_Q_A_ROUGE.generation_args.max_new_tokens=8"
                       for p in ("retain", "ra", "wf")]]

@@ -338,3 +338,34 @@ def test_evaluation_output_follows_the_run_folder_rules(tofu_dir, tmp_path, monk
     assert "forget_Q_A_Prob" in _load(attacked / "TOFU_EVAL.json")  # the clean result is kept
     assert "attack broke" in json.loads((attacked / COMPLETION_MARKER).read_text())["attack_failed"]
     assert attacks  # (the module whose entry point was replaced)
+
+
+def test_a_full_disk_loses_no_result_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """ENOSPC while writing the EVAL file: the error names a complete copy of the result elsewhere, and the
+    folder holds no half-written or temporary file."""
+    import errno
+    import os
+
+    import run_folder
+    from evals.result import EvalResult
+
+    result = EvalResult("TOFU", {"forget_Q_A_Prob": {"agg_value": 0.25, "value_by_index": {"0": {"prob": 0.25}}}},
+                        {"forget_Q_A_Prob": 0.25}, {"evaluator": "TOFU"})
+    folder = tmp_path / "out"
+    folder.mkdir()
+    real_fsync = os.fsync
+
+    def full_disk(fd):
+        if str(folder) in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(run_folder.os, "fsync", full_disk)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "spare"))
+    (tmp_path / "spare").mkdir()
+    with pytest.raises(OSError, match=r"No space left on device\); the whole result is kept in .*spare/TOFU_EVAL.rescued") as e:
+        result.save(folder)
+    assert e.value.errno == errno.ENOSPC
+    assert list(folder.iterdir()) == []  # no .tmp left behind
+    (rescued,) = (tmp_path / "spare").iterdir()
+    assert json.loads(rescued.read_text())["forget_Q_A_Prob"]["agg_value"] == 0.25

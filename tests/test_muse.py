@@ -96,6 +96,27 @@ def test_pretraining_rejects_bad_input(smollm2_tokenizer, tmp_path):
                            local_dir_key="paths.muse_news")
 
 
+def test_a_missing_in_context_examples_file_is_found_before_any_pass(muse_dir, tmp_path):
+    """check_inputs reads the few-shot file of the knowledge prompts too (it used to be found only when the
+    first generation pass built its dataset)."""
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+
+    from evals import get_evaluators
+    from resolvers import compose_names
+
+    folder = tmp_path / "muse"
+    shutil.copytree(muse_dir, folder)
+    (folder / "knowmem_retain_qa_icl.json").unlink()
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
+        cfg = compose_names(compose("eval.yaml", overrides=["eval=muse", f"paths.muse_news={folder}"]))
+    bench = get_evaluators(cfg.eval, paths=cfg.paths)["muse"]
+    with pytest.raises(FileNotFoundError, match=r"retain_knowmem_ROUGE \(main\) in-context examples: .*"
+                                                r"knowmem_retain_qa_icl.json not found \(paths.muse_news="):
+        bench.check_inputs()
+
+
 def test_concatenated_datasets_renumber_their_items(smollm2_tokenizer, tmp_path):
     _write_rows(tmp_path / "a.json", [{"text": "alpha beta gamma " * 20}])
     _write_rows(tmp_path / "b.json", [{"text": "delta epsilon " * 20}])

@@ -297,12 +297,17 @@ class Evaluator(Benchmark):
             what = f"{self.name} metric {metric} ({role})"
             handler = DATASET_REGISTRY[resolved["handler"]]
             fields, lists = handler.file_fields(args)
-            path = local_data_file(args["local_dir"], local_stem(args), what, hint,
-                                   local_dir_key=args.get("local_dir_key", "paths.tofu"))
-            try:
-                check_rows_file(path, fields, lists)
-            except DataFileError as e:
-                raise DataFileError(f"{what}: {e}") from None
+            files = [(local_data_file(args["local_dir"], local_stem(args), what, hint,
+                                      local_dir_key=args.get("local_dir_key", "paths.tofu")), fields, lists)]
+            if args.get("fewshot"):  # the in-context examples (MUSE's knowledge prompts): the same columns
+                files.append((local_data_file(args["local_dir"], local_stem(args["fewshot"]),
+                                              f"{what} in-context examples", "",
+                                              local_dir_key=args.get("local_dir_key", "paths.tofu")), fields, ()))
+            for path, file_fields, list_fields in files:
+                try:
+                    check_rows_file(path, file_fields, list_fields)
+                except DataFileError as e:
+                    raise DataFileError(f"{what}: {e}") from None
         self.check_reference_logs(names)
 
     def _read_reference_file(self, path: str, what: str) -> dict:

@@ -17,7 +17,10 @@ import functools
 import hashlib
 import json
 import math
+import os
 import subprocess
+import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -107,10 +110,23 @@ class EvalResult:
 
     def save(self, folder: str | Path) -> None:
         """Write ``<NAME>_EVAL.json`` and ``<NAME>_SUMMARY.json`` into ``folder``, each whole (temporary file
-        and rename)."""
+        and rename). When that fails (a full disk, a folder gone), the result is not lost: it is written to the
+        system's temporary folder instead, and the OSError raised names that copy (or, if even that fails, holds
+        the summary)."""
         folder = Path(folder)
-        write_json_atomic(eval_file(folder, self.benchmark), {**self.entries, "_meta": self.meta})
-        write_json_atomic(summary_file(folder, self.benchmark), self.summary)
+        payload = {**self.entries, "_meta": self.meta}
+        try:
+            write_json_atomic(eval_file(folder, self.benchmark), payload)
+            write_json_atomic(summary_file(folder, self.benchmark), self.summary)
+        except OSError as error:
+            rescue = Path(tempfile.gettempdir()) / f"{self.benchmark}_EVAL.rescued-{os.getpid()}-{int(time.time())}.json"
+            try:
+                write_json_atomic(rescue, payload)
+                kept = f"the whole result is kept in {rescue}"
+            except OSError:
+                kept = f"it could not be kept elsewhere either; its summary: {json.dumps(self.summary, default=str)}"
+            raise OSError(error.errno, f"could not write {self.benchmark}'s result into {folder} "
+                                       f"({error.strerror or error}); {kept}") from error
 
     @classmethod
     def from_eval_payload(cls, benchmark: str, payload: Mapping[str, Any],

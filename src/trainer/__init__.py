@@ -145,6 +145,10 @@ def check_training_args(args: Mapping[str, Any]) -> None:
     if max_steps == -1 and "num_train_epochs" in args:
         check_number("trainer.args.num_train_epochs", args["num_train_epochs"], low=0, low_open=True,
                      hint="or set trainer.args.max_steps > 0")
+    if args.get("load_best_model_at_end") and not evaluates(args):
+        raise BadValueError("trainer.args.load_best_model_at_end=true, but the run never evaluates, so there is no best "
+                            "checkpoint to end with: set trainer.args.eval_strategy=steps (with eval_steps, and "
+                            "save_strategy/save_steps to match) and an evaluation (eval=<bench> or data.eval), or drop it")
 
 
 def evaluates(trainer_args: Mapping[str, Any] | None) -> bool:

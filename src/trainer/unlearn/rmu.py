@@ -69,6 +69,13 @@ class RMU(UnlearningTrainer):
         check_layer_index(model, layer_id, "layer_id")
         self.check_arg_choice("token_mask", token_mask, TOKEN_MASKS)
         self.steering_coeff = self.check_arg("steering_coeff", steering_coeff, low=0, low_open=True)
+        dtype = next(unwrap(model).parameters()).dtype
+        largest = torch.finfo(dtype if dtype.is_floating_point else torch.float32).max
+        if self.steering_coeff ** 2 >= largest:  # the forget term is a mean of squares of values ~ c
+            raise ValueError(f"RMU: trainer.method_args.steering_coeff={steering_coeff}; must be below "
+                             f"{largest ** 0.5:.3g}: the forget target's squared norm (c^2 = {self.steering_coeff ** 2:.3g}) "
+                             f"overflows the model's {dtype} (largest value {largest:.3g}), so every forget loss would be "
+                             "infinite (the paper uses 6.5 for 7B models)")
         self.alpha = self.check_arg("alpha", alpha, low=0)
         self.check_arg("seed", seed, integer=True, low=0)
         if is_peft_model(unwrap_parallel(model)):
