@@ -142,13 +142,13 @@ def test_relearning_follows_the_benchmark_evaluated(tofu_dir, smollm2_tokenizer)
     """attack.relearn.data null: the benchmark's relearn_data (TOFU: the forget split evaluated; MUSE: its forget
     corpus), composed by the entry point; neither given is refused before any work."""
     from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
 
     from attacks import ATTACK_REGISTRY, check_attacks, get_attacks
     from attacks.relearn import relearning_set
     from checks import BadValueError
     from conftest import REPO
     from evals import get_evaluators
-    from omegaconf import OmegaConf
     from resolvers import compose_names
 
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
@@ -180,9 +180,9 @@ def test_relearning_follows_the_benchmark_evaluated(tofu_dir, smollm2_tokenizer)
 def test_every_attack_option_is_checked_before_any_work(tofu_dir, tmp_path, option, message):
     """A bad attack option fails before the model is loaded and the clean evaluation runs (it used to fail after
     it, throwing the clean results away), and the output folder is not created."""
-    import eval as eval_script
     from hydra import compose, initialize_config_dir
 
+    import eval as eval_script
     from checks import BadValueError
     from conftest import REPO
 
