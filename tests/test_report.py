@@ -230,6 +230,45 @@ def test_runs_found_and_staging_skipped(made):
     assert _row(made, "GradDiff_ga_a1")["method"] == "GradDiff"
 
 
+def test_an_unreadable_run_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
+    """A non-UTF-8 train log, a config.yaml of the wrong shape or one that is not UTF-8: the report is still
+    written, each bad file or run named in a warning."""
+    root = tmp_path / "r"
+    paths = build_saves(root)
+    good = paths["ga_a1"]
+    (good / "train_log.jsonl").write_bytes(b'{"loss": 1.0, "step": 1}\n\xff\xfe not text\n')
+    (paths["ga_a05"] / "config.yaml").write_bytes(b"trainer: \xff\n")
+    (paths["retain"] / "config.yaml").write_text("trainer: [not, a, mapping]\nmode: unlearn\n")
+    caplog.set_level("WARNING")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert report.main([str(root / "saves"), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "report.html").is_file()
+    assert f"{good / 'train_log.jsonl'} line 2 is not UTF-8 text" in caplog.text
+    assert f"cannot read {paths['ga_a05'] / 'config.yaml'}" in caplog.text
+    rows = {r["name"] for r in _read_csv(tmp_path / "out")}
+    assert "GradDiff_ga_a1" in rows and "tofu_target" in rows
+    # the run whose config has the wrong shape is still listed
+    assert "retain90" in rows  # named after its folder: its config names no task
+
+    # whatever else goes wrong reading one run, the others are reported and that one named
+    from reporting import collect
+
+    real = collect.load_run
+    broken = paths["target"]
+
+    def load_run(path, kind):
+        if path.resolve() == broken.resolve():
+            raise KeyError("trainer")
+        return real(path, kind)
+
+    caplog.clear()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(io.StringIO()):
+        mp.setattr(collect, "load_run", load_run)
+        assert report.main([str(root / "saves"), "--out", str(tmp_path / "out2")]) == 0
+    assert f"skipping the run in {broken}: KeyError" in caplog.text
+    assert "tofu_target" not in {r["name"] for r in _read_csv(tmp_path / "out2")}
+
+
 def test_roles_and_order(made):
     assert [(r["name"], r["role"]) for r in made.rows[:2]] == [("tofu_target", "target"), ("tofu_retain90", "retain")]
     assert {r["role"] for r in made.rows[2:]} == {"run"}

@@ -166,22 +166,31 @@ def read_json(path: Path) -> Any:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The JSON objects of a JSON-lines file; a line that does not parse (a run killed mid-write) is skipped."""
+    """The JSON objects of a JSON-lines file; a line that does not parse (a run killed mid-write) or is not UTF-8
+    text is skipped with a warning naming the file and the line."""
     if not path.is_file():
         return []
     out: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                log.warning("report: %s line %d is not JSON; skipped", path, number)
-                continue
-            if isinstance(entry, dict):
-                out.append(entry)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        log.warning("report: cannot read %s (%s); skipped", path, e)
+        return []
+    for number, binary in enumerate(raw.splitlines(), start=1):
+        try:
+            line = binary.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            log.warning("report: %s line %d is not UTF-8 text (byte %d); skipped", path, number, e.start)
+            continue
+        if not line:
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            log.warning("report: %s line %d is not JSON; skipped", path, number)
+            continue
+        if isinstance(entry, dict):
+            out.append(entry)
     return out
 
 
@@ -192,7 +201,7 @@ def read_config(path: Path) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, ValueError, yaml.YAMLError) as e:  # ValueError: not UTF-8 text
         log.warning("report: cannot read %s (%s); the run is listed without its config", path, e)
         return {}
     return data if isinstance(data, dict) else {}
@@ -311,8 +320,15 @@ def find_runs(folders: Sequence[str | Path]) -> list[Run]:
             f"no run found under {shown}: a run folder holds run_complete.json and config.yaml (src/train.py), "
             "or <NAME>_SUMMARY.json and <NAME>_EVAL.json (src/eval.py)"
         )
-    runs = [load_run(path, kind) for path, kind in tqdm(list(found.values()), desc="reading runs", unit="run",
-                                                        disable=None)]
+    runs = []
+    for path, kind in tqdm(list(found.values()), desc="reading runs", unit="run", disable=None):
+        try:
+            runs.append(load_run(path, kind))
+        except Exception as e:  # noqa: BLE001 - one unreadable run must not hide the others
+            log.warning("report: skipping the run in %s: %s: %s", path, type(e).__name__, e)
+    if not runs:
+        raise ReportError(f"every run found under {', '.join(repr(str(f)) for f in folders)} was unreadable (see the "
+                          "warnings above)")
     _unique_names(runs)
     return runs
 
