@@ -265,7 +265,7 @@ def test_progress_bars_only_on_a_terminal(monkeypatch):
     monkeypatch.setenv("UNLEARNING_PROGRESS", "1")
     assert progress.progress_enabled() and not progress.progress(3, "x").disable
     monkeypatch.setenv("UNLEARNING_PROGRESS", "0")
-    assert not progress.progress_enabled() and progress.progress(3, "x").disable
+    assert not progress.progress_enabled() and isinstance(progress.progress(3, "x"), progress.LoggedProgress)
     monkeypatch.delenv("UNLEARNING_PROGRESS")
     monkeypatch.setattr("sys.stderr.isatty", lambda: False, raising=False)
     assert not progress.progress_enabled()
@@ -273,3 +273,32 @@ def test_progress_bars_only_on_a_terminal(monkeypatch):
     monkeypatch.setenv("RANK", "1")  # another process than 0 never draws one
     assert not progress.progress_enabled()
     assert list(progress.progress_over(iter([1, 2]), "y")) == [1, 2]
+
+
+def test_without_a_bar_long_loops_log_their_progress(tofu_dir, tmp_path, monkeypatch, caplog):
+    """Off a terminal every loop logs a line when it starts and at least every LOG_INTERVAL_S seconds with what is
+    done, the time elapsed and an estimate of the time left: training, the evaluation passes, the relearning."""
+    import progress
+
+    clock = iter(range(0, 10_000, 20))  # each reading of the clock 20 s after the previous one
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    caplog.set_level("INFO", logger="progress")
+    with progress.progress(4, "generate forget", unit="sample") as bar:  # started at t=0
+        bar.update(1)  # t=20: not yet 30 s since the last line
+        bar.update(1)  # t=40: a line, 2 of 4 in 40 s -> about 40 s left
+    assert caplog.messages == ["generate forget: 4 sample(s) to go",
+                               "generate forget: 2/4 sample(s), 40 s elapsed, about 40 s left",
+                               "generate forget: 2 sample(s) done in 1 min 00 s"]
+
+    monkeypatch.undo()  # the real clock again
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)
+    monkeypatch.setenv("UNLEARNING_PROGRESS", "0")
+    caplog.clear()
+    train_in_process(tmp_path / "run", [
+        "model=tiny-random-llama", "trainer=GradDiff", f"paths.tofu={tofu_dir}", "data.eval=null",
+        "trainer.args.max_steps=2", "trainer.args.per_device_train_batch_size=2", "trainer.args.disable_tqdm=true",
+        "trainer.args.gradient_accumulation_steps=1", "eval=tofu", "eval.tofu.limit=2",
+        "eval/tofu_metrics@eval.tofu.tofu_metrics=[forget_Q_A_Prob]"])
+    messages = caplog.messages
+    assert "training: 2 step(s) to go" in messages and any(m.startswith("training: 1/2 step(s)") for m in messages)
+    assert any(m.startswith("log-probs") and "to go" in m for m in messages)  # the final evaluation's pass

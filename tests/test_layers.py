@@ -10,7 +10,7 @@ SRC = REPO / "src"
 ALLOWED = {
     "core": set(),
     "evals": {"evals", "core", "data", "model", "checks", "progress", "run_folder"},
-    "model": {"model", "core", "data", "checks", "run_folder"},
+    "model": {"model", "core", "data", "checks", "progress", "run_folder"},
 }
 PROJECT = {p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").is_file()} | \
     {p.stem for p in SRC.glob("*.py")}

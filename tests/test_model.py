@@ -160,3 +160,25 @@ def test_every_shipped_fallback_names_the_id_its_configs_load():
         ids = {cfg.model_args.pretrained_model_name_or_path,
                OmegaConf.to_container(cfg.tokenizer_args)["pretrained_model_name_or_path"]}
         assert cfg.offline_fallback.hub_id in ids, name
+
+
+def test_the_offline_copy_is_announced_once_and_the_gguf_bar_stays_off_a_log(smollm2_tokenizer, caplog, monkeypatch):
+    """An expected offline fallback is one INFO line per process (not a WARNING per model and tokenizer); the
+    GGUF reader's own bar is off where no bar is drawn."""
+    import model
+    from conftest import MODEL_CACHE, SMOLLM2_FALLBACK, SMOLLM2_ID
+
+    monkeypatch.setattr(model, "_ANNOUNCED_FALLBACKS", set())
+    caplog.set_level("INFO", logger="model")
+    for _ in range(2):
+        model.get_tokenizer({"pretrained_model_name_or_path": SMOLLM2_ID}, fallback=SMOLLM2_FALLBACK,
+                            cache_dir=MODEL_CACHE)
+    announced = [r for r in caplog.records if "offline copy" in r.getMessage()]
+    assert len(announced) == 1 and announced[0].levelname == "INFO" and SMOLLM2_ID in announced[0].getMessage()
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    monkeypatch.setenv("UNLEARNING_PROGRESS", "0")
+    with model._library_bars_off():
+        assert gguf_utils.tqdm(range(3)).disable
+    assert not gguf_utils.tqdm(range(3), disable=False).disable  # put back afterwards

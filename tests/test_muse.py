@@ -267,12 +267,12 @@ def test_muse_configs_follow_data_split_and_paths(muse_dir):
     assert _dataset("MUSE_retain", cfg)["args"]["local_name"] == "privleak_retain2"  # the local stand-in
     assert OmegaConf.to_container(cfg.eval.muse, resolve=True)["metrics"]["privleak"]["ref_value"] == 0.5228
 
-    books = _compose(["eval=muse", f"paths.muse_news={muse_dir}", "+data_split=Books"])
+    books = _compose(["eval=muse", f"paths.muse_news={muse_dir}", "data_split=Books"])
     args = _dataset("MUSE_forget_knowmem", books)["args"]
     assert args["hf_args"]["path"] == "muse-bench/MUSE-Books" and args["local_dir"] is None  # no local Books copy
     assert args["fewshot"]["hf_args"]["path"] == "muse-bench/MUSE-Books"
     assert OmegaConf.to_container(books.eval.muse, resolve=True)["metrics"]["privleak"]["ref_value"] == 0.4607
-    bad = _compose(["eval=muse", "+data_split=news"])
+    bad = _compose(["eval=muse", "data_split=news"])
     with pytest.raises(Exception, match="data_split='news' is not a MUSE corpus; valid: News, Books"):
         OmegaConf.to_container(bad.eval.muse, resolve=True)
 

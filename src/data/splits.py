@@ -96,8 +96,11 @@ def check_eval_splits(cfg: DictConfig) -> None:
 MUSE_CORPORA = ("News", "Books")
 
 
-def muse_corpus(name: str) -> str:
-    """``name`` if it is a MUSE corpus, else a ValueError listing them (``data_split=news`` is a typo too)."""
+def muse_corpus(name: str | None) -> str:
+    """``name`` if it is a MUSE corpus (None: ``News``, the default corpus), else a ValueError listing them
+    (``data_split=news`` is a typo too)."""
+    if name is None:
+        return MUSE_CORPORA[0]
     if name not in MUSE_CORPORA:
         raise ValueError(f"data_split={name!r} is not a MUSE corpus; valid: {', '.join(MUSE_CORPORA)}")
     return name

@@ -20,12 +20,14 @@ fallback to another model.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import logging
 import os
 import shutil
 import tempfile
 import time
+import unittest.mock
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ from model.peft import (  # noqa: E402
     peft_settings,
     quantization_config,
 )
+from progress import progress_enabled  # noqa: E402
 from run_folder import publish_folder  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -97,6 +100,20 @@ def gguf_file_from_package(package: str, filename: str | None = None) -> Path:
     return Path(dist.locate_file(candidates[0]))
 
 
+@contextlib.contextmanager
+def _library_bars_off() -> Iterator[None]:
+    """Where no bar is drawn (``progress.progress_enabled``), the GGUF reader's own tqdm bar is off too: it calls
+    tqdm directly, ignoring transformers' switch, and its carriage-return updates would fill a log file."""
+    if progress_enabled():
+        yield
+        return
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from tqdm.auto import tqdm
+
+    with unittest.mock.patch.object(gguf_utils, "tqdm", functools.partial(tqdm, disable=True)):
+        yield
+
+
 def materialize_gguf(gguf_path: Path, target_dir: Path) -> Path:
     """Dequantize a GGUF checkpoint once into a regular Hugging Face folder (model + tokenizer).
 
@@ -114,8 +131,9 @@ def materialize_gguf(gguf_path: Path, target_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=target_dir.name + ".", dir=target_dir.parent))
     try:
         folder, name = str(gguf_path.parent), gguf_path.name
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        with _library_bars_off():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         # The weights are dequantized: drop the GGUF quantization marker so the folder loads as plain fp32.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -189,6 +207,10 @@ def hub_unreachable(error: BaseException) -> bool:
     return False
 
 
+#: ``(Hub id, offline copy)`` pairs already announced in this process.
+_ANNOUNCED_FALLBACKS: set[tuple[str, str]] = set()
+
+
 def _from_pretrained(loader: Any, kwargs: dict, fallback: dict | None, cache_dir: Any, what: str) -> Any:
     """``loader.from_pretrained(**kwargs)``; the offline copy replaces the fallback's own Hub id, and only
     when the Hub is unreachable. A local path must exist."""
@@ -220,7 +242,10 @@ def _from_pretrained(loader: Any, kwargs: dict, fallback: dict | None, cache_dir
                           f"connection) and the model is not in the local cache{covers}. Set HF_HUB_OFFLINE=0 with "
                           "internet access, or point it at a local folder") from e
         folder = _fallback_folder(fallback, cache_dir)
-        log.warning("%s %r unreachable (%s); using the offline copy in %s", what, path, type(e).__name__, folder)
+        if (path, str(folder)) not in _ANNOUNCED_FALLBACKS:  # once per process (model and tokenizer share it)
+            _ANNOUNCED_FALLBACKS.add((path, str(folder)))
+            log.info("%s: the Hugging Face Hub is unreachable (%s); using its offline copy in %s", path,
+                     type(e).__name__, folder)
         return loader.from_pretrained(**{**kwargs, "pretrained_model_name_or_path": str(folder)})
 
 

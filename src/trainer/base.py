@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.integrations import TensorBoardCallback, is_deepspeed_zero3_enabled
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
@@ -20,6 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from core.distributed import is_sharded
 from evals.benchmark import Benchmark
 from evals.result import EvalResult
+from progress import LoggedProgress
 from run_folder import EVAL_HISTORY_FILE, RESULT_EVALS_DIR, write_atomic, write_json_atomic
 from trainer.answer_nll import AnswerNLL, answer_token_nll, check_nll_impl, resolve_pack_rows
 from trainer.arguments import FinetuneArguments
@@ -32,6 +33,26 @@ log = logging.getLogger(__name__)
 MAX_UNCHECKED_LOSSES = 64
 #: A checkpoint's file with the method's own state (``FinetuneTrainer.method_state``).
 METHOD_STATE_FILE = "method_state.json"
+
+
+class LoggedTrainingProgress(TrainerCallback):
+    """Training's progress as log lines where the Trainer draws no bar (``progress.LoggedProgress``: steps done
+    of the total, elapsed, an estimate of the time left, at most every ``progress.LOG_INTERVAL_S``)."""
+
+    def __init__(self) -> None:
+        self.progress: LoggedProgress | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001 - the Trainer's callback signature
+        self.progress = LoggedProgress(state.max_steps, "training", unit="step", report=state.is_world_process_zero)
+        self.progress.done = state.global_step  # a resumed run starts where it stopped
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if self.progress is not None:
+            self.progress.update(state.global_step - self.progress.done)
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if self.progress is not None:
+            self.progress.close()
 
 
 class FinetuneTrainer(Trainer):
@@ -90,6 +111,8 @@ class FinetuneTrainer(Trainer):
         self._loss_terms: dict[str, list[torch.Tensor | float]] = defaultdict(list)
         self._last_terms: dict[str, torch.Tensor | float] = {}
         self._unchecked_losses: list[tuple[int, torch.Tensor, dict[str, torch.Tensor | float]]] = []
+        if self.args.disable_tqdm:  # no bar (a log file, CI): a line at the start and at least every ~30 s
+            self.add_callback(LoggedTrainingProgress())
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler | None:
         """``train_sampling_strategy=group_by_length`` with the lengths our datasets know (``lengths()``).
