@@ -27,9 +27,16 @@ from accelerate import PartialState  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
-from attacks import check_attacks, format_robustness, get_attacks, robustness_summary, run_attacks  # noqa: E402
+from attacks import (  # noqa: E402
+    attack_settings,
+    check_attacks,
+    format_robustness,
+    get_attacks,
+    robustness_summary,
+    run_attacks,
+)
 from checks import check_number  # noqa: E402
-from core.distributed import on_main_process  # noqa: E402
+from core.distributed import check_process_count, on_main_process  # noqa: E402
 from evals import EvalResult, format_summary, get_evaluators  # noqa: E402
 from model import get_model  # noqa: E402
 from progress import quiet_library_bars  # noqa: E402
@@ -79,6 +86,7 @@ def run(cfg: DictConfig) -> dict[str, EvalResult]:
     attacks = get_attacks(OmegaConf.to_container(cfg.attack, resolve=True) if cfg.get("attack") else None)
     # Under torchrun / accelerate launch every process holds the model on its own device and takes a strided
     # share of every pass; the results are gathered and process 0 writes the files (the same files as one process).
+    check_process_count()  # a launcher that started fewer processes than asked for, before any work
     state = PartialState(cpu=not torch.cuda.is_available())
     template_args = cfg.model.get("template_args")
     # the benchmarks' configs checked, and their inputs known, before the output folder is taken
@@ -115,7 +123,7 @@ def run(cfg: DictConfig) -> dict[str, EvalResult]:
                 retain = EvalResult.from_eval_payload(evaluator.name, json.loads(Path(retain_path).read_text())) \
                     if retain_path else None
                 robustness = robustness_summary(result, attacked, baselines, retain)
-                result = result.with_attacked(attacked)
+                result = result.with_attacked(attacked, attack_settings(attacks, model))
                 if state.is_main_process:
                     result.save(staging)
                     write_json_atomic(robustness_file(staging, evaluator.name), robustness)

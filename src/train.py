@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from checks import BadValueError  # noqa: E402
-from core.distributed import on_main_process, unwrap_parallel  # noqa: E402
+from core.distributed import check_process_count, on_main_process, unwrap_parallel  # noqa: E402
 from data import check_eval_splits, data_input_paths, get_collator, get_data  # noqa: E402
 from evals import Benchmark, EvalResult, get_evaluators  # noqa: E402
 from model import get_model  # noqa: E402
@@ -179,6 +179,7 @@ def run(cfg: DictConfig) -> TrainRun:
                          "--config-name=unlearn.yaml (src/train.py runs one unlearning run)")
     # cpu=True without a GPU: otherwise the process group of a multi-process CPU run (torchrun) is not
     # set up until the Trainer's accelerator does it, and every process would take itself for the main one.
+    check_process_count()  # a launcher that started fewer processes than asked for, before any work
     state = PartialState(cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
     check_eval_splits(cfg)

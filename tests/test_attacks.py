@@ -32,10 +32,34 @@ def test_rtn_rounds_to_the_grid_computed_by_hand():
     # a constant group is kept; dtype kept
     const = torch.full((2, 4), 0.25, dtype=torch.bfloat16)
     assert torch.equal(rtn_quantize(const, bits=4), const)
-    with pytest.raises(ValueError, match="group_size=3 does not divide the 8 input columns"):
-        rtn_quantize(w, bits=4, group_size=3)
+    # groups of 3 over 8 columns: [0, .4, 1.6] (scale 1.6/3, zero 0), [3, -1, 0] (scale 4/3, zero 1) and the
+    # remainder [.5, 2] as a smaller group (scale .5, zero -1)
+    third = 1.6 / 3
+    assert torch.allclose(rtn_quantize(w, bits=2, group_size=3), torch.tensor(
+        [[0.0, third, 3 * third, 2 * 4 / 3, -4 / 3, 0.0, 0.5, 2.0]]))
+    assert torch.equal(rtn_quantize(w, bits=2, group_size=100), rtn_quantize(w, bits=2))  # wider than a row
+    with pytest.raises(ValueError, match="group_size=0; must be an integer >= 1"):
+        rtn_quantize(w, bits=4, group_size=0)
     with pytest.raises(ValueError, match="bits=1"):
         rtn_quantize(w, bits=1)
+
+
+def test_the_effective_grouping_is_described_and_a_weaker_attack_warned(caplog):
+    """SmolLM2's width 576 is 4.5 groups of 128: each row ends with a group of 64 (not one scale per row, as
+    before), and the share of weights in those smaller groups is recorded and warned about."""
+    from attacks.quantize import grouping, rtn_copy
+
+    layers = torch.nn.Sequential(torch.nn.Linear(576, 8), torch.nn.Linear(256, 4))
+    groups = grouping(layers, 128)
+    assert groups["layers"] == 2 and groups["layers_with_a_smaller_group"] == 1 and groups["widths_not_divisible"] == [576]
+    assert groups["share_of_weights_in_smaller_groups"] == pytest.approx(8 * 64 / (8 * 576 + 4 * 256))
+    with caplog.at_level("WARNING"):
+        rtn_copy(layers, bits=4, group_size=128)
+    assert "does not divide the width of 1 of 2 layers (widths [576])" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        rtn_copy(layers, bits=4, group_size=64)
+    assert "does not divide" not in caplog.text
 
 
 def _tiny():
@@ -269,6 +293,8 @@ def test_eval_with_every_attack_writes_every_attacked_metric(tofu_dir, tmp_path)
     assert row["clean"] == summary["forget_Q_A_Prob"] and set(row["attacked"]) == {"quant4", "relearn", "rephrase"}
     assert row["retain_attacked"]["relearn"] == pytest.approx(row["attacked"]["relearn"])  # the same model as baseline
     assert "@quant4" in result.stdout and "@relearn" in result.stdout  # the side-by-side table
+    quant = logs["_meta"]["attacks"]["quant4"]  # what the attack did, e.g. its effective grouping
+    assert quant["group_size"] == 32 and quant["grouping"]["layers"] > 0 and quant["method"] == "rtn"
     after = load_file(str(model_dir / "model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)
 

@@ -142,3 +142,28 @@ def test_lora_npo_on_two_processes_equals_one(tofu_dir, tmp_path):
     adapters_one = load_file(str(one / "adapter_model.safetensors"))
     adapters_two = load_file(str(two / "adapter_model.safetensors"))
     assert max((adapters_one[k] - adapters_two[k]).abs().max().item() for k in adapters_one) < 1e-4
+
+
+def test_a_launcher_that_started_fewer_processes_than_asked_is_refused(tmp_path, monkeypatch):
+    """`accelerate launch --cpu --num_processes 2` starts ONE process on a CPU: the run says so and stops, naming
+    torchrun, instead of silently training alone with another effective batch."""
+    from core import distributed
+
+    assert distributed.requested_processes(["/venv/bin/accelerate", "launch", "--cpu", "--num_processes", "2",
+                                            "src/train.py"]) == 2
+    assert distributed.requested_processes(["python", "-m", "torch.distributed.run", "src/train.py"]) is None
+    config = tmp_path / "ddp.yaml"
+    config.write_text("distributed_type: MULTI_CPU\nnum_processes: 4\n")
+    assert distributed.requested_processes(["accelerate", "launch", "--config_file", str(config), "x.py"]) == 4
+
+    monkeypatch.setattr(distributed, "_launcher_command",
+                        lambda: ["/venv/bin/accelerate", "launch", "--cpu", "--num_processes", "2", "src/train.py"])
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    distributed.check_process_count()  # not started by accelerate's launcher: nothing to compare
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    with pytest.raises(RuntimeError, match=r"asked for 2 processes .* but this run is the only one: .*torchrun "
+                                           r"--nproc_per_node 2"):
+        distributed.check_process_count()
+    monkeypatch.setenv("WORLD_SIZE", "2")  # it did get them
+    distributed.check_process_count()

@@ -45,6 +45,8 @@ class AttackSpec:
     attacked_model: Callable[..., torch.nn.Module] | None  # None: the attack changes the inputs (rephrase)
     #: ``check(cfg, benchmark)``: every option checked against the benchmark attacked, before any work
     check: Callable[[Mapping[str, Any], Benchmark], None]
+    #: ``describe(model, cfg)``: what the attack does to this model, for the EVAL file's ``_meta.attacks``
+    describe: Callable[[torch.nn.Module, Mapping[str, Any]], dict] = lambda model, cfg: dict(cfg)
 
 
 def _check_rephrase(cfg: Mapping[str, Any], benchmark: Benchmark) -> None:
@@ -54,7 +56,7 @@ def _check_rephrase(cfg: Mapping[str, Any], benchmark: Benchmark) -> None:
 
 ATTACK_REGISTRY: dict[str, AttackSpec] = {
     "quantize": AttackSpec("quantize", quantize.suffix, lambda model, cfg, **_: quantize.quantized_copy(model, cfg),
-                           lambda cfg, benchmark: quantize.check_config(cfg)),
+                           lambda cfg, benchmark: quantize.check_config(cfg), quantize.describe),
     "relearn": AttackSpec("relearn", relearn.suffix,
                           lambda model, cfg, tokenizer, template_args, benchmark: relearn.relearn(
                               model, cfg, tokenizer, template_args, benchmark.relearn_data()),
@@ -154,6 +156,11 @@ def run_attacks(attacks: list[tuple[AttackSpec, dict]], benchmark: Benchmark, mo
     return attacked, baselines
 
 
+def attack_settings(attacks: list[tuple[AttackSpec, dict]], model: torch.nn.Module) -> dict[str, dict[str, Any]]:
+    """``{suffix: what the attack does to model}`` (``AttackSpec.describe``), for the EVAL file's ``_meta.attacks``."""
+    return {spec.suffix(cfg): spec.describe(model, cfg) for spec, cfg in attacks}
+
+
 def baseline_model(cfg: Mapping[str, Any], retain_logs_path: str | None) -> str | None:
     """The model an attack is also applied to as the baseline (``baseline_model_path``): a folder; ``auto`` =
     the retain model, as its evaluation (``retain_logs_path``) records it in ``_meta.model``, when that is a
@@ -228,4 +235,4 @@ def format_robustness(robustness: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 __all__ = ["ATTACK_REGISTRY", "get_attacks", "run_attacks", "robustness_summary", "format_robustness",
-           "attacked_metrics", "baseline_model", "check_attacks"]
+           "attacked_metrics", "baseline_model", "check_attacks", "attack_settings"]

@@ -35,22 +35,33 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int | None = None,
                  symmetric: bool = False) -> torch.Tensor:
     """Round-to-nearest fake quantization of a 2-D weight ``[out, in]``, returned in its dtype.
 
-    Each group (``group_size`` consecutive input columns of a row; None: the whole row, one scale per
-    output channel) gets ``scale = (max - min) / (2**bits - 1)`` and ``zero = round(-min / scale)``; a weight
-    becomes ``(clamp(round(w / scale) + zero, 0, 2**bits - 1) - zero) * scale``. ``symmetric``:
+    Each group (``group_size`` consecutive input columns of a row, the last group of a row holding the
+    remaining ``in % group_size`` columns when the size does not divide the width; None: the whole row, one
+    scale per output channel) gets ``scale = (max - min) / (2**bits - 1)`` and ``zero = round(-min / scale)``;
+    a weight becomes ``(clamp(round(w / scale) + zero, 0, 2**bits - 1) - zero) * scale``. ``symmetric``:
     ``scale = max|w| / (2**(bits-1) - 1)``, levels ``-2**(bits-1) .. 2**(bits-1) - 1``, no zero point. A group
     of equal values is kept as it is (its scale would be 0). Computed in float32.
     """
     if weight.dim() != 2:
         raise BadValueError(f"rtn_quantize: a 2-D weight is needed, got shape {tuple(weight.shape)}")
-    if not isinstance(bits, int) or not 2 <= bits <= 16:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 16:
         raise BadValueError(f"attack.quantize.bits={bits!r}; give an integer from 2 to 16 (4 and 8 are usual)")
     rows, cols = weight.shape
     size = cols if group_size is None else int(group_size)
-    if size <= 0 or cols % size:
-        raise BadValueError(f"attack.quantize.group_size={group_size!r} does not divide the {cols} input columns of a "
-                            "weight; give a divisor (e.g. 32, 64, 128) or null for one scale per output channel")
-    w = weight.detach().float().reshape(rows, cols // size, size)
+    if size <= 0:
+        raise BadValueError(f"attack.quantize.group_size={group_size!r}; must be an integer >= 1, or null for one "
+                            "scale per output channel")
+    size = min(size, cols)
+    full = cols - cols % size
+    w = weight.detach().float()
+    parts = [_rtn_groups(w[:, :full].reshape(rows, full // size, size), bits, symmetric).reshape(rows, full)]
+    if full < cols:  # the remainder of each row: one smaller group
+        parts.append(_rtn_groups(w[:, full:].reshape(rows, 1, cols - full), bits, symmetric).reshape(rows, cols - full))
+    return torch.cat(parts, dim=1).to(weight.dtype)
+
+
+def _rtn_groups(w: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """``rtn_quantize``'s rounding of ``[rows, groups, size]`` float32 values, each group on its own grid."""
     if symmetric:
         top = 2 ** (bits - 1) - 1
         scale = w.abs().amax(dim=-1, keepdim=True) / top
@@ -63,8 +74,7 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int | None = None,
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = torch.round(-low / safe)
         q = (torch.clamp(torch.round(w / safe) + zero, 0, top) - zero) * safe
-    q = torch.where(scale > 0, q, w)  # a constant group: nothing to round
-    return q.reshape(rows, cols).to(weight.dtype)
+    return torch.where(scale > 0, q, w)  # a constant group: nothing to round
 
 
 def quantizable_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
@@ -74,22 +84,39 @@ def quantizable_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Line
             if isinstance(module, torch.nn.Linear) and module is not head]
 
 
+def grouping(model: torch.nn.Module, group_size: int | None) -> dict[str, Any]:
+    """How ``rtn_copy`` groups ``model``'s weights for ``group_size`` (recorded in the EVAL file's ``_meta``):
+    the layers quantized, those whose rows end with a smaller group (width not a multiple of the size) or
+    are narrower than a group, and the share of the quantized weights in groups smaller than requested (a
+    weaker attack there: a finer grid)."""
+    layers = quantizable_linears(model)
+    smaller = [(name, linear.in_features) for name, linear in layers
+               if group_size is not None and linear.in_features % int(group_size)]
+    total = sum(linear.weight.numel() for _, linear in layers)
+    # a row narrower than a group is one group of its width; a wider one ends with in_features % group_size columns
+    in_small = sum(linear.out_features * (linear.in_features % int(group_size))
+                   for _, linear in layers if group_size is not None)
+    widths = sorted({width for _, width in smaller})
+    return {"group_size": group_size, "layers": len(layers), "layers_with_a_smaller_group": len(smaller),
+            "widths_not_divisible": widths, "share_of_weights_in_smaller_groups": in_small / total if total else 0.0}
+
+
 def rtn_copy(model: torch.nn.Module, bits: int, group_size: int | None = 128, symmetric: bool = False) -> torch.nn.Module:
     """A deep copy of ``model`` with every ``quantizable_linears`` weight RTN-quantized; ``model`` untouched.
 
-    A ``group_size`` that does not divide a layer's input columns falls back to one scale per output
-    channel for that layer (logged)."""
+    Rows whose width is not a multiple of ``group_size`` end with one smaller group (``rtn_quantize``); a
+    WARNING says how many weights that concerns, since a finer grid there is a weaker attack than asked for."""
     attacked = copy.deepcopy(model)
-    fallbacks = []
     with torch.no_grad():
-        for name, linear in quantizable_linears(attacked):
-            size = group_size if group_size is None or linear.in_features % int(group_size) == 0 else None
-            if size != group_size:
-                fallbacks.append(name)
-            linear.weight.copy_(rtn_quantize(linear.weight, bits, size, symmetric))
-    if fallbacks:
-        log.info("quantize: group_size=%s does not divide %d layer(s) (%s...): one scale per output channel there",
-                 group_size, len(fallbacks), fallbacks[0])
+        for _, linear in quantizable_linears(attacked):
+            linear.weight.copy_(rtn_quantize(linear.weight, bits, group_size, symmetric))
+    groups = grouping(model, group_size)
+    if groups["layers_with_a_smaller_group"]:
+        log.warning("quantize: group_size=%s does not divide the width of %d of %d layers (widths %s): each of their "
+                    "rows ends with a smaller group, %.1f%% of the quantized weights, where the attack is weaker than "
+                    "asked (a finer grid); a group_size dividing every width avoids it", group_size,
+                    groups["layers_with_a_smaller_group"], groups["layers"], groups["widths_not_divisible"],
+                    100 * groups["share_of_weights_in_smaller_groups"])
     return attacked
 
 
@@ -134,6 +161,15 @@ def quantized_copy(model: torch.nn.Module, cfg: Mapping[str, Any]) -> torch.nn.M
     if method == "rtn":
         return rtn_copy(model, bits, cfg.get("group_size", 128), bool(cfg.get("symmetric", False)))
     return bitsandbytes_copy(model, bits, method)
+
+
+def describe(model: torch.nn.Module, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The attack's settings and, for ``rtn``, its effective grouping on ``model`` (``grouping``)."""
+    settings = {k: cfg.get(k, default) for k, default in
+                (("method", "rtn"), ("bits", 4), ("group_size", 128), ("symmetric", False))}
+    if settings["method"] == "rtn":
+        settings["grouping"] = grouping(model, settings["group_size"])
+    return settings
 
 
 def suffix(cfg: Mapping[str, Any]) -> str:

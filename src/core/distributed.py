@@ -6,7 +6,10 @@ Without a process group every helper is the one-process identity (all rows, proc
 
 from __future__ import annotations
 
+import os
+import shlex
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,3 +107,53 @@ def gather_dicts(part: dict) -> dict:
 
 __all__ = ["unwrap_parallel", "is_fsdp2_module", "is_sharded", "lockstep_total", "rank_shard", "is_main_process",
            "on_main_process", "gather_dicts"]
+
+
+def _launcher_command() -> list[str]:
+    """The command line of the process that started this one (its parent), or ``[]`` where it cannot be read."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode("utf-8", "replace") for part in raw.split(b"\0") if part]
+
+
+def requested_processes(command: Sequence[str]) -> int | None:
+    """The process count an ``accelerate launch`` command line asks for (``--num_processes N``, or
+    ``num_processes`` of its ``--config_file``); None when it names none or is not accelerate's."""
+    if not any(Path(part).name == "accelerate" for part in command[:2]) or "launch" not in command:
+        return None
+    args = list(command)
+    for i, part in enumerate(args):
+        for flag in ("--num_processes", "--num-processes"):
+            if part == flag and i + 1 < len(args) and args[i + 1].isdigit():
+                return int(args[i + 1])
+            if part.startswith(flag + "=") and part.split("=", 1)[1].isdigit():
+                return int(part.split("=", 1)[1])
+    for i, part in enumerate(args):
+        if part in ("--config_file", "--config-file") and i + 1 < len(args):
+            try:
+                import yaml
+
+                value = (yaml.safe_load(Path(args[i + 1]).read_text(encoding="utf-8")) or {}).get("num_processes")
+            except (OSError, ValueError, AttributeError):
+                return None
+            return int(value) if isinstance(value, int) else None
+    return None
+
+
+def check_process_count() -> None:
+    """Refuse to start a run that got fewer processes than its launcher asked for.
+
+    ``accelerate launch --cpu --num_processes 2`` runs accelerate's simple launcher, which starts ONE process
+    on a CPU: the run would silently train alone, with another effective batch. Detected here from the
+    launcher's command line (accelerate sets ``ACCELERATE_USE_CPU`` for the process it starts); torchrun
+    starts the processes it is asked for."""
+    if "ACCELERATE_USE_CPU" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    command = _launcher_command()
+    wanted = requested_processes(command)
+    if wanted is not None and wanted > 1:
+        raise RuntimeError(f"the launcher asked for {wanted} processes ({shlex.join(command[:6])} ...) but this run is "
+                           "the only one: accelerate's launcher starts a single process on a CPU. Start several with "
+                           f"torchrun --nproc_per_node {wanted} src/<script>.py ... (docs/distributed.md)")

@@ -149,15 +149,18 @@ class EvalResult:
         """Whether ``folder`` holds a saved result of ``benchmark`` (both files)."""
         return eval_file(Path(folder), benchmark).is_file() and summary_file(Path(folder), benchmark).is_file()
 
-    def with_attacked(self, attacked: Mapping[str, Mapping[str, Any]]) -> EvalResult:
+    def with_attacked(self, attacked: Mapping[str, Mapping[str, Any]],
+                      settings: Mapping[str, Mapping[str, Any]] | None = None) -> EvalResult:
         """This result plus each attack's entries as ``<metric>@<tag>`` (``attacked`` = {tag: {metric: entry}}),
-        in the entries and the summary."""
+        in the entries and the summary; ``settings`` ({tag: what the attack did, e.g. quantization's effective
+        grouping}) goes to ``_meta.attacks``."""
         entries, summary = dict(self.entries), dict(self.summary)
         for tag, metrics in attacked.items():
             for metric, entry in metrics.items():
                 entries[f"{metric}@{tag}"] = entry
                 summary[f"{metric}@{tag}"] = finite_or_none(entry.get("agg_value"))
-        return replace(self, entries=entries, summary=summary)
+        meta = {**self.meta, "attacks": dict(settings)} if settings else self.meta
+        return replace(self, entries=entries, summary=summary, meta=meta)
 
 
 class ResultStore:
