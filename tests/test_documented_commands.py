@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib
 import importlib.util
 import io
@@ -151,14 +152,15 @@ def collect_commands() -> list[DocCommand]:
 
 def documented_configs() -> dict[str, str]:
     """Config files the documentation adds (a worked example's ``yaml`` block that opens with its path,
-    ``# configs/trainer/CustomMethod.yaml``) and the tree does not have: path under configs/ -> text."""
+    ``# configs/trainer/CustomMethod.yaml``) and the tree does not have: path under configs/ -> text (the path
+    line is the block's caption, not part of the file: Hydra reads ``# @package`` only from the first lines)."""
     found = {}
     for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
         for body in re.findall(r"^```ya?ml\n(.*?)^```", path.read_text(encoding="utf-8"), flags=re.S | re.M):
-            first = body.split("\n", 1)[0]
+            first, _, rest = body.partition("\n")
             match = re.fullmatch(r"#\s*configs/(\S+\.yaml)\s*", first)
             if match and not (CONFIGS / match.group(1)).exists():
-                found[match.group(1)] = body
+                found[match.group(1)] = rest
     return found
 
 
@@ -297,26 +299,6 @@ def one_combination(overrides: list[str]) -> list[str]:
     return out
 
 
-def compose_command(command: HydraCommand, preprocessing: list, search_path: Path | None) -> None:
-    """Compose as the entry point does (inside ``initialize_config_dir``), compose the names, resolve all."""
-    overrides = list(command.overrides)
-    for step in preprocessing:
-        overrides = step(overrides)
-    if command.multirun:
-        overrides = one_combination(overrides)
-    if search_path is not None:
-        overrides.append(f"hydra.searchpath=[file://{search_path}]")
-    try:
-        cfg = compose(config_name=command.config_name, overrides=overrides)
-    except MissingConfigException as error:
-        reason = _missing_plugin(error)
-        if reason:
-            raise NeedsPlugin(reason) from None
-        raise
-    compose_names(cfg)
-    OmegaConf.to_container(cfg, resolve=True)
-
-
 #: Hydra configs that come with a plugin of an optional extra: option -> (plugin module, extra)
 PLUGIN_CONFIGS = {"hydra/sweeper/optuna": ("hydra_plugins.hydra_optuna_sweeper", "sweep"),
                   "hydra/launcher/submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "cluster"),
@@ -335,6 +317,26 @@ def _missing_plugin(error: Exception) -> str | None:
         if f"'{option}'" in str(error) and importlib.util.find_spec(module) is None:
             return f"needs {module} (pip install -e '.[{extra}]')"
     return None
+
+
+def compose_command(command: HydraCommand, preprocessing: list, search_path: Path | None) -> None:
+    """Compose as the entry point does (inside ``initialize_config_dir``), compose the names, resolve all."""
+    overrides = list(command.overrides)
+    for step in preprocessing:
+        overrides = step(overrides)
+    if command.multirun:
+        overrides = one_combination(overrides)
+    if search_path is not None:
+        overrides.append(f"hydra.searchpath=[file://{search_path}]")
+    try:
+        cfg = compose(config_name=command.config_name, overrides=overrides)
+    except MissingConfigException as error:
+        reason = _missing_plugin(error)
+        if reason:
+            raise NeedsPlugin(reason) from None
+        raise
+    compose_names(cfg)
+    OmegaConf.to_container(cfg, resolve=True)
 
 
 # ----- argparse scripts -------------------------------------------------------------------------------------
@@ -402,6 +404,10 @@ def test_the_collector_finds_the_documented_commands(commands, placeholders):
     assert ("src/train.py --config-name=unlearn.yaml trainer=NPO data.forget=TOFU_QA_FORGET10 "
             "data.retain=TOFU_QA_RETAIN90") in by_file["docs/distributed.md"]
     assert any(c.text.startswith("src/train.py -m ") for c in commands)
+    # the worked examples' configs, for their commands (trainer=CustomMethod, eval=toy), without the caption line
+    added = documented_configs()
+    assert {"trainer/CustomMethod.yaml", "eval/toy.yaml"} <= set(added)
+    assert added["eval/toy.yaml"].startswith("# @package eval.toy\n")
     assert by_file["configs/trainer/PDU.yaml"] == ["src/train.py --config-name=unlearn.yaml trainer=PDU "
                                                    "trainer.method_args.retain_loss_eps=0.05 "
                                                    "data.forget=TOFU_QA_FORGET10 data.retain=TOFU_QA_RETAIN90"]
@@ -425,6 +431,16 @@ def test_documented_text_becomes_arguments(placeholders):
     command = hydra_command(["-m", "--config-name", "unlearn.yaml", "--cfg", "job", "a=1,2", "b=[x,y]"], "train.yaml")
     assert command == HydraCommand("unlearn.yaml", ("a=1,2", "b=[x,y]"), True)
     assert one_combination(list(command.overrides)) == ["a=1", "b=[x,y]"]
+
+
+def test_an_argparse_script_stops_once_its_arguments_are_parsed(tmp_path, monkeypatch):
+    """src/clean.py builds its parser inside main: the arguments are read by it, and nothing is removed."""
+    stale = tmp_path / "run.incomplete-1-2-x"  # what `clean.py <folder> --yes` would remove
+    stale.mkdir()
+    parse_with_script("src/clean.py", [str(tmp_path), "--yes"], monkeypatch)
+    assert stale.is_dir()
+    with pytest.raises(CommandError, match="unrecognized arguments: --no-such-flag"):
+        parse_with_script("src/clean.py", [str(tmp_path), "--no-such-flag"], monkeypatch)
 
 
 def _check(script: str, arguments: list[str], search_path: Path | None, monkeypatch) -> Exception | None:
@@ -452,11 +468,54 @@ def _described(error: Exception) -> str:
     return message if isinstance(error, CommandError) else f"{type(error).__name__}: {message}"
 
 
+def _memoized(compose_config):
+    """``data.compose_config`` composing each (group, name, package) once: ``compose_names`` composes the same
+    few dataset configs for most commands (~0.1 s each); every caller gets a copy of its own."""
+    composed = {}
+
+    def memoized(group: str, name: str, package: str):
+        if (group, name, package) not in composed:
+            composed[group, name, package] = compose_config(group, name, package)
+        return copy.deepcopy(composed[group, name, package])
+
+    return memoized
+
+
+def check_commands(commands: list[DocCommand], values: Placeholders, search_path: Path | None,
+                   monkeypatch) -> tuple[list[str], list[str]]:
+    """(failures, commands not checked for a missing plugin), each ``<file>:<line>: ...`` with the error; run
+    inside ``initialize_config_dir``. A command documented more than once is checked once."""
+    failures: list[str] = []
+    not_checked: list[str] = []
+    checked: dict[tuple[str, ...], Exception | None] = {}
+    for command in commands:
+        try:
+            arguments = command_arguments(command.text, values)
+        except CommandError as e:
+            error: Exception | None = e
+        else:
+            key = (command.script, *arguments)
+            if key not in checked:
+                checked[key] = _check(command.script, arguments, search_path, monkeypatch)
+            error = checked[key]
+        if isinstance(error, NeedsPlugin):
+            not_checked.append(f"{command.where}: {error}")
+        elif error is not None:
+            failures.append(f"{command.where}: {command.text}\n    {_described(error)}")
+    return failures, not_checked
+
+
 def test_every_documented_command_composes(commands, placeholders, tmp_path, monkeypatch):
     """Each command's config composes and resolves (Hydra scripts), or its arguments parse (argparse scripts);
     every failure is listed, with where it is documented."""
+    import data
+    import resolvers
+
     register_resolvers()
     monkeypatch.chdir(REPO)  # the relative paths of the commands, as typed in the repository root
+    memoized = _memoized(data.compose_config)
+    monkeypatch.setattr(data, "compose_config", memoized)
+    monkeypatch.setattr(resolvers, "compose_config", memoized)
     search_path = None
     added = documented_configs()
     if added:
@@ -464,29 +523,35 @@ def test_every_documented_command_composes(commands, placeholders, tmp_path, mon
         for relative, text in added.items():
             (search_path / relative).parent.mkdir(parents=True, exist_ok=True)
             (search_path / relative).write_text(text)
-    failures: list[str] = []
-    not_checked: list[str] = []
-    checked: dict[tuple[str, ...], Exception | None] = {}  # a command documented twice is checked once
     started = time.perf_counter()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
-        for command in commands:
-            try:
-                arguments = command_arguments(command.text, placeholders)
-            except CommandError as e:
-                error: Exception | None = e
-            else:
-                key = (command.script, *arguments)
-                if key not in checked:
-                    checked[key] = _check(command.script, arguments, search_path, monkeypatch)
-                error = checked[key]
-            if isinstance(error, NeedsPlugin):
-                not_checked.append(f"{command.where}: {error}")
-            elif error is not None:
-                failures.append(f"{command.where}: {command.text}\n    {_described(error)}")
+        failures, not_checked = check_commands(commands, placeholders, search_path, monkeypatch)
     elapsed = time.perf_counter() - started
-    assert not failures, f"{len(failures)} of {len(commands)} documented commands fail:\n" + "\n".join(failures)
     if not_checked:
         warnings.warn(f"{len(not_checked)} documented commands not checked:\n" + "\n".join(not_checked),
                       stacklevel=1)
+    assert not failures, f"{len(failures)} of {len(commands)} documented commands fail:\n" + "\n".join(failures)
     # ~0.3-1.5 s a composition (Hydra's merging): a guard against the check outgrowing a fast test
-    assert elapsed < 180, f"checking {len(checked)} distinct commands took {elapsed:.0f} s"
+    assert elapsed < 180, f"checking {len(commands)} commands took {elapsed:.0f} s"
+
+
+def test_every_failure_is_listed_with_its_place(placeholders, monkeypatch):
+    """A wrong group, an unknown dataset name, an unresolvable value, a sweep without -m, a bad report flag and
+    an unknown placeholder: all reported, each with its file:line; the good command is not."""
+    register_resolvers()
+    texts = ["src/train.py --config-name=unlearn.yaml trainer=NoSuchMethod",
+             "src/train.py --config-name=unlearn.yaml data.forget=NO_SUCH_DATASET",
+             "src/eval.py --config-name=eval.yaml eval=muse data_split=NoSuchCorpus",
+             "src/train.py --config-name=unlearn.yaml trainer.method_args.alpha=0.5,1",
+             "src/report.py saves --no-such-flag",
+             "src/eval.py --config-name=eval.yaml task_name=<something new>",
+             "src/train.py -m --config-name=unlearn.yaml trainer=GradAscent trainer.args.learning_rate=1e-5,2e-5"]
+    commands = [DocCommand(f"doc.md:{i}", text) for i, text in enumerate(texts, 1)]
+    monkeypatch.chdir(REPO)
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+        failures, not_checked = check_commands(commands, placeholders, None, monkeypatch)
+    assert not not_checked
+    assert [f.split(":", 2)[:2] for f in failures] == [["doc.md", str(i)] for i in range(1, 7)], failures
+    for failure, expected in zip(failures, ["trainer/NoSuchMethod", "NO_SUCH_DATASET", "NoSuchCorpus",
+                                            "Ambiguous value", "--no-such-flag", "unknown placeholder"]):
+        assert expected in failure, failure
