@@ -73,6 +73,11 @@ def test_the_preset_sets_each_components_own_option():
     muse = omegaconf.to_container(cfg.eval.muse, resolve=True)
     assert muse["passes"] == "plain" and muse["metrics"]["forget_knowmem_ROUGE"]["datasets"]["main"]["args"][
         "labels_cover_chat_tail"] is True
+    chunks = muse["metrics"]["mia_zlib"]["datasets"]["forget"]["args"]
+    assert chunks["last_token_is_eos"] is True and chunks["unlabelled_first_token"] is True
+    cfg, omegaconf = _composed(["eval=muse", "paths.muse_news=/m"], "eval.yaml")
+    chunks = omegaconf.to_container(cfg.eval.muse, resolve=True)["metrics"]["mia_zlib"]["datasets"]["forget"]["args"]
+    assert chunks["last_token_is_eos"] is False and chunks["unlabelled_first_token"] is False
 
 
 def test_a_preset_named_in_a_config_file_is_composed_and_a_bad_one_refused():
@@ -148,6 +153,23 @@ def test_samples_with_in_context_examples_as_open_unlearning_prepares_them(smoll
     whole = tok(prompt_text + "May", add_special_tokens=True)["input_ids"]
     assert theirs.input_ids == whole + [tok.eos_token_id]
     assert theirs.labels == [-100] * len(prompt) + whole[len(prompt):] + [tok.eos_token_id]
+
+
+def test_raw_text_as_open_unlearning_prepares_it(smollm2_tokenizer, tmp_path):
+    """A chunk's first token gets no label (nothing predicts it) and its text, which mia_zlib compresses, starts
+    at the second token; the last token counts as an EOS that the memorisation and Min-K% metrics leave out."""
+    from data.text import CompletionDataset
+    from data.utils import IGNORE_INDEX
+
+    (tmp_path / "chunks.json").write_text(json.dumps({"text": "Alpha beta gamma delta."}) + "\n")
+    ours = CompletionDataset({"name": "chunks"}, smollm2_tokenizer, prefix_key=None, local_dir=str(tmp_path))
+    theirs = CompletionDataset({"name": "chunks"}, smollm2_tokenizer, prefix_key=None, local_dir=str(tmp_path),
+                               last_token_is_eos=True, unlabelled_first_token=True)
+    tokens = smollm2_tokenizer("Alpha beta gamma delta.", add_special_tokens=False)["input_ids"]
+    assert ours[0]["labels"].tolist() == tokens and not ours.last_token_is_eos
+    assert theirs[0]["labels"].tolist() == [IGNORE_INDEX, *tokens[1:]] and theirs.last_token_is_eos
+    assert ours.answer_texts(0) == ["Alpha beta gamma delta."]
+    assert theirs.answer_texts(0) == [smollm2_tokenizer.decode(tokens[1:])]
 
 
 def test_pad_derived_mask_hides_in_sample_pad_tokens(smollm2_tokenizer):

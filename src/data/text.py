@@ -65,14 +65,27 @@ def _sample(input_ids: list[int], labels: list[int], index: int) -> dict[str, An
 
 
 class _TextDataset(Dataset):
-    """What both raw-text datasets share: the evaluation contract and the row loading."""
+    """What both raw-text datasets share: the evaluation contract and the row loading.
 
-    last_token_is_eos = False
+    Two options reproduce open-unlearning's conventions for raw text (``compat=open_unlearning`` sets both;
+    docs/evaluation.md): ``last_token_is_eos`` makes the metrics that leave out a final end-of-answer token
+    (exact memorisation, extraction strength, Min-K%, Min-K%++) leave out the sample's last token, a real
+    token of the text; ``unlabelled_first_token`` gives a sample's first token no label when no special token
+    precedes it (nothing predicts it, so no loss changes; the text of the labelled tokens, which mia_zlib
+    compresses, then starts at the second token)."""
+
     template = None  # raw text: generation stops at EOS only, no prompt tags
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, last_token_is_eos: bool = False, unlabelled_first_token: bool = False) -> None:
         self.name = name
+        self.last_token_is_eos = check_bool("last_token_is_eos", last_token_is_eos, owner=name)
+        self.unlabelled_first_token = check_bool("unlabelled_first_token", unlabelled_first_token, owner=name)
         self._samples: list[tuple[list[int], list[int]]] = []
+
+    def _add(self, input_ids: list[int], labels: list[int]) -> None:
+        if self.unlabelled_first_token and labels and labels[0] != IGNORE_INDEX:
+            labels = [IGNORE_INDEX, *labels[1:]]
+        self._samples.append((input_ids, labels))
 
     def __len__(self) -> int:
         return len(self._samples)
@@ -112,6 +125,7 @@ class PretrainingDataset(_TextDataset):
         local_fold: ``{index, count, nested}``: from a local file, keep only the rows of that fold
             (``fold_rows``), the stand-in for fold splits the Hub has and the local copy has not (MUSE's
             ``scal``/``sust`` subsets). Ignored when reading the Hub.
+        last_token_is_eos, unlabelled_first_token: open-unlearning's conventions (``_TextDataset``).
     """
 
     @staticmethod
@@ -122,8 +136,9 @@ class PretrainingDataset(_TextDataset):
                  text_key: str = "text", max_length: int = 2048, separator: str = "\n\n",
                  local_dir: str | None = None, local_name: str | None = None, name: str = "PretrainingDataset",
                  local_dir_key: str = "paths.tofu", local_fold: dict | None = None,
-                 chunking: str = "concatenate", min_len_chars: int = 0) -> None:
-        super().__init__(name)
+                 chunking: str = "concatenate", min_len_chars: int = 0, last_token_is_eos: bool = False,
+                 unlabelled_first_token: bool = False) -> None:
+        super().__init__(name, last_token_is_eos, unlabelled_first_token)
         self.max_length = check_number("max_length", max_length, integer=True, low=1, owner=name,
                                        hint="data.dataset_args.max_length, or the dataset config's args.max_length")
         check_choice("chunking", chunking, CHUNKING, owner=name)
@@ -159,7 +174,7 @@ class PretrainingDataset(_TextDataset):
             raise ValueError(f"{name}: the text of {dict(hf_args)} is empty{kept}: nothing to train or score")
         start = leading_special_tokens(tokenizer)
         for piece in pieces:
-            self._samples.append((start + piece, [IGNORE_INDEX] * len(start) + piece))
+            self._add(start + piece, [IGNORE_INDEX] * len(start) + piece)
         self.num_tokens = sum(len(p) for p in pieces)
 
     def prompt_text(self, index: int) -> str:
@@ -187,6 +202,7 @@ class CompletionDataset(_TextDataset):
         max_length: continuation tokens kept (the rest is cut, with a warning count).
         insert_space: put a space between prefix and continuation (MUSE's verbatim prompts).
         local_dir, local_name: read ``<local_dir>/<local_name>.json`` instead of the Hub.
+        last_token_is_eos, unlabelled_first_token: open-unlearning's conventions (``_TextDataset``).
     """
 
     @staticmethod
@@ -199,8 +215,9 @@ class CompletionDataset(_TextDataset):
     def __init__(self, hf_args: dict, tokenizer: PreTrainedTokenizerBase, template_args: Any = None,
                  prefix_key: str | None = "prompt", text_key: str = "text", max_length: int = 2048,
                  insert_space: bool = False, local_dir: str | None = None, local_name: str | None = None,
-                 name: str = "CompletionDataset", local_dir_key: str = "paths.tofu") -> None:
-        super().__init__(name)
+                 name: str = "CompletionDataset", local_dir_key: str = "paths.tofu", last_token_is_eos: bool = False,
+                 unlabelled_first_token: bool = False) -> None:
+        super().__init__(name, last_token_is_eos, unlabelled_first_token)
         self.max_length = check_number("max_length", max_length, integer=True, low=1, owner=name,
                                        hint="data.dataset_args.max_length, or the dataset config's args.max_length")
         fields = {text_key: "text_key", **({prefix_key: "prefix_key"} if prefix_key else {})}
@@ -223,8 +240,7 @@ class CompletionDataset(_TextDataset):
                 cut += 1
             if not continuation:
                 raise ValueError(f"{name}: row {i} has an empty continuation ({text_key}={text!r})")
-            self._samples.append((start + prompt + continuation,
-                                  [IGNORE_INDEX] * (len(start) + len(prompt)) + continuation))
+            self._add(start + prompt + continuation, [IGNORE_INDEX] * (len(start) + len(prompt)) + continuation)
         if cut:
             log.info("%s: %d of %d continuations cut to max_length=%d tokens", name, cut, len(self.texts), max_length)
 
@@ -244,7 +260,12 @@ class CompletionDataset(_TextDataset):
         return self.prefixes[index]
 
     def answer_texts(self, index: int) -> list[str]:
-        """The continuation the labels cover: the row's text, or its first ``max_length`` tokens decoded when cut."""
+        """The continuation the labels cover: the row's text, or its first ``max_length`` tokens decoded when cut;
+        with ``unlabelled_first_token``, the labelled tokens decoded (special tokens skipped), as open-unlearning
+        derives the text."""
+        if self.unlabelled_first_token:
+            labels = self._samples[index][1]
+            return [self.tokenizer.decode([t for t in labels if t != IGNORE_INDEX], skip_special_tokens=True)]
         return [self._cut_texts.get(index, self.texts[index])]
 
 

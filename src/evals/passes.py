@@ -763,13 +763,18 @@ def plain_token_stats(logits: torch.Tensor, targets: torch.Tensor,
     ``E_p[log p] = sum_v p(v) log p(v)``, ``std_p[log p] = sqrt(sum_v p(v) (log p(v) - E_p[log p])^2)``
     and ``argmax(logits) == target`` (first index on a tie). The same values as ``answer_token_stats``,
     computed independently of it (float64 tensors, one pass per formula). ``float32``
-    (``PlainPassOptions.float32_log_probs``): the same formulas in float32, as open-unlearning computes them
-    (its answer log-probabilities themselves come from its cross-entropy: ``plain_token_stats_pass``).
+    (``PlainPassOptions.float32_log_probs``): in float32, as open-unlearning computes them, the variance
+    included: ``E_p[(log p)^2] - E_p[log p]^2`` floored at 1e-6 before the square root (its Min-K%++; the
+    one-pass form loses digits to cancellation, so the z-scores differ from ours by ~1e-4); its answer
+    log-probabilities themselves come from its cross-entropy (``plain_token_stats_pass``).
     """
     logp = torch.log_softmax(logits.float() if float32 else logits.double(), dim=-1)
     p = logp.exp()
     mean = (p * logp).sum(-1)
-    std = (p * (logp - mean.unsqueeze(-1)) ** 2).sum(-1).sqrt()
+    if float32:
+        std = ((p * logp.square()).sum(-1) - mean.square()).clamp(min=1e-6).sqrt()
+    else:
+        std = (p * (logp - mean.unsqueeze(-1)) ** 2).sum(-1).sqrt()
     token_logp = logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return token_logp, mean, std, logits.argmax(-1) == targets
 
