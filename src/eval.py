@@ -41,7 +41,7 @@ from evals import EvalResult, format_summary, get_evaluators  # noqa: E402
 from model import get_model  # noqa: E402
 from progress import quiet_library_bars  # noqa: E402
 from resolvers import compose_names, register_resolvers  # noqa: E402
-from run_folder import RUN_CONFIG, RunFolder, robustness_file, write_atomic, write_json_atomic  # noqa: E402
+from run_folder import EVAL_SUFFIX, RUN_CONFIG, RunFolder, robustness_file, write_atomic, write_json_atomic  # noqa: E402
 from sweep import run_job, write_job_status  # noqa: E402
 
 # the resolvers our configs use, before Hydra composes (also in a launcher's worker, which imports this module)
@@ -64,7 +64,11 @@ def eval_inputs(cfg: DictConfig, benchmarks: dict, attacks: list) -> list[str]:
              cfg.model.get("tokenizer_args", {}).get("pretrained_model_name_or_path")]
     for bench in benchmarks.values():
         found += [*bench.input_paths(), *[attack_cfg.get("baseline_model_path") for _, attack_cfg in attacks]]
-    return [str(p) for p in found if p and p != "auto"]
+    out = Path(cfg.paths.output_dir).absolute()
+    # The output's own EVAL file as a reference (a retain model evaluated again against its own results, to fill
+    # in its forget quality): read before anything is written, and superseded by the new evaluation it carries over.
+    own = {str(p) for p in found if p and Path(str(p)).absolute().parent == out and str(p).endswith(EVAL_SUFFIX)}
+    return [str(p) for p in found if p and p != "auto" and str(p) not in own]
 
 
 def run(cfg: DictConfig) -> dict[str, EvalResult]:

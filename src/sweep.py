@@ -105,8 +105,10 @@ def own_folder(cfg: DictConfig) -> None:
     sweep does not vary, ``paths.output_dir=saves/${task_name}``) is refused, naming that job."""
     hydra_cfg = HydraConfig.get()
     sub = sweep_subdir()
-    task = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)  # as typed: ${...} not resolved
-    given = [o for o in task if o.lstrip("+").startswith("paths.output_dir=")]
+    # as typed on the command line (Hydra's record of the overrides may hold them resolved), else that record
+    typed = [a for a in sys.argv[1:] if a.lstrip("+").startswith("paths.output_dir=")]
+    task = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)
+    given = typed or [o for o in task if o.lstrip("+").startswith("paths.output_dir=")]
     swept = _swept_keys(hydra_cfg) or set()
     out = str(cfg.paths.output_dir).rstrip("/")
     if given and "${" not in given[-1] and "paths.output_dir" not in swept and sub and not out.endswith(sub):

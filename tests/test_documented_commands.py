@@ -314,9 +314,17 @@ def _missing_plugin(error: Exception) -> str | None:
     if not isinstance(error, MissingConfigException):
         return None
     for option, (module, extra) in PLUGIN_CONFIGS.items():
-        if f"'{option}'" in str(error) and importlib.util.find_spec(module) is None:
+        if f"'{option}'" in str(error) and not _installed(module):
             return f"needs {module} (pip install -e '.[{extra}]')"
     return None
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported (find_spec raises when its parent package, hydra_plugins, is absent)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def compose_command(command: HydraCommand, preprocessing: list, search_path: Path | None) -> None:
