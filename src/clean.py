@@ -17,11 +17,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from run_folder import checkpoints, resumable_checkpoint, stale_folders
-
-
-def _size(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+from run_folder import checkpoints, folder_bytes, resumable_checkpoint, stale_folders
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     total = 0
     for folder in found:
-        size = _size(folder)
+        size = folder_bytes(folder)
         total += size
         held = checkpoints(folder)
         note = ""

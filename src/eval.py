@@ -62,8 +62,9 @@ def eval_inputs(cfg: DictConfig, benchmarks: dict, attacks: list) -> list[str]:
     baseline models): the output folder may neither be nor contain them."""
     found = [cfg.model.model_args.get("pretrained_model_name_or_path"),
              cfg.model.get("tokenizer_args", {}).get("pretrained_model_name_or_path")]
+    found += [attack_cfg.get("baseline_model_path") for _, attack_cfg in attacks]
     for bench in benchmarks.values():
-        found += [*bench.input_paths(), *[attack_cfg.get("baseline_model_path") for _, attack_cfg in attacks]]
+        found += bench.input_paths()
     out = Path(cfg.paths.output_dir).absolute()
     # The output's own EVAL file as a reference (a retain model evaluated again against its own results, to fill
     # in its forget quality): read before anything is written, and superseded by the new evaluation it carries over.

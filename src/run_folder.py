@@ -141,9 +141,13 @@ def resumable_checkpoint(checkpoint: Path) -> bool:
     return all((checkpoint / f).is_file() for f in RESUMABLE_FILES)
 
 
+def folder_bytes(folder: Path) -> int:
+    """The size of the files under ``folder`` (links not followed)."""
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
+
+
 def _size(folder: Path) -> str:
-    total = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file() and not f.is_symlink())
-    return f"{total / 1e6:.1f} MB"
+    return f"{folder_bytes(folder) / 1e6:.1f} MB"
 
 
 def stale_folders(root: Path) -> list[Path]:
@@ -405,5 +409,5 @@ class RunFolder:
         return kept
 
 
-__all__ = ["RunFolder", "OutputFolderError", "is_finished_run", "finished_mode", "checkpoints", "resumable_checkpoint", "stale_folders",
+__all__ = ["RunFolder", "OutputFolderError", "is_finished_run", "finished_mode", "checkpoints", "folder_bytes", "resumable_checkpoint", "stale_folders",
            "COMPLETION_MARKER"]
