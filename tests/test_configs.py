@@ -75,6 +75,11 @@ def test_every_dataset_config_resolves(name):
     root = OmegaConf.create({"paths": {"tofu": "/data/tofu", "muse_news": "/data/muse", "wmdp": "/data/wmdp"}, "seed": 3})
     cfg = OmegaConf.to_container(compose_dataset(name, root))
     assert cfg["name"] == name  # each file names itself (messages, task names)
+    if name.startswith("RWKU_"):  # paths.rwku unset: the Hub; the targets' rows only
+        assert cfg["args"]["local_dir"] is None and cfg["args"]["local_dir_key"] == "paths.rwku"
+        assert cfg["args"]["hf_args"]["path"] == "jinzhuoran/RWKU" and cfg["args"]["hf_args"]["name"]
+        assert cfg["args"]["keep_rows"]["column"] == "subject"
+        return
     if name.startswith("WMDP_"):
         assert cfg["args"]["local_dir"] == "/data/wmdp" and cfg["args"]["local_name"] and cfg["args"]["hf_args"]["path"]
         return

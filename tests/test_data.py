@@ -414,7 +414,8 @@ def test_every_dataset_builds_from_local_folder(data_tok, data_tofu_dir, data_ro
     for name in names:
         if name.endswith("_ALT"):  # needs <split>_alternate.json from scripts/generate_alternates.py (test_methods_pref)
             continue
-        if name.startswith(("MUSE_", "WMDP_")):  # other benchmarks: paths.muse_news / paths.wmdp (test_muse.py, test_wmdp.py)
+        if name.startswith(("MUSE_", "WMDP_", "RWKU_")):  # other benchmarks: paths.muse_news / paths.wmdp / paths.rwku
+            # (test_muse.py, test_wmdp.py, test_rwku.py)
             continue
         ds = build_dataset(compose_dataset(name, data_root_cfg), data_tok)
         assert len(ds) > 0, name

@@ -32,7 +32,7 @@ def _example() -> tuple[dict[str, str], list[list[str]]]:
     """The config files (path -> text) and the commands of the worked example."""
     text = (REPO / "docs" / "components.md").read_text()
     assert SECTION in text, f"docs/components.md has no section {SECTION!r}"
-    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
+    section = re.split(r"\n##+ ", text.split(SECTION, 1)[1], maxsplit=1)[0]
     files, commands = {}, []
     for lang, body in re.findall(r"```(\w+)\n(.*?)```", section, flags=re.S):
         if lang == "yaml":

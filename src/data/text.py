@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 
 from checks import check_bool, check_choice, check_number
 from data.tofu import load_rows
-from data.utils import IGNORE_INDEX
+from data.utils import IGNORE_INDEX, RowFilter
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,12 @@ def fold_rows(num_rows: int, index: int, count: int, nested: bool) -> range:
                          f"use at most {num_rows}")
     start = 0 if nested else (index - 1) * num_rows // count
     return range(start, index * num_rows // count)
+
+
+def _filter_field(args: dict) -> dict[str, str]:
+    """The column a dataset's ``keep_rows`` reads, which its local file must have."""
+    row_filter = RowFilter.from_config(args.get("keep_rows"), args.get("name", "dataset"))
+    return {row_filter.column: "keep_rows.column"} if row_filter else {}
 
 
 def _sample(input_ids: list[int], labels: list[int], index: int) -> dict[str, Any]:
@@ -122,6 +128,7 @@ class PretrainingDataset(_TextDataset):
             (RMU's ``min_len``: 50 for the WMDP corpora); 0 keeps every row.
         local_dir, local_name: read ``<local_dir>/<local_name>.json`` instead of the Hub; ``local_dir_key``
             names the setting that gives ``local_dir`` (``paths.muse_news``) in error messages.
+        keep_rows: only the rows it selects (``data.utils.RowFilter``: RWKU's targets), before anything else.
         local_fold: ``{index, count, nested}``: from a local file, keep only the rows of that fold
             (``fold_rows``), the stand-in for fold splits the Hub has and the local copy has not (MUSE's
             ``scal``/``sust`` subsets). Ignored when reading the Hub.
@@ -130,21 +137,21 @@ class PretrainingDataset(_TextDataset):
 
     @staticmethod
     def file_fields(args: dict) -> tuple[dict[str, str], tuple[str, ...]]:
-        return {args.get("text_key", "text"): "text_key"}, ()
+        return {args.get("text_key", "text"): "text_key", **_filter_field(args)}, ()
 
     def __init__(self, hf_args: dict, tokenizer: PreTrainedTokenizerBase, template_args: Any = None,
                  text_key: str = "text", max_length: int = 2048, separator: str = "\n\n",
                  local_dir: str | None = None, local_name: str | None = None, name: str = "PretrainingDataset",
                  local_dir_key: str = "paths.tofu", local_fold: dict | None = None,
                  chunking: str = "concatenate", min_len_chars: int = 0, last_token_is_eos: bool = False,
-                 unlabelled_first_token: bool = False) -> None:
+                 unlabelled_first_token: bool = False, keep_rows: dict | None = None) -> None:
         super().__init__(name, last_token_is_eos, unlabelled_first_token)
         self.max_length = check_number("max_length", max_length, integer=True, low=1, owner=name,
                                        hint="data.dataset_args.max_length, or the dataset config's args.max_length")
         check_choice("chunking", chunking, CHUNKING, owner=name)
         check_number("min_len_chars", min_len_chars, integer=True, low=0, owner=name)
         rows = load_rows(dict(hf_args), local_dir, name, fields={text_key: "text_key"}, local_name=local_name,
-                         local_dir_key=local_dir_key)
+                         local_dir_key=local_dir_key, keep_rows=RowFilter.from_config(keep_rows, name))
         if len(rows) == 0:
             raise ValueError(f"{name}: dataset {dict(hf_args)} (local_dir={local_dir}) has no rows")
         if text_key not in rows.column_names:
@@ -201,13 +208,14 @@ class CompletionDataset(_TextDataset):
         text_key: the column of the continuation.
         max_length: continuation tokens kept (the rest is cut, with a warning count).
         insert_space: put a space between prefix and continuation (MUSE's verbatim prompts).
+        keep_rows: only the rows it selects (``data.utils.RowFilter``: RWKU's targets).
         local_dir, local_name: read ``<local_dir>/<local_name>.json`` instead of the Hub.
         last_token_is_eos, unlabelled_first_token: open-unlearning's conventions (``_TextDataset``).
     """
 
     @staticmethod
     def file_fields(args: dict) -> tuple[dict[str, str], tuple[str, ...]]:
-        fields = {args.get("text_key", "text"): "text_key"}
+        fields = {args.get("text_key", "text"): "text_key", **_filter_field(args)}
         if args.get("prefix_key"):
             fields[args["prefix_key"]] = "prefix_key"
         return fields, ()
@@ -216,13 +224,13 @@ class CompletionDataset(_TextDataset):
                  prefix_key: str | None = "prompt", text_key: str = "text", max_length: int = 2048,
                  insert_space: bool = False, local_dir: str | None = None, local_name: str | None = None,
                  name: str = "CompletionDataset", local_dir_key: str = "paths.tofu", last_token_is_eos: bool = False,
-                 unlabelled_first_token: bool = False) -> None:
+                 unlabelled_first_token: bool = False, keep_rows: dict | None = None) -> None:
         super().__init__(name, last_token_is_eos, unlabelled_first_token)
         self.max_length = check_number("max_length", max_length, integer=True, low=1, owner=name,
                                        hint="data.dataset_args.max_length, or the dataset config's args.max_length")
         fields = {text_key: "text_key", **({prefix_key: "prefix_key"} if prefix_key else {})}
         rows = load_rows(dict(hf_args), local_dir, name, fields=fields, local_name=local_name,
-                         local_dir_key=local_dir_key)
+                         local_dir_key=local_dir_key, keep_rows=RowFilter.from_config(keep_rows, name))
         if len(rows) == 0:
             raise ValueError(f"{name}: dataset {dict(hf_args)} (local_dir={local_dir}) has no rows")
         self.prefixes = list(rows[prefix_key]) if prefix_key else [""] * len(rows)

@@ -8,6 +8,7 @@ samples whose labels cover the answer only. An answer column holding a list (TOF
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from pathlib import Path
@@ -21,7 +22,10 @@ from checks import check_bool, check_number
 from data.collators import Parts
 from data.utils import (
     DataFileError,
+    PromptFormat,
     PromptTemplate,
+    RowFilter,
+    ValuesSource,
     check_rows_file,
     read_text_lines,
     to_sample,
@@ -59,7 +63,7 @@ def local_data_file(local_dir: str, stem: str | None, name: str = "dataset", hin
 
 def load_rows(hf_args: dict, local_dir: str | None, name: str = "dataset", fields: dict[str, str] | None = None,
               lists: tuple[str, ...] = (), local_name: str | None = None,
-              local_dir_key: str = "paths.tofu") -> datasets.Dataset:
+              local_dir_key: str = "paths.tofu", keep_rows: RowFilter | None = None) -> datasets.Dataset:
     """Rows of one dataset: ``<local_dir>/<local_name or hf_args.name>.json`` when ``local_dir`` is set, else the Hub.
 
     ``local_dir`` is how ``paths.tofu=<folder>`` switches every TOFU config to local files named after
@@ -67,12 +71,44 @@ def load_rows(hf_args: dict, local_dir: str | None, name: str = "dataset", field
     config name alone does not (MUSE: subset ``raw``, split ``forget`` -> ``raw_forget.json``). A local
     file is first checked line by line (``data.utils.check_rows_file``: UTF-8, one JSON object per line,
     the ``fields`` present), so a bad file is a one-line DataFileError naming the file, the line and the
-    field, not a pyarrow traceback.
+    field, not a pyarrow traceback. ``keep_rows``: only the rows it keeps (``RowFilter``).
     """
+    if keep_rows is not None and keep_rows.values_from is not None:
+        where = f"{local_dir_key}={local_dir}" if local_dir else f"the Hub dataset {hf_args.get('path')}"
+        listing = keep_rows.values_from
+        keep_rows = keep_rows.resolve(_listed_values(hf_args.get("path"), local_dir, listing, local_dir_key), name,
+                                      f"{listing.name} ({listing.column}; {where})")
+    filter_field = {keep_rows.column: "keep_rows.column"} if keep_rows else {}
+    rows = _load_all_rows(hf_args, local_dir, name, {**(fields or {}), **filter_field}, lists, local_name,
+                          local_dir_key)
+    if keep_rows is None:
+        return rows
+    if keep_rows.column not in rows.column_names:
+        raise KeyError(f"{name}: keep_rows.column={keep_rows.column!r} is not a column of {dict(hf_args)}; "
+                       f"columns: {rows.column_names}")
+    source = f"{local_dir_key}={local_dir}" if local_dir else f"the Hub dataset {dict(hf_args)}"
+    return rows.select(keep_rows.apply(rows[keep_rows.column], name, source))
+
+
+@functools.lru_cache(maxsize=32)
+def _listed_values(hub_path: str | None, local_dir: str | None, listing: ValuesSource,
+                   local_dir_key: str) -> tuple[str, ...]:
+    """The values of ``listing`` (``keep_rows.values_from``) in order, read once per process and source."""
+    rows = _load_all_rows({"path": hub_path, "name": listing.name, "split": listing.split}, local_dir,
+                          f"keep_rows.values_from ({listing.name})", {listing.column: "keep_rows.values_from.column"},
+                          (), None, local_dir_key)
+    if listing.column not in rows.column_names:
+        raise KeyError(f"keep_rows.values_from: {listing.column!r} is not a column of {listing.name}; columns: "
+                       f"{rows.column_names}")
+    return tuple(str(v) for v in rows[listing.column])
+
+
+def _load_all_rows(hf_args: dict, local_dir: str | None, name: str, fields: dict[str, str], lists: tuple[str, ...],
+                   local_name: str | None, local_dir_key: str) -> datasets.Dataset:
     if local_dir:
         path = local_data_file(local_dir, local_name or hf_args.get("name"), name, local_dir_key=local_dir_key)
         try:
-            check_rows_file(path, fields or {}, lists)
+            check_rows_file(path, fields, lists)
         except DataFileError as e:
             raise DataFileError(f"{name}: {e}") from None
         try:
@@ -103,6 +139,12 @@ class QADataset(Dataset):
         labels_cover_chat_tail: prepare the samples as open-unlearning does
             (``tokenize_qa_like_open_unlearning``: the whole chat tokenized at once, the labels every token
             after the prompt); ``compat=open_unlearning`` sets it.
+        answer_key: null for questions without a reference answer (RWKU's fluency instructions): each sample's
+            answer is empty (only the end-of-answer token), for metrics that read generations only.
+        prompt_format: how each question is put (``data.utils.PromptFormat``: a user-message template of the
+            row's columns, an answer prefix, and per-value cases of a column); null: the question as it is.
+        keep_rows: only the rows whose ``column`` holds one of ``values`` (``data.utils.RowFilter``: names, or a
+            count N of the values another subset lists, ``values_from``), e.g. RWKU's targets; null: every row.
 
     The evaluation passes read a dataset through ``prompt_text(i)``, ``answer_texts(i)``, ``lengths()``,
     ``template`` (how prompts were built) and ``last_token_is_eos`` (True here: each answer ends with
@@ -115,12 +157,21 @@ class QADataset(Dataset):
     def file_fields(args: dict) -> tuple[dict[str, str], tuple[str, ...]]:
         """``({column: config key}, list columns)`` a local file of this dataset must have (checked before any pass)."""
         question_key, answer_key = args.get("question_key", "question"), args.get("answer_key", "answer")
-        return {question_key: "question_key", answer_key: "answer_key"}, (answer_key,)
+        fields = {question_key: "question_key"}
+        if answer_key is not None:
+            fields[answer_key] = "answer_key"
+        name = args.get("name", "dataset")
+        fields.update({c: "prompt_format" for c in PromptFormat.from_config(args.get("prompt_format"), name).columns()})
+        row_filter = RowFilter.from_config(args.get("keep_rows"), name)
+        if row_filter is not None:
+            fields[row_filter.column] = "keep_rows.column"
+        return fields, (() if answer_key is None else (answer_key,))
 
     def __init__(self, hf_args: dict, tokenizer: PreTrainedTokenizerBase, template_args: dict | None = None,
-                 question_key: str = "question", answer_key: str = "answer", max_length: int = 512,
+                 question_key: str = "question", answer_key: str | None = "answer", max_length: int = 512,
                  local_dir: str | None = None, name: str = "QADataset", labels_cover_chat_tail: bool = False,
-                 local_name: str | None = None, fewshot: dict | None = None, local_dir_key: str = "paths.tofu"):
+                 local_name: str | None = None, fewshot: dict | None = None, local_dir_key: str = "paths.tofu",
+                 prompt_format: dict | None = None, keep_rows: dict | None = None):
         self.name = name
         self.local_dir_key = local_dir_key
         self.labels_cover_chat_tail = check_bool("labels_cover_chat_tail", labels_cover_chat_tail, owner=name)
@@ -128,43 +179,59 @@ class QADataset(Dataset):
                                   hint="data.dataset_args.max_length, or the dataset config's args.max_length")
         self.question_key, self.answer_key = question_key, answer_key
         self.template = PromptTemplate.from_config(template_args)
+        self.prompt_format = PromptFormat.from_config(prompt_format, name)
         extra = dict(getattr(self, "_extra_list_fields", {}))  # columns a subclass reads too (alternate_key)
-        fields = {question_key: "question_key", answer_key: "answer_key", **extra}
-        self.rows = load_rows(dict(hf_args), local_dir, name, fields=fields, lists=(answer_key, *extra),
-                              local_name=local_name, local_dir_key=local_dir_key)
+        fields, lists = self.file_fields({"question_key": question_key, "answer_key": answer_key, "name": name,
+                                          "prompt_format": prompt_format})
+        fields, lists = {**fields, **extra}, (*lists, *extra)
+        self.rows = load_rows(dict(hf_args), local_dir, name, fields=fields, lists=lists, local_name=local_name,
+                              local_dir_key=local_dir_key, keep_rows=RowFilter.from_config(keep_rows, name))
         if len(self.rows) == 0:
-            raise ValueError(f"{name}: dataset {dict(hf_args)} (paths.tofu={local_dir}) has no rows")
-        for key, role in ((question_key, "question_key"), (answer_key, "answer_key")):
+            raise ValueError(f"{name}: dataset {dict(hf_args)} ({local_dir_key}={local_dir}) has no rows")
+        for key, role in fields.items():
             if key not in self.rows.column_names:
                 raise KeyError(
-                    f"{name}: {role}={key!r} is not a column of {dict(hf_args)} (paths.tofu={local_dir}); "
+                    f"{name}: {role}={key!r} is not a column of {dict(hf_args)} ({local_dir_key}={local_dir}); "
                     f"columns: {self.rows.column_names}"
                 )
-        questions = self.rows[question_key]
-        answers = self.rows[answer_key]
+        self.questions, self.answer_prefixes = self._put_questions()
+        answers = self.rows[answer_key] if answer_key is not None else [""] * len(self.rows)
         self.is_grouped = isinstance(answers[0], list)
         # Flatten list answers so everything is tokenized in one batched call.
-        flat_q, flat_a, owner = [], [], []
-        for i, (q, a) in enumerate(zip(questions, answers)):
+        flat_q, flat_a, flat_prefix, owner = [], [], [], []
+        for i, (q, prefix, a) in enumerate(zip(self.questions, self.answer_prefixes, answers)):
             for ans in (a if self.is_grouped else [a]):
                 flat_q.append(q)
                 flat_a.append(ans)
+                flat_prefix.append(prefix)
                 owner.append(i)
         self.fewshot = self._read_fewshot(fewshot, local_dir)
         tokenized = tokenize_qa_batch(tokenizer, self.template, flat_q, flat_a, max_length, row_ids=owner,
                                       labels_cover_chat_tail=self.labels_cover_chat_tail,
-                                      fewshot=self.fewshot)
+                                      fewshot=self.fewshot, answer_prefixes=flat_prefix)
         n_cut = sum(t.truncated for t in tokenized)
         if n_cut:
             log.warning("%s: %d of %d answers cut to max_length=%d", name, n_cut, len(tokenized), max_length)
-        self._samples: list[list] = [[] for _ in range(len(questions))]
+        self._samples: list[list] = [[] for _ in range(len(self.questions))]
         for i, tok in zip(owner, tokenized):
             self._samples[i].append(tok)
+
+    def _put_questions(self) -> tuple[list[str], list[str]]:
+        """Every row's user message and answer prefix (``prompt_format``; the bare question without one)."""
+        questions = list(self.rows[self.question_key])
+        if self.prompt_format == PromptFormat():
+            return questions, [""] * len(questions)
+        columns = sorted(self.prompt_format.columns())
+        records = self.rows.select_columns(columns).to_list() if columns else [{} for _ in questions]
+        rendered = [self.prompt_format.render(row, q, self.name, i) for i, (row, q) in enumerate(zip(records, questions))]
+        return [text for text, _ in rendered], [prefix for _, prefix in rendered]
 
     def _read_fewshot(self, fewshot: dict | None, local_dir: str | None) -> list[tuple[str, str]]:
         """The in-context ``(question, answer)`` examples of the ``fewshot`` argument, or none."""
         if not fewshot:
             return []
+        if self.answer_key is None:
+            raise ValueError(f"{self.name}: fewshot examples need answers; set answer_key")
         unknown = sorted(set(fewshot) - {"hf_args", "local_name", "max_examples"})
         if unknown or "hf_args" not in fewshot:
             raise ValueError(f"{self.name}: fewshot={dict(fewshot)}; give hf_args (and optionally local_name, "
@@ -189,11 +256,13 @@ class QADataset(Dataset):
         return samples if self.is_grouped else samples[0]
 
     def prompt_text(self, index: int) -> str:
-        """The question of row ``index`` (what a generation record shows as its input)."""
-        return self.rows[index][self.question_key]
+        """The question of row ``index`` as put to the model (what a generation record shows as its input)."""
+        return self.questions[index]
 
     def answer_texts(self, index: int) -> list[str]:
-        """The answer(s) of row ``index``, one per sample, in sample order."""
+        """The answer(s) of row ``index``, one per sample, in sample order ("" without an answer column)."""
+        if self.answer_key is None:
+            return [""]
         answer = self.rows[index][self.answer_key]
         return answer if isinstance(answer, list) else [answer]
 
@@ -223,12 +292,12 @@ class QAwithIdkDataset(QADataset):
 
             path = hf_hub_download(idk_repo, idk_file, repo_type="dataset")
         refusals = read_text_lines(path)
-        questions = self.rows[self.question_key]
-        picks = [random.Random(f"{seed}-{i}").choice(refusals) for i in range(len(questions))]
+        picks = [random.Random(f"{seed}-{i}").choice(refusals) for i in range(len(self.questions))]
         tokenizer = kwargs.get("tokenizer") or args[1]
         max_length = kwargs.get("max_length", 512)
-        self._idk = tokenize_qa_batch(tokenizer, self.template, questions, picks, max_length,
-                                      labels_cover_chat_tail=self.labels_cover_chat_tail)
+        self._idk = tokenize_qa_batch(tokenizer, self.template, self.questions, picks, max_length,
+                                      labels_cover_chat_tail=self.labels_cover_chat_tail,
+                                      answer_prefixes=self.answer_prefixes)
 
     def __getitem__(self, index: int) -> Parts:
         return Parts(original=super().__getitem__(index), alternate=to_sample(self._idk[index], index))
@@ -276,8 +345,9 @@ class QAwithAlternateDataset(QADataset):
                 raise ValueError(f"{self.name}: row {i} of column {alternate_key!r} is {alt!r}, not a string")
             picks.append(alt)
         max_length = kwargs.get("max_length", 512)
-        self._alternates = tokenize_qa_batch(tokenizer, self.template, self.rows[self.question_key], picks, max_length,
-                                             labels_cover_chat_tail=self.labels_cover_chat_tail)
+        self._alternates = tokenize_qa_batch(tokenizer, self.template, self.questions, picks, max_length,
+                                             labels_cover_chat_tail=self.labels_cover_chat_tail,
+                                             answer_prefixes=self.answer_prefixes)
         n_cut = sum(t.truncated for t in self._alternates)
         if n_cut:
             log.warning("%s: %d of %d alternate answers cut to max_length=%d", self.name, n_cut, len(picks), max_length)

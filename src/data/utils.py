@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,7 @@ def tokenize_qa_batch(
     row_ids: Sequence[Any] | None = None,
     labels_cover_chat_tail: bool = False,
     fewshot: Fewshot = (),
+    answer_prefixes: Sequence[str] | None = None,
 ) -> list[TokenizedQA]:
     """Tokenize (question, answer) pairs; labels are -100 on prompt tokens.
 
@@ -146,13 +147,22 @@ def tokenize_qa_batch(
 
     ``labels_cover_chat_tail`` (open-unlearning's preparation): ``tokenize_qa_like_open_unlearning``.
     ``fewshot``: in-context examples before every question (``format_prompt``).
+    ``answer_prefixes``: per pair, text appended to the prompt (the start of the assistant's turn, e.g. RWKU's
+    ``Answer:``); it belongs to the prompt, so it is unlabelled and a generation continues after it.
     """
     if len(questions) != len(answers):
         raise ValueError(f"{len(questions)} questions but {len(answers)} answers")
+    if answer_prefixes is not None and len(answer_prefixes) != len(questions):
+        raise ValueError(f"{len(questions)} questions but {len(answer_prefixes)} answer prefixes")
     if labels_cover_chat_tail:
+        if answer_prefixes is not None and any(answer_prefixes):
+            raise ValueError("labels_cover_chat_tail (open-unlearning's preparation) has no answer prefix; "
+                             "set prompt_format.answer_prefix='' or labels_cover_chat_tail=false")
         return [tokenize_qa_like_open_unlearning(tokenizer, template, q, a, max_length, fewshot)
                 for q, a in zip(questions, answers)]
     prompts = [format_prompt(tokenizer, template, q, fewshot) for q in questions]
+    if answer_prefixes is not None:
+        prompts = [p + prefix for p, prefix in zip(prompts, answer_prefixes)]
     # Chat templates write their own BOS; plain prompts get the tokenizer's special tokens.
     prompt_ids = tokenizer(prompts, add_special_tokens=not template.apply_chat_template)["input_ids"]
     answer_ids = tokenizer(list(answers), add_special_tokens=False)["input_ids"]
@@ -317,3 +327,211 @@ def read_text_lines(path: str | Path) -> list[str]:
     if not lines:
         raise DataFileError(f"{path}: empty file (no non-empty lines; one refusal answer per line expected)")
     return lines
+
+
+#: A ``keep_rows`` choice: names, or a count N (the first N values of ``values_from``).
+Choice = tuple[str, ...] | int
+
+
+@dataclass(frozen=True)
+class ValuesSource:
+    """Where a filter's values are listed in order (``keep_rows.values_from``): the column ``column`` of the subset
+    ``name`` (split ``split``) of the dataset's own source (its Hub dataset, or ``<local_dir>/<name>.json``)."""
+
+    name: str
+    column: str
+    split: str = "train"
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """Which rows of a data file a dataset keeps (a dataset config's ``keep_rows``): those whose ``column`` holds
+    one of ``values``, or, with ``exclude``, every other row.
+
+    ``values`` is a list of names, or, with ``values_from``, a count N: the first N values that source lists,
+    leaving out those of ``skip`` (names or a count, resolved the same way). Names are checked against the source.
+    RWKU selects its unlearning targets this way (``values: ${rwku.targets}``, the ``target`` column of its
+    ``forget_target`` subset), and its retain texts with ``skip: ${rwku.targets}``. ``values_key`` and
+    ``skip_key`` name the settings the values come from, in error messages."""
+
+    column: str
+    values: Choice
+    exclude: bool = False
+    values_from: ValuesSource | None = None
+    skip: Choice = ()
+    values_key: str = "keep_rows.values"
+    skip_key: str = "keep_rows.skip"
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None, owner: str) -> RowFilter | None:
+        """The filter of ``keep_rows`` (None keeps every row); a malformed one is a ValueError naming the key."""
+        if cfg is None:
+            return None
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f"{owner}: keep_rows={cfg!r}; give {{column: <name>, values: [...]}} or null")
+        valid = {"column", "values", "exclude", "values_from", "skip", "values_key", "skip_key"}
+        unknown = sorted(set(cfg) - valid)
+        if unknown:
+            raise ValueError(f"{owner}: keep_rows has unknown keys {unknown}; valid: {', '.join(sorted(valid))}")
+        column = cfg.get("column")
+        if not isinstance(column, str) or not column:
+            raise ValueError(f"{owner}: keep_rows.column={column!r}; give the name of a column of the data")
+        keys = {k: cfg.get(k, f"keep_rows.{k.removesuffix('_key')}") for k in ("values_key", "skip_key")}
+        source = cfg.get("values_from")
+        if source is not None:
+            if not isinstance(source, Mapping) or not {"name", "column"} <= set(source) or set(source) - {
+                    "name", "column", "split"} or not all(isinstance(v, str) for v in source.values()):
+                raise ValueError(f"{owner}: keep_rows.values_from={source!r}; give {{name: <subset>, column: <column>, "
+                                 "split: <split, default train>}}")
+            source = ValuesSource(**source)
+        values = cls._choice(cfg.get("values"), keys["values_key"], owner, counted=source is not None)
+        skip = cls._choice([] if cfg.get("skip") is None else cfg["skip"], keys["skip_key"], owner,
+                           counted=source is not None)
+        exclude = cfg.get("exclude", False)
+        if not isinstance(exclude, bool):
+            raise ValueError(f"{owner}: keep_rows.exclude={exclude!r}; give true or false")
+        if values == () and not exclude:
+            raise ValueError(f"{owner}: {keys['values_key']} is empty: no row would be kept")
+        return cls(column, values, exclude, source, skip, keys["values_key"], keys["skip_key"])
+
+    @staticmethod
+    def _choice(value: Any, key: str, owner: str, counted: bool) -> Choice:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not counted:
+                raise ValueError(f"{owner}: {key}={value}: a count needs keep_rows.values_from (where the values are "
+                                 "listed in order); give a list of names")
+            if value < 1:
+                raise ValueError(f"{owner}: {key}={value}; give a count of at least 1 or a list of names")
+            return value
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, Sequence) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{owner}: {key}={value!r}; give a list of names" + (" or a count" if counted else ""))
+        if len(set(value)) != len(value):
+            raise ValueError(f"{owner}: {key}={list(value)} names a value twice")
+        return tuple(value)
+
+    def resolve(self, listed: Sequence[str] | None, owner: str, source: str) -> RowFilter:
+        """This filter with its values as names: a count becomes the first N names of ``listed`` (the values of
+        ``values_from``, in order) not in ``skip``; names are checked against ``listed``. An error names the
+        setting, the value and what is valid."""
+        if self.values_from is None:
+            return self
+        listed = list(listed or [])
+
+        def names(choice: Choice, key: str, pool: list[str]) -> tuple[str, ...]:
+            if isinstance(choice, int):
+                if choice > len(pool):
+                    besides = f" besides those of {self.skip_key}" if len(pool) < len(listed) else ""
+                    raise ValueError(f"{owner}: {key}={choice}, but {source} lists {len(pool)} values{besides}; "
+                                     f"give a count from 1 to {len(pool)} or a list of names")
+                return tuple(pool[:choice])
+            unknown = [v for v in choice if v not in listed]
+            if unknown:
+                raise ValueError(f"{owner}: {key}: {_unknown_names(unknown, listed)} not listed in {source} "
+                                 f"(e.g. {', '.join(map(repr, listed[:3]))})")
+            return tuple(choice)
+
+        skip = names(self.skip, self.skip_key, listed)
+        values = names(self.values, self.values_key, [v for v in listed if v not in skip])
+        both = [v for v in values if v in skip]
+        if both:
+            raise ValueError(f"{owner}: {self.values_key} and {self.skip_key} both name {both}")
+        return replace(self, values=values, skip=skip, values_from=None)
+
+    def apply(self, column_values: Sequence[Any], owner: str, source: str) -> list[int]:
+        """The indices of the rows kept, given every row's value of ``column``. A value that no row holds is an
+        error (a misspelt name would otherwise select nothing, or exclude nothing, silently), naming the value,
+        the source and some values the data has."""
+        if isinstance(self.values, int) or self.values_from is not None:
+            raise ValueError(f"{owner}: keep_rows.values={self.values!r} must be resolved against "
+                             f"{self.values_from} first (RowFilter.resolve)")
+        present = set(column_values)
+        missing = [v for v in self.values if v not in present]
+        if missing:
+            raise ValueError(f"{owner}: keep_rows: no row of {source} has {self.column}="
+                             f"{_unknown_names(missing, sorted(map(str, present)))}; it has {len(present)} distinct "
+                             f"values, e.g. {', '.join(map(repr, sorted(map(str, present))[:5]))}")
+        wanted = set(self.values)
+        kept = [i for i, v in enumerate(column_values) if (v in wanted) != self.exclude]
+        if not kept:
+            raise ValueError(f"{owner}: keep_rows keeps no row of {source}")
+        return kept
+
+
+def _unknown_names(names: Sequence[str], known: Sequence[str]) -> str:
+    """``'x' (close: 'y')``-style list of ``names`` with the closest entries of ``known``."""
+    import difflib
+
+    return "; ".join(f"{n!r}" + (f" (close: {', '.join(map(repr, close))})" if close else "")
+                     for n in names for close in [difflib.get_close_matches(n, list(known), n=3)])
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How a row's question is put to the model (a dataset config's ``prompt_format``).
+
+    ``question``: the user message, a ``str.format`` template of ``{question}`` (the row's question column) and
+    any other column of the row by name; ``answer_prefix``: text the assistant's turn starts with, after the
+    chat template's generation prompt (RWKU's ``Answer:``); the answer (or the generation) follows it. ``cases``
+    (with ``by_column``): other formats for rows whose ``by_column`` holds a given value (RWKU's adversarial
+    probes: the format depends on the attack type)."""
+
+    question: str = "{question}"
+    answer_prefix: str = ""
+    by_column: str | None = None
+    cases: tuple[tuple[str, PromptFormat], ...] = ()
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None, owner: str, nested: bool = False) -> PromptFormat:
+        if cfg is None:
+            return cls()
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f"{owner}: prompt_format={cfg!r}; give {{question: ..., answer_prefix: ...}} or null")
+        valid = {"question", "answer_prefix"} | (set() if nested else {"by_column", "cases"})
+        unknown = sorted(set(cfg) - valid)
+        if unknown:
+            raise ValueError(f"{owner}: prompt_format has unknown keys {unknown}; valid: {', '.join(sorted(valid))}")
+        question, prefix = cfg.get("question", "{question}"), cfg.get("answer_prefix", "")
+        for key, value in (("question", question), ("answer_prefix", prefix)):
+            if not isinstance(value, str):
+                raise ValueError(f"{owner}: prompt_format.{key}={value!r}; give a string")
+        if "{question}" not in question:
+            raise ValueError(f"{owner}: prompt_format.question={question!r} has no {{question}} placeholder")
+        by_column, cases = cfg.get("by_column"), cfg.get("cases") or {}
+        if (by_column is None) != (not cases):
+            raise ValueError(f"{owner}: prompt_format: give by_column and cases together (cases: {{<value of "
+                             "by_column>: {question: ..., answer_prefix: ...}}), or neither")
+        if by_column is not None and not isinstance(by_column, str):
+            raise ValueError(f"{owner}: prompt_format.by_column={by_column!r}; give a column name")
+        if not isinstance(cases, Mapping):
+            raise ValueError(f"{owner}: prompt_format.cases={cases!r}; give {{<value>: {{question: ..., ...}}}}")
+        parsed = tuple((str(value), cls.from_config(case, f"{owner} (prompt_format.cases[{value!r}])", nested=True))
+                       for value, case in cases.items())
+        return cls(question, prefix, by_column, parsed)
+
+    def columns(self) -> set[str]:
+        """The row columns the templates read besides the question (and ``by_column``)."""
+        import string
+
+        formats = [self, *(case for _, case in self.cases)]
+        names = {field for f in formats for _, field, _, _ in string.Formatter().parse(f.question) if field}
+        return (names - {"question"}) | ({self.by_column} if self.by_column else set())
+
+    def for_row(self, row: Mapping[str, Any]) -> PromptFormat:
+        """The format of ``row``: its case when ``by_column`` holds a value of ``cases``, else this one."""
+        if self.by_column is not None:
+            for value, case in self.cases:
+                if str(row.get(self.by_column)) == value:
+                    return case
+        return self
+
+    def render(self, row: Mapping[str, Any], question: str, owner: str, index: int) -> tuple[str, str]:
+        """``(user message, answer prefix)`` of ``row``."""
+        chosen = self.for_row(row)
+        try:
+            text = chosen.question.format(**{**row, "question": question})
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"{owner}: prompt_format.question={chosen.question!r} cannot be filled from row {index} "
+                             f"({type(e).__name__}: {e}); its columns: {', '.join(sorted(row))}") from None
+        return text, chosen.answer_prefix

@@ -236,7 +236,8 @@ def _as_float_list(value: Any) -> list[float] | None:
     return out
 
 
-from . import memorization, mia, privacy, probability, rouge, utility  # noqa: E402  (fill the registry)
+from . import fluency, memorization, mia, privacy, probability, rouge, utility  # noqa: E402  (fill the registry)
+from .fluency import ngram_entropy, weighted_ngram_entropy  # noqa: E402
 from .memorization import exact_memorization_score, extraction_strength_score  # noqa: E402
 from .mia import (  # noqa: E402
     min_k_plus_plus_score,
@@ -265,6 +266,7 @@ __all__ = [
     "TokenStats",
     "exact_memorization_score",
     "extraction_strength_score",
+    "fluency",
     "forget_quality",
     "get_metric",
     "harmonic_mean",
@@ -272,6 +274,7 @@ __all__ = [
     "memorization",
     "mia",
     "min_k_plus_plus_score",
+    "ngram_entropy",
     "min_k_score",
     "privacy",
     "privleak_score",
@@ -286,6 +289,7 @@ __all__ = [
     "truth_ratio",
     "truth_ratio_aggregate",
     "utility",
+    "weighted_ngram_entropy",
     "zlib_entropy",
     "zlib_score",
 ]

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from . import TokenStats, _mean_or_none, _require, _result, _sorted_keys, register_metric
+from . import TokenStats, _mean_or_none, _one_role, _require, _result, _sorted_keys, register_metric
 from .probability import mean_nll
 
 ROLES = ("forget", "holdout")
@@ -260,3 +260,66 @@ def mia_reference_metric(*, token_stats=None, reference_token_stats=None, **_: o
         return reference_score(ts.logp, ref[0].logp)
 
     return _attack_result(_score_first_answers(model, "mia_reference", score))
+
+
+# ------------------------------------------------------------------------------------------ one set's mean score
+
+#: The statistics ``member_score`` averages: each maps a sample's TokenStats to the score above (higher = less
+#: like a member), None where it is undefined.
+MEMBER_STATISTICS: dict[str, Callable[[TokenStats, float], float | None]] = {
+    "loss": lambda ts, k: mean_nll(ts.logp),
+    "zlib": lambda ts, k: zlib_score(ts.logp, ts.answer_text),
+    "min_k": lambda ts, k: min_k_score(ts.logp[ts.content], k) if ts.num_content_tokens else None,
+    "min_k_plus_plus": lambda ts, k: (
+        min_k_plus_plus_score(ts.logp[ts.content], ts.mean_logp[ts.content], ts.std_logp[ts.content], k)
+        if ts.num_content_tokens else None),
+}
+
+
+def _member_scores(token_stats: Mapping | None, metric: str, statistic: str, k: float) -> dict:
+    if statistic not in MEMBER_STATISTICS:
+        raise ValueError(f"{metric}: statistic={statistic!r}; valid: {', '.join(MEMBER_STATISTICS)}")
+    if not 0.0 < float(k) <= 1.0:
+        raise ValueError(f"{metric}: k must be in (0, 1]; got {k}")
+    per_index = _one_role(token_stats, "token_stats", metric)
+    score = MEMBER_STATISTICS[statistic]
+    scores: dict = {}
+    for idx in _sorted_keys(per_index):
+        answers = list(per_index[idx])
+        value = None
+        if answers and answers[0].is_valid():
+            try:
+                value = score(answers[0], float(k))
+            except ValueError:
+                value = None
+        scores[idx] = value if value is not None and math.isfinite(value) else None
+    value_by_index = {str(i): {"score": s} for i, s in scores.items()}
+    excluded = [i for i, s in scores.items() if s is None]
+    return _result(_mean_or_none([s for s in scores.values() if s is not None]), value_by_index, excluded,
+                   statistic=statistic)
+
+
+@register_metric(
+    "member_score", higher_is_better=None, needs=("token_stats",),
+    description="mean membership statistic of one set (RWKU's MIA set: forget or retain members); option "
+                "statistic = loss | zlib | min_k (k)",
+)
+def member_score_metric(*, token_stats=None, statistic: str = "loss", k: float = 0.4, **_: object) -> dict:
+    """agg_value = the mean over the set's samples of one membership statistic (higher = less like a member):
+    ``loss`` = mean NLL A, ``zlib`` = A / zlib size, ``min_k`` = Min-K% (k). RWKU (Jin et al. 2024) reports these
+    means for its forget members (FM: they should rise after unlearning) and retain members (RM: they should
+    stay), not an AUC between the two sets. Undefined samples are excluded."""
+    if statistic == "min_k_plus_plus":
+        raise ValueError("member_score: statistic=min_k_plus_plus needs the vocabulary moments; use the handler "
+                         "member_score_min_k_plus_plus")
+    return _member_scores(token_stats, "member_score", statistic, k)
+
+
+@register_metric(
+    "member_score_min_k_plus_plus", higher_is_better=None, needs=("token_stats", "vocab_moments"),
+    description="mean Min-K%++ score of one set (RWKU's MIA set); option k",
+)
+def member_score_min_k_plus_plus_metric(*, token_stats=None, k: float = 0.4, **_: object) -> dict:
+    """agg_value = the mean over the set's samples of the Min-K%++ score (Zhang et al. 2024; higher = less like a
+    member). RWKU uses k = 0.2. Tokens with std <= 1e-12 are skipped; a sample with none left is excluded."""
+    return _member_scores(token_stats, "member_score_min_k_plus_plus", "min_k_plus_plus", k)

@@ -1,4 +1,4 @@
-"""TOFU model utility: harmonic mean of the retain / real-authors / world-facts scores."""
+"""Aggregates of other metrics: TOFU's model utility (a harmonic mean) and plain means (RWKU's "All" columns)."""
 
 from __future__ import annotations
 
@@ -52,3 +52,27 @@ def hm_aggregate_metric(*, pre_compute=None, **_: object) -> dict:
         return {"agg_value": None, "inputs": inputs,
                 "note": f"harmonic mean undefined: no value for {', '.join(missing)} (every sample excluded)"}
     return {"agg_value": harmonic_mean(list(inputs.values())), "inputs": inputs}
+
+
+@register_metric(
+    "mean_aggregate", higher_is_better=None, needs=("pre_compute",),
+    description="arithmetic mean of the agg_value of every pre_compute entry (RWKU's 'All' columns)",
+)
+def mean_aggregate_metric(*, pre_compute=None, **_: object) -> dict:
+    """agg_value = (1/m) * sum_j pre_compute[j]["agg_value"] (RWKU, Jin et al. 2024: the "All" column of the forget
+    and neighbour sets, the mean of the per-level ROUGE-L recalls). An entry without a value makes the mean
+    undefined: agg_value None and a note naming it. Returns {"agg_value", "inputs": {name: value}}."""
+    pre_compute = _require(pre_compute, "pre_compute", "mean_aggregate")
+    if not pre_compute:
+        raise ValueError("mean_aggregate needs at least one pre_compute entry")
+    inputs = {str(name): (entry.get("agg_value") if isinstance(entry, Mapping) else entry)
+              for name, entry in pre_compute.items()}
+    missing = [name for name, value in inputs.items() if value is None]
+    if missing:
+        return {"agg_value": None, "inputs": inputs,
+                "note": f"mean undefined: no value for {', '.join(missing)} (every sample excluded)"}
+    values = [float(v) for v in inputs.values()]
+    bad = [name for name, v in zip(inputs, values) if not math.isfinite(v)]
+    if bad:
+        raise ValueError(f"mean_aggregate: pre_compute entries {bad} are not finite")
+    return {"agg_value": sum(values) / len(values), "inputs": dict(zip(inputs, values))}
