@@ -36,6 +36,7 @@ from attacks import (  # noqa: E402
     run_attacks,
 )
 from checks import check_number  # noqa: E402
+from core.compute import CostRecorder, Phase, flop_params  # noqa: E402
 from core.distributed import check_process_count, on_main_process  # noqa: E402
 from evals import EvalResult, format_summary, get_evaluators  # noqa: E402
 from model import get_model  # noqa: E402
@@ -82,7 +83,16 @@ def run(cfg: DictConfig) -> dict[str, EvalResult]:
     ``paths.output_dir`` is replaced only if it is a finished evaluation of ours (whose results the new
     one starts from, and reuses where their fingerprints match); a training run's folder, a user's folder
     or a file is never touched. A failed evaluation leaves nothing behind, except that when an attack
-    fails the clean results already computed are published before the error propagates."""
+    fails the clean results already computed are published before the error propagates.
+
+    What the evaluation cost (``core.compute``: the setup, each benchmark's evaluation, each attack) is
+    recorded in ``run_complete.json`` and, per benchmark, in its EVAL file's ``_meta.compute``."""
+    with CostRecorder() as cost:
+        return _run(cfg, cost)
+
+
+def _run(cfg: DictConfig, cost: CostRecorder) -> dict[str, EvalResult]:
+    setup = Phase("setup", "setup").start()  # config, model, benchmarks (ended on every process below)
     compose_names(cfg)
     set_seed(check_number("seed", cfg.get("seed", 0), integer=True, low=0))
     quiet_library_bars()
@@ -107,30 +117,38 @@ def run(cfg: DictConfig) -> dict[str, EvalResult]:
         if state.is_main_process:  # what was evaluated and how, for src/report.py
             write_atomic(staging / RUN_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
         model_id = model_identity(cfg.model)
+        setup.stop()
         for name, evaluator in evaluators.items():
-            # with attacks, the clean result is saved with the attacked metrics, once (or alone if an attack fails)
-            result = evaluator.evaluate(model, output_dir=staging, model_id=model_id, save=not attacks)
+            # saved here, once, with its cost (and the attacked metrics: alone if an attack fails)
+            with Phase(f"evaluation:{evaluator.name}", "evaluation") as evaluation:
+                result = evaluator.evaluate(model, output_dir=staging, model_id=model_id, save=False)
+            phases = [evaluation.record]
             robustness = None
             if attacks:  # every process: the attacked evaluations are sharded like the clean one
+                before = len(cost.records())
                 try:
                     attacked, baselines = run_attacks(attacks, evaluator, model, model_id, tokenizer,
                                                       evaluator.template_args,
                                                       evaluator.cfg.get("retain_logs_path"))
                 except BaseException as error:
-                    if state.is_main_process:
-                        result.save(staging)
+                    if state.is_main_process:  # this process's measure only: the others may be anywhere
+                        result.with_compute(phases + cost.records()[before:]).save(staging)
                         folder.finish({"task_name": cfg.task_name, "benchmarks": [*results, name],
-                                       "attack_failed": f"{name}: {type(error).__name__}: {error}"})
+                                       "attack_failed": f"{name}: {type(error).__name__}: {error}",
+                                       "compute": cost.finish(flop_params(model), gather=False).as_json()})
                         print(f"{name}: an attack failed; the clean evaluation is saved in {folder.output_dir}",
                               file=sys.stderr)
                     raise
+                phases += cost.records()[before:]  # one per attack
                 retain_path = evaluator.cfg.get("retain_logs_path")
                 retain = EvalResult.from_eval_payload(evaluator.name, json.loads(Path(retain_path).read_text())) \
                     if retain_path else None
                 robustness = robustness_summary(result, attacked, baselines, retain)
                 result = result.with_attacked(attacked, attack_settings(attacks, model))
-                if state.is_main_process:
-                    result.save(staging)
+            result = result.with_compute(phases)
+            if state.is_main_process:
+                result.save(staging)
+                if robustness is not None:
                     write_json_atomic(robustness_file(staging, evaluator.name), robustness)
             results[name] = result
             if state.is_main_process:
@@ -139,8 +157,9 @@ def run(cfg: DictConfig) -> dict[str, EvalResult]:
                 if robustness:
                     print(f"\n{name} under attack (clean, attacked, the retain model):")
                     print(format_robustness(robustness))
+        spent = cost.finish(flop_params(model))  # every process: the measures are combined
         if state.is_main_process:
-            folder.finish({"task_name": cfg.task_name, "benchmarks": list(results)})
+            folder.finish({"task_name": cfg.task_name, "benchmarks": list(results), "compute": spent.as_json()})
         state.wait_for_everyone()
     except BaseException:
         if state.is_main_process:

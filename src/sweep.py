@@ -8,7 +8,8 @@
   ``.../trainer.args.learning_rate=1e-05,trainer.method_args.alpha=0.5``.
 - A combination that fails is logged and recorded, and the sweep goes on; at the end ``SweepSummary``
   (a Hydra callback, configs/hydra/default.yaml) lists every combination with its folder or error,
-  writes ``sweep_summary.json`` into the sweep's log folder, and exits with an error if any failed.
+  writes ``sweep_summary.json`` into the sweep's log folder (``sweep_summary``: every job's record with
+  the cost its run recorded, and those costs summed), and exits with an error if any failed.
 - ``objective`` (top-level config) is what a run returns to a sweeper that optimises (the Optuna
   sweeper): values of its final evaluation, optionally subject to a constraint (``sweep_objective``);
   a failed run, or one that misses the constraint, returns the worst value (-inf when maximising).
@@ -33,7 +34,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from checks import BadValueError
-from run_folder import write_atomic
+from core.compute import sum_totals
+from run_folder import COMPLETION_MARKER, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +241,27 @@ def run_job(run: Any, cfg: DictConfig) -> Path | None:
     return out
 
 
+def job_cost(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``compute.total`` record of a finished job's run (its ``run_complete.json``); None for a failed job
+    or a run without one."""
+    if record["status"] != "finished" or not record["output_dir"]:
+        return None
+    try:
+        marker = json.loads((Path(record["output_dir"]) / COMPLETION_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    total = (marker.get("compute") or {}).get("total") if isinstance(marker, dict) else None
+    return total if isinstance(total, dict) else None
+
+
+def sweep_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What ``sweep_summary.json`` holds: ``jobs`` (each job's record, in job order, with ``compute``: the cost its
+    run recorded, ``job_cost``) and ``compute``, those costs summed (``core.compute.sum_totals``: wall and process
+    time, device-hours, tokens and FLOPs added up over the jobs, the largest peak memory)."""
+    jobs = [{**r, "compute": job_cost(r)} for r in sorted(records, key=lambda r: r["job"])]
+    return {"jobs": jobs, "compute": sum_totals([j["compute"] for j in jobs])}
+
+
 class SweepSummary(Callback):
     """At the end of a multirun: every combination, its result folder or its error, in the log and in
     ``<sweep dir>/sweep_summary.json``; exit status 1 if any failed."""
@@ -253,14 +276,19 @@ class SweepSummary(Callback):
                 continue
         if not records:
             return
-        records.sort(key=lambda r: r.get("job", 0))
-        write_atomic(sweep_dir / SWEEP_SUMMARY_FILE, json.dumps(records, indent=2, default=str))
+        summary = sweep_summary(records)
+        records = summary["jobs"]
+        write_atomic(sweep_dir / SWEEP_SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
         lines = [f"sweep of {len(records)} combination(s) ({sweep_dir / SWEEP_SUMMARY_FILE}):"]
         for r in records:
             what = r["output_dir"] if r["status"] == "finished" else r["error"]
             objective = f" objective={r['objective']}" if r.get("objective") is not None else ""
             lines.append(f"  [{r['status']}] job {r['job']} {r.get('swept') or ' '.join(r['overrides'])}: "
                          f"{what}{objective}")
+        spent = summary["compute"]
+        if spent["runs_counted"]:
+            lines.append(f"  cost of the {spent['runs_counted']} run(s) recorded: {spent['wall_s'] / 3600:.3g} h of "
+                         f"runs one after another, {spent['device_hours']:.3g} device-hours")
         failed = [r for r in records if r["status"] != "finished"]
         if failed:
             lines.append(f"{len(failed)} of {len(records)} combination(s) failed; their logs: {sweep_dir}/<job>/")

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from checks import BadValueError  # noqa: E402
+from core.compute import CostRecorder, Phase, flop_params  # noqa: E402
 from core.distributed import check_process_count, on_main_process, unwrap_parallel  # noqa: E402
 from data import check_eval_splits, data_input_paths, get_collator, get_data  # noqa: E402
 from evals import Benchmark, EvalResult, get_evaluators  # noqa: E402
@@ -170,7 +171,16 @@ def _start_folder(folder: RunFolder, resume) -> tuple[Path, Path | None]:
 def run(cfg: DictConfig) -> TrainRun:
     """Train as the config says; returns the output folder and the result's evaluations (see ``run_folder`` for
     the folder's safety rules). Dataset and PEFT configs given by name are composed first (``compose_names``):
-    the saved config.yaml records what was used."""
+    the saved config.yaml records what was used.
+
+    ``run_complete.json`` records what the run cost (``core.compute``: setup, training, the evaluations during
+    and after it); a resumed run's numbers cover the resumed part only (``compute.resumed_from``)."""
+    with CostRecorder() as cost:
+        return _run(cfg, cost)
+
+
+def _run(cfg: DictConfig, cost: CostRecorder) -> TrainRun:
+    setup = Phase("setup", "setup").start()  # config, model, data, trainer (ended on every process below)
     compose_names(cfg)
     check_mode(cfg)
     quiet_library_bars()
@@ -209,11 +219,15 @@ def run(cfg: DictConfig) -> TrainRun:
             evaluator.check_inputs()  # before training, not at its first evaluation
         trainer = load_trainer(trainer_cfg, model, data["train"], data["eval"], tokenizer, collator,
                                output_dir=str(staging), evaluators=evaluators, training_args=training_args)
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        setup.stop()
+        with Phase("training", "training"):  # the evaluations during training are phases inside it
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         trainer.save_model(str(staging))
         final: dict[str, EvalResult] = {}
         if evaluators and training_args.do_eval:  # every process: the evaluation runs in lockstep
             final = trainer.evaluate_result(str(staging / RESULT_EVALS_DIR))
+        # every process: the measures are combined
+        spent = cost.finish(flop_params(model), resumed_from=str(checkpoint) if checkpoint is not None else None)
         if state.is_main_process:
             policy = unwrap_parallel(trainer.model)
             if is_peft_model(policy) and (peft_settings(cfg.model.get("peft")) or {}).get("merge"):
@@ -227,7 +241,8 @@ def run(cfg: DictConfig) -> TrainRun:
             write_run_files(cfg, trainer, staging)
             resumed = {"resumed_from": str(checkpoint), "resume_changes": {k: list(v) for k, v in resumed_with.items()}} \
                 if checkpoint is not None else {}
-            folder.finish({"mode": cfg.mode, "task_name": cfg.task_name, "steps": trainer.state.global_step, **resumed})
+            folder.finish({"mode": cfg.mode, "task_name": cfg.task_name, "steps": trainer.state.global_step, **resumed,
+                           "compute": spent.as_json()})
             log.info("saved to %s", folder.output_dir)
         state.wait_for_everyone()
     except BaseException:

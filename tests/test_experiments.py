@@ -193,11 +193,19 @@ def test_multirun_puts_each_combination_in_its_folder_and_lists_failures(tofu_di
     assert (finished / "run_complete.json").is_file() and (finished / "model.safetensors").is_file()
     assert not (task / "trainer.args.learning_rate=-1").exists()
     summary_file = next((tmp_path / "saves" / "logs" / "unlearn" / "multirun").glob("*/sweep_summary.json"))
-    records = json.loads(summary_file.read_text())
+    summary = json.loads(summary_file.read_text())
+    records = summary["jobs"]
     assert [(r["swept"], r["status"]) for r in records] == [("trainer.args.learning_rate=-1", "failed"),
                                                             ("trainer.args.learning_rate=0.0001", "finished")]
     assert "learning_rate=-1; must be a finite number >= 0" in records[0]["error"]
     assert records[1]["output_dir"] == str(finished)
+    # the cost: the finished run's record, summed (the failed one has none)
+    run_cost = json.loads((finished / "run_complete.json").read_text())["compute"]["total"]
+    assert records[0]["compute"] is None and records[1]["compute"] == run_cost
+    spent = summary["compute"]
+    assert (spent["runs_counted"], spent["runs_without_record"]) == (1, 1)
+    assert (spent["tokens"], spent["flops"], spent["wall_s"]) == (run_cost["tokens"], run_cost["flops"], run_cost["wall_s"])
+    assert spent["tokens"] > 0
     assert "1 of 2 combination(s) failed" in result.stdout + result.stderr
 
 
@@ -215,7 +223,7 @@ def test_optuna_sweep_returns_the_final_evaluation(tofu_dir, tmp_path):
                       "eval.tofu.metrics.forget_Q_A_ROUGE.generation_args.max_new_tokens=4"])
     assert result.returncode == 0, result.stderr[-3000:]
     sweep_dir = next((tmp_path / "saves" / "logs" / "unlearn" / "multirun").iterdir())
-    records = json.loads((sweep_dir / "sweep_summary.json").read_text())
+    records = json.loads((sweep_dir / "sweep_summary.json").read_text())["jobs"]
     assert [r["status"] for r in records] == ["finished", "finished"]
     for record in records:
         summary = json.loads((tmp_path / record["output_dir"] / "evals" / "TOFU_SUMMARY.json").read_text())

@@ -54,6 +54,12 @@ def test_a_killed_run_resumes_to_the_same_losses_and_weights(tofu_dir, tmp_path,
             assert have[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (method, want["step"], key)
     if method == "PDU":  # the dual variable really moved, so restarting it would have been seen
         assert len({e["dual_variable"] for e in steps}) == 4
+    # the cost record of a resumed run covers the resumed part only, and says so
+    cost_straight, cost_resumed = (json.loads((o / "run_complete.json").read_text())["compute"] for o in (straight, resumed))
+    assert cost_straight["resumed_from"] is None and cost_straight["note"] is None
+    assert cost_resumed["resumed_from"].endswith("checkpoint-2") and "cover this run only" in cost_resumed["note"]
+    trained = [{p["name"]: p for p in c["phases"]}["training"]["tokens"] for c in (cost_straight, cost_resumed)]
+    assert 0 < trained[1] < trained[0]  # steps 3 and 4 of 4
     weights, again = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert weights.keys() == again.keys()
     for name in weights:

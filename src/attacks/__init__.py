@@ -30,6 +30,7 @@ import torch
 
 from attacks import quantize, relearn, rephrase
 from checks import BadValueError
+from core.compute import Phase
 from evals.benchmark import Benchmark
 from evals.result import EvalResult
 
@@ -141,19 +142,31 @@ def run_attacks(attacks: list[tuple[AttackSpec, dict]], benchmark: Benchmark, mo
     for spec, cfg in attacks:
         names, tag = attacked_metrics(benchmark, cfg), spec.suffix(cfg)
         log.info("attack %s: %s on %s", tag, benchmark.name, ", ".join(names))
-        if spec.attacked_model is None:
-            attacked[tag] = _rephrased(benchmark, model, names, cfg, model_id)
-            continue
-        context = {"tokenizer": tokenizer, "template_args": template_args, "benchmark": benchmark}
-        copy_ = spec.attacked_model(model, cfg, **context)
-        try:
-            attacked[tag] = _attacked(benchmark, copy_, names, f"{model_id}@{tag}")
-        finally:
-            del copy_
-        baseline_path = baseline_model(cfg, retain_logs_path)
-        if baseline_path:
-            baselines[tag] = _baseline(spec, cfg, benchmark, names, baseline_path, model, context)
+        # its cost (the attacked copy, its evaluation, the baseline's) is a phase of the run (core.compute)
+        with Phase(f"attack:{tag}:{benchmark.name}", "attack"):
+            attacked[tag], baseline = _attack(spec, cfg, benchmark, model, model_id, names, tag, tokenizer,
+                                              template_args, retain_logs_path)
+        if baseline is not None:
+            baselines[tag] = baseline
     return attacked, baselines
+
+
+def _attack(spec: AttackSpec, cfg: dict, benchmark: Benchmark, model: torch.nn.Module, model_id: str,
+            names: list[str], tag: str, tokenizer: Any, template_args: Any,
+            retain_logs_path: str | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """One attack's entries and its baseline's (None without a baseline model)."""
+    if spec.attacked_model is None:
+        return _rephrased(benchmark, model, names, cfg, model_id), None
+    context = {"tokenizer": tokenizer, "template_args": template_args, "benchmark": benchmark}
+    copy_ = spec.attacked_model(model, cfg, **context)
+    try:
+        attacked = _attacked(benchmark, copy_, names, f"{model_id}@{tag}")
+    finally:
+        del copy_
+    baseline_path = baseline_model(cfg, retain_logs_path)
+    if not baseline_path:
+        return attacked, None
+    return attacked, _baseline(spec, cfg, benchmark, names, baseline_path, model, context)
 
 
 def attack_settings(attacks: list[tuple[AttackSpec, dict]], model: torch.nn.Module) -> dict[str, dict[str, Any]]:

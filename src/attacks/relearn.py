@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from checks import BadValueError, check_number
+from core.compute import add_tokens, mask_tokens
 from data.collators import DataCollatorForSupervisedDataset
 from progress import progress_over
 from trainer.answer_nll import answer_token_nll
@@ -62,6 +63,7 @@ def relearned_copy(model: torch.nn.Module, dataset: Any, tokenizer: Any, steps: 
             order += torch.randperm(len(dataset), generator=generator).tolist()
         rows, order = order[:batch_size], order[batch_size:]
         batch = collate([_first(dataset[i]) for i in rows])
+        add_tokens(attacked, mask_tokens(batch), backward=True)  # the cost record; the mask is still on the host
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         nll, mask = answer_token_nll(attacked, batch)
         loss = token_mean(nll.sum(-1), mask.sum(-1))

@@ -105,8 +105,17 @@ def gather_dicts(part: dict) -> dict:
     return part
 
 
+def gather_objects(part: Any) -> list:
+    """Every process's ``part`` in rank order (``all_gather_object``), on every process; ``[part]`` alone."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        parts: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, part)
+        return parts
+    return [part]
+
+
 __all__ = ["unwrap_parallel", "is_fsdp2_module", "is_sharded", "lockstep_total", "rank_shard", "is_main_process",
-           "on_main_process", "gather_dicts"]
+           "on_main_process", "gather_dicts", "gather_objects"]
 
 
 def _launcher_command() -> list[str]:

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from core.compute import tokens_unknown
 from core.distributed import is_sharded, on_main_process
 from evals.benchmark import COMMON_KEYS, Benchmark
 from evals.result import (
@@ -546,6 +547,8 @@ class LMEvalEvaluator(Benchmark):
         if getattr(tokenizer, "pad_token", None) is None:
             tokenizer = copy.deepcopy(tokenizer)  # HFLM gives a tokenizer without one a pad token: not ours
         was_training, hflm_log, known = model.training, logging.getLogger(HFLM.__module__), _KnownWarnings()
+        # lm-eval scores padded batches without an attention mask: its tokens cannot be told from its padding
+        tokens_unknown("lm-eval runs its own padded batches without an attention mask: no exact token count")
         model.eval()
         try:
             # no_grad rather than inference_mode: a buffer a model creates lazily in an inference-mode

@@ -33,6 +33,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from checks import check_bool
+from core.compute import add_tokens, mask_tokens
 from core.distributed import gather_dicts, is_sharded, lockstep_total, rank_shard
 from data.collators import DataCollatorForSupervisedDataset, common_prefix_length, pad_sequences
 from data.utils import IGNORE_INDEX, PromptTemplate, answer_end_token_id
@@ -103,6 +104,11 @@ def _ends_with_eos(dataset: Any) -> bool:
 
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _count(model: torch.nn.Module, batch: dict, backward: bool = False) -> None:
+    """The non-padding tokens of a collated batch (its attention mask, on the host), for the cost record."""
+    add_tokens(model, mask_tokens(batch), backward=backward)
 
 
 def answer_logits(model: torch.nn.Module, batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,7 +218,9 @@ def _whole_row_stats(model: torch.nn.Module, samples: Sequence[dict], collate: A
     result: list[Any] = [None] * len(samples)
     order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"]), reverse=True)
     for chunk in _chunks(order, rows_per_forward):
-        logits, labels = answer_logits(model, collate([samples[i] for i in chunk]), device)
+        batch = collate([samples[i] for i in chunk])
+        _count(model, batch)
+        logits, labels = answer_logits(model, batch, device)
         for i, stats in zip(chunk, _row_stats(logits, labels, moments)):
             result[i] = stats
     return result
@@ -247,11 +255,13 @@ def prefill_prompts(model: torch.nn.Module, prompts: Sequence[torch.Tensor],
     if shared > 0:
         cache = model(input_ids=prompts[0][:shared].unsqueeze(0).to(device), use_cache=True,
                       logits_to_keep=1).past_key_values
+        add_tokens(model, shared)
         if _plain_dynamic_cache(cache):
             cache.batch_repeat_interleave(len(prompts))
         else:
             shared, cache = 0, None
     rests = [p[shared:] for p in prompts]
+    add_tokens(model, sum(len(r) for r in rests))
     ids = pad_sequences(rests, 0, "left").to(device)  # padding is masked: any valid id will do
     mask = pad_sequences([torch.ones_like(r) for r in rests], 0, "left").to(device)
     mask = torch.cat([mask.new_ones(len(prompts), shared), mask], dim=-1)
@@ -294,6 +304,7 @@ class _CachedRows:
         parent row's real length. An empty input gets one masked-in dummy token whose outputs are
         ignored (a row with nothing to attend to would give NaN)."""
         ids = pad_sequences([t if len(t) else torch.zeros(1, dtype=torch.long) for t in inputs], 0, "right")
+        add_tokens(model, sum(max(len(t), 1) for t in inputs))
         ids = ids.to(rows.device)
         mask = pad_sequences([torch.ones(max(len(t), 1), dtype=torch.long) for t in inputs], 0, "right").to(rows.device)
         positions = self.lengths[rows].unsqueeze(-1) + torch.arange(ids.shape[1], device=rows.device)
@@ -541,6 +552,7 @@ def greedy_decode(model: torch.nn.Module, prompts: Sequence[torch.Tensor], max_n
     while True:
         kept = [b for b, row in enumerate(active) if row is not None]
         if not kept:
+            add_tokens(model, sum(len(r) for r in results))  # the prompts are counted by prefill_prompts
             return results
         if len(active) - len(kept) >= min_finished_fraction * len(active):
             keep = torch.tensor(kept, device=device)
@@ -650,6 +662,7 @@ def _generate(model: torch.nn.Module, prompts: Sequence[torch.Tensor], tokenizer
     for row in generated[:, ids.shape[1]:].tolist():
         end = next((k + 1 for k, t in enumerate(row) if t in stop), len(row))
         rows.append(row[:end])
+    add_tokens(model, sum(len(p) for p in prompts) + sum(len(r) for r in rows))
     return rows
 
 
@@ -734,6 +747,7 @@ def grad_norm_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any) -> dict
             for i in progress_over(rank_shard(range(len(dataset))), f"gradient norms {_name(dataset)}"):
                 item = dataset[i]
                 batch = collate([item[0] if isinstance(item, list) else item])
+                _count(model, batch, backward=True)
                 logits = model(input_ids=batch["input_ids"].to(device),
                                attention_mask=batch["attention_mask"].to(device)).logits
                 labels = batch["labels"].to(device)
@@ -806,6 +820,7 @@ def plain_token_stats_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any,
     for chunk, keep in progress_over(_lockstep(batches, model, lambda: [(0, _samples(dataset[0])[0])]),
                                      f"log-probs {_name(dataset)}", unit="batch"):
         batch = collate([sample for _, sample in chunk])
+        _count(model, batch)
         logits = model(input_ids=batch["input_ids"].to(device),
                        attention_mask=batch["attention_mask"].to(device)).logits
         if not keep:  # a padding pass of a sharded model: its result is not this process's

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from core.compute import PhaseCost
 from run_folder import eval_file, summary_file, write_json_atomic
 
 
@@ -101,7 +102,7 @@ class EvalResult:
     ``benchmark``: the file prefix (``TOFU``); ``entries``: metric name -> its entry (every metric of the
     benchmark and every ``pre_compute`` metric under its own name); ``summary``: the headline metrics'
     ``agg_value`` (None where not finite); ``meta``: what the EVAL file's ``_meta`` holds (model, splits,
-    fingerprints, directions, the benchmark's declared metric roles, ...)."""
+    fingerprints, directions, the benchmark's declared metric roles, what computing it cost, ...)."""
 
     benchmark: str
     entries: dict[str, Any]
@@ -161,6 +162,11 @@ class EvalResult:
                 summary[f"{metric}@{tag}"] = finite_or_none(entry.get("agg_value"))
         meta = {**self.meta, "attacks": dict(settings)} if settings else self.meta
         return replace(self, entries=entries, summary=summary, meta=meta)
+
+    def with_compute(self, records: list[PhaseCost]) -> EvalResult:
+        """This result with ``_meta.compute``: what the phases that produced it cost (``core.compute``; the
+        evaluation, then each attack), for the record only (no fingerprint or reuse reads it)."""
+        return replace(self, meta={**self.meta, "compute": [r.as_json() for r in records]})
 
 
 class ResultStore:

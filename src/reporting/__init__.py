@@ -33,7 +33,14 @@ from reporting.roles import (
     target_for,
 )
 from reporting.samples import SampleView, per_sample_rows, sample_views
-from reporting.table import build_table, hyperparameters, metric_directions, table_directions, varying_keys
+from reporting.table import (
+    COST_NOTE,
+    build_table,
+    hyperparameters,
+    metric_directions,
+    table_directions,
+    varying_keys,
+)
 
 DEFAULT_TITLE = "Unlearning results"
 
@@ -46,6 +53,8 @@ def build_report(runs: Sequence[Run], folders: Sequence[str], out_dir: Path, tit
     figures = make_figures(ordered, out_dir, directions)
     samples, sample_notes = sample_views(ordered)
     notes = [note for note in [missing_roles_note(ordered)] if note]
+    if any(col.kind == "cost" for col in columns):
+        notes.append(COST_NOTE)
     generated = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     best = [(r.name, r.best) for r in ordered if r.best]
     return Report(title, generated, list(folders), columns, rows, figures, samples, sample_notes, notes, best)

@@ -47,8 +47,9 @@ class Run:
     matching ``<NAME>_EVAL.json`` files (``eval_paths``; for a training run also ``checkpoint_eval_paths``, the
     latest checkpoint's evaluation of each benchmark) are read only when asked for (:meth:`eval_log`,
     :meth:`eval_meta`). ``train_log`` is the trainer's log history, ``history`` the lines of
-    ``eval_history.jsonl`` and ``best`` the ``best_checkpoint.json`` object. ``role`` is set by
-    ``roles.assign_roles``.
+    ``eval_history.jsonl`` and ``best`` the ``best_checkpoint.json`` object. ``cost`` is what the whole run
+    cost, the ``compute.total`` record of its ``run_complete.json`` (``core.compute.PhaseCost``; None for a
+    run written before runs recorded it). ``role`` is set by ``roles.assign_roles``.
     """
 
     path: Path
@@ -62,6 +63,7 @@ class Run:
     best: dict[str, Any] | None = None
     #: ``<NAME>_ROBUSTNESS.json`` of an evaluation with attacks (src/attacks/), by benchmark name
     robustness: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cost: dict[str, Any] | None = None
     name: str = ""
     role: str = "run"
     _eval_cache: dict[Path, dict | None] = field(default_factory=dict, repr=False, compare=False)
@@ -268,6 +270,7 @@ def load_run(path: Path, kind: str) -> Run:
     robustness = {bench: r for bench, file in _bench_files(eval_dir, ROBUSTNESS_SUFFIX).items()
                   for r in [read_json(file)] if isinstance(r, dict)}
     best = read_json(path / BEST_CHECKPOINT) if kind == "train" else None
+    cost = get(read_json(path / RUN_MARKER), "compute", "total")
     task_name = config.get("task_name")
     return Run(
         path=path, kind=kind, config=config, summaries=summaries, eval_paths=_bench_files(eval_dir, EVAL_SUFFIX),
@@ -275,7 +278,7 @@ def load_run(path: Path, kind: str) -> Run:
         train_log=read_jsonl(path / TRAIN_LOG) if kind == "train" else [],
         history=read_jsonl(path / EVAL_HISTORY) if kind == "train" else [],
         best=best if isinstance(best, dict) else None, robustness=robustness,
-        name=str(task_name) if task_name else path.name,
+        cost=cost if isinstance(cost, dict) else None, name=str(task_name) if task_name else path.name,
     )
 
 

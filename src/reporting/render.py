@@ -176,6 +176,8 @@ def _html_table(columns: Sequence[Column], rows: Sequence[Mapping[str, Any]]) ->
             elif col.kind == "metric" or col.kind == "param":
                 strong = col.key in best and row.get("role") == "run" and value == best[col.key]
                 cells.append(_td(value, _cell_text(col, value), strong=strong))
+            elif col.kind == "cost":
+                cells.append(_td(value))
             else:
                 cells.append(f'<td class="text">{_e(format_value(value))}</td>')
         body.append(f'<tr class="{_e(row.get("role"))}">' + "".join(cells) + "</tr>")

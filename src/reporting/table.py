@@ -28,9 +28,26 @@ ARROW_NOTE = ("↑ / ↓ after a metric: a higher / lower value is the direction
               "direction (its goal is, for example, the retain model's value) or it is not known.")
 
 
+#: The cost columns (when any run records its cost): key in the row, label, and the value from a run's
+#: ``compute.total`` record (``core.compute.PhaseCost`` as JSON).
+COST_COLUMNS = (
+    ("cost.wall_s", "wall (s)", lambda c: c["wall_s"]),
+    ("cost.device_hours", "device-hours", lambda c: c["device_hours"]),
+    ("cost.peak_memory_gib", "peak memory (GiB)",
+     lambda c: max(c["peak_memory_bytes"].values()) / 2**30 if c["peak_memory_bytes"] else None),
+    ("cost.tokens", "tokens", lambda c: c["tokens"]),
+    ("cost.flops", "FLOPs", lambda c: c["flops"]),
+)
+COST_NOTE = ("wall (s) ... FLOPs: what each whole run cost (`compute.total` of its run_complete.json): elapsed "
+             "time, devices x wall hours, the largest peak memory of a device (CUDA memory allocated; on a CPU "
+             "the process's peak resident memory), the tokens fed to the model and the estimated FLOPs (6 N per "
+             "training token, 2 N per forward-only token, N the model's parameters without embedding tables); "
+             "see docs/report.md.")
+
+
 @dataclass(frozen=True)
 class Column:
-    """A column of the results table. ``kind``: info, param, metric or path; ``direction``: higher is
+    """A column of the results table. ``kind``: info, param, metric, cost or path; ``direction``: higher is
     better (True), lower (False) or unknown (None), for metrics."""
 
     key: str
@@ -184,6 +201,9 @@ def build_table(runs: Sequence[Run], directions: Mapping[str, bool | None] | Non
     for bench, metric in metrics:
         label = f"{bench}.{metric}" if several_benches else metric
         columns.append(Column(f"m.{bench}.{metric}", label, "metric", bench, metric, directions.get(metric)))
+    costs = any(run.cost is not None for run in runs)
+    if costs:
+        columns += [Column(key, label, "cost") for key, label, _ in COST_COLUMNS]
     columns.append(Column("path", "path", "path"))
     rows = []
     for run in runs:
@@ -193,8 +213,15 @@ def build_table(runs: Sequence[Run], directions: Mapping[str, bool | None] | Non
             row[f"hp.{key}"] = params[id(run)].get(key)
         for bench, metric in metrics:
             row[f"m.{bench}.{metric}"] = run.value(bench, metric)
+        if costs:
+            row.update(cost_values(run.cost))
         rows.append(row)
     return columns, rows
+
+
+def cost_values(cost: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The cost columns' values of a run's ``compute.total`` record (None each without one)."""
+    return {key: None if cost is None else value(cost) for key, _, value in COST_COLUMNS}
 
 
 def format_value(value: Any) -> str:

@@ -17,7 +17,8 @@ from transformers.integrations import TensorBoardCallback, is_deepspeed_zero3_en
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from core.distributed import is_sharded
+from core.compute import Phase, add_tokens, mask_tokens
+from core.distributed import is_main_process, is_sharded
 from evals.benchmark import Benchmark
 from evals.result import EvalResult
 from progress import LoggedProgress
@@ -165,6 +166,7 @@ class FinetuneTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         if "input_ids" not in inputs:
             raise ValueError(f"evaluation batches must be plain question-answer batches, got keys {list(inputs)}")
+        add_tokens(model, mask_tokens(inputs))  # the cost record (a device value, read when the phase ends)
         with torch.no_grad():
             loss = self.answer_mean_nll(model, inputs)
         return loss.detach(), None, None
@@ -182,6 +184,9 @@ class FinetuneTrainer(Trainer):
                 self._loss_terms[name].append(value)
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None):
+        # the cost record: every attention mask of the batch, summed on the device (read when the phase ends);
+        # a reference model's passes count where they run (trainer.unlearn.base)
+        add_tokens(model, mask_tokens(inputs), backward=True)
         loss = super().training_step(model, inputs, num_items_in_batch)
         self._unchecked_losses.append((self.state.global_step + 1, loss.detach(), dict(self._last_terms)))
         if len(self._unchecked_losses) >= MAX_UNCHECKED_LOSSES:
@@ -287,7 +292,8 @@ class FinetuneTrainer(Trainer):
         metrics: dict[str, float] = {}
         ran_loss_evaluation = eval_dataset is not None or self.eval_dataset is not None
         if ran_loss_evaluation:
-            metrics.update(super().evaluate(eval_dataset, ignore_keys, metric_key_prefix))
+            with Phase(f"evaluation:{metric_key_prefix}_loss@step{self.state.global_step}", "evaluation"):
+                metrics.update(super().evaluate(eval_dataset, ignore_keys, metric_key_prefix))
         if self.evaluators:
             metrics.update(self._run_evaluators(metric_key_prefix))
         if not ran_loss_evaluation:
@@ -302,7 +308,7 @@ class FinetuneTrainer(Trainer):
         ``<prefix>_<evaluator>_<metric>`` and appends each summary to ``eval_history.jsonl``."""
         step = self.state.global_step
         results = self._evaluate_benchmarks(os.path.join(self.args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}",
-                                                         RESULT_EVALS_DIR))
+                                                         RESULT_EVALS_DIR), f"@step{step}")
         # kept: this evaluation and the best so far (one of the two is the best after this one), nothing older
         self.evaluations = {s: r for s, r in self.evaluations.items() if s == self.state.best_global_step}
         self.evaluations[step] = results
@@ -312,15 +318,22 @@ class FinetuneTrainer(Trainer):
                                       "name": self.evaluators[name].name, "summary": result.summary})
         return self._log_summaries(metric_key_prefix, results)
 
-    def _evaluate_benchmarks(self, out_dir: str) -> dict[str, EvalResult]:
-        """Every evaluator's result on the current model (in evaluation mode), each saved into ``out_dir``."""
+    def _evaluate_benchmarks(self, out_dir: str, phase_suffix: str = "") -> dict[str, EvalResult]:
+        """Every evaluator's result on the current model (in evaluation mode), each saved into ``out_dir`` with
+        its cost (``_meta.compute``: the phase ``evaluation:<NAME><phase_suffix>``)."""
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
         model_id = f"{self.args.output_dir}@step{self.state.global_step}"
+        results: dict[str, EvalResult] = {}
         try:
-            return {name: evaluator.evaluate(model, output_dir=out_dir, model_id=model_id)
-                    for name, evaluator in self.evaluators.items()}
+            for name, evaluator in self.evaluators.items():
+                with Phase(f"evaluation:{evaluator.name}{phase_suffix}", "evaluation") as measured:
+                    result = evaluator.evaluate(model, output_dir=out_dir, model_id=model_id, save=False)
+                results[name] = result.with_compute([measured.record])
+                if is_main_process():
+                    results[name].save(out_dir)
+            return results
         finally:
             model.train(was_training)
 

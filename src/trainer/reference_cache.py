@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from core.compute import add_tokens, mask_tokens
 from data.collators import Parts
 from model.forward import answer_span_logits
 from progress import progress_over
@@ -134,6 +135,7 @@ class ReferenceNLLCache:
             start = starts[min(step, len(starts) - 1)]
             batch = collate([samples[i] for i in order[start:start + batch_size]])
             keys = batch_keys(batch)  # on the host, before the move
+            add_tokens(model, mask_tokens(batch))  # a forward pass, for the cost record
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             nll = sequence_nll(*answer_span_logits(model, batch))[0]
             if step < len(starts):

@@ -33,6 +33,7 @@ import torch
 from transformers import PreTrainedModel, TrainerCallback
 
 from checks import check_choice, check_number
+from core.compute import add_tokens, mask_tokens
 from core.distributed import gather_dicts, is_sharded, lockstep_total, rank_shard
 from data.collators import concat_batches
 from model.forward import answer_span_logits
@@ -249,6 +250,7 @@ class UnlearningTrainer(FinetuneTrainer):
     @torch.no_grad()
     def reference_logits(self, batch: dict[str, Any]) -> torch.Tensor:
         """Reference-model logits over the batch's answer span (aligned with ``answer_span_logits``)."""
+        add_tokens(self._reference(), mask_tokens(batch))  # a forward pass, for the cost record
         return answer_span_logits(self._reference(), batch)[0]
 
     @torch.no_grad()
@@ -264,6 +266,7 @@ class UnlearningTrainer(FinetuneTrainer):
                     "was precomputed (does the forget dataset change its items between calls?); set "
                     "trainer.args.precompute_ref_log_probs=false to compute it at every step"
                 )
+        add_tokens(self._reference(), mask_tokens(batch))  # a forward pass, for the cost record
         return sequence_nll(*answer_span_logits(self._reference(), batch))[0]
 
     def _precompute_reference_nll(self) -> ReferenceNLLCache:
