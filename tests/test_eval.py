@@ -11,7 +11,9 @@ from conftest import run_cli
 
 DEFAULT_METRICS = ["forget_quality", "forget_Q_A_Prob", "forget_Q_A_ROUGE", "forget_Truth_Ratio", "model_utility",
                    "privleak", "extraction_strength", "exact_memorization", "mia_loss", "mia_zlib", "mia_min_k",
-                   "mia_min_k_plus_plus"]
+                   "mia_min_k_plus_plus", "memorization_score", "privacy_score", "utility_score", "overall_score"]
+#: What compares with the retain model: null without retain_logs_path, with a note saying so.
+NEEDS_RETAIN = ("forget_quality", "privacy_score", "overall_score")
 SHORT_GENERATION = [f"eval.tofu.metrics.{m}.generation_args.max_new_tokens=16" for m in ("forget_Q_A_ROUGE",)] + [
     f"eval.tofu.metrics.model_utility.pre_compute.{p}_Q_A_ROUGE.generation_args.max_new_tokens=16"
     for p in ("retain", "ra", "wf")]
@@ -57,7 +59,7 @@ def test_eval_writes_every_metric_and_reuses_them(tofu_dir, tmp_path, caplog):
     assert set(DEFAULT_METRICS) <= set(logs) and logs["_meta"]["splits"]["forget_split"] == "forget10"
     assert list(summary) == DEFAULT_METRICS
     for name in DEFAULT_METRICS:
-        if name == "forget_quality":  # no retain logs given: reported as missing, not made up
+        if name in NEEDS_RETAIN:  # no retain logs given: reported as missing, not made up
             assert summary[name] is None and "retain" in logs[name]["note"]
             continue
         assert summary[name] is not None and math.isfinite(summary[name]), name
@@ -73,7 +75,8 @@ def test_eval_writes_every_metric_and_reuses_them(tofu_dir, tmp_path, caplog):
     pre_compute = ["forget_truth_ratio", "forget_Q_A_PARA_Prob", "forget_Q_A_PERT_Prob", "retain_Q_A_Prob",
                    "retain_Q_A_ROUGE", "retain_Truth_Ratio", "retain_Q_A_PARA_Prob", "retain_Q_A_PERT_Prob",
                    "ra_Q_A_Prob_normalised", "ra_Q_A_Prob", "ra_Q_A_PERT_Prob", "ra_Q_A_ROUGE", "ra_Truth_Ratio",
-                   "wf_Q_A_Prob_normalised", "wf_Q_A_Prob", "wf_Q_A_PERT_Prob", "wf_Q_A_ROUGE", "wf_Truth_Ratio"]
+                   "wf_Q_A_Prob_normalised", "wf_Q_A_Prob", "wf_Q_A_PERT_Prob", "wf_Q_A_ROUGE", "wf_Truth_Ratio",
+                   "forget_Truth_Ratio_prob_mean"]
     assert set(logs) == set(DEFAULT_METRICS) | set(pre_compute) | {"_meta"}
     assert len(logs["forget_Q_A_PERT_Prob"]["value_by_index"]["0"]["prob"]) > 1  # one per perturbed answer
     assert logs["forget_truth_ratio"] == logs["forget_Truth_Ratio"]

@@ -17,7 +17,7 @@ from conftest import REPO, run_cli
 from data import build_dataset, compose_dataset
 from data.text import CompletionDataset, ConcatenatedDataset, PretrainingDataset, leading_special_tokens
 from data.utils import IGNORE_INDEX, PromptTemplate, format_prompt
-from evals.metrics import TokenStats, get_metric
+from evals.metrics import TokenStats, get_metric, harmonic_mean
 
 SHARED_MUSE = REPO.parent / "shared" / "data" / "muse_news"
 PLAIN_TAGS = {"apply_chat_template": False, "user_start_tag": "Question: ", "user_end_tag": "\n",
@@ -289,7 +289,16 @@ def test_muse_eval_end_to_end(muse_dir, tmp_path):
     summary = json.loads((out / "MUSE_SUMMARY.json").read_text())
     expected = ["forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "retain_knowmem_ROUGE", "privleak",
                 "extraction_strength", "exact_memorization", "mia_loss", "mia_zlib", "mia_min_k", "mia_min_k_plus_plus"]
-    assert list(summary) == expected and all(summary[m] is not None for m in expected)
+    aggregates = ["memorization_score", "privacy_score", "utility_score", "overall_score"]
+    assert list(summary) == expected + aggregates and all(summary[m] is not None for m in expected)
+    # the aggregate scores, from the reported numbers (the 16-token verbmem generations: no pass of their own);
+    # privacy and overall need the retrained model's AUCs of all four attacks
+    memorised = [summary[m] for m in ("forget_verbmem_ROUGE", "forget_knowmem_ROUGE", "extraction_strength",
+                                      "exact_memorization")]
+    assert summary["memorization_score"] == pytest.approx(harmonic_mean([1 - x for x in memorised]))
+    assert summary["utility_score"] == summary["retain_knowmem_ROUGE"]
+    assert summary["privacy_score"] is None and summary["overall_score"] is None
+    assert "retain_logs_path not given" in logs["privacy_score"]["note"]
     assert logs["_meta"]["limit"] == 6 and logs["_meta"]["split_sizes"] == {"forget": 6, "holdout": 6}
     assert set(logs["forget_knowmem_ROUGE"]["value_by_index"]) == {str(i) for i in range(6)}
     verbmem = logs["forget_verbmem_ROUGE"]["value_by_index"]["0"]
@@ -301,12 +310,14 @@ def test_muse_eval_end_to_end(muse_dir, tmp_path):
     assert privleak["agg_value"] == pytest.approx(((1 - privleak["auc"]) - 0.4772) / 0.4772 * 100)
     assert "muse summary" in result.stdout
 
-    # against its own logs: the reference AUC is this model's, so privleak is 0; nothing else recomputed
+    # against its own logs: the reference AUCs are this model's, so privleak is 0 and every sMIA 1; nothing but
+    # the three metrics reading the retain file (privleak, privacy_score, overall_score) recomputed
     again = run_cli([*args, f"retain_logs_path={out / 'MUSE_EVAL.json'}"])
     assert again.returncode == 0, again.stderr[-4000:]
     second = json.loads((out / "MUSE_SUMMARY.json").read_text())
     assert second["privleak"] == pytest.approx(0.0) and second["mia_min_k"] == summary["mia_min_k"]
-    assert "reusing 9 metric(s)" in again.stdout + again.stderr
+    assert second["privacy_score"] == 1.0
+    assert "reusing 11 metric(s)" in again.stdout + again.stderr
 
 
 def test_muse_eval_with_open_unlearnings_conventions(muse_dir, tmp_path, smollm2_tokenizer):
@@ -438,7 +449,7 @@ def test_sequential_driver_runs_two_folds(muse_dir, tmp_path):
     again = run_cli(args)
     assert again.returncode == 0, again.stderr[-4000:]
     log = again.stdout + again.stderr
-    assert log.count("reusing the finished run") == 2 and "reusing 10 metric(s)" in log
+    assert log.count("reusing the finished run") == 2 and "reusing 14 metric(s)" in log
     assert (out / "fold_2" / "model.safetensors").stat().st_mtime_ns == weights
     assert json.loads((out / "SEQUENCE_SUMMARY.json").read_text())["rows"] == rows
 

@@ -2,8 +2,11 @@
 
 A benchmark config (``configs/eval/<bench>.yaml``) lists metrics; each metric config names a
 registered ``handler`` (src/evals/metrics), the ``datasets`` it reads (role -> dataset spec), its
-``pre_compute`` metrics (full configs, keyed by metric name, each with an ``access_key``), optional
-``reference_logs`` (another model's EVAL file) and handler options. The evaluator:
+``pre_compute`` metrics (full configs, keyed by metric name, each with an ``access_key``), its
+``metric_inputs`` (``{access_key: name}``: other metrics of the same benchmark, whose results as reported
+are handed to it with the ``pre_compute`` ones: a score built on the benchmark's own metrics, computed from
+the same numbers and passes), optional ``reference_logs`` (another model's EVAL file) and handler options.
+The evaluator:
 
 1. plans the passes every metric needs and runs each (dataset, pass kind) once, sharing the result
    between metrics (``evals.passes``); teacher-forced passes over the same questions with different
@@ -54,9 +57,22 @@ from evals.runners import PASS_RUNNERS, EvalContext
 
 log = logging.getLogger(__name__)
 
+#: ``reference_logs.<name>.missing_entries``: an included metric the reference file lacks is an ``error`` (before
+#: any model pass), or gives the metric an entry without a value (``null``, with a note: scores that can go
+#: without one, such as the aggregate Privacy score with a retain file of another framework).
+MISSING_ENTRIES = ("error", "null")
+
+
+def _missing_entries(ref: Mapping, where: str) -> str:
+    choice = ref.get("missing_entries", "error")
+    if choice not in MISSING_ENTRIES:
+        raise ValueError(f"{where}={choice!r}; valid: {', '.join(MISSING_ENTRIES)}")
+    return choice
+
+
 def _input_names() -> set[str]:
     return set(PASS_INPUTS) | {"pre_compute", "reference_logs"}
-CONTROL_KEYS = {"handler", "datasets", "pre_compute", "reference_logs", "access_key", "batch_size",
+CONTROL_KEYS = {"handler", "datasets", "pre_compute", "metric_inputs", "reference_logs", "access_key", "batch_size",
                 "generation_args", "reference_model", "higher_is_better"}
 #: Metric-config keys that do not change a metric's value (left out of its fingerprint).
 PRESENTATION_KEYS = ("higher_is_better",)
@@ -146,6 +162,7 @@ class Evaluator(Benchmark):
             raise ValueError(f"evaluator {self.name}: no metrics configured")
         for metric_name, mcfg in self.metrics_cfg.items():
             self._validate(metric_name, mcfg)
+        self._check_metric_input_cycles()
         summary = self.cfg.get("summary_metrics")
         if summary is not None:
             if not isinstance(summary, (list, tuple)) or not all(isinstance(n, str) for n in summary):
@@ -184,6 +201,7 @@ class Evaluator(Benchmark):
             if "access_key" not in sub:
                 raise ValueError(f"metric {name}: pre_compute.{sub_name} needs an access_key")
             self._validate(sub_name, sub)
+        self._validate_metric_inputs(name, mcfg, spec.name, "pre_compute" in spec.needs)
         if any(n in spec.needs for n in PASS_INPUTS) and not mcfg.get("datasets"):
             raise ValueError(f"metric {name}: handler {spec.name} reads data but no datasets are given")
         batch_size = mcfg.get("batch_size", 32)
@@ -191,6 +209,55 @@ class Evaluator(Benchmark):
         if not (batch_size == "auto" and generation_only or _positive_int(batch_size)):
             raise ValueError(f"metric {name}: batch_size={batch_size!r}; give a positive number of rows"
                              + (" or 'auto'" if generation_only else " ('auto' is for generation metrics only)"))
+
+    def _validate_metric_inputs(self, name: str, mcfg: Mapping, handler: str, reads_pre_compute: bool) -> None:
+        """``metric_inputs``: ``{access_key: name}`` of metrics of this benchmark, for a handler that reads
+        ``pre_compute``, with access keys its ``pre_compute`` entries do not use."""
+        inputs = mcfg.get("metric_inputs")
+        if inputs is None:
+            return
+        if not isinstance(inputs, Mapping) or not inputs or \
+                not all(isinstance(k, str) and isinstance(v, str) for k, v in inputs.items()):
+            raise ValueError(f"metric {name}: metric_inputs={inputs!r}; give a mapping {{access key: name of "
+                             f"another metric of this benchmark}} (its metrics: {', '.join(self.metrics_cfg)})")
+        if not reads_pre_compute:
+            raise ValueError(f"metric {name}: handler {handler} reads no pre_compute, so metric_inputs "
+                             f"{sorted(inputs.values())} would go unused")
+        unknown = [m for m in inputs.values() if m not in self.metrics_cfg]
+        if unknown:
+            raise ValueError(f"metric {name}: metric_inputs {unknown} are not metrics of evaluator {self.name} "
+                             f"(its metrics: {', '.join(self.metrics_cfg)}); add them to its metric list, or "
+                             f"leave {name} out")
+        shared = sorted(set(inputs) & {sub.get("access_key") for sub in (mcfg.get("pre_compute") or {}).values()})
+        if shared:
+            raise ValueError(f"metric {name}: access key(s) {shared} are given both by metric_inputs and by "
+                             "pre_compute; give each input its own key")
+
+    def _metric_input_names(self, mcfg: Mapping) -> list[str]:
+        """The benchmark metrics a metric config reads through ``metric_inputs``, its own and its pre-compute
+        metrics'."""
+        names = list((mcfg.get("metric_inputs") or {}).values())
+        for sub in (mcfg.get("pre_compute") or {}).values():
+            names += self._metric_input_names(sub)
+        return names
+
+    def _check_metric_input_cycles(self) -> None:
+        """No metric reads itself through ``metric_inputs``, directly or through others (ValueError naming
+        the cycle)."""
+        done: set[str] = set()
+
+        def visit(name: str, path: list[str]) -> None:
+            if name in path:
+                cycle = " -> ".join(path[path.index(name):] + [name])
+                raise ValueError(f"evaluator {self.name}: metrics read each other through metric_inputs: {cycle}")
+            if name in done:
+                return
+            for input_name in self._metric_input_names(self.metrics_cfg[name]):
+                visit(input_name, [*path, name])
+            done.add(name)
+
+        for metric_name in self.metrics_cfg:
+            visit(metric_name, [])
 
     # ----- data ------------------------------------------------------------------------------------
     def _dataset_key(self, spec: Any, without_answer: bool = False) -> str:
@@ -349,8 +416,11 @@ class Evaluator(Benchmark):
                     continue
                 what = f"{self.name} metric {metric}: reference_logs.{ref_name}.path"
                 logs = self._read_reference_file(str(path), what)
+                lenient = _missing_entries(ref, f"{what[:-len('.path')]}.missing_entries") == "null"
                 for included in (ref.get("include") or {}):
                     entry = logs.get(included)
+                    if entry is None and lenient:  # the metric records why it has no value
+                        continue
                     if not isinstance(entry, dict):
                         have = sorted(k for k in logs if k != "_meta")
                         problem = "has no metric" if entry is None else "has a non-object entry for"
@@ -410,10 +480,15 @@ class Evaluator(Benchmark):
         for ref_name, ref in (mcfg.get("reference_logs") or {}).items():
             path = ref.get("path")
             logs = self._read_reference_file(str(path), f"reference_logs.{ref_name}.path") if path else None
+            lenient = _missing_entries(ref, f"reference_logs.{ref_name}.missing_entries") == "null"
             for metric_name, inc in (ref.get("include") or {}).items():
                 if logs is not None and metric_name not in logs:
-                    raise DataFileError(f"{path} has no metric {metric_name!r} (it has: "
-                                        f"{sorted(k for k in logs if k != '_meta')})")
+                    if not lenient:
+                        raise DataFileError(f"{path} has no metric {metric_name!r} (it has: "
+                                            f"{sorted(k for k in logs if k != '_meta')})")
+                    out[inc["access_key"]] = {"agg_value": None, "note": f"{path} has no {metric_name!r} entry "
+                                              "(evaluate the retain model with that metric)"}
+                    continue
                 out[inc["access_key"]] = logs[metric_name] if logs is not None else None
         return out
 
@@ -442,6 +517,11 @@ class Evaluator(Benchmark):
                 sub["access_key"]: self._compute(sub_name, sub, ctx, results)
                 for sub_name, sub in (mcfg.get("pre_compute") or {}).items()
             }
+            # the benchmark's own metrics, as they are reported (computed once, whoever asks first)
+            kwargs["pre_compute"].update({
+                access_key: self._compute(input_name, self.metrics_cfg[input_name], ctx, results)
+                for access_key, input_name in (mcfg.get("metric_inputs") or {}).items()
+            })
         if "reference_logs" in spec.needs:
             kwargs["reference_logs"] = self._reference_logs(mcfg)
         cache[key] = spec.fn(**kwargs, **self._options(mcfg))
@@ -457,6 +537,8 @@ class Evaluator(Benchmark):
                 ref_name: file_digest(ref.get("path")) for ref_name, ref in (mcfg.get("reference_logs") or {}).items()
             }
             out["pre_compute"] = {k: with_data(v) for k, v in (mcfg.get("pre_compute") or {}).items()}
+            if mcfg.get("metric_inputs"):  # the inputs' own fingerprint data: a changed input recomputes the score
+                out["metric_inputs"] = {k: with_data(self.metrics_cfg[n]) for k, n in mcfg["metric_inputs"].items()}
             return out
 
         return content_hash({"metric": with_data(self.metrics_cfg[name]), "model": model_fingerprint(model_id),

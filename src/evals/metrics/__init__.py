@@ -236,7 +236,8 @@ def _as_float_list(value: Any) -> list[float] | None:
     return out
 
 
-from . import fluency, memorization, mia, privacy, probability, rouge, utility  # noqa: E402  (fill the registry)
+from . import aggregate, fluency, memorization, mia, privacy, probability, rouge, utility  # noqa: E402  (fill the registry)
+from .aggregate import memorization_score, privacy_score, smia_score  # noqa: E402
 from .fluency import ngram_entropy, weighted_ngram_entropy  # noqa: E402
 from .memorization import exact_memorization_score, extraction_strength_score  # noqa: E402
 from .mia import (  # noqa: E402
@@ -260,6 +261,7 @@ from .utility import harmonic_mean  # noqa: E402
 
 __all__ = [
     "ALLOWED_NEEDS",
+    "aggregate",
     "PASS_INPUTS",
     "METRIC_REGISTRY",
     "MetricSpec",
@@ -272,11 +274,13 @@ __all__ = [
     "harmonic_mean",
     "mean_nll",
     "memorization",
+    "memorization_score",
     "mia",
     "min_k_plus_plus_score",
     "ngram_entropy",
     "min_k_score",
     "privacy",
+    "privacy_score",
     "privleak_score",
     "prob_with_options",
     "probability",
@@ -286,6 +290,7 @@ __all__ = [
     "rouge",
     "rouge_scores",
     "sequence_prob",
+    "smia_score",
     "truth_ratio",
     "truth_ratio_aggregate",
     "utility",
