@@ -90,7 +90,7 @@ def test_finetune_then_unlearn_from_the_saved_model(tofu_dir, tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["data.forget=TOFU_QA_FORGET11"], "unknown dataset 'TOFU_QA_FORGET11'; valid names: MUSE_MIA_forget, MUSE_MIA_holdout, "
                                       "MUSE_MIA_retain, MUSE_forget, MUSE_forget_knowmem, MUSE_forget_scal, MUSE_forget_sust, "
-                                      "MUSE_forget_verbmem, MUSE_retain, MUSE_retain_knowmem, TOFU_QA_FORGET01"),
+                                      "MUSE_forget_verbmem, MUSE_retain, MUSE_retain_knowmem, RWKU_fluency"),
     (["data.retain=null"], "data.retain"),
     (["data.dataset_args.max_length=8"], "max_length=8"),
     (["model=tiny-random-lama"], "tiny-random-llama"),
