@@ -220,6 +220,7 @@ def test_open_unlearning_batches_take_items_then_answer_positions():
         [(2, 0), (3, 0)], [(2, 1), (3, 1)], [(2, 2), (3, 2)], [(4, 0)], [(4, 1)], [(4, 2)]]
 
 
+@pytest.mark.slow  # ~30 s: a command-line evaluation (tests/test_golden.py pins compat's numbers) (make test-slow)
 def test_eval_in_compat_mode_end_to_end(tofu_dir, tmp_path):
     out = tmp_path / "compat"
     result = run_cli(["src/eval.py", "--config-name=eval.yaml", "model=tiny-random-llama", f"paths.tofu={tofu_dir}",

@@ -66,6 +66,7 @@ def _same(a, b, where: str = "") -> None:
         assert a == b, where
 
 
+@pytest.mark.slow  # ~30 s: two evaluations through the command line, one on 2 processes (make test-slow)
 def test_distributed_evaluation_equals_one_process(tofu_dir, tmp_path):
     """src/eval.py on 2 processes: every pass split between them, gathered once, the same EVAL file as one process."""
     short = [f"eval.tofu.metrics.model_utility.pre_compute.{p}_Q_A_ROUGE.generation_args.max_new_tokens=8"
@@ -88,6 +89,7 @@ def test_distributed_evaluation_equals_one_process(tofu_dir, tmp_path):
           json.loads((tmp_path / "two" / "TOFU_SUMMARY.json").read_text()))
 
 
+@pytest.mark.slow  # ~20 s: an FSDP2 worker on 2 processes (make test-slow)
 def test_fsdp2_sharded_reference_passes_stay_in_lockstep(tmp_path):
     """Uneven shards (3 and 2 samples) through an FSDP2-sharded model: padded to the same number of forward
     passes (a sharded forward is collective), the same NLLs as the whole model; RMU's layer capture runs the
@@ -127,6 +129,7 @@ def test_accelerate_configs_load(name, kind):
         assert (ds["offload_param_device"] == "cpu") == name.endswith("offload")
 
 
+@pytest.mark.slow  # ~30 s: LoRA NPO on 1 and on 2 processes (make test-slow)
 def test_lora_npo_on_two_processes_equals_one(tofu_dir, tmp_path):
     """LoRA under DDP: the reference (adapters off) and the adapters' updates match one process of the same batch."""
     npo = [a if a != "trainer=GradDiff" else "trainer=NPO" for a in GRAD_DIFF if not a.startswith("trainer.method_args")]

@@ -74,6 +74,7 @@ def test_seed_quick_start_on_real_tofu(shared_tofu, tmp_path):
     _check_run_folder(out, ["forget_loss", "retain_loss"])
 
 
+@pytest.mark.slow  # ~20 s: two command-line runs (make test-slow)
 def test_finetune_then_unlearn_from_the_saved_model(tofu_dir, tmp_path):
     target = tmp_path / "target"
     _run_ok(["src/train.py", "--config-name=train.yaml", "model=tiny-random-llama", "data.train=TOFU_QA_FULL",
@@ -92,10 +93,11 @@ def test_finetune_then_unlearn_from_the_saved_model(tofu_dir, tmp_path):
                                       "MUSE_MIA_retain, MUSE_forget, MUSE_forget_knowmem, MUSE_forget_scal, MUSE_forget_sust, "
                                       "MUSE_forget_verbmem, MUSE_retain, MUSE_retain_knowmem, RWKU_fluency"),
     (["data.retain=null"], "data.retain"),
-    (["data.dataset_args.max_length=8"], "max_length=8"),
-    (["model=tiny-random-lama"], "tiny-random-llama"),
-    (["trainer=GradDif"], "GradDiff"),
-    (["trainer.method_args.alpha=0.5", "+trainer.method_args.beta=1"], "not accepted by GradDiff"),
+    pytest.param(["data.dataset_args.max_length=8"], "max_length=8", marks=pytest.mark.slow),  # ~10 s each: a command-line run
+    pytest.param(["model=tiny-random-lama"], "tiny-random-llama", marks=pytest.mark.slow),  # ~10 s each: a command-line run
+    pytest.param(["trainer=GradDif"], "GradDiff", marks=pytest.mark.slow),  # ~10 s each: a command-line run
+    pytest.param(["trainer.method_args.alpha=0.5", "+trainer.method_args.beta=1"], "not accepted by GradDiff",
+                 marks=pytest.mark.slow),  # ~10 s each: a command-line run
 ])
 def test_bad_input_fails_clearly_and_writes_nothing(tofu_dir, tmp_path, overrides, message):
     out = tmp_path / "run"
@@ -107,6 +109,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(tofu_dir, tmp_path, override
     assert not out.exists() and not list(out.parent.glob("run.incomplete*"))
 
 
+@pytest.mark.slow  # ~10 s: a command-line run (make test-slow)
 def test_missing_data_folder_names_file_and_setting(tmp_path):
     out = tmp_path / "run"
     result = run_cli([*SEED_COMMAND, f"paths.tofu={tmp_path / 'nowhere'}", *FAST, f"paths.output_dir={out}"])
@@ -115,6 +118,7 @@ def test_missing_data_folder_names_file_and_setting(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow  # ~15 s: a command-line run (make test-slow)
 def test_failure_during_training_leaves_no_result(tofu_dir, tmp_path):
     out = tmp_path / "run"
     # An absurd learning rate makes the loss non-finite within a few steps.
@@ -141,6 +145,7 @@ def test_one_step_of_smollm2(tofu_dir, tmp_path):
     assert any("forget_loss" in e for e in _log(out))
 
 
+@pytest.mark.slow  # ~25 s: torchrun on 2 processes (test_distributed.py covers the numbers) (make test-slow)
 def test_two_processes_on_cpu(tofu_dir, tmp_path):
     """Distributed data parallel (2 CPU processes, gloo): ranks share the work, rank 0 writes once.
 

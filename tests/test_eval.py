@@ -176,6 +176,7 @@ def test_model_fingerprint_of_random_init_and_folder_models(repo, tmp_path):
     assert model_fingerprint(str(tmp_path)).startswith(f"{tmp_path}|model.safetensors:5:")
 
 
+@pytest.mark.slow  # ~20 s: fine-tunes a model first (make test-slow)
 def test_privleak_is_negative_for_a_model_trained_on_the_forget_rows(tofu_dir, tmp_path, monkeypatch):
     """The sign convention, end to end: a model fine-tuned on the forget rows recognises them (Min-K% AUC
     > 0.5: holdout rows look less familiar) and, against a retain model that never saw them, scores

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from conftest import REPO, run_cli
 
 
+@pytest.mark.slow  # ~9 s: the benchmark script (make test-slow)
 def test_eval_time_prints_one_json_object_with_the_summary(tofu_dir, tmp_path):
     out = tmp_path / "eval_time.json"
     proc = run_cli([str(REPO / "benchmarks" / "eval_time.py"), "--model", "tiny-random-llama",

@@ -232,6 +232,7 @@ def test_optuna_sweep_returns_the_final_evaluation(tofu_dir, tmp_path):
     assert "solutions:" in (sweep_dir / "optimization_results.yaml").read_text()  # the Pareto front
 
 
+@pytest.mark.slow  # ~12 s: the launcher plugin's composition (make test-slow)
 def test_submitit_launcher_composes_for_slurm():
     """The documented cluster command composes (the cluster extra installs the launcher plugin)."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the cluster extra: pip install -e '.[cluster]'")

@@ -219,6 +219,7 @@ def test_settings_reach_lm_eval(tiny, toy, plain_run, tmp_path, monkeypatch):
     assert entry["value_by_index"]["0"]["prompt_hash"] != plain["0"]["prompt_hash"]  # chat template and one shot
 
 
+@pytest.mark.slow  # ~25 s: lm-eval on local files (make test-slow)
 @needs_lm_eval
 def test_task_overrides_point_wmdp_bio_at_a_local_file(tiny, toy, tmp_path):
     """wmdp_bio with its own prompt (description, questions, options), read from a local file instead of the Hub."""
@@ -247,6 +248,7 @@ def test_task_overrides_point_wmdp_bio_at_a_local_file(tiny, toy, tmp_path):
         assert "'+eval.lm_eval.task_overrides.wmdp_cyber={dataset_path: json" in str(e)
 
 
+@pytest.mark.slow  # ~15 s: lm-eval groups (make test-slow)
 @needs_lm_eval
 def test_groups_tags_and_overrides_of_a_groups_tasks(tiny, toy, tmp_path):
     """A group of two copies of the toy task (through a tag); an override of one of them reaches it inside the
@@ -318,6 +320,7 @@ def test_during_training_on_every_evaluation(tofu_dir, toy, tmp_path):
         assert logs["_meta"]["model"].endswith(f"@step{step}")
 
 
+@pytest.mark.slow  # ~12 s: src/eval.py eval=lm_eval through the command line (make test-slow)
 @needs_lm_eval
 def test_command_line(toy, tmp_path):
     out = tmp_path / "eval"

@@ -311,6 +311,7 @@ def _steps(out, terms):
     return log, steps
 
 
+@pytest.mark.slow  # ~12 s: three runs (make test-slow)
 def test_end_to_end_satimp_wga_task_vector(tofu_dir, tmp_path):
     # One process, three runs (Hydra multirun): the interpreter start-up dominates a 2-step run.
     _run(tofu_dir, tmp_path, ["trainer=SatImp,WGA,TaskVector", "data.retain=TOFU_QA_RETAIN90",
@@ -321,6 +322,7 @@ def test_end_to_end_satimp_wga_task_vector(tofu_dir, tmp_path):
     assert sum(e.get("task_vector_norm", 0) > 0 for e in log) == 1
 
 
+@pytest.mark.slow  # ~10 s: a PDU run (make test-slow)
 def test_end_to_end_pdu(tofu_dir, tmp_path):
     out = tmp_path / "pdu"
     _run(tofu_dir, tmp_path, ["trainer=PDU", "trainer.method_args.retain_loss_eps=2.0",

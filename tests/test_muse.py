@@ -320,6 +320,7 @@ def test_muse_eval_end_to_end(muse_dir, tmp_path):
     assert "reusing 11 metric(s)" in again.stdout + again.stderr
 
 
+@pytest.mark.slow  # ~15 s: a compat MUSE evaluation (make test-slow)
 def test_muse_eval_with_open_unlearnings_conventions(muse_dir, tmp_path, smollm2_tokenizer):
     """compat=open_unlearning covers MUSE: the knowledge prompts with their in-context examples are prepared as
     open-unlearning prepares them (one text tokenized at once, the labels every token after the prompt)."""
@@ -352,6 +353,7 @@ def _log(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # ~15 s: fine-tuning on both corpora (make test-slow)
 def test_target_model_trains_on_both_corpora(muse_dir, tmp_path):
     """data.train=[MUSE_forget,MUSE_retain]: the corpora one after the other, in 64-token chunks."""
     out = tmp_path / "target"
@@ -368,6 +370,7 @@ def test_target_model_trains_on_both_corpora(muse_dir, tmp_path):
         ("MUSE_forget", "PretrainingDataset", "raw_forget"), ("MUSE_retain", "PretrainingDataset", "privleak_retain2")]
 
 
+@pytest.mark.slow  # ~15 s: RMU on MUSE chunks (make test-slow)
 def test_rmu_two_steps_on_muse_chunks(muse_dir, tmp_path):
     out = tmp_path / "rmu"
     result = run_cli(["src/train.py", "--config-name=unlearn.yaml", "trainer=RMU", "trainer.method_args.layer_id=1",
@@ -454,6 +457,7 @@ def test_sequential_driver_runs_two_folds(muse_dir, tmp_path):
     assert json.loads((out / "SEQUENCE_SUMMARY.json").read_text())["rows"] == rows
 
 
+@pytest.mark.slow  # ~20 s: command-line refusals (make test-slow)
 def test_sequential_driver_refuses_bad_settings(muse_dir, tmp_path):
     bad = run_cli([*SEQUENCE, "sequence.start_from=first", f"paths.muse_news={muse_dir}",
                    f"paths.output_dir={tmp_path / 'x'}"])

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from conftest import REPO, run_cli
 
 
+@pytest.mark.slow  # ~11 s: the benchmark script (make test-slow)
 def test_train_throughput_prints_one_json_object_with_the_losses(tofu_dir, tmp_path):
     out = tmp_path / "train.json"
     proc = run_cli([str(REPO / "benchmarks" / "train_throughput.py"), "--model", "tiny-random-llama", "--method", "NPO",
