@@ -30,6 +30,14 @@ from accelerate import PartialState  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
+from attacks import (  # noqa: E402
+    attack_settings,
+    check_attacks,
+    format_robustness,
+    get_attacks,
+    robustness_summary,
+    run_attacks,
+)
 from checks import BadValueError  # noqa: E402
 from core.compute import CostRecorder, Phase, flop_params  # noqa: E402
 from core.distributed import check_process_count, on_main_process, unwrap_parallel  # noqa: E402
@@ -47,6 +55,7 @@ from run_folder import (  # noqa: E402
     RunFolder,
     checkpoints,
     resumable_checkpoint,
+    robustness_file,
     write_json_atomic,
 )
 from sweep import (  # noqa: E402
@@ -78,22 +87,66 @@ def write_run_files(cfg: DictConfig, trainer, folder: Path) -> None:
             f.write(json.dumps(entry) + "\n")
 
 
-def run_inputs(cfg: DictConfig, benchmarks: dict[str, Benchmark]) -> list[str]:
+def run_inputs(cfg: DictConfig, benchmarks: dict[str, Benchmark], attacks: list | None = None) -> list[str]:
     """Paths the run reads (model, tokenizer, the data folder of every dataset, EVAL files, each benchmark's
-    ``input_paths``): the output folder must not hold them."""
+    ``input_paths``, the attacks' baseline models): the output folder must not hold them."""
     found = [cfg.model.model_args.get("pretrained_model_name_or_path"),
              cfg.model.get("tokenizer_args", {}).get("pretrained_model_name_or_path"),
-             *data_input_paths(cfg.data), cfg.get("retain_logs_path")]
+             *data_input_paths(cfg.data), cfg.get("retain_logs_path"),
+             *[attack_cfg.get("baseline_model_path") for _, attack_cfg in attacks or []]]
     for bench in benchmarks.values():
         found += bench.input_paths()
-    return [str(p) for p in found if p]
+    return [str(p) for p in found if p and p != "auto"]
+
+
+def final_attacks(cfg: DictConfig, benchmarks: dict[str, Benchmark]) -> list:
+    """The attacks of ``cfg.attack`` the result's final evaluation runs (``attacks.get_attacks``), checked
+    against the benchmarks before any work: they need an evaluation at the end (``eval=<bench>`` and
+    ``trainer.args.do_eval``)."""
+    attacks = get_attacks(OmegaConf.to_container(cfg.attack, resolve=True) if cfg.get("attack") else None)
+    if not attacks:
+        return []
+    if not benchmarks or not cfg.trainer.args.do_eval:
+        raise BadValueError(f"attack={[spec.name for spec, _ in attacks]} attacks the result's final evaluation, "
+                            "but the run has none: add eval=<bench> (and keep trainer.args.do_eval=true)")
+    check_attacks(attacks, benchmarks)
+    return attacks
+
+
+def attack_result(model: torch.nn.Module, tokenizer: Any, evaluators: dict[str, Benchmark], attacks: list,
+                  final: dict[str, EvalResult], out_dir: Path, model_id: str, is_main: bool) -> dict[str, EvalResult]:
+    """The final evaluation of every benchmark with its forget metrics under each attack added
+    (``<metric>@<attack>``, ``attacks.run_attacks``; every process, as the evaluation), saved again into
+    ``out_dir`` with ``<NAME>_ROBUSTNESS.json`` beside it; the model itself is not changed (attacks work on
+    copies)."""
+    was_training = model.training
+    model.eval()
+    attacked_results: dict[str, EvalResult] = {}
+    try:
+        for name, evaluator in evaluators.items():
+            retain_path = evaluator.cfg.get("retain_logs_path")
+            attacked, baselines = run_attacks(attacks, evaluator, model, model_id, tokenizer,
+                                              evaluator.template_args, retain_path)
+            clean = final[name]
+            retain = EvalResult.from_eval_payload(evaluator.name, json.loads(Path(retain_path).read_text())) \
+                if retain_path else None
+            robustness = robustness_summary(clean, attacked, baselines, retain)
+            result = clean.with_attacked(attacked, attack_settings(attacks, model))
+            if is_main:
+                result.save(out_dir)
+                write_json_atomic(robustness_file(out_dir, evaluator.name), robustness)
+                log.info("%s under attack (clean, attacked, the retain model):\n%s", name, format_robustness(robustness))
+            attacked_results[name] = result
+    finally:
+        model.train(was_training)
+    return attacked_results
 
 
 #: Settings a resumed run may change: where and how often it logs, saves and evaluates, and where its output
 #: goes (a key, or a prefix ending with "."). Any other difference changes the trained model, so a resume
 #: with it is refused (``resume_changes``).
 RESUME_HARMLESS = (
-    "paths.output_dir", "paths.model_cache_dir", "task_name", "hydra.", "eval.", "data.eval", "objective.",
+    "paths.output_dir", "paths.model_cache_dir", "task_name", "hydra.", "eval.", "attack.", "data.eval", "objective.",
     "trainer.args.resume_from_checkpoint", "trainer.args.output_dir", "trainer.args.run_name",
     "trainer.args.logging_steps", "trainer.args.logging_strategy", "trainer.args.logging_first_step",
     "trainer.args.logging_dir", "trainer.args.report_to", "trainer.args.disable_tqdm",
@@ -195,7 +248,8 @@ def _run(cfg: DictConfig, cost: CostRecorder) -> TrainRun:
     check_eval_splits(cfg)
     # the benchmarks' configs checked, and their inputs known, before the output folder is taken
     benchmarks = get_evaluators(cfg.get("eval"), template_args=cfg.model.get("template_args"), paths=cfg.get("paths"))
-    folder = RunFolder(cfg.paths.output_dir, inputs=run_inputs(cfg, benchmarks), mode=cfg.mode)
+    attacks = final_attacks(cfg, benchmarks)
+    folder = RunFolder(cfg.paths.output_dir, inputs=run_inputs(cfg, benchmarks, attacks), mode=cfg.mode)
     resume = cfg.trainer.get("args", {}).get("resume_from_checkpoint")
     staging, checkpoint = _start_folder(folder, resume)
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if state.is_main_process else None
@@ -226,6 +280,10 @@ def _run(cfg: DictConfig, cost: CostRecorder) -> TrainRun:
         final: dict[str, EvalResult] = {}
         if evaluators and training_args.do_eval:  # every process: the evaluation runs in lockstep
             final = trainer.evaluate_result(str(staging / RESULT_EVALS_DIR))
+            if attacks:  # the result under attack (robustness-aware selection: objective <metric>@<attack>)
+                final = attack_result(trainer.accelerator.unwrap_model(trainer.model), tokenizer, evaluators, attacks,
+                                      final, staging / RESULT_EVALS_DIR, f"{cfg.paths.output_dir}@final",
+                                      state.is_main_process)
         # every process: the measures are combined
         spent = cost.finish(flop_params(model), resumed_from=str(checkpoint) if checkpoint is not None else None)
         if state.is_main_process:

@@ -178,6 +178,21 @@ def metric_columns(runs: Sequence[Run]) -> list[tuple[str, str]]:
     return list(seen)
 
 
+def attack_gaps(metrics: Sequence[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """``(benchmark, attacked metric, its clean metric)`` of every ``<metric>@<attack>`` column whose clean metric
+    is a column too: the report shows the gap, attacked minus clean, beside them."""
+    present = set(metrics)
+    return [(bench, metric, metric.split("@", 1)[0]) for bench, metric in metrics
+            if "@" in metric and (bench, metric.split("@", 1)[0]) in present]
+
+
+def gap(attacked: Any, clean: Any) -> float | None:
+    """``attacked - clean``, or None when either is not a number: how far an attack moved a metric (towards the
+    target's value, for a forget metric, when the knowledge was hidden rather than removed)."""
+    numbers = [v for v in (attacked, clean) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    return float(attacked) - float(clean) if len(numbers) == 2 else None
+
+
 def table_directions(runs: Sequence[Run]) -> dict[str, bool | None]:
     """The direction of every summary metric of the runs (:func:`metric_directions`)."""
     return metric_directions([m for _, m in metric_columns(runs)], eval_metas(runs))
@@ -198,9 +213,14 @@ def build_table(runs: Sequence[Run], directions: Mapping[str, bool | None] | Non
     columns = [Column("name", "name", "info"), Column("role", "role", "info"), Column("method", "method", "info")]
     columns += [Column(f"hp.{key}", key, "param") for key in param_keys]
     columns.append(Column("forget_split", "forget split", "info"))
+    gaps = attack_gaps(metrics)
+    clean_of = {(bench, metric): clean for bench, metric, clean in gaps}
     for bench, metric in metrics:
         label = f"{bench}.{metric}" if several_benches else metric
         columns.append(Column(f"m.{bench}.{metric}", label, "metric", bench, metric, directions.get(metric)))
+        if (bench, metric) in clean_of:  # its gap, better the way its metric is (a forget metric: lower)
+            columns.append(Column(f"gap.{bench}.{metric}", f"{label} gap", "metric", bench, metric,
+                                  directions.get(clean_of[bench, metric])))
     costs = any(run.cost is not None for run in runs)
     if costs:
         columns += [Column(key, label, "cost") for key, label, _ in COST_COLUMNS]
@@ -213,6 +233,8 @@ def build_table(runs: Sequence[Run], directions: Mapping[str, bool | None] | Non
             row[f"hp.{key}"] = params[id(run)].get(key)
         for bench, metric in metrics:
             row[f"m.{bench}.{metric}"] = run.value(bench, metric)
+        for bench, metric, clean in gaps:
+            row[f"gap.{bench}.{metric}"] = gap(run.value(bench, metric), run.value(bench, clean))
         if costs:
             row.update(cost_values(run.cost))
         rows.append(row)
