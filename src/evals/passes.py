@@ -530,15 +530,41 @@ def greedy_decode(model: torch.nn.Module, prompts: Sequence[torch.Tensor], max_n
     ``max_new_tokens`` (``_PreallocatedLayer``); the prompts' common leading tokens run once
     (``prefill_prompts``). Every row's tokens are those of decoding it alone, up to floating-point rounding.
     """
-    results: list[list[int]] = [[] for _ in prompts]
+    return decode_rows(model, prompts, max_new_tokens, stop_ids, lambda logits, rows, step: logits.argmax(-1),
+                       copies=1, min_finished_fraction=min_finished_fraction)
+
+
+#: ``pick(logits [B, V], rows [B], step) -> tokens [B]``: the next token of each active row (``rows``: their
+#: indices in the output, ``step``: how many tokens each has generated so far).
+TokenPicker = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def decode_rows(model: torch.nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int,
+                stop_ids: Sequence[int], pick: TokenPicker, copies: int = 1,
+                min_finished_fraction: float = 1 / 16) -> list[list[int]]:
+    """Continue every prompt ``copies`` times with a KV cache, the next token chosen by ``pick``; returns the
+    new tokens of each row (prompt ``i``'s copy ``c`` is row ``i * copies + c``), its stop token included.
+
+    Each prompt is prefilled once (``prefill_prompts``: their common leading tokens once too) and its cache
+    repeated for its copies, so n samples of a prompt cost one prefill. Finished rows leave the batch (once
+    ``min_finished_fraction`` of it has finished: dropping copies the cache); the cache is preallocated for
+    ``max_new_tokens``. Every row's tokens are those of decoding it alone, up to floating-point rounding."""
+    results: list[list[int]] = [[] for _ in range(len(prompts) * copies)]
     if max_new_tokens <= 0 or not prompts:
         return results
     device = _device(model)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     last_logits, cache, attention_mask = prefill_prompts(model, list(prompts), device)
+    next_position = attention_mask.sum(-1)
+    if copies > 1:
+        cache.batch_repeat_interleave(copies)
+        last_logits, attention_mask, next_position = (t.repeat_interleave(copies, dim=0)
+                                                      for t in (last_logits, attention_mask, next_position))
     _preallocate(cache, attention_mask.shape[1] + max_new_tokens)
-    token, next_position = last_logits.argmax(-1), attention_mask.sum(-1)
-    active: list[int | None] = list(range(len(prompts)))  # batch row -> result row; None once it has stopped
+    active: list[int | None] = list(range(len(results)))  # batch row -> result row; None once it has stopped
+    rows = torch.arange(len(results), device=device)
+    step = 0
+    token = pick(last_logits, rows, step)
 
     def record(tokens: torch.Tensor) -> None:
         for batch_row, (t, is_stop) in enumerate(zip(tokens.tolist(), torch.isin(tokens, stop).tolist())):
@@ -558,12 +584,14 @@ def greedy_decode(model: torch.nn.Module, prompts: Sequence[torch.Tensor], max_n
             keep = torch.tensor(kept, device=device)
             cache.batch_select_indices(keep)
             active = [active[b] for b in kept]
-            token, attention_mask, next_position = token[keep], attention_mask[keep], next_position[keep]
+            token, attention_mask, next_position, rows = (token[keep], attention_mask[keep], next_position[keep],
+                                                          rows[keep])
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(active), 1)], dim=-1)
         out = model(input_ids=token.unsqueeze(-1), attention_mask=attention_mask,
                     position_ids=next_position.unsqueeze(-1), past_key_values=cache, use_cache=True)
         next_position = next_position + 1
-        token = out.logits[:, -1].argmax(-1)
+        step += 1
+        token = pick(out.logits[:, -1], rows, step)
         record(token)
 
 
@@ -904,6 +932,6 @@ def plain_generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, 
     return gather_dicts(out)
 
 
-__all__ = ["PlainPassOptions", "token_stats_passes", "generation_pass", "grad_norm_pass", "greedy_decode",
+__all__ = ["PlainPassOptions", "token_stats_passes", "generation_pass", "grad_norm_pass", "greedy_decode", "decode_rows",
            "answer_token_stats", "answer_logits", "plain_token_stats", "plain_token_stats_pass",
            "plain_generation_pass"]

@@ -1,0 +1,141 @@
+"""Sampled answers, reproducible whatever the batching: n answers per prompt at a temperature and a top-p.
+
+Each answer (prompt ``index``, sample ``s``) draws its random numbers from a generator of its own, seeded by
+``(seed, index, s)``: one uniform number per generated token, turned into a token by the inverse of the
+cumulative distribution of the (temperature-scaled, top-p-restricted) next-token probabilities. So an answer
+does not depend on which other prompts share its batch, on how rows leave the batch, or on how many processes
+share the prompts (each prompt keeps its dataset index); the same config gives the same answers.
+
+``sample_answers`` is the fast path: every prompt is prefilled once and its KV cache shared by its n samples,
+and finished rows leave the batch (``passes.decode_rows``). ``sample_answers_plain`` is the reference: each
+answer decoded alone, with the same random numbers; both give the same tokens up to floating-point rounding of
+the probabilities (a uniform number within rounding of a cumulative boundary could pick the neighbour token).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from evals.passes import decode_rows
+
+
+@dataclass(frozen=True)
+class SamplingArgs:
+    """How answers are sampled: ``num_samples`` per prompt, ``temperature`` (> 0), ``top_p`` in (0, 1] (the
+    smallest set of most likely tokens whose probability reaches it; 1 = every token), ``max_new_tokens``, and the
+    ``seed`` every answer's random numbers derive from."""
+
+    num_samples: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None, owner: str) -> SamplingArgs:
+        """The settings of a metric's ``sampling_args``; an unknown key or a bad value is a ValueError naming it."""
+        cfg = dict(cfg or {})
+        valid = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(cfg) - valid)
+        if unknown:
+            raise ValueError(f"{owner}: sampling_args has unknown keys {unknown}; valid: {', '.join(sorted(valid))}")
+        args = cls(**cfg)
+        checks = [("num_samples", args.num_samples, isinstance(args.num_samples, int) and args.num_samples >= 1,
+                   "an integer >= 1"),
+                  ("temperature", args.temperature, _number(args.temperature) and args.temperature > 0, "a number > 0"),
+                  ("top_p", args.top_p, _number(args.top_p) and 0 < args.top_p <= 1, "a number in (0, 1]"),
+                  ("max_new_tokens", args.max_new_tokens,
+                   isinstance(args.max_new_tokens, int) and args.max_new_tokens >= 1, "an integer >= 1"),
+                  ("seed", args.seed, isinstance(args.seed, int) and args.seed >= 0, "an integer >= 0")]
+        for name, value, ok, valid_text in checks:
+            if not ok or isinstance(value, bool):
+                raise ValueError(f"{owner}: sampling_args.{name}={value!r}; give {valid_text}")
+        return args
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def answer_seed(seed: int, index: int, sample: int) -> int:
+    """The seed of answer ``sample`` to prompt ``index``: 63 bits of SHA-256 of ``"seed:index:sample"`` (no
+    two answers share a stream, and the seed does not depend on the process or the batch)."""
+    digest = hashlib.sha256(f"{seed}:{index}:{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def answer_uniforms(seed: int, indices: Sequence[int], num_samples: int, steps: int) -> torch.Tensor:
+    """``[len(indices) * num_samples, steps]`` uniform numbers in [0, 1): row ``i * num_samples + s`` is answer
+    ``s`` of prompt ``indices[i]``, from its own generator (``answer_seed``)."""
+    rows = []
+    for index in indices:
+        for sample in range(num_samples):
+            generator = torch.Generator().manual_seed(answer_seed(seed, int(index), sample))
+            rows.append(torch.rand(steps, generator=generator, dtype=torch.float64))
+    return torch.stack(rows) if rows else torch.empty(0, steps, dtype=torch.float64)
+
+
+def pick_sampled(logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row of ``logits`` [B, V]: the first token whose cumulative probability exceeds ``u * total``
+    (inverse-CDF sampling with the row's uniform number ``u``), the probabilities ``softmax(logits / T)`` in
+    float64, restricted to the top-p nucleus (tokens by decreasing probability while the mass before them is
+    below ``top_p``; ties in vocabulary order) when ``top_p < 1``."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    if top_p < 1:
+        probs, order = probs.sort(dim=-1, descending=True, stable=True)
+        probs = probs * ((probs.cumsum(-1) - probs) < top_p)
+    cumulative = probs.cumsum(-1)
+    target = uniforms.to(cumulative.device, torch.float64).unsqueeze(-1) * cumulative[:, -1:]
+    chosen = torch.searchsorted(cumulative, target, right=True).clamp(max=probs.shape[-1] - 1)
+    return (order.gather(-1, chosen) if top_p < 1 else chosen).squeeze(-1)
+
+
+@torch.no_grad()
+def sample_answers(model: torch.nn.Module, prompts: Sequence[torch.Tensor], indices: Sequence[int],
+                   args: SamplingArgs, stop_ids: Sequence[int]) -> list[list[list[int]]]:
+    """``args.num_samples`` sampled continuations of each prompt (its stop token included), per prompt in
+    order: ``out[i][s]`` is answer ``s`` to prompt ``indices[i]`` (its dataset index, which seeds it)."""
+    uniforms = answer_uniforms(args.seed, indices, args.num_samples, args.max_new_tokens)
+
+    def pick(logits: torch.Tensor, rows: torch.Tensor, step: int) -> torch.Tensor:
+        return pick_sampled(logits, uniforms[rows.cpu(), step], args.temperature, args.top_p)
+
+    flat = decode_rows(model, prompts, args.max_new_tokens, stop_ids, pick, copies=args.num_samples)
+    n = args.num_samples
+    return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+@torch.no_grad()
+def sample_answers_plain(model: torch.nn.Module, prompts: Sequence[torch.Tensor], indices: Sequence[int],
+                         args: SamplingArgs, stop_ids: Sequence[int]) -> list[list[list[int]]]:
+    """The reference of ``sample_answers``: each answer decoded alone (its prompt run again for every sample,
+    a cache of its own, no row leaving a batch), with the same random numbers."""
+    device = next(model.parameters()).device
+    uniforms = answer_uniforms(args.seed, indices, args.num_samples, args.max_new_tokens)
+    stop = set(stop_ids)
+    out: list[list[list[int]]] = []
+    for i, prompt in enumerate(prompts):
+        answers = []
+        for sample in range(args.num_samples):
+            row = uniforms[i * args.num_samples + sample]
+            result = model(input_ids=prompt.unsqueeze(0).to(device), use_cache=True)
+            cache, logits, tokens = result.past_key_values, result.logits[:, -1], []
+            for step in range(args.max_new_tokens):
+                token = pick_sampled(logits, row[step:step + 1], args.temperature, args.top_p)
+                tokens.append(int(token))
+                if tokens[-1] in stop:
+                    break
+                result = model(input_ids=token.view(1, 1), past_key_values=cache, use_cache=True)
+                cache, logits = result.past_key_values, result.logits[:, -1]
+            answers.append(tokens)
+        out.append(answers)
+    return out
+
+
+__all__ = ["SamplingArgs", "answer_seed", "answer_uniforms", "pick_sampled", "sample_answers", "sample_answers_plain"]
