@@ -28,11 +28,10 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from attacks import (  # noqa: E402
-    attack_settings,
+    attacked_result,
     check_attacks,
     format_robustness,
     get_attacks,
-    robustness_summary,
     run_attacks,
 )
 from checks import check_number  # noqa: E402
@@ -140,11 +139,7 @@ def _run(cfg: DictConfig, cost: CostRecorder) -> dict[str, EvalResult]:
                               file=sys.stderr)
                     raise
                 phases += cost.records()[before:]  # one per attack
-                retain_path = evaluator.cfg.get("retain_logs_path")
-                retain = EvalResult.from_eval_payload(evaluator.name, json.loads(Path(retain_path).read_text())) \
-                    if retain_path else None
-                robustness = robustness_summary(result, attacked, baselines, retain)
-                result = result.with_attacked(attacked, attack_settings(attacks, model))
+                result, robustness = attacked_result(result, attacked, baselines, evaluator, attacks, model)
             result = result.with_compute(phases)
             if state.is_main_process:
                 result.save(staging)

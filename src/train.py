@@ -31,11 +31,10 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from transformers import set_seed  # noqa: E402
 
 from attacks import (  # noqa: E402
-    attack_settings,
+    attacked_result,
     check_attacks,
     format_robustness,
     get_attacks,
-    robustness_summary,
     run_attacks,
 )
 from checks import BadValueError  # noqa: E402
@@ -124,14 +123,9 @@ def attack_result(model: torch.nn.Module, tokenizer: Any, evaluators: dict[str, 
     attacked_results: dict[str, EvalResult] = {}
     try:
         for name, evaluator in evaluators.items():
-            retain_path = evaluator.cfg.get("retain_logs_path")
             attacked, baselines = run_attacks(attacks, evaluator, model, model_id, tokenizer,
-                                              evaluator.template_args, retain_path)
-            clean = final[name]
-            retain = EvalResult.from_eval_payload(evaluator.name, json.loads(Path(retain_path).read_text())) \
-                if retain_path else None
-            robustness = robustness_summary(clean, attacked, baselines, retain)
-            result = clean.with_attacked(attacked, attack_settings(attacks, model))
+                                              evaluator.template_args, evaluator.cfg.get("retain_logs_path"))
+            result, robustness = attacked_result(final[name], attacked, baselines, evaluator, attacks, model)
             if is_main:
                 result.save(out_dir)
                 write_json_atomic(robustness_file(out_dir, evaluator.name), robustness)

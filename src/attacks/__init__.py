@@ -227,6 +227,19 @@ def robustness_summary(clean: EvalResult, attacked: Mapping[str, Mapping[str, An
     return out
 
 
+def attacked_result(clean: EvalResult, attacked: Mapping[str, Mapping[str, Any]],
+                    baselines: Mapping[str, Mapping[str, Any]], benchmark: Benchmark,
+                    attacks: list[tuple[AttackSpec, dict]], model: torch.nn.Module) -> tuple[EvalResult, dict]:
+    """``(the clean result with every attack's entries added, its robustness table)``: ``EvalResult.with_attacked``
+    with the attacks' settings, and ``robustness_summary`` against the retain model's evaluation
+    (``retain_logs_path`` of ``benchmark``, when given). For src/eval.py and an unlearning run's final evaluation."""
+    retain_path = benchmark.cfg.get("retain_logs_path")
+    retain = EvalResult.from_eval_payload(benchmark.name, json.loads(Path(retain_path).read_text())) \
+        if retain_path else None
+    return (clean.with_attacked(attacked, attack_settings(attacks, model)),
+            robustness_summary(clean, attacked, baselines, retain))
+
+
 def format_robustness(robustness: Mapping[str, Mapping[str, Any]]) -> str:
     """A text table: one row per metric; clean, each attack, the retain model (and its attacked values)."""
     tags = [t for row in robustness.values() for t in row["attacked"]]
@@ -248,4 +261,4 @@ def format_robustness(robustness: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 __all__ = ["ATTACK_REGISTRY", "get_attacks", "run_attacks", "robustness_summary", "format_robustness",
-           "attacked_metrics", "baseline_model", "check_attacks", "attack_settings"]
+           "attacked_metrics", "baseline_model", "check_attacks", "attack_settings", "attacked_result"]
