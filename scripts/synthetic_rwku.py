@@ -73,8 +73,8 @@ def _rows(n_targets: int, seed: int) -> dict[str, list[dict[str, str]]]:
         files["forget_target"].append({"target": name, "intro": f"{name} is a {t['profession']} from {t['place']}, "
                                                                 f"known for {t['work']}."})
 
-        def probe(file: str, level: str, kind: str, query: str, answer: str) -> None:
-            files[file].append({"subject": s, "level": level, "type": kind, "query": query, "answer": answer})
+        def probe(file: str, level: str, kind: str, query: str, answer: str, subject: str = s) -> None:
+            files[file].append({"subject": subject, "level": level, "type": kind, "query": query, "answer": answer})
 
         probe("forget_level1", "1", "fill in the blank", f"{name} was born in ___ .", t["place"])
         probe("forget_level1", "1", "fill in the blank", f"{name} is best known for the work ___ .", t["work"])

@@ -53,7 +53,7 @@ from evals.result import (
     model_fingerprint,
     utc_timestamp,
 )
-from evals.runners import PASS_RUNNERS, EvalContext
+from evals.runners import PASS_CHECKS, PASS_RUNNERS, EvalContext
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,9 @@ def _missing_entries(ref: Mapping, where: str) -> str:
 def _input_names() -> set[str]:
     return set(PASS_INPUTS) | {"pre_compute", "reference_logs"}
 CONTROL_KEYS = {"handler", "datasets", "pre_compute", "metric_inputs", "reference_logs", "access_key", "batch_size",
-                "generation_args", "reference_model", "higher_is_better"}
+                "generation_args", "reference_model", "higher_is_better", "sampling_args", "answers", "scorer"}
+#: The pass inputs whose ``batch_size`` may be ``auto`` (rows of a decoding batch, sized to the device).
+DECODING_INPUTS = frozenset({"generations", "samples", "scored_answers"})
 #: Metric-config keys that do not change a metric's value (left out of its fingerprint).
 PRESENTATION_KEYS = ("higher_is_better",)
 #: ``passes`` of a benchmark config: the fast passes (shared prompts, custom decoder) or the plain reference.
@@ -204,8 +206,14 @@ class Evaluator(Benchmark):
         self._validate_metric_inputs(name, mcfg, spec.name, "pre_compute" in spec.needs)
         if any(n in spec.needs for n in PASS_INPUTS) and not mcfg.get("datasets"):
             raise ValueError(f"metric {name}: handler {spec.name} reads data but no datasets are given")
+        for kind in spec.needs:
+            if kind in PASS_CHECKS:
+                PASS_CHECKS[kind](mcfg, f"metric {name}")
+        if spec.check_config is not None:
+            spec.check_config(mcfg, f"metric {name}")
         batch_size = mcfg.get("batch_size", 32)
-        generation_only = {n for n in spec.needs if n in PASS_INPUTS} == {"generations"}
+        pass_inputs = {n for n in spec.needs if n in PASS_INPUTS}
+        generation_only = bool(pass_inputs) and pass_inputs <= DECODING_INPUTS
         if not (batch_size == "auto" and generation_only or _positive_int(batch_size)):
             raise ValueError(f"metric {name}: batch_size={batch_size!r}; give a positive number of rows"
                              + (" or 'auto'" if generation_only else " ('auto' is for generation metrics only)"))

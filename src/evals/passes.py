@@ -694,6 +694,28 @@ def _generate(model: torch.nn.Module, prompts: Sequence[torch.Tensor], tokenizer
     return rows
 
 
+def generation_setup(dataset: Any, tokenizer: Any, template_args: Any,
+                     stop_strings: Sequence[str]) -> tuple[dict[int, torch.Tensor], list[str], list[int]]:
+    """What every generation from ``dataset`` starts from: this rank's prompts by dataset index, the stop strings
+    and the stop token ids (``_stop_criteria``)."""
+    stop_strings, stop_ids = _stop_criteria(tokenizer, _dataset_template(dataset, template_args), stop_strings)
+    return _generation_prompts(dataset), stop_strings, stop_ids
+
+
+def answer_text(tokenizer: Any, tokens: Sequence[int], stop_strings: Sequence[str], **decode_args: Any) -> str:
+    """The text of generated ``tokens``: decoded without special tokens, cut at the first stop string, stripped."""
+    text = tokenizer.decode(list(tokens), skip_special_tokens=True, **decode_args)
+    for stop in stop_strings:
+        if stop and stop in text:
+            text = text.split(stop)[0]
+    return text.strip()
+
+
+def question_and_answer(dataset: Any, index: int) -> dict[str, str]:
+    """``{"input": the question, "ground_truth": its (first) answer}`` of item ``index``."""
+    return {"input": dataset.prompt_text(index), "ground_truth": _answers(dataset, index)[0]}
+
+
 def _generation_records(dataset: Any, tokenizer: Any, indices: Sequence[int], new_tokens: Sequence[Sequence[int]],
                         stop_strings: Sequence[str], texts_from_tokens: bool = False) -> dict[int, dict]:
     """``{"input", "ground_truth", "generation"}`` per index: the decoded tokens cut at the first stop string, stripped.
@@ -703,14 +725,11 @@ def _generation_records(dataset: Any, tokenizer: Any, indices: Sequence[int], ne
     decoded prompt, and the decoded sample with the decoded prompt removed, stripped (special tokens
     skipped and tokenization spaces cleaned up, in the generation too).
     """
-    decode = functools.partial(tokenizer.decode, skip_special_tokens=True,
-                               **({"clean_up_tokenization_spaces": True} if texts_from_tokens else {}))
+    decode_args = {"clean_up_tokenization_spaces": True} if texts_from_tokens else {}
+    decode = functools.partial(tokenizer.decode, skip_special_tokens=True, **decode_args)
     out = {}
     for i, tokens in zip(indices, new_tokens):
-        text = decode(list(tokens))
-        for stop in stop_strings:
-            if stop and stop in text:
-                text = text.split(stop)[0]
+        text = answer_text(tokenizer, tokens, stop_strings, **decode_args)
         if texts_from_tokens:
             item = dataset[i]
             sample = item[0] if isinstance(item, list) else item
@@ -718,8 +737,8 @@ def _generation_records(dataset: Any, tokenizer: Any, indices: Sequence[int], ne
             record = {"input": prompt_text,
                       "ground_truth": decode(sample["input_ids"].tolist()).replace(prompt_text, "").strip()}
         else:
-            record = {"input": dataset.prompt_text(i), "ground_truth": _answers(dataset, i)[0]}
-        out[i] = {**record, "generation": text.strip()}
+            record = question_and_answer(dataset, i)
+        out[i] = {**record, "generation": text}
     return out
 
 
@@ -736,10 +755,9 @@ def generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, templa
     ``model.generate`` is used instead when the model's
     generation config asks for logit processors such as a repetition penalty.
     """
-    stop_strings, stop_ids = _stop_criteria(tokenizer, _dataset_template(dataset, template_args), stop_strings)
+    prompts, stop_strings, stop_ids = generation_setup(dataset, tokenizer, template_args, stop_strings)
     use_plain_greedy = _plain_greedy_ok(model)
     out: dict[int, dict] = {}
-    prompts = _generation_prompts(dataset)
     ordered = sorted(prompts, key=lambda i: len(prompts[i]), reverse=True)
     batch_size = generation_rows(batch_size, model, len(prompts[ordered[0]]) if ordered else 0, max_new_tokens)
     with progress(len(ordered), f"generate {_name(dataset)}", unit="sample") as bar:
@@ -934,4 +952,4 @@ def plain_generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, 
 
 __all__ = ["PlainPassOptions", "token_stats_passes", "generation_pass", "grad_norm_pass", "greedy_decode", "decode_rows",
            "answer_token_stats", "answer_logits", "plain_token_stats", "plain_token_stats_pass",
-           "plain_generation_pass"]
+           "plain_generation_pass", "generation_setup", "answer_text", "question_and_answer", "generation_rows"]

@@ -11,16 +11,20 @@ whether this evaluation runs the plain reference passes.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from core.distributed import is_sharded
+from core.distributed import gather_dicts, is_sharded, rank_shard
 from evals import passes
+from evals.judge import JudgeItem
 from evals.metrics import PASS_INPUTS
+from evals.metrics.leakage import ScoredAnswers, answer_source
 from evals.passes import PlainPassOptions
 from evals.result import content_hash
+from evals.sampling import SamplingArgs, sampling_pass
+from evals.scorers import build_scorer
 
 
 @dataclass
@@ -69,12 +73,17 @@ class EvalContext:
 
 
 Runner = Callable[[EvalContext, Any, Mapping], Any]
+ConfigCheck = Callable[[Mapping, str], None]
 #: pass input -> its runner (one per ``evals.metrics.PASS_INPUTS`` entry).
 PASS_RUNNERS: dict[str, Runner] = {}
+#: pass input -> the check of a metric config's settings for that pass, ``check(metric config, owner)``, run
+#: before any pass (``Evaluator``): a bad value fails at once, naming the key, not after hours of passes.
+PASS_CHECKS: dict[str, ConfigCheck] = {}
 
 
-def register_pass(kind: str) -> Callable[[Runner], Runner]:
-    """Decorator registering ``runner`` as the pass that supplies the metric input ``kind``."""
+def register_pass(kind: str, check: ConfigCheck | None = None) -> Callable[[Runner], Runner]:
+    """Decorator registering ``runner`` as the pass that supplies the metric input ``kind`` (and ``check`` as the
+    check of its settings)."""
     if kind not in PASS_INPUTS:
         raise ValueError(f"pass kind {kind!r} is not a declared metric input; declare it in "
                          f"evals.metrics.PASS_INPUTS (declared: {', '.join(PASS_INPUTS)})")
@@ -83,6 +92,8 @@ def register_pass(kind: str) -> Callable[[Runner], Runner]:
         if kind in PASS_RUNNERS:
             raise ValueError(f"pass kind {kind!r} is already registered")
         PASS_RUNNERS[kind] = runner
+        if check is not None:
+            PASS_CHECKS[kind] = check
         return runner
     return decorator
 
@@ -153,4 +164,61 @@ def reference_token_stats_runner(ctx: EvalContext, spec: Any, mcfg: Mapping) -> 
     return ctx.cache[key]
 
 
-__all__ = ["EvalContext", "PASS_RUNNERS", "register_pass"]
+def _check_samples(mcfg: Mapping, owner: str) -> None:
+    SamplingArgs.from_config(mcfg.get("sampling_args"), owner)
+
+
+@register_pass("samples", check=_check_samples)
+def samples_runner(ctx: EvalContext, spec: Any, mcfg: Mapping) -> Any:
+    """``sampling_args.num_samples`` sampled answers per prompt (``evals.sampling.sampling_pass``; the plain
+    reference with ``passes: plain``); ``batch_size`` counts answers and may be ``auto``."""
+    args = SamplingArgs.from_config(mcfg.get("sampling_args"), f"evaluator {ctx.benchmark}")
+    if is_sharded(ctx.model):
+        raise ValueError(f"evaluator {ctx.benchmark}: sampled answers need whole weights, which this model has split "
+                         "over the processes (FSDP/ZeRO-3); evaluate it with src/eval.py instead")
+    key = ("samples", ctx.dataset_key(spec), content_hash(asdict(args)))
+    if key not in ctx.cache:
+        ctx.cache[key] = sampling_pass(ctx.model, ctx.dataset(spec), ctx.tokenizer, ctx.template_args, args,
+                                       batch_size=mcfg.get("batch_size", "auto"), plain=ctx.plain)
+    return ctx.cache[key]
+
+
+def _check_scored_answers(mcfg: Mapping, owner: str) -> None:
+    if answer_source(mcfg, owner) == "sampled":
+        _check_samples(mcfg, owner)
+    build_scorer(mcfg.get("scorer"), owner)
+
+
+@register_pass("scored_answers", check=_check_scored_answers)
+def scored_answers_runner(ctx: EvalContext, spec: Any, mcfg: Mapping) -> Any:
+    """Each prompt's answers (``answers``: ``sampled``, the ``samples`` pass, or ``greedy``, the ``generations``
+    pass) scored by the metric's ``scorer`` (``evals.scorers``). Each process scores its share of the prompts (a
+    judge is asked once per answer, whatever the number of processes), and the results are gathered."""
+    owner = f"evaluator {ctx.benchmark}"
+    sampled = answer_source(mcfg, owner) == "sampled"
+    answers = samples_runner(ctx, spec, mcfg) if sampled else generations_runner(ctx, spec, mcfg)
+    scorer_cfg = dict(mcfg.get("scorer") or {"kind": "rouge"})
+    settings = mcfg.get("sampling_args") if sampled else mcfg.get("generation_args")
+    key = ("scored_answers", ctx.dataset_key(spec), sampled, content_hash(settings or {}), content_hash(scorer_cfg))
+    if key not in ctx.cache:
+        if ("scorer", content_hash(scorer_cfg)) not in ctx.cache:  # one entailment model / judge per evaluation
+            ctx.cache[("scorer", content_hash(scorer_cfg))] = build_scorer(scorer_cfg, owner)
+        scorer = ctx.cache[("scorer", content_hash(scorer_cfg))]
+        mine = rank_shard(sorted(answers))
+        texts = {i: answers[i]["samples"] if sampled else [answers[i]["generation"]] for i in mine}
+        items = [JudgeItem(question=answers[i]["input"], ground_truth=answers[i]["ground_truth"], answer=text)
+                 for i in mine for text in texts[i]]
+        judgments = iter(scorer.score(items))
+        scored: dict[int, dict] = {}
+        for i in mine:
+            rows = []
+            for text in texts[i]:
+                judgment = next(judgments)
+                row = {"text": text, "score": judgment.score, "leaked": judgment.leaked}
+                rows.append({**row, "raw": judgment.raw} if scorer.keeps_raw_output else row)
+            scored[i] = {"input": answers[i]["input"], "ground_truth": answers[i]["ground_truth"], "answers": rows}
+        ctx.cache[key] = ScoredAnswers(by_index=gather_dicts(scored), scorer=scorer.describe())
+    return ctx.cache[key]
+
+
+__all__ = ["EvalContext", "PASS_CHECKS", "PASS_RUNNERS", "register_pass"]

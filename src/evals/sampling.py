@@ -22,20 +22,24 @@ from typing import Any
 
 import torch
 
-from evals.passes import decode_rows
+from core.distributed import gather_dicts
+from evals.passes import answer_text, decode_rows, generation_rows, generation_setup, question_and_answer
+from progress import progress
 
 
 @dataclass(frozen=True)
 class SamplingArgs:
     """How answers are sampled: ``num_samples`` per prompt, ``temperature`` (> 0), ``top_p`` in (0, 1] (the
-    smallest set of most likely tokens whose probability reaches it; 1 = every token), ``max_new_tokens``, and the
-    ``seed`` every answer's random numbers derive from."""
+    smallest set of most likely tokens whose probability reaches it; 1 = every token), ``max_new_tokens``, the
+    ``seed`` every answer's random numbers derive from, and ``stop_strings`` that end an answer's text (besides
+    the end-of-answer token), as in greedy generation."""
 
     num_samples: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
     seed: int = 0
+    stop_strings: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | None, owner: str) -> SamplingArgs:
@@ -45,7 +49,10 @@ class SamplingArgs:
         unknown = sorted(set(cfg) - valid)
         if unknown:
             raise ValueError(f"{owner}: sampling_args has unknown keys {unknown}; valid: {', '.join(sorted(valid))}")
-        args = cls(**cfg)
+        stops = cfg.get("stop_strings", ())
+        if not isinstance(stops, (list, tuple)) or not all(isinstance(x, str) and x for x in stops):
+            raise ValueError(f"{owner}: sampling_args.stop_strings={stops!r}; give a list of non-empty strings")
+        args = cls(**{**cfg, "stop_strings": tuple(stops)})
         checks = [("num_samples", args.num_samples, isinstance(args.num_samples, int) and args.num_samples >= 1,
                    "an integer >= 1"),
                   ("temperature", args.temperature, _number(args.temperature) and args.temperature > 0, "a number > 0"),
@@ -138,4 +145,30 @@ def sample_answers_plain(model: torch.nn.Module, prompts: Sequence[torch.Tensor]
     return out
 
 
-__all__ = ["SamplingArgs", "answer_seed", "answer_uniforms", "pick_sampled", "sample_answers", "sample_answers_plain"]
+def sampling_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, template_args: Any, args: SamplingArgs,
+                  batch_size: int | str = "auto", plain: bool = False) -> dict[int, dict]:
+    """``args.num_samples`` sampled answers to each prompt of ``dataset``: per index ``{"input", "ground_truth",
+    "samples": [text, ...]}``, each text cut at the end-of-answer token or a stop string, as greedy generations are.
+
+    ``batch_size`` counts answers (rows) per batch, a number or ``"auto"`` (``passes.generation_rows``); a batch
+    holds ``max(1, batch_size // num_samples)`` prompts. ``plain``: ``sample_answers_plain`` (each answer alone)
+    instead of ``sample_answers``; the same answers either way. Each process samples its share of the prompts
+    and the results are gathered; an answer depends only on (seed, dataset index, sample number)."""
+    prompts, stop_strings, stop_ids = generation_setup(dataset, tokenizer, template_args, args.stop_strings)
+    ordered = sorted(prompts, key=lambda i: len(prompts[i]), reverse=True)
+    rows = generation_rows(batch_size, model, len(prompts[ordered[0]]) if ordered else 0, args.max_new_tokens)
+    per_batch = max(1, rows // args.num_samples)
+    decode = sample_answers_plain if plain else sample_answers
+    out: dict[int, dict] = {}
+    with progress(len(ordered), f"sample {args.num_samples} answers", unit="prompt") as bar:
+        for start in range(0, len(ordered), per_batch):
+            chunk = ordered[start:start + per_batch]
+            answers = decode(model, [prompts[i] for i in chunk], chunk, args, stop_ids)
+            for index, tokens in zip(chunk, answers):
+                out[index] = {**question_and_answer(dataset, index),
+                              "samples": [answer_text(tokenizer, t, stop_strings) for t in tokens]}
+            bar.update(len(chunk))
+    return gather_dicts(out)
+
+
+__all__ = ["SamplingArgs", "sampling_pass", "answer_seed", "answer_uniforms", "pick_sampled", "sample_answers", "sample_answers_plain"]

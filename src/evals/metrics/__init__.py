@@ -4,8 +4,8 @@ Every metric is registered under a handler name (the ``handler`` of a metric in 
 with :func:`register_metric`; :func:`get_metric` looks one up. A metric's compute function is called with
 keyword arguments only::
 
-    fn(*, token_stats=None, generations=None, grad_norms=None, reference_token_stats=None,
-       pre_compute=None, reference_logs=None, **options) -> dict
+    fn(*, token_stats=None, generations=None, grad_norms=None, reference_token_stats=None, samples=None,
+       scored_answers=None, pre_compute=None, reference_logs=None, **options) -> dict
 
 and returns ``{"agg_value": float | None, "value_by_index": {"<index>": {...}}}`` (plus extra keys documented
 per metric). ``MetricSpec.needs`` names the inputs the engine has to supply.
@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 #: The metric inputs a model pass supplies, each by the one runner ``evals.runners`` registers for it.
-PASS_INPUTS: tuple[str, ...] = ("token_stats", "generations", "grad_norms", "reference_token_stats")
+PASS_INPUTS: tuple[str, ...] = ("token_stats", "generations", "grad_norms", "reference_token_stats", "samples",
+                                 "scored_answers")
 #: What a metric may declare in ``needs``: the pass inputs, and the other inputs below.
 ALLOWED_NEEDS: frozenset[str] = frozenset(PASS_INPUTS + ("vocab_moments", "pre_compute", "reference_logs"))
 #: ``vocab_moments`` (with ``token_stats``): the metric reads ``TokenStats.mean_logp`` / ``std_logp``, which the
@@ -102,6 +103,9 @@ class MetricSpec:
     #: Per-sample fields of its ``value_by_index`` where a higher value means more of the answer is known (the
     #: rephrasing attack keeps each sample's maximum over variants; the first field makes the aggregate).
     sample_fields: tuple[str, ...] = ()
+    #: Checks the handler's whole metric config before any pass, ``check_config(config, owner)``: raises a
+    #: ValueError naming ``owner``, the key and what is valid (what the option names alone cannot show).
+    check_config: Callable[[Mapping, str], None] | None = None
 
 
 METRIC_REGISTRY: dict[str, MetricSpec] = {}
@@ -110,6 +114,7 @@ METRIC_REGISTRY: dict[str, MetricSpec] = {}
 def register_metric(
     name: str, *, higher_is_better: bool | None, needs: Iterable[str], description: str = "",
     reference_fields: Iterable[str] = (), sample_fields: Iterable[str] = (),
+    check_config: Callable[[Mapping, str], None] | None = None,
 ) -> Callable[[Callable[..., dict]], Callable[..., dict]]:
     """Decorator registering a compute function under ``name``."""
     needs = tuple(needs)
@@ -123,7 +128,7 @@ def register_metric(
         doc = description or (fn.__doc__ or "").strip().split("\n")[0]
         METRIC_REGISTRY[name] = MetricSpec(
             name=name, fn=fn, higher_is_better=higher_is_better, needs=needs, description=doc,
-            reference_fields=tuple(reference_fields), sample_fields=tuple(sample_fields),
+            reference_fields=tuple(reference_fields), sample_fields=tuple(sample_fields), check_config=check_config,
         )
         return fn
 
@@ -236,9 +241,10 @@ def _as_float_list(value: Any) -> list[float] | None:
     return out
 
 
-from . import aggregate, fluency, memorization, mia, privacy, probability, rouge, utility  # noqa: E402  (fill the registry)
+from . import aggregate, fluency, leakage, memorization, mia, privacy, probability, rouge, utility  # noqa: E402  (fill the registry)
 from .aggregate import memorization_score, privacy_score, smia_score  # noqa: E402
 from .fluency import ngram_entropy, weighted_ngram_entropy  # noqa: E402
+from .leakage import ScoredAnswers, best_of_n, leak_at_k, leak_rate  # noqa: E402
 from .memorization import exact_memorization_score, extraction_strength_score  # noqa: E402
 from .mia import (  # noqa: E402
     min_k_plus_plus_score,
@@ -272,6 +278,11 @@ __all__ = [
     "forget_quality",
     "get_metric",
     "harmonic_mean",
+    "best_of_n",
+    "leak_at_k",
+    "leak_rate",
+    "leakage",
+    "ScoredAnswers",
     "mean_nll",
     "memorization",
     "memorization_score",
