@@ -25,25 +25,20 @@ import json
 import logging
 import math
 import os
-import random
 import re
 import sqlite3
 import string
-import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import closing
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from evals.endpoint import EndpointError, EndpointSettings, OpenAIEndpoint
 from progress import progress
-
-if TYPE_CHECKING:
-    import openai
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +76,8 @@ DEFAULT_RUBRICS = {
     ),
 }
 
-_BACKOFF_BASE_S = 0.5
-_BACKOFF_CAP_S = 30.0
-_PLACEHOLDER_KEY = "EMPTY"  # sent when the key variable is unset: local servers need a key-shaped string, not a key
 
-
-class JudgeError(RuntimeError):
+class JudgeError(EndpointError):
     """The judge cannot produce judgments: endpoint unreachable, key refused, model unknown or not loadable."""
 
 
@@ -248,19 +239,14 @@ class JudgeConfig:
         self._check_rubric()
         if self.backend == "openai" and self.base_url is None:
             fill("base_url", os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1")
-        url, key_env, path = self.base_url, self.api_key_env, self.cache_path
+        bad = EndpointSettings.from_mapping(asdict(self)).check()
+        if bad is not None:
+            raise _InvalidSetting(*bad)
+        path = self.cache_path
         for key, value, ok, valid in [
             ("system_prompt", self.system_prompt, self.system_prompt is None or isinstance(self.system_prompt, str),
              "a string or null"),
             ("max_new_tokens", self.max_new_tokens, _integer(self.max_new_tokens, 1), "an integer >= 1"),
-            ("base_url", url, url is None or (isinstance(url, str) and url.startswith(("http://", "https://"))),
-             "the http(s) URL of an OpenAI-compatible API, e.g. http://127.0.0.1:8000/v1, or null for "
-             "$OPENAI_BASE_URL"),
-            ("api_key_env", key_env, isinstance(key_env, str) and re.fullmatch(r"[A-Za-z_]\w*", key_env),
-             "the NAME of the environment variable holding the key (e.g. OPENAI_API_KEY), not the key"),
-            ("concurrency", self.concurrency, _integer(self.concurrency, 1), "an integer >= 1"),
-            ("max_retries", self.max_retries, _integer(self.max_retries, 0), "an integer >= 0"),
-            ("timeout_s", self.timeout_s, _number(self.timeout_s) and self.timeout_s > 0, "a number of seconds > 0"),
             ("cache_path", path, path is None or (isinstance(path, str) and path), "a file path, or null for no cache"),
             ("batch_size", self.batch_size, _integer(self.batch_size, 1), "an integer >= 1"),
         ]:
@@ -362,101 +348,19 @@ class TransformersJudgeBackend(JudgeBackend):
 
 
 class OpenAIJudgeBackend(JudgeBackend):
-    """Any OpenAI-compatible chat endpoint. ``concurrency`` requests in flight; connection errors, timeouts, 429
-    and 5xx are retried ``max_retries`` times with jittered exponential backoff (the client's own retries are off
-    so that the count and the message are ours); a refused key, an unknown model or a rejected request stops at
-    once with a JudgeError saying what to fix."""
+    """Any OpenAI-compatible chat endpoint (``evals.endpoint.OpenAIEndpoint``: ``concurrency`` requests in flight,
+    retries with backoff, a timeout, errors that say what to fix)."""
 
     def __init__(self, config: JudgeConfig) -> None:
-        import openai
-
         self.config = config
-        self.key_set = bool(os.environ.get(config.api_key_env))
-        self.client = openai.OpenAI(base_url=config.base_url, api_key=os.environ.get(config.api_key_env)
-                                    or _PLACEHOLDER_KEY, timeout=config.timeout_s, max_retries=0)
-        self.url = config.base_url
+        self.endpoint = OpenAIEndpoint(EndpointSettings.from_mapping(asdict(config)), config.model,
+                                       what="the judge endpoint")
 
     def complete(self, prompts: list[Messages]) -> list[str]:
-        if not prompts:
-            return []
-        stop = threading.Event()  # set at the first fatal error: the other requests give up instead of retrying
-        with ThreadPoolExecutor(max_workers=min(self.config.concurrency, len(prompts))) as pool:
-            futures = [pool.submit(self._complete_one, m, stop) for m in prompts]
-            try:
-                for future in as_completed(futures):
-                    future.result()
-            except BaseException:
-                stop.set()
-                for future in futures:
-                    future.cancel()
-                raise
-        return [f.result() for f in futures]
-
-    def _complete_one(self, messages: Messages, stop: threading.Event) -> str:
-        import openai
-
-        tries = self.config.max_retries + 1
-        for attempt in range(tries):
-            if stop.is_set():
-                raise JudgeError("abandoned: another request to the judge failed")
-            try:
-                response = self.client.chat.completions.create(
-                    model=self.config.model, messages=messages, temperature=0, max_tokens=self.config.max_new_tokens)
-                return response.choices[0].message.content or ""
-            except openai.APIConnectionError as e:  # includes timeouts
-                error: openai.APIError = e
-            except (openai.RateLimitError, openai.InternalServerError) as e:
-                error = e
-            except openai.APIStatusError as e:
-                if e.status_code not in (408, 409):
-                    raise self._fatal(e) from e
-                error = e
-            if attempt + 1 < tries:
-                stop.wait(self._delay(attempt, error))
-        if isinstance(error, openai.APIConnectionError):
-            raise JudgeError(
-                f"the judge endpoint {self.url} could not be reached ({type(error).__name__}: {error}) in {tries} "
-                f"tries (timeout_s={_fmt(self.config.timeout_s)}); the server must be running there (e.g. `vllm "
-                f"serve MODEL`, `transformers serve MODEL`) and base_url must point at its /v1 API") from error
-        raise JudgeError(f"the judge endpoint {self.url} kept failing in {tries} tries: {_said(error)}") from error
-
-    @staticmethod
-    def _delay(attempt: int, error: Exception) -> float:
-        import openai
-
-        delay = min(_BACKOFF_CAP_S, _BACKOFF_BASE_S * 2 ** attempt) * random.uniform(0.5, 1.0)
-        if isinstance(error, openai.RateLimitError):
-            asked = error.response.headers.get("retry-after", "")
-            if re.fullmatch(r"\d+(\.\d+)?", asked.strip()):
-                delay = max(delay, min(_BACKOFF_CAP_S, float(asked)))
-        return delay
-
-    def _fatal(self, error: openai.APIStatusError) -> JudgeError:
-        import openai
-
-        if isinstance(error, (openai.AuthenticationError, openai.PermissionDeniedError)):
-            source = (f"the key came from the environment variable {self.config.api_key_env}" if self.key_set else
-                      f"the environment variable {self.config.api_key_env} is not set, so the placeholder key "
-                      f"{_PLACEHOLDER_KEY!r} was sent")
-            return JudgeError(f"the judge endpoint {self.url} refused the API key: {source}; "
-                              f"set {self.config.api_key_env} (or name another variable with api_key_env). "
-                              f"Server said: {_said(error)}")
-        if isinstance(error, openai.NotFoundError):
-            try:
-                served = ", ".join(m.id for m in self.client.models.list()) or "none listed"
-            except openai.OpenAIError:
-                served = "unknown (listing the models failed too)"
-            return JudgeError(f"the judge endpoint {self.url} has no model {self.config.model!r} (or base_url "
-                              f"misses the API's /v1 path); it serves: {served}. Server said: {_said(error)}")
-        return JudgeError(f"the judge endpoint {self.url} rejected the request for model {self.config.model!r}: "
-                          f"{_said(error)}")
-
-
-def _said(error: openai.APIStatusError) -> str:
-    """An API error's status and the body the server sent (its own explanation), shortened."""
-    body = error.body if error.body is not None else error.message
-    text = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)
-    return f"{error.status_code} {text[:500]}"
+        try:
+            return self.endpoint.chat(prompts, self.config.max_new_tokens)
+        except EndpointError as e:
+            raise JudgeError(str(e)) from e
 
 
 def make_backend(config: JudgeConfig) -> JudgeBackend:
