@@ -54,6 +54,7 @@ from evals.result import (
     utc_timestamp,
 )
 from evals.runners import PASS_CHECKS, PASS_RUNNERS, EvalContext
+from evals.served import GenerationServerConfig, ServedGeneration
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,8 @@ PASS_MODES = ("fast", "plain")
 
 #: Benchmark-config keys this evaluator reads besides ``COMMON_KEYS``, and the ones its metric configs
 #: interpolate (``${eval.tofu.forget_split}``, MUSE's published AUCs): any other key is a typo.
-OWN_KEYS = frozenset({"metrics", "summary_metrics", "passes", "plain_pass_options", "limit", "retain_logs_path", "reference_model_path"})
+OWN_KEYS = frozenset({"metrics", "summary_metrics", "passes", "plain_pass_options", "limit", "retain_logs_path",
+                      "reference_model_path", "generation_server"})
 INTERPOLATED_KEYS = frozenset({"forget_split", "holdout_split", "data_split", "published_retrain_auc"})
 
 
@@ -183,6 +185,9 @@ class Evaluator(Benchmark):
             raise ValueError(f"evaluator {self.name}: plain_pass_options {chosen} change how the plain passes compute, "
                              f"but passes={self.passes_mode!r}; set eval.<bench>.passes=plain (compat=open_unlearning "
                              "sets both)")
+        server = self.cfg.get("generation_server")
+        self.generation_server = None if server is None else \
+            GenerationServerConfig.from_config(server, f"evaluator {self.name}")
         self._datasets: dict[str, Any] = {}
 
     def _validate(self, name: str, mcfg: Mapping) -> None:
@@ -549,7 +554,10 @@ class Evaluator(Benchmark):
                 out["metric_inputs"] = {k: with_data(self.metrics_cfg[n]) for k, n in mcfg["metric_inputs"].items()}
             return out
 
+        decodes = any(DECODING_INPUTS & set(get_metric(mcfg["handler"]).needs) for _, mcfg in self._metric_configs([name]))
+        server = self.cfg.get("generation_server") if decodes else None  # where its answers are generated
         return content_hash({"metric": with_data(self.metrics_cfg[name]), "model": model_fingerprint(model_id),
+                      "generation_server": server,
                       "template": self.template_args, "code": code_version(), "passes": passes_mode,
                       "plain_pass_options": self.plain_options.as_dict(), "limit": self.limit})
 
@@ -596,7 +604,8 @@ class Evaluator(Benchmark):
             token_stats_plan=self._plan_token_stats(to_compute),
             moment_datasets=frozenset(self._dataset_key(spec) for _, mcfg in self._metric_configs(to_compute)
                                       if "vocab_moments" in get_metric(mcfg.get("handler")).needs
-                                      for spec in (mcfg.get("datasets") or {}).values()))
+                                      for spec in (mcfg.get("datasets") or {}).values()),
+            served=None if self.generation_server is None else ServedGeneration(self.generation_server))
         try:
             for name in names:
                 results[name] = self._compute(name, self.metrics_cfg[name], ctx, results)
@@ -621,6 +630,7 @@ class Evaluator(Benchmark):
             "config_hash": content_hash(self.metrics_cfg),
             "higher_is_better": {n: d for n, d in self.directions().items() if n in summary_names},
             "roles": self.roles_meta(),
+            "generation_server": None if ctx.served is None else ctx.served.describe(),
         }
         result = EvalResult(self.name, self._every_result(names, results, ctx.cache, previous, list(reused)), summary, meta)
         if save and is_main_process():

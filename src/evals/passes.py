@@ -704,11 +704,22 @@ def generation_setup(dataset: Any, tokenizer: Any, template_args: Any,
 
 def answer_text(tokenizer: Any, tokens: Sequence[int], stop_strings: Sequence[str], **decode_args: Any) -> str:
     """The text of generated ``tokens``: decoded without special tokens, cut at the first stop string, stripped."""
-    text = tokenizer.decode(list(tokens), skip_special_tokens=True, **decode_args)
+    return cut_at_stops(tokenizer.decode(list(tokens), skip_special_tokens=True, **decode_args), stop_strings)
+
+
+def cut_at_stops(text: str, stop_strings: Sequence[str]) -> str:
+    """``text`` up to the first of ``stop_strings`` it contains (each tried in turn), stripped."""
     for stop in stop_strings:
         if stop and stop in text:
             text = text.split(stop)[0]
     return text.strip()
+
+
+def prompt_and_answer_ids(dataset: Any, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(prompt ids, answer ids)`` of item ``index``'s (first) sample."""
+    item = dataset[index]
+    prompt, answer, _ = _split_prompt(item[0] if isinstance(item, list) else item)
+    return prompt, answer
 
 
 def question_and_answer(dataset: Any, index: int) -> dict[str, str]:
@@ -952,4 +963,5 @@ def plain_generation_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, 
 
 __all__ = ["PlainPassOptions", "token_stats_passes", "generation_pass", "grad_norm_pass", "greedy_decode", "decode_rows",
            "answer_token_stats", "answer_logits", "plain_token_stats", "plain_token_stats_pass",
-           "plain_generation_pass", "generation_setup", "answer_text", "question_and_answer", "generation_rows"]
+           "plain_generation_pass", "generation_setup", "answer_text", "cut_at_stops", "question_and_answer", "prompt_and_answer_ids",
+           "generation_rows"]

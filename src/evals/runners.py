@@ -25,6 +25,7 @@ from evals.passes import PlainPassOptions
 from evals.result import content_hash
 from evals.sampling import SamplingArgs, sampling_pass
 from evals.scorers import build_scorer
+from evals.served import ServedGeneration, served_generation_pass, served_sampling_pass
 
 
 @dataclass
@@ -46,6 +47,7 @@ class EvalContext:
             the datasets asking the same questions are scored together.
         moment_datasets: keys of the datasets a metric reads the vocabulary moments of (Min-K%++).
         cache: the results of the passes run so far (shared by the metrics).
+        served: the server the generation passes run on (``generation_server``), or None: they run locally.
     """
 
     benchmark: str
@@ -59,6 +61,7 @@ class EvalContext:
     token_stats_plan: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     moment_datasets: frozenset[str] = frozenset()
     cache: dict = field(default_factory=dict)
+    served: ServedGeneration | None = None
 
     def token_stats(self, model: torch.nn.Module, datasets: list, batch_size: int,
                     vocab_moments: bool = True) -> list[dict]:
@@ -120,10 +123,14 @@ def token_stats_runner(ctx: EvalContext, spec: Any, mcfg: Mapping) -> Any:
 
 @register_pass("generations")
 def generations_runner(ctx: EvalContext, spec: Any, mcfg: Mapping) -> Any:
-    """Greedy generations (``generation_args``: ``max_new_tokens``, ``stop_strings``); ``batch_size`` may be ``auto``."""
+    """Greedy generations (``generation_args``: ``max_new_tokens``, ``stop_strings``); ``batch_size`` may be ``auto``.
+    On the generation server when the evaluation has one."""
     gen_args = dict(mcfg.get("generation_args") or {})
     key = ("generations", ctx.dataset_key(spec), content_hash(gen_args))
-    if key not in ctx.cache:
+    if key not in ctx.cache and ctx.served is not None:
+        ctx.cache[key] = served_generation_pass(ctx.served, ctx.model, ctx.dataset(spec), ctx.tokenizer,
+                                                ctx.template_args, **gen_args)
+    elif key not in ctx.cache:
         generate, extra = ((passes.plain_generation_pass, {"options": ctx.plain_options}) if ctx.plain
                            else (passes.generation_pass, {}))
         ctx.cache[key] = generate(ctx.model, ctx.dataset(spec), ctx.tokenizer, ctx.template_args,
@@ -173,10 +180,14 @@ def samples_runner(ctx: EvalContext, spec: Any, mcfg: Mapping) -> Any:
     """``sampling_args.num_samples`` sampled answers per prompt (``evals.sampling.sampling_pass``; the plain
     reference with ``passes: plain``); ``batch_size`` counts answers and may be ``auto``."""
     args = SamplingArgs.from_config(mcfg.get("sampling_args"), f"evaluator {ctx.benchmark}")
-    if is_sharded(ctx.model):
-        raise ValueError(f"evaluator {ctx.benchmark}: sampled answers need whole weights, which this model has split "
-                         "over the processes (FSDP/ZeRO-3); evaluate it with src/eval.py instead")
     key = ("samples", ctx.dataset_key(spec), content_hash(asdict(args)))
+    if key not in ctx.cache and ctx.served is not None:
+        ctx.cache[key] = served_sampling_pass(ctx.served, ctx.model, ctx.dataset(spec), ctx.tokenizer,
+                                              ctx.template_args, args)
+    if is_sharded(ctx.model) and key not in ctx.cache:
+        raise ValueError(f"evaluator {ctx.benchmark}: sampled answers need whole weights, which this model has split "
+                         "over the processes (FSDP/ZeRO-3); evaluate it with src/eval.py instead, or generate on a "
+                         "server (generation_server=openai)")
     if key not in ctx.cache:
         ctx.cache[key] = sampling_pass(ctx.model, ctx.dataset(spec), ctx.tokenizer, ctx.template_args, args,
                                        batch_size=mcfg.get("batch_size", "auto"), plain=ctx.plain)
