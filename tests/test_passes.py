@@ -175,6 +175,33 @@ def test_preallocated_cache_layer_appends_grows_and_selects_rows():
         assert torch.equal(got, want)
 
 
+def test_preallocated_cache_repeats_rows_into_one_block_and_drops_rows_in_place():
+    """Memory: the cache of n copies per prompt is filled from the prompts' rows into one allocation for all layers
+    (no intermediate repeated cache), and dropping rows moves the kept ones to the front of it (no new buffers);
+    the keys and values are those of DynamicCache's own repeat and select."""
+    from transformers import DynamicCache
+
+    from evals.passes import _preallocate
+
+    plain, ours = DynamicCache(), DynamicCache()
+    for layer in range(3):
+        keys, values = torch.randn(2, 2, 4, 5), torch.randn(2, 2, 4, 5)
+        plain.update(keys, values, layer)
+        ours.update(keys, values, layer)
+    plain.batch_repeat_interleave(3)
+    _preallocate(ours, capacity=7, copies=3)
+    storage = {buffer.untyped_storage().data_ptr() for layer in ours.layers for buffer in layer._buffers}
+    assert len(storage) == 1  # one block
+    rows = torch.tensor([4, 0, 5])
+    plain.batch_select_indices(rows)
+    ours.batch_select_indices(rows)
+    assert {buffer.untyped_storage().data_ptr() for layer in ours.layers for buffer in layer._buffers} == storage
+    for layer in range(3):
+        new_k, new_v = torch.randn(3, 2, 1, 5), torch.randn(3, 2, 1, 5)
+        for got, want in zip(ours.layers[layer].update(new_k, new_v), plain.layers[layer].update(new_k, new_v)):
+            assert torch.equal(got, want)
+
+
 def test_answer_columns_scored_together_equal_separate_passes(tofu_dir):
     """Speed knob: the true, paraphrased and perturbed answers of a question in one pass (prompt run once)."""
     model, tok = _tiny()

@@ -675,6 +675,53 @@ def test_a_new_benchmark_needs_no_report_code(tmp_path):
     assert "-0.8" in first
 
 
+def leak_entry(curve: dict[int, float], samples: int = 4) -> dict:
+    """A metric result in the layout of the ``leak_at_k`` handler: leak@k by k (string keys, as in the JSON file),
+    the scorer and per-question samples."""
+    return {"agg_value": curve[max(curve)], "leak_at_k": {str(k): v for k, v in curve.items()},
+            "leak_rate": curve[1], "best_of_n": 0.5, "num_samples": samples, "unparsed": 0,
+            "scorer": {"kind": "overlap", "field": "overlap_recall", "threshold": 0.5},
+            "value_by_index": {"0": {"input": "toy question 0?", "ground_truth": "toy truth 0",
+                                     "samples": [{"text": "toy truth 0", "score": 1.0, "leaked": True}],
+                                     "leaks": 1, "leak_at_k": {"1": 0.25, "2": 0.5, "4": 1.0}, "best_score": 1.0}}}
+
+
+def test_leak_at_k_is_plotted_against_k_for_each_run(tmp_path):
+    """Two runs whose TOY evaluation has a metric with a leak@k curve get one plot of it (one line each, in the
+    report's pages with its caption); a third run without that metric is in the table and in no curve."""
+    saves = tmp_path / "saves"
+    curves = {"a": {1: 0.1, 2: 0.2, 4: 0.3}, "b": {1: 0.05, 2: 0.07, 4: 0.1}}
+    for name, curve in curves.items():
+        write_eval(saves / name, "TOY", {"toy_utility": 0.5, "toy_forget": 0.1, "toy_leaks": curve[4]}, TOY_ROLES,
+                   {"toy_leaks": leak_entry(curve)}, TOY_DIRECTIONS)
+    write_eval(saves / "c", "TOY", {"toy_utility": 0.4, "toy_forget": 0.2}, TOY_ROLES, directions=TOY_DIRECTIONS)
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert report.main([str(saves), "--out", str(out)]) == 0
+
+    png = out / "TOY_toy_leaks_leak_vs_k.png"
+    assert png.read_bytes().startswith(PNG_SIGNATURE)
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    title = "TOY: toy_leaks, leak@k against k"
+    assert f"### {title}\n\n![{title}]({png.name})" in md
+    assert "Lower is better on a forget set" in md and "n = 4 answers per question." in md
+    assert "What counts as a leak: kind=overlap, field=overlap_recall, threshold=0.5." in md
+    assert '<figure id="TOY_toy_leaks_leak_vs_k"><img src="data:image/png;base64,' in page
+    assert base64.b64encode(png.read_bytes()).decode("ascii") in page
+    assert {r["name"] for r in _read_csv(out)} == {"a", "b", "c"}  # the run without the metric is in the table
+
+    runs = reporting.assign_roles(reporting.find_runs([saves]))
+    found = reporting.leak_curves(runs)
+    assert list(found) == [("TOY", "toy_leaks")]  # one plot: only the metric with a leak_at_k mapping
+    assert [(c.name, c.ks, c.values, c.samples) for c in found[("TOY", "toy_leaks")]] == [
+        ("a", (1, 2, 4), (0.1, 0.2, 0.3), 4), ("b", (1, 2, 4), (0.05, 0.07, 0.1), 4)]
+
+
+def test_no_leak_at_k_no_plot(made):
+    """Runs without a leak@k curve: no such plot and no note about it."""
+    assert not list(made.out.glob("*leak_vs_k*")) and "leak@k" not in made.md
+
+
 def test_an_eval_without_roles_gets_a_note(tmp_path):
     """An EVAL file written before _meta.roles existed: the table is complete, the run is in no plot and has
     no per-sample view, and one note names the file and says to re-run the evaluation."""

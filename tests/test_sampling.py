@@ -39,6 +39,30 @@ def test_inverse_cdf_sampling_by_hand():
     assert pick_sampled(logits, u, 1e-4, 1.0).tolist() == [0, 0, 0]
 
 
+def _pick_written_out(logits, uniforms, temperature, top_p):
+    """pick_sampled as first written: every step its own float64 tensor."""
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    if top_p < 1:
+        probs, order = probs.sort(dim=-1, descending=True, stable=True)
+        probs = probs * ((probs.cumsum(-1) - probs) < top_p)
+    cumulative = probs.cumsum(-1)
+    chosen = torch.searchsorted(cumulative, (uniforms.double().unsqueeze(-1) * cumulative[:, -1:]), right=True)
+    chosen = chosen.clamp(max=probs.shape[-1] - 1)
+    return (order.gather(-1, chosen) if top_p < 1 else chosen).squeeze(-1)
+
+
+def test_pick_sampled_keeps_the_values_of_the_written_out_formula():
+    """Speed knob (in-place float64 steps, softmax casting itself, no division by a temperature of 1): the same
+    tokens as the formula written out, for float32 and bfloat16 logits."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(256, 4000, generator=generator) * 4
+    uniforms = torch.rand(256, generator=generator, dtype=torch.float64)
+    for dtype in (torch.float32, torch.bfloat16):
+        for temperature, top_p in ((1.0, 1.0), (0.7, 1.0), (1.0, 0.9), (1.3, 0.5)):
+            want = _pick_written_out(logits.to(dtype), uniforms, temperature, top_p)
+            assert torch.equal(pick_sampled(logits.to(dtype), uniforms, temperature, top_p), want)
+
+
 def test_fast_sampling_equals_the_plain_reference():
     """Speed knob (one prefill per prompt, its cache shared by its 4 samples, finished rows leaving the batch):
     the same tokens as decoding every answer alone with the same random numbers."""

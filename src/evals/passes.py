@@ -473,19 +473,28 @@ class _PreallocatedLayer(DynamicLayer):
     in place and ``keys`` / ``values`` are views of the filled part.
     """
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int, copies: int = 1,
+                 buffers: Sequence[torch.Tensor] | None = None) -> None:
+        """``keys`` / ``values`` ``[rows, heads, length, head_dim]`` held ``copies`` times each (row ``r``'s copy
+        ``c`` is row ``r * copies + c``, as ``repeat_interleave``) in ``buffers`` of ``capacity`` positions: the
+        two given (``[rows * copies, heads, capacity, head_dim]``, ``_preallocate``'s slices of one allocation
+        for the whole cache), or new ones."""
         super().__init__()
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self._buffers, self._length = [keys, values], keys.shape[-2]
-        self._rebuffer(capacity)
+        self._length = keys.shape[-2]
+        if buffers is None:
+            buffers = [t.new_empty(t.shape[0] * copies, t.shape[1], capacity, t.shape[3]) for t in (keys, values)]
+        for buffer, t in zip(buffers, (keys, values)):
+            rows, heads, length, dim = t.shape
+            buffer[:, :, :length].view(rows, copies, heads, length, dim).copy_(t.unsqueeze(1))
+        self._buffers = list(buffers)
+        self._set_views()
 
-    def _rebuffer(self, capacity: int, rows: torch.Tensor | None = None) -> None:
-        """Copy the filled positions (of ``rows`` only, if given) into new buffers of ``capacity`` positions."""
+    def _rebuffer(self, capacity: int) -> None:
+        """Copy the filled positions into new buffers of ``capacity`` positions."""
         new_buffers = []
         for old in self._buffers:
             filled = old[:, :, :self._length]
-            if rows is not None:
-                filled = filled.index_select(0, rows)
             buffer = filled.new_empty(filled.shape[0], filled.shape[1], capacity, filled.shape[3])
             buffer[:, :, :self._length] = filled
             new_buffers.append(buffer)
@@ -507,15 +516,41 @@ class _PreallocatedLayer(DynamicLayer):
         return self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._rebuffer(self._buffers[0].shape[-2], rows=indices)
+        """Keep the rows ``indices`` (in that order), moved to the front of the buffers in place: no new buffers
+        (each drop of finished rows would allocate the whole cache again)."""
+        for buffer in self._buffers:
+            buffer[:len(indices), :, :self._length] = buffer[indices, :, :self._length]
+        self._buffers = [buffer[:len(indices)] for buffer in self._buffers]
+        self._set_views()
 
 
-def _preallocate(cache: Any, capacity: int) -> None:
-    """Swap the plain ``DynamicLayer`` s of ``cache`` for ``_PreallocatedLayer`` s (others, e.g. sliding, stay)."""
+def _preallocate(cache: Any, capacity: int, copies: int = 1) -> None:
+    """Swap the plain ``DynamicLayer`` s of ``cache`` for ``_PreallocatedLayer`` s of ``capacity`` positions holding
+    each row ``copies`` times (``repeat_interleave``); other layers (e.g. sliding) are repeated as they are.
+
+    When the plain layers' keys and values all have one shape, their buffers are slices of one allocation (a
+    single block, given back whole when the decoding ends, instead of two per layer), filled from the layers
+    directly (no intermediate repeated cache)."""
     layers = getattr(cache, "layers", None)
-    for index, layer in enumerate(layers or []):
-        if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4:
-            layers[index] = _PreallocatedLayer(layer.keys, layer.values, capacity)
+    if layers is None:  # not a cache of layers: repeated as it is, not preallocated
+        if copies > 1:
+            cache.batch_repeat_interleave(copies)
+        return
+    plain = [i for i, layer in enumerate(layers)
+             if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4]
+    storage = None
+    if plain and len({(layers[i].keys.shape, layers[i].values.shape) for i in plain}) == 1 \
+            and layers[plain[0]].keys.shape == layers[plain[0]].values.shape:
+        rows, heads, _, dim = layers[plain[0]].keys.shape
+        storage = layers[plain[0]].keys.new_empty(len(plain), 2, rows * copies, heads, capacity, dim)
+    for n, index in enumerate(plain):
+        layer = layers[index]
+        layers[index] = _PreallocatedLayer(layer.keys, layer.values, capacity, copies,
+                                           None if storage is None else storage[n].unbind(0))
+    if copies > 1:
+        for index, layer in enumerate(layers):
+            if index not in plain:
+                layer.batch_repeat_interleave(copies)
 
 
 def greedy_decode(model: torch.nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int,
@@ -556,11 +591,10 @@ def decode_rows(model: torch.nn.Module, prompts: Sequence[torch.Tensor], max_new
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     last_logits, cache, attention_mask = prefill_prompts(model, list(prompts), device)
     next_position = attention_mask.sum(-1)
+    _preallocate(cache, attention_mask.shape[1] + max_new_tokens, copies)  # the cache repeated for the copies
     if copies > 1:
-        cache.batch_repeat_interleave(copies)
         last_logits, attention_mask, next_position = (t.repeat_interleave(copies, dim=0)
                                                       for t in (last_logits, attention_mask, next_position))
-    _preallocate(cache, attention_mask.shape[1] + max_new_tokens)
     active: list[int | None] = list(range(len(results)))  # batch row -> result row; None once it has stopped
     rows = torch.arange(len(results), device=device)
     step = 0

@@ -93,13 +93,17 @@ def pick_sampled(logits: torch.Tensor, uniforms: torch.Tensor, temperature: floa
     (inverse-CDF sampling with the row's uniform number ``u``), the probabilities ``softmax(logits / T)`` in
     float64, restricted to the top-p nucleus (tokens by decreasing probability while the mass before them is
     below ``top_p``; ties in vocabulary order) when ``top_p < 1``."""
-    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    # the same values as softmax(logits.double() / temperature) and its cumsum, with fewer [B, V] float64 temporaries
+    # (a third of the time of this function at B = 128, V = 49152 on a CPU): softmax's dtype casts first, a
+    # temperature of 1 divides nothing, and the cumsum overwrites the probabilities once they are no longer read
+    scaled = logits.double().div_(temperature) if temperature != 1 else logits
+    probs = torch.softmax(scaled, dim=-1, dtype=torch.float64)
     if top_p < 1:
         probs, order = probs.sort(dim=-1, descending=True, stable=True)
         probs = probs * ((probs.cumsum(-1) - probs) < top_p)
-    cumulative = probs.cumsum(-1)
+    cumulative = probs.cumsum_(-1)
     target = uniforms.to(cumulative.device, torch.float64).unsqueeze(-1) * cumulative[:, -1:]
-    chosen = torch.searchsorted(cumulative, target, right=True).clamp(max=probs.shape[-1] - 1)
+    chosen = torch.searchsorted(cumulative, target, right=True).clamp(max=cumulative.shape[-1] - 1)
     return (order.gather(-1, chosen) if top_p < 1 else chosen).squeeze(-1)
 
 

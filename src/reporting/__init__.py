@@ -21,7 +21,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from reporting.collect import ReportError, Run, check_folders, find_runs, folder_kind, load_run
-from reporting.plots import Figure, make_figures, tradeoffs, trajectories, trajectory_panels
+from reporting.plots import (
+    Figure,
+    LeakCurve,
+    leak_curves,
+    make_figures,
+    tradeoffs,
+    trajectories,
+    trajectory_panels,
+)
 from reporting.render import Report, render_csv, render_html, render_markdown, write_report
 from reporting.roles import (
     BenchRoles,
@@ -81,9 +89,9 @@ def make_report(folders: Sequence[str | Path], out: str | Path | None = None, ta
 
 
 __all__ = [
-    "DEFAULT_TITLE", "BenchRoles", "Figure", "Report", "ReportError", "Run", "SampleView", "assign_roles",
+    "DEFAULT_TITLE", "BenchRoles", "Figure", "LeakCurve", "Report", "ReportError", "Run", "SampleView", "assign_roles",
     "bench_roles", "build_report", "build_table", "check_folders", "find_runs", "folder_kind", "hyperparameters",
-    "load_run", "make_figures", "make_report", "metric_directions", "missing_roles_note", "per_sample_rows",
+    "leak_curves", "load_run", "make_figures", "make_report", "metric_directions", "missing_roles_note", "per_sample_rows",
     "render_csv", "render_html", "render_markdown", "same_path", "sample_views", "sort_runs", "table_directions",
     "target_for", "trajectories", "trajectory_panels", "tradeoffs", "varying_keys", "write_report",
 ]

@@ -1,9 +1,11 @@
 """The report's plots (matplotlib, PNG): one trade-off plot per benchmark, the metrics over the training
-steps, the loss terms per step and, after attacks, the attacked metrics.
+steps, the loss terms per step, after attacks the attacked metrics, and leak@k against k of sampled answers.
 
 What to draw comes from the benchmarks' roles (``reporting.roles``): a benchmark whose roles name two
 headline metrics [utility, forgetting] gets a trade-off plot (``<NAME>_tradeoff.png``); the trajectory
-panels are the benchmarks' ``trajectory_metrics``; ``log_axis_metrics`` are drawn on a log axis.
+panels are the benchmarks' ``trajectory_metrics``; ``log_axis_metrics`` are drawn on a log axis. A metric
+whose result carries a ``leak_at_k`` mapping (k -> leak@k, from n sampled answers per question) gets a plot of
+that curve, one line per run (``<NAME>_<metric>_leak_vs_k.png``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reporting.collect import Run, as_number
+from reporting.collect import Run, as_number, get
 from reporting.roles import bench_roles, benchmarks_with_roles, target_for
 from run_folder import write_atomic
 
@@ -38,7 +40,14 @@ CAPTIONS = {
     "loss_terms": (
         "Each panel is one run: the total loss and each of the method's loss terms at every logged step; a "
         "term that keeps falling without levelling off often comes with a collapse of model utility."),
+    "leak_at_k": (
+        "Each line is one model: leak@k, the chance that at least one of k answers sampled for a question reveals "
+        "its answer (averaged over the questions, estimated without bias from the n answers sampled per "
+        "question), against k on a log scale. Lower is better on a forget set; a line that climbs with k means "
+        "the answer is still there to be drawn by sampling, even where the greedy answer hides it."),
 }
+#: The field of a metric's result holding its leak@k curve: ``{"<k>": leak@k}``.
+LEAK_FIELD = "leak_at_k"
 
 
 @dataclass
@@ -468,6 +477,131 @@ def plot_robustness(bars: Mapping[str, Sequence[tuple[str, Mapping[str, float | 
     return _save_figure(fig, path)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# leak@k of sampled answers against k
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LeakCurve:
+    """One run's leak@k curve of a metric: ``ks`` ascending, ``values`` their leak@k; ``samples`` (n answers
+    per question) and ``scorer`` (what counts as a leak) as the result records them (None when it does not)."""
+
+    name: str
+    method: str
+    role: str
+    ks: tuple[int, ...]
+    values: tuple[float, ...]
+    samples: int | None
+    scorer: str | None
+
+
+def _leak_points(curve: Mapping[str, Any]) -> list[tuple[int, float]]:
+    """``(k, leak@k)`` of a ``leak_at_k`` mapping, k ascending; keys that are not positive integers and values
+    that are not numbers are left out."""
+    points = []
+    for key, value in curve.items():
+        number = as_number(value)
+        if str(key).isdigit() and int(key) > 0 and number is not None:
+            points.append((int(key), number))
+    return sorted(points)
+
+
+def _scorer_text(scorer: Any) -> str | None:
+    """The result's ``scorer`` mapping as ``key=value`` text (None when it is not a mapping)."""
+    if not isinstance(scorer, Mapping):
+        return None
+    return ", ".join(f"{k}={v}" for k, v in scorer.items())
+
+
+def leak_curves(runs: Sequence[Run]) -> dict[tuple[str, str], list[LeakCurve]]:
+    """Per (benchmark, metric), the leak@k curve of every run whose final ``<benchmark>_EVAL.json`` has that
+    metric with a ``leak_at_k`` mapping (benchmarks and metrics in the order first seen, runs in ``runs``'
+    order); a run without one is simply not in it."""
+    out: dict[tuple[str, str], list[LeakCurve]] = {}
+    for run in runs:
+        for bench in run.eval_paths:
+            eval_log = run.eval_log(bench, cache=False)
+            for metric, entry in (eval_log or {}).items():
+                curve = get(entry, LEAK_FIELD)
+                if not isinstance(curve, Mapping):
+                    continue
+                points = _leak_points(curve)
+                if not points:
+                    continue
+                samples = as_number(get(entry, "num_samples"))
+                out.setdefault((bench, str(metric)), []).append(LeakCurve(
+                    run.name, run.method, run.role, tuple(k for k, _ in points), tuple(v for _, v in points),
+                    int(samples) if samples is not None else None, _scorer_text(get(entry, "scorer"))))
+    return out
+
+
+def plot_leak_curves(curves: Sequence[LeakCurve], path: Path, title: str) -> Path:
+    """leak@k against k (log2 axis, a tick at every k), one line per run: the target in black with X markers,
+    the retain model in gold with stars, the runs in their method's colour and marker (another line style
+    for each further run of a method), labelled with the run name; y from 0 to 1."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5.0))
+    styles = _method_styles(c.method for c in curves if c.role == "run")
+    line_styles = ["-", "--", ":", "-."]
+    seen: dict[str, int] = {}
+    for c in curves:
+        if c.role == "target":
+            kw = {"marker": "X", "color": "black", "markersize": 8, "linestyle": "-"}
+        elif c.role == "retain":
+            kw = {"marker": "*", "color": "gold", "markeredgecolor": "black", "markersize": 11, "linestyle": "-"}
+        else:
+            marker, colour = styles[c.method]
+            count = seen[c.method] = seen.get(c.method, -1) + 1
+            kw = {"marker": marker, "color": colour, "markersize": 5, "linestyle": line_styles[count % len(line_styles)]}
+        ax.plot(c.ks, c.values, label=_plain(c.name), clip_on=False, zorder=3, **kw)
+    ks = sorted({k for c in curves for k in c.ks})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks)
+    ax.set_xticklabels([str(k) for k in ks])
+    ax.minorticks_off()
+    margin = 1.15 if len(ks) > 1 else 2.0
+    ax.set_xlim(ks[0] / margin, ks[-1] * margin)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("k (sampled answers)")
+    ax.set_ylabel("leak@k")
+    ax.set_title(_plain(title))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save_figure(fig, path)
+
+
+def leak_figures(runs: Sequence[Run], out_dir: Path) -> list[Figure]:
+    """One plot per (benchmark, metric) with a leak@k curve (``leak_curves``): ``<NAME>_<metric>_leak_vs_k.png``;
+    nothing (and no note) when no run has one. A note names the runs whose number of samples or scorer differs
+    from the others' (their curves are not measured alike)."""
+    figures: list[Figure] = []
+    taken: set[str] = set()
+    for (bench, metric), curves in leak_curves(runs).items():
+        key = base = f"{file_stem(bench)}_{file_stem(metric)}_leak_vs_k"
+        number = 2
+        while key in taken:
+            key, number = f"{base}_{number}", number + 1
+        taken.add(key)
+        title = f"{bench}: {metric}, leak@k against k"
+        caption = CAPTIONS["leak_at_k"]
+        samples = {c.samples for c in curves if c.samples is not None}
+        scorers = {c.scorer for c in curves if c.scorer is not None}
+        if len(samples) == 1:
+            caption += f" n = {samples.pop()} answers per question."
+        if len(scorers) == 1:
+            caption += f" What counts as a leak: {scorers.pop()}."
+        figure = Figure(key, title, caption)
+        for what, values in (("number of samples", {c.name: c.samples for c in curves}),
+                             ("scorer", {c.name: c.scorer for c in curves})):
+            if len(set(values.values())) > 1:
+                listed = "; ".join(f"{name}: {value}" for name, value in values.items())
+                figure.notes.append(f"{title}: the runs differ in their {what} ({listed}).")
+        figure.path = plot_leak_curves(curves, out_dir / f"{key}.png", title)
+        figures.append(figure)
+    return figures
+
+
 def make_figures(runs: Sequence[Run], out_dir: Path,
                  directions: Mapping[str, bool | None] | None = None) -> list[Figure]:
     """Draw every plot that has data into ``out_dir``; a plot without data comes back with a note instead.
@@ -492,5 +626,6 @@ def make_figures(runs: Sequence[Run], out_dir: Path,
         fig = Figure("robustness", "Forget metrics under attack", CAPTIONS["robustness"])
         fig.path = plot_robustness(bars, out_dir / "robustness.png")
         figures.append(fig)
+    figures += leak_figures(runs, out_dir)  # only for metrics with a leak@k curve (no note otherwise)
     return figures
 
