@@ -42,12 +42,14 @@ def test_inverse_cdf_sampling_by_hand():
 def _pick_written_out(logits, uniforms, temperature, top_p):
     """pick_sampled as first written: every step its own float64 tensor."""
     probs = torch.softmax(logits.double() / temperature, dim=-1)
+    last = probs.shape[-1] - 1
     if top_p < 1:
         probs, order = probs.sort(dim=-1, descending=True, stable=True)
-        probs = probs * ((probs.cumsum(-1) - probs) < top_p)
+        inside = (probs.cumsum(-1) - probs) < top_p
+        probs, last = probs * inside, (inside.sum(-1, keepdim=True) - 1)
     cumulative = probs.cumsum(-1)
     chosen = torch.searchsorted(cumulative, (uniforms.double().unsqueeze(-1) * cumulative[:, -1:]), right=True)
-    chosen = chosen.clamp(max=probs.shape[-1] - 1)
+    chosen = torch.minimum(chosen, torch.as_tensor(last))
     return (order.gather(-1, chosen) if top_p < 1 else chosen).squeeze(-1)
 
 
@@ -61,6 +63,30 @@ def test_pick_sampled_keeps_the_values_of_the_written_out_formula():
         for temperature, top_p in ((1.0, 1.0), (0.7, 1.0), (1.0, 0.9), (1.3, 0.5)):
             want = _pick_written_out(logits.to(dtype), uniforms, temperature, top_p)
             assert torch.equal(pick_sampled(logits.to(dtype), uniforms, temperature, top_p), want)
+
+
+def test_the_nucleus_from_the_most_likely_tokens_equals_sorting_them_all():
+    """Speed knob (the nucleus looked for among the 256 most likely tokens, widened until it fits): the columns of
+    a stable sort of the whole vocabulary, ties (bfloat16 logits, a flat distribution) included."""
+    from evals.sampling import nucleus
+
+    generator = torch.Generator().manual_seed(5)
+    cases = [torch.randn(64, 5000, generator=generator) * scale for scale in (1.0, 4.0, 12.0)]
+    cases += [cases[1].bfloat16().float(), torch.zeros(4, 5000)]  # many ties; every token tied
+    for logits in cases:
+        probs = torch.softmax(logits.double(), dim=-1)
+        for top_p in (0.1, 0.9, 0.999):
+            want = nucleus(probs, top_p, sort_all=True)
+            got = nucleus(probs, top_p)
+            assert torch.equal(got[2], want[2])
+            width = int(want[2].max())
+            for a, b in zip(got[:2], want[:2]):
+                assert torch.equal(a[:, :width], b[:, :width])
+
+
+def test_a_uniform_number_next_to_one_still_picks_a_nucleus_token():
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    assert pick_sampled(logits, torch.tensor([1 - 2 ** -53]), 1.0, 0.6).tolist() == [1]
 
 
 def test_fast_sampling_equals_the_plain_reference():

@@ -98,13 +98,49 @@ def pick_sampled(logits: torch.Tensor, uniforms: torch.Tensor, temperature: floa
     # temperature of 1 divides nothing, and the cumsum overwrites the probabilities once they are no longer read
     scaled = logits.double().div_(temperature) if temperature != 1 else logits
     probs = torch.softmax(scaled, dim=-1, dtype=torch.float64)
+    last = probs.new_full((probs.shape[0], 1), probs.shape[-1] - 1, dtype=torch.long)
     if top_p < 1:
-        probs, order = probs.sort(dim=-1, descending=True, stable=True)
-        probs = probs * ((probs.cumsum(-1) - probs) < top_p)
+        probs, order, size = nucleus(probs, top_p)
+        last = (size - 1).unsqueeze(-1)  # u * total rounding up to the total still picks a nucleus token
     cumulative = probs.cumsum_(-1)
     target = uniforms.to(cumulative.device, torch.float64).unsqueeze(-1) * cumulative[:, -1:]
-    chosen = torch.searchsorted(cumulative, target, right=True).clamp(max=cumulative.shape[-1] - 1)
+    chosen = torch.minimum(torch.searchsorted(cumulative, target, right=True), last)
     return (order.gather(-1, chosen) if top_p < 1 else chosen).squeeze(-1)
+
+
+#: Tokens a nucleus is first looked for among (``nucleus``), widened 4-fold until it fits.
+NUCLEUS_CANDIDATES = 256
+
+
+def nucleus(probs: torch.Tensor, top_p: float, sort_all: bool = False) -> tuple[torch.Tensor, ...]:
+    """``(probabilities, token ids, size)`` of each row's top-p nucleus: the probabilities sorted by decreasing
+    value (ties in vocabulary order), zero after the nucleus (the tokens while the mass before them is below
+    ``top_p``), and the nucleus size.
+
+    Speed knob: the nucleus is taken from the ``NUCLEUS_CANDIDATES`` most likely tokens (``topk``, re-sorted
+    stably), widened 4-fold until every row's nucleus ends inside them with its last token strictly more likely
+    than every token left out (so no tie crosses the edge): the same columns as sorting the whole vocabulary,
+    which ``sort_all`` (and the last widening) does, at a fraction of the cost (a stable float64 sort of 49k
+    tokens per row is slower than a small model's forward pass on a CPU)."""
+    vocab = probs.shape[-1]
+    width = vocab if sort_all else min(vocab, NUCLEUS_CANDIDATES)
+    while True:
+        if width >= vocab:
+            values, ids = probs.sort(dim=-1, descending=True, stable=True)
+        else:
+            values, ids = probs.topk(width, dim=-1)  # ties in no set order: put them in vocabulary order
+            by_id = ids.argsort(dim=-1)
+            values, ids = values.gather(-1, by_id), ids.gather(-1, by_id)
+            values, order = values.sort(dim=-1, descending=True, stable=True)
+            ids = ids.gather(-1, order)
+        inside = (values.cumsum(-1) - values) < top_p
+        size = inside.sum(-1)
+        if width >= vocab:
+            return values * inside, ids, size
+        last_inside = values.gather(-1, (size - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        if bool(((size < width) & (last_inside > values[:, -1])).all()):
+            return values * inside, ids, size
+        width *= 4
 
 
 @torch.no_grad()
@@ -175,4 +211,4 @@ def sampling_pass(model: torch.nn.Module, dataset: Any, tokenizer: Any, template
     return gather_dicts(out)
 
 
-__all__ = ["SamplingArgs", "sampling_pass", "answer_seed", "answer_uniforms", "pick_sampled", "sample_answers", "sample_answers_plain"]
+__all__ = ["NUCLEUS_CANDIDATES", "SamplingArgs", "nucleus", "sampling_pass", "answer_seed", "answer_uniforms", "pick_sampled", "sample_answers", "sample_answers_plain"]
