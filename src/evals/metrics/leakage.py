@@ -67,6 +67,12 @@ def best_of_n(scores: Sequence[float]) -> float:
     return float(max(scores))
 
 
+def _readable(answers: Sequence[Mapping]) -> tuple[list[Mapping], int]:
+    """A prompt's answers the scorer could read (``leaked`` not None), and how many it could not."""
+    readable = [a for a in answers if a["leaked"] is not None]
+    return readable, len(answers) - len(readable)
+
+
 def answer_source(config: Mapping, owner: str) -> str:
     """A metric config's ``answers`` (default ``sampled``), checked."""
     source = config.get("answers", "sampled")
@@ -119,9 +125,9 @@ def leak_at_k_metric(*, scored_answers=None, k: Sequence[int] | None = None, **_
     excluded: list = []
     for idx in _sorted_keys(scored.by_index):
         item = scored.by_index[idx]
-        readable = [a for a in item["answers"] if a["leaked"] is not None]
+        readable, unread = _readable(item["answers"])
         leaks = sum(bool(a["leaked"]) for a in readable)
-        unparsed += len(item["answers"]) - len(readable)
+        unparsed += unread
         leaks_total, readable_total = leaks_total + leaks, readable_total + len(readable)
         values = {str(kk): leak_at_k(len(readable), leaks, kk) if kk <= len(readable) else None for kk in ks}
         for kk in ks:
@@ -171,8 +177,8 @@ def llm_judge_metric(*, scored_answers=None, **_: object) -> dict:
     excluded: list = []
     for idx in _sorted_keys(scored.by_index):
         item = scored.by_index[idx]
-        readable = [a for a in item["answers"] if a["leaked"] is not None]
-        unparsed += len(item["answers"]) - len(readable)
+        readable, unread = _readable(item["answers"])
+        unparsed += unread
         scores += [float(a["score"]) for a in readable]
         leaked += [bool(a["leaked"]) for a in readable]
         if not readable:
